@@ -1,0 +1,98 @@
+"""``python -m benchmarks``: run the benchmark groups, print one table, write
+benchmarks/results.json. See benchmarks/README.md."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+from .harness import log, sigterm_as_exit, stop_all
+from .report import render_table, write_results
+from .scenarios import GROUPS, Ctx, Options
+
+DEFAULT_OUT = Path(__file__).resolve().parent / "results.json"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    p.add_argument("--only", default="",
+                   help=f"comma-separated groups to run (default all): {','.join(GROUPS)}")
+    p.add_argument("--quick", action="store_true",
+                   help="smaller blobs and images, shorter wrk runs (for iterating)")
+    p.add_argument("--workers", default="1,2",
+                   help="mirror [server] workers values to run (default 1,2)")
+    p.add_argument("--rate", default="400mbit", help="tbf rate of the upstream link")
+    p.add_argument("--wrk-seconds", type=int, default=10)
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results JSON path")
+    p.add_argument("--keep-temp", action="store_true", help="keep the temp dir (logs)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    groups = [g.strip() for g in args.only.split(",") if g.strip()] or list(GROUPS)
+    unknown = [g for g in groups if g not in GROUPS]
+    if unknown:
+        print(f"unknown group(s) {unknown}; choose from {list(GROUPS)}", file=sys.stderr)
+        return 2
+    if os.geteuid() != 0 and {"fanin", "prefetch", "ttfb"} & set(groups):
+        print("fanin/prefetch/ttfb need root (network namespace + tc)", file=sys.stderr)
+        return 2
+    opts = Options(
+        quick=args.quick,
+        workers=[int(w) for w in args.workers.split(",") if w.strip()],
+        rate=args.rate,
+        wrk_seconds=args.wrk_seconds,
+    )
+    root = Path(tempfile.mkdtemp(prefix="regbench-", dir="/tmp"))
+    ctx = Ctx(opts, root)
+    meta: dict[str, object] = {
+        "command": "python -m benchmarks " + " ".join(sys.argv[1:] if argv is None else argv),
+        "quick": opts.quick,
+        "workers": opts.workers,
+        "rate": opts.rate,
+        "groups": groups,
+    }
+    failed: dict[str, str] = {}
+    t0 = time.monotonic()
+    try:
+        with sigterm_as_exit():
+            for g in groups:
+                log(f"=== {g} ===")
+                tg = time.monotonic()
+                try:
+                    GROUPS[g](ctx)
+                except Exception as exc:
+                    failed[g] = f"{type(exc).__name__}: {exc}"
+                    log(f"group {g} failed:\n{traceback.format_exc()}")
+                meta["seconds"] = round(time.monotonic() - t0, 1)
+                meta.setdefault("group_seconds", {})[g] = round(time.monotonic() - tg, 1)  # type: ignore[index]
+                meta["failed_groups"] = failed
+                meta["problems"] = ctx.problems
+                write_results(args.out, ctx.rows, meta)
+    finally:
+        ctx.close()
+        stop_all()
+        if args.keep_temp:
+            log(f"kept {root}")
+        else:
+            shutil.rmtree(root, ignore_errors=True)
+    print(render_table(ctx.rows))
+    if ctx.problems:
+        print("\nproblems observed:")
+        for text in ctx.problems:
+            print(f"  - {text}")
+    if failed:
+        print(f"\nfailed groups: {failed}")
+    print(f"\n{len(ctx.rows)} rows in {time.monotonic() - t0:.0f}s; results in {args.out}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

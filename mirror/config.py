@@ -1,0 +1,262 @@
+"""Loading and validating `mirror.toml` (stdlib tomllib). Pure apart from reading the file.
+
+Every problem becomes a ConfigError naming the file, the key and what is wrong; the CLI turns
+it into one line and exit status 2.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+_SIZE_UNITS = {
+    "": 1, "b": 1,
+    "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
+    "t": 1000**4, "tb": 1000**4,
+    "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4,
+}  # fmt: skip
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+class ConfigError(Exception):
+    def __init__(self, path: str, key: str, message: str) -> None:
+        super().__init__(f"{path}: {key}: {message}")
+
+
+@dataclass(frozen=True)
+class UpstreamConfig:
+    name: str
+    url: str
+    username: str | None = None
+    password: str | None = None
+    credential_helper: str | None = None
+    read_timeout: float = 30.0
+    connect_timeout: float = 10.0
+    max_connections: int = 16
+    resume_attempts: int = 5
+    access: str = "public"
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "0.0.0.0"
+    port: int = 5000
+    workers: int = 1
+    tls_cert: str | None = None
+    tls_key: str | None = None
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    dir: Path = Path("./cache")
+    max_size: int = 20 * 1024**3
+    low_watermark: int = 18 * 1024**3
+    tag_ttl: float = 60.0
+    finish_abandoned: bool = True
+    prefetch: bool = True
+    offline: bool = False
+    pin: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    upstreams: tuple[UpstreamConfig, ...] = ()
+    path: str = "mirror.toml"
+
+    def upstream(self, name: str) -> UpstreamConfig | None:
+        return next((u for u in self.upstreams if u.name == name), None)
+
+
+def parse_size(value: object) -> int:
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    if not isinstance(value, str):
+        raise ValueError(f"expected a size like \"20GiB\", got {value!r}")
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", value)
+    if not m or m.group(2).lower() not in _SIZE_UNITS:
+        raise ValueError(f"invalid size {value!r}: use a number with B, KB, MB, GB, KiB, MiB, GiB…")
+    return int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
+
+
+def parse_duration(value: object) -> float:
+    if isinstance(value, int | float) and not isinstance(value, bool) and value >= 0:
+        return float(value)
+    if not isinstance(value, str):
+        raise ValueError(f"expected a duration like \"60s\", got {value!r}")
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*", value)
+    if not m:
+        raise ValueError(f"invalid duration {value!r}: use e.g. 500ms, 30s, 5m, 1h, 1d")
+    return float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+
+
+def parse_listen(value: object) -> tuple[str, int]:
+    if not isinstance(value, str):
+        raise ValueError(f"expected \"host:port\", got {value!r}")
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"invalid listen address {value!r}: expected host:port, e.g. 0.0.0.0:5000")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def parse_url(value: object) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"expected a URL, got {value!r}")
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"invalid URL {value!r}: expected http(s)://host[:port]")
+    try:
+        parts.port  # noqa: B018  (raises on a bad port)
+    except ValueError as exc:
+        raise ValueError(f"invalid URL {value!r}: {exc}") from None
+    return value.rstrip("/")
+
+
+class _Section:
+    """Typed reads from one TOML table, remembering which keys were consumed."""
+
+    def __init__(self, path: str, prefix: str, table: object) -> None:
+        if not isinstance(table, dict):
+            raise ConfigError(path, prefix, "expected a table")
+        self.path, self.prefix, self.table = path, prefix, table
+        self.used: set[str] = set()
+
+    def get(self, key: str, default: Any, convert: Any = None, kind: type | None = None) -> Any:
+        self.used.add(key)
+        if key not in self.table and (default is None or convert is None):
+            return default
+        value = self.table.get(key, default)
+        try:
+            if kind is not None and (not isinstance(value, kind) or (isinstance(value, bool)
+                                     and kind is not bool)):
+                raise ValueError(f"expected {kind.__name__}, got {value!r}")
+            return convert(value) if convert else value
+        except ValueError as exc:
+            raise ConfigError(self.path, f"{self.prefix}.{key}", str(exc)) from None
+
+    def finish(self) -> None:
+        unknown = sorted(set(self.table) - self.used)
+        if unknown:
+            raise ConfigError(self.path, f"{self.prefix}.{unknown[0]}", "unknown key")
+
+
+def _positive_int(value: object) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"expected a positive integer, got {value!r}")
+    return value
+
+
+def _server(path: str, table: object) -> ServerConfig:
+    s = _Section(path, "server", table)
+    host, port = s.get("listen", "0.0.0.0:5000", parse_listen)
+    workers = s.get("workers", 1, _positive_int)
+    tls_cert = s.get("tls_cert", None, kind=str)
+    tls_key = s.get("tls_key", None, kind=str)
+    s.finish()
+    if bool(tls_cert) != bool(tls_key):
+        raise ConfigError(path, "server.tls_cert", "tls_cert and tls_key go together")
+    return ServerConfig(host, port, workers, tls_cert, tls_key)
+
+
+def _watermark(value: object, max_size: int) -> int:
+    if isinstance(value, str) and value.strip().endswith("%"):
+        pct = float(value.strip()[:-1])
+        if not 0 < pct <= 100:
+            raise ValueError(f"invalid percentage {value!r}")
+        return int(max_size * pct / 100)
+    size = parse_size(value)
+    if size > max_size:
+        raise ValueError(f"{value!r} is above max_size")
+    return size
+
+
+def _cache(path: str, table: object, base: Path) -> CacheConfig:
+    s = _Section(path, "cache", table)
+    directory = Path(s.get("dir", "./cache", kind=str))
+    max_size = s.get("max_size", "20GiB", parse_size)
+    low = s.get("low_watermark", "90%", lambda v: _watermark(v, max_size))
+    config = CacheConfig(
+        dir=directory if directory.is_absolute() else base / directory,
+        max_size=max_size,
+        low_watermark=low,
+        tag_ttl=s.get("tag_ttl", 60.0, parse_duration),
+        finish_abandoned=s.get("finish_abandoned", True, kind=bool),
+        prefetch=s.get("prefetch", True, kind=bool),
+        offline=s.get("offline", False, kind=bool),
+        pin=tuple(s.get("pin", [], kind=list)),
+    )
+    s.finish()
+    return config
+
+
+def _upstream(path: str, index: int, table: object) -> UpstreamConfig:
+    s = _Section(path, f"upstream[{index}]", table)
+    name = s.get("name", None, kind=str)
+    url = s.get("url", None, parse_url)
+    if not name:
+        raise ConfigError(path, f"upstream[{index}].name", "missing (the registry host, e.g. docker.io)")
+    if not url:
+        raise ConfigError(path, f"upstream[{index}].url", "missing (e.g. https://registry-1.docker.io)")
+    password = s.get("password", None, kind=str)
+    password_file = s.get("password_file", None, kind=str)
+    if password_file:
+        try:
+            password = Path(password_file).read_text().strip()
+        except OSError as exc:
+            raise ConfigError(path, f"upstream[{index}].password_file", str(exc)) from None
+    access = s.get("access", "public", kind=str)
+    if access not in ("public", "authenticated"):
+        raise ConfigError(path, f"upstream[{index}].access", "expected public or authenticated")
+    config = UpstreamConfig(
+        name=name,
+        url=url,
+        username=s.get("username", None, kind=str),
+        password=password,
+        credential_helper=s.get("credential_helper", None, kind=str),
+        read_timeout=s.get("read_timeout", 30.0, parse_duration),
+        connect_timeout=s.get("connect_timeout", 10.0, parse_duration),
+        max_connections=s.get("max_connections", 16, _positive_int),
+        resume_attempts=s.get("resume_attempts", 5, _positive_int),
+        access=access,
+    )
+    s.finish()
+    return config
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    p = Path(path)
+    try:
+        with open(p, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(str(p), "-", "file not found (pass --config or set MIRROR_CONFIG)") from None
+    except OSError as exc:
+        raise ConfigError(str(p), "-", exc.strerror or str(exc)) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(str(p), "-", f"not valid TOML: {exc}") from None
+    return parse_config(data, str(p), Path.cwd())
+
+
+def parse_config(data: dict[str, Any], path: str = "mirror.toml", base: Path = Path()) -> Config:
+    unknown = sorted(set(data) - {"server", "cache", "upstream"})
+    if unknown:
+        raise ConfigError(path, unknown[0], "unknown section")
+    raw_upstreams = data.get("upstream", [])
+    if not isinstance(raw_upstreams, list) or not raw_upstreams:
+        raise ConfigError(path, "upstream", "at least one [[upstream]] table is needed")
+    upstreams = tuple(_upstream(path, i, t) for i, t in enumerate(raw_upstreams))
+    names = [u.name for u in upstreams]
+    if len(set(names)) != len(names):
+        raise ConfigError(path, "upstream.name", f"duplicate upstream names in {names}")
+    return Config(
+        server=_server(path, data.get("server", {})),
+        cache=_cache(path, data.get("cache", {}), base),
+        upstreams=upstreams,
+        path=path,
+    )

@@ -1,0 +1,93 @@
+"""Manifest media types and `Accept` negotiation (pure)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+
+DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+DOCKER_MANIFEST_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+DOCKER_SCHEMA1 = "application/vnd.docker.distribution.manifest.v1+json"
+DOCKER_SCHEMA1_SIGNED = "application/vnd.docker.distribution.manifest.v1+prettyjws"
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+
+MANIFEST_TYPES = (DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, OCI_MANIFEST, OCI_INDEX)
+INDEX_TYPES = frozenset({DOCKER_MANIFEST_LIST, OCI_INDEX})
+IMAGE_TYPES = frozenset({DOCKER_MANIFEST, OCI_MANIFEST})
+ALL_MANIFEST_TYPES = (*MANIFEST_TYPES, DOCKER_SCHEMA1_SIGNED, DOCKER_SCHEMA1)
+
+
+def parse_accept(header_values: Iterable[str]) -> tuple[str, ...]:
+    """Media types from every `Accept` header line, without parameters, in order, deduplicated.
+
+    Clients (dockerd, podman) send several `Accept` lines; all of them count.
+    """
+    seen: dict[str, None] = {}
+    for value in header_values:
+        for item in value.split(","):
+            media_type = item.split(";", 1)[0].strip().lower()
+            if media_type:
+                seen.setdefault(media_type, None)
+    return tuple(seen)
+
+
+def is_acceptable(media_type: str, accepted: tuple[str, ...]) -> bool:
+    """Whether a manifest of `media_type` may be served to a client that sent `accepted`.
+
+    No Accept at all means the client takes anything (HTTP semantics).
+    """
+    if not accepted or "*/*" in accepted:
+        return True
+    if media_type in accepted:
+        return True
+    # Signed and unsigned schema1 are the same document format.
+    schema1 = {DOCKER_SCHEMA1, DOCKER_SCHEMA1_SIGNED}
+    return media_type in schema1 and bool(schema1 & set(accepted))
+
+
+def upstream_accept(accepted: tuple[str, ...]) -> str:
+    """The Accept header to send upstream: the client's types, or every manifest type."""
+    types = [t for t in accepted if t != "*/*"] or list(MANIFEST_TYPES)
+    return ", ".join(types)
+
+
+def sniff_media_type(data: bytes) -> str:
+    """A manifest's media type from its own bytes (used when the index lost it)."""
+    try:
+        doc = json.loads(data)
+    except ValueError:
+        return OCI_MANIFEST
+    if not isinstance(doc, dict):
+        return OCI_MANIFEST
+    media_type = doc.get("mediaType")
+    if isinstance(media_type, str) and media_type:
+        return media_type
+    if doc.get("schemaVersion") == 1:
+        return DOCKER_SCHEMA1_SIGNED if "signatures" in doc else DOCKER_SCHEMA1
+    if "manifests" in doc:
+        return OCI_INDEX
+    return OCI_MANIFEST
+
+
+def referenced_blobs(data: bytes) -> tuple[list[str], list[str]]:
+    """(config + layer digests, child manifest digests) named by a manifest's bytes."""
+    try:
+        doc = json.loads(data)
+    except ValueError:
+        return [], []
+    if not isinstance(doc, dict):
+        return [], []
+    blobs: list[str] = []
+    config = doc.get("config")
+    if isinstance(config, dict) and isinstance(config.get("digest"), str):
+        blobs.append(config["digest"])
+    for layer in doc.get("layers") or []:
+        if isinstance(layer, dict) and isinstance(layer.get("digest"), str) and not layer.get("urls"):
+            blobs.append(layer["digest"])
+    children = [
+        m["digest"]
+        for m in doc.get("manifests") or []
+        if isinstance(m, dict) and isinstance(m.get("digest"), str)
+    ]
+    return blobs, children

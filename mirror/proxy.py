@@ -1,0 +1,320 @@
+"""The pull-through layer: answers manifests and blobs from the store, else from the upstream.
+
+It sits between the HTTP handlers and the pieces below it (store, index, upstream client,
+single-flight downloads) and owns the caching policy: digests are immutable and cached for
+good; tags are trusted for `tag_ttl`, then revalidated with a HEAD; an unreachable, failing
+or rate-limiting upstream is answered from cache where possible (stale-if-error).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar, cast
+
+import aiohttp
+from cachetools import LRUCache
+
+from mirror.config import Config
+from mirror.errors import RegistryError
+from mirror.index import Index, TagEntry
+from mirror.mediatypes import IMAGE_TYPES, is_acceptable, referenced_blobs, upstream_accept
+from mirror.reference import Digest, digest_of, parse_digest
+from mirror.singleflight import Download, Downloads, Fetch
+from mirror.store import BlobStore, DigestMismatch
+from mirror.upstream import Upstream, error_from_response
+
+log = logging.getLogger("mirror.proxy")
+
+T = TypeVar("T")
+MAX_MANIFEST_BYTES = 4 * 1024 * 1024
+MEMORY_MANIFEST_BYTES = 64 * 1024 * 1024
+# Answers from the upstream that stale-if-error covers (it is down, failing or rate limiting).
+STALE_CODES = frozenset({"UPSTREAM_UNREACHABLE", "UPSTREAM_UNAVAILABLE", "UPSTREAM_TIMEOUT",
+                         "TOOMANYREQUESTS"})
+
+
+@dataclass(frozen=True)
+class Manifest:
+    digest: Digest
+    media_type: str
+    size: int
+    data: bytes | None  # None: a HEAD answered from the upstream's headers alone
+    cache: str  # hit | miss | revalidated | stale
+    tag_max_age: float | None = None  # remaining trust in a tag, for Cache-Control
+
+
+@dataclass(frozen=True)
+class StoredBlob:
+    fd: int
+    size: int
+
+
+@dataclass(frozen=True)
+class UpstreamBlobHead:
+    size: int | None
+
+
+BlobSource = StoredBlob | Download | UpstreamBlobHead
+
+
+class Proxy:
+    def __init__(self, config: Config, store: BlobStore, index: Index,
+                 upstreams: dict[str, Upstream], downloads: Downloads) -> None:
+        self.config = config
+        self.store = store
+        self.index = index
+        self.upstreams = upstreams
+        self.downloads = downloads
+        self.offline = config.cache.offline
+        self._memory: LRUCache[Digest, bytes] = LRUCache(MEMORY_MANIFEST_BYTES, getsizeof=len)
+        self._flights: dict[tuple[str, ...], asyncio.Future[Any]] = {}
+        self._background: set[asyncio.Task[None]] = set()
+
+    # single flight for small requests -----------------------------------------------------
+    async def _coalesce(self, key: tuple[str, ...], make: Callable[[], Awaitable[T]]) -> T:
+        flight = self._flights.get(key)
+        if flight is None:
+            flight = asyncio.ensure_future(make())
+            self._flights[key] = flight
+            flight.add_done_callback(lambda _f: self._flights.pop(key, None))
+        return cast(T, await asyncio.shield(flight))
+
+    # manifests ----------------------------------------------------------------------------
+    def _cached_manifest(self, digest: Digest) -> bytes | None:
+        data = self._memory.get(digest)
+        if data is None:
+            data = self.store.read_bytes(digest)
+            if data is not None:
+                self._memory[digest] = data
+        return data
+
+    def _from_cache(self, digest: Digest, cache: str, max_age: float | None = None
+                    ) -> Manifest | None:
+        data = self._cached_manifest(digest)
+        if data is None:
+            return None
+        return Manifest(digest, self.index.media_type(digest, data), len(data), data, cache,
+                        max_age)
+
+    async def manifest(self, upstream: Upstream, repository: str, reference: Digest | str,
+                       accept: tuple[str, ...], head: bool) -> Manifest:
+        if isinstance(reference, Digest):
+            cached = self._from_cache(reference, "hit")
+            if cached is not None:
+                return cached
+            self._require_online("MANIFEST_UNKNOWN", f"manifest {reference}")
+            if head:
+                return await self._head_manifest(upstream, repository, str(reference), accept)
+            return await self._fetch_manifest(upstream, repository, str(reference), accept)
+        return await self._manifest_by_tag(upstream, repository, reference, accept, head)
+
+    async def _manifest_by_tag(self, upstream: Upstream, repository: str, tag: str,
+                               accept: tuple[str, ...], head: bool) -> Manifest:
+        ttl = self.config.cache.tag_ttl
+        entry = self.index.get_tag(upstream.name, repository, tag)
+        usable = entry if entry and is_acceptable(entry.media_type, accept) else None
+        if usable is not None:
+            age = usable.age()
+            if age < ttl or self.offline:
+                cached = self._from_cache(parse_digest(usable.digest), "hit", max(0.0, ttl - age))
+                if cached is not None:
+                    return cached
+            else:
+                try:
+                    return await self._revalidate(upstream, repository, tag, usable, accept, head)
+                except RegistryError as exc:
+                    stale = self._from_cache(parse_digest(usable.digest), "stale", 0.0)
+                    if exc.code in STALE_CODES and stale is not None:
+                        log.warning("upstream failing: serving a stale tag", extra={
+                            "upstream": upstream.name, "repository": repository, "tag": tag,
+                            "error": exc.message})
+                        return stale
+                    raise
+        self._require_online("MANIFEST_UNKNOWN", f"manifest {repository}:{tag}")
+        if head:
+            return await self._head_manifest(upstream, repository, tag, accept, tag=tag)
+        return await self._fetch_manifest(upstream, repository, tag, accept, tag=tag)
+
+    async def _revalidate(self, upstream: Upstream, repository: str, tag: str, entry: TagEntry,
+                          accept: tuple[str, ...], head: bool) -> Manifest:
+        current = await self._head_manifest(upstream, repository, tag, accept, tag=tag)
+        if str(current.digest) == entry.digest and current.data is not None:
+            return Manifest(current.digest, current.media_type, current.size, current.data,
+                            "revalidated", self.config.cache.tag_ttl)
+        if current.data is not None or head:
+            return current
+        return await self._fetch_manifest(upstream, repository, tag, accept, tag=tag)
+
+    async def _head_manifest(self, upstream: Upstream, repository: str, reference: str,
+                             accept: tuple[str, ...], tag: str | None = None) -> Manifest:
+        """Ask the upstream with HEAD (which Docker Hub does not count against pull limits)."""
+        key = ("HEAD", upstream.name, repository, reference, *accept)
+        resp_headers = await self._coalesce(
+            key, lambda: self._upstream_manifest(upstream, repository, reference, accept, "HEAD"))
+        headers, _ = resp_headers
+        header_digest = headers.get("Docker-Content-Digest")
+        if not header_digest:
+            return await self._fetch_manifest(upstream, repository, reference, accept, tag=tag)
+        digest = parse_digest(header_digest)
+        media_type = headers.get("Content-Type", "")
+        if tag is not None and self.store.size(digest) is not None:
+            self.index.set_tag(upstream.name, repository, tag, digest,
+                               self.index.media_type(digest, self._cached_manifest(digest) or b""))
+        cached = self._from_cache(digest, "hit", self.config.cache.tag_ttl if tag else None)
+        if cached is not None:
+            return cached
+        size = int(headers.get("Content-Length", "0") or 0)
+        return Manifest(digest, media_type, size, None, "miss",
+                        self.config.cache.tag_ttl if tag else None)
+
+    async def _fetch_manifest(self, upstream: Upstream, repository: str, reference: str,
+                              accept: tuple[str, ...], tag: str | None = None) -> Manifest:
+        key = ("GET", upstream.name, repository, reference, *accept)
+        headers, data = await self._coalesce(
+            key, lambda: self._upstream_manifest(upstream, repository, reference, accept, "GET"))
+        assert data is not None
+        digest = self._verify_manifest(upstream, reference, headers, data)
+        media_type = headers.get("Content-Type", "").split(";")[0].strip()
+        try:
+            self.store.put_bytes(digest, data)
+        except DigestMismatch as exc:  # pragma: no cover - verified just above
+            raise RegistryError("DIGEST_INVALID", str(exc), status=502) from None
+        self._memory[digest] = data
+        self.index.set_media_type(digest, media_type)
+        if tag is not None:
+            self.index.set_tag(upstream.name, repository, tag, digest, media_type)
+        if self.config.cache.prefetch and media_type in IMAGE_TYPES:
+            self._prefetch(upstream, repository, data)
+        return Manifest(digest, media_type, len(data), data, "miss",
+                        self.config.cache.tag_ttl if tag else None)
+
+    def _verify_manifest(self, upstream: Upstream, reference: str, headers: dict[str, str],
+                         data: bytes) -> Digest:
+        claimed = reference if ":" in reference else headers.get("Docker-Content-Digest")
+        try:
+            digest = parse_digest(claimed) if claimed else digest_of(data)
+        except RegistryError:
+            raise RegistryError("DIGEST_INVALID", f"upstream {upstream.name} sent a malformed "
+                                f"Docker-Content-Digest {claimed!r}", status=502) from None
+        if not digest.matches(data):
+            log.error("manifest digest mismatch", extra={
+                "upstream": upstream.name, "reference": reference, "expected": str(digest)})
+            raise RegistryError("DIGEST_INVALID",
+                                f"upstream {upstream.name} sent a manifest that does not match "
+                                f"{digest}; nothing was cached", status=502)
+        return digest
+
+    async def _upstream_manifest(self, upstream: Upstream, repository: str, reference: str,
+                                 accept: tuple[str, ...], method: str
+                                 ) -> tuple[dict[str, str], bytes | None]:
+        resp = await upstream.request(method, repository, f"manifests/{reference}",
+                                      headers={"Accept": upstream_accept(accept)})
+        if resp.status != 200:
+            raise await error_from_response(upstream, resp, "MANIFEST_UNKNOWN")
+        headers = {k: resp.headers[k] for k in ("Docker-Content-Digest", "Content-Type",
+                                                "Content-Length") if k in resp.headers}
+        if method == "HEAD":
+            resp.release()
+            return headers, None
+        try:
+            length = int(resp.headers.get("Content-Length", "0") or 0)
+            if length > MAX_MANIFEST_BYTES:
+                raise RegistryError("MANIFEST_INVALID", f"manifest larger than "
+                                    f"{MAX_MANIFEST_BYTES} bytes", status=502)
+            data = await resp.content.read(MAX_MANIFEST_BYTES + 1)
+            if len(data) > MAX_MANIFEST_BYTES:
+                raise RegistryError("MANIFEST_INVALID", f"manifest larger than "
+                                    f"{MAX_MANIFEST_BYTES} bytes", status=502)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise RegistryError("UPSTREAM_UNAVAILABLE",
+                                f"upstream {upstream.name} broke off a manifest: {exc}",
+                                status=502) from None
+        finally:
+            resp.release()
+        return headers, data
+
+    # blobs --------------------------------------------------------------------------------
+    def blob_fetch(self, upstream: Upstream, repository: str, digest: Digest) -> Fetch:
+        async def fetch(offset: int) -> aiohttp.ClientResponse:
+            headers = {"Accept-Encoding": "identity"}
+            if offset:
+                headers["Range"] = f"bytes={offset}-"
+            resp = await upstream.request("GET", repository, f"blobs/{digest}", headers=headers)
+            if resp.status in (200, 206):
+                return resp
+            raise await error_from_response(upstream, resp, "BLOB_UNKNOWN")
+
+        return fetch
+
+    def _start_download(self, upstream: Upstream, repository: str, digest: Digest
+                        ) -> Download | None:
+        return self.downloads.start(digest, self.blob_fetch(upstream, repository, digest),
+                                    upstream.config.resume_attempts)
+
+    async def blob(self, upstream: Upstream, repository: str, digest: Digest,
+                   head: bool) -> BlobSource:
+        for _ in range(3):
+            stored = self._open_stored(digest)
+            if stored is not None:
+                return stored
+            download = self.downloads.get(digest)
+            if download is None:
+                self._require_online("BLOB_UNKNOWN", f"blob {digest}")
+                if head:
+                    return await self._head_blob(upstream, repository, digest)
+                download = self._start_download(upstream, repository, digest)
+            if download is not None:
+                if await download.wait_headers() is not None:
+                    return download
+                await download.wait_done()  # no size from upstream: serve once stored
+        raise RegistryError("BLOB_UNKNOWN", f"blob {digest} vanished while being opened")
+
+    def _open_stored(self, digest: Digest) -> StoredBlob | None:
+        fd = self.store.open_fd(digest)
+        if fd is None:
+            return None
+        return StoredBlob(fd, os.fstat(fd).st_size)
+
+    async def _head_blob(self, upstream: Upstream, repository: str, digest: Digest
+                         ) -> UpstreamBlobHead:
+        resp = await upstream.request("HEAD", repository, f"blobs/{digest}")
+        if resp.status != 200:
+            raise await error_from_response(upstream, resp, "BLOB_UNKNOWN")
+        length = resp.headers.get("Content-Length")
+        resp.release()
+        return UpstreamBlobHead(int(length) if length and length.isdigit() else None)
+
+    def _prefetch(self, upstream: Upstream, repository: str, manifest: bytes) -> None:
+        """Start the image's config and layer downloads so a client that fetches a few layers
+        at a time finds the rest in flight already."""
+        blobs, _ = referenced_blobs(manifest)
+        for value in blobs:
+            try:
+                digest = parse_digest(value)
+            except RegistryError:
+                continue
+            if self.store.size(digest) is None and self.downloads.get(digest) is None:
+                self._start_download(upstream, repository, digest)
+
+    # tags ---------------------------------------------------------------------------------
+    async def tags_list(self, upstream: Upstream, repository: str, query: dict[str, str]
+                        ) -> tuple[int, bytes, dict[str, str]]:
+        self._require_online("NAME_UNKNOWN", f"tags of {repository}")
+        resp = await upstream.request("GET", repository, "tags/list", params=query)
+        if resp.status != 200:
+            raise await error_from_response(upstream, resp, "NAME_UNKNOWN")
+        try:
+            body = await resp.read()
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise RegistryError("UPSTREAM_UNAVAILABLE", f"upstream {upstream.name}: {exc}",
+                                status=502) from None
+        headers = {k: resp.headers[k] for k in ("Content-Type", "Link") if k in resp.headers}
+        return resp.status, body, headers
+
+    def _require_online(self, code: str, what: str) -> None:
+        if self.offline:
+            raise RegistryError(code, f"{what} is not cached and the mirror is offline")

@@ -1,0 +1,266 @@
+"""The aiohttp application: routes `/v2/...` requests to the proxy layer and writes responses.
+
+Request flow: middleware (errors, access log) → parse path (routes.py) → choose upstream
+(routing.py) → proxy.py (cache lookup, single-flight fetch) → response written here, blobs
+with zero-copy sendfile (zerocopy.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable
+from urllib.parse import urlencode
+
+import aiohttp
+from aiohttp import web
+
+from mirror.config import Config
+from mirror.errors import RegistryError
+from mirror.index import Index
+from mirror.mediatypes import parse_accept
+from mirror.proxy import Proxy, StoredBlob, UpstreamBlobHead
+from mirror.ranges import ByteRange, RangeNotSatisfiable, parse_range
+from mirror.reference import Digest, parse_digest, parse_reference
+from mirror.responses import API_VERSION, content_headers, etag, etag_matches
+from mirror.routes import Kind, Route, parse_v2_path
+from mirror.routing import select_upstream
+from mirror.singleflight import ClientAbort, Download, Downloads
+from mirror.store import BlobStore
+from mirror.upstream import Upstream
+from mirror.zerocopy import Sender
+
+access_log = logging.getLogger("mirror.access")
+log = logging.getLogger("mirror.server")
+
+PROXY: web.AppKey[Proxy] = web.AppKey("proxy", Proxy)
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def error_response(exc: RegistryError) -> web.Response:
+    return web.Response(status=exc.status, body=exc.body(),
+                        headers={**API_VERSION, **exc.headers,
+                                 "Content-Type": "application/json"})
+
+
+@web.middleware
+async def errors_and_access_log(request: web.Request, handler: Handler) -> web.StreamResponse:
+    started = time.perf_counter()
+    request["cache"] = "-"
+    request["bytes"] = 0
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    except RegistryError as exc:
+        status = exc.status
+        request["error"] = exc.message
+        return error_response(exc)
+    except web.HTTPException as exc:
+        status = exc.status
+        code = "UNSUPPORTED" if exc.status == 405 else "NAME_UNKNOWN"
+        return error_response(RegistryError(code, exc.reason, status=exc.status))
+    except (ClientAbort, ConnectionError) as exc:
+        status = 499
+        request["error"] = f"aborted: {exc}"
+        if request.transport is not None:
+            request.transport.abort()
+        raise
+    except Exception:
+        log.exception("unhandled error", extra={"path": request.path})
+        return error_response(RegistryError("UNKNOWN", "internal error; the mirror's log has "
+                                            "the details"))
+    finally:
+        fields = {
+            "method": request.method, "path": request.path_qs, "status": status,
+            "bytes": request["bytes"], "cache": request["cache"],
+            "duration_ms": round((time.perf_counter() - started) * 1000, 2),
+        }
+        for key in ("upstream", "error"):
+            if key in request:
+                fields[key] = request[key]
+        access_log.info("request", extra=fields)
+
+
+async def base(request: web.Request) -> web.Response:
+    return web.Response(body=b"{}", headers={**API_VERSION, "Content-Type": "application/json"})
+
+
+async def v2(request: web.Request) -> web.StreamResponse:
+    if request.method not in ("GET", "HEAD"):
+        raise RegistryError("UNSUPPORTED", "this mirror is read-only: push to the upstream "
+                            "registry instead", status=405)
+    route = parse_v2_path(request.match_info["tail"])
+    if route.kind is Kind.BASE:
+        return await base(request)
+    if route.kind in (Kind.CATALOG, Kind.UPLOAD):
+        raise RegistryError("UNSUPPORTED", "a pull-through mirror has no catalog or uploads",
+                            status=405 if route.kind is Kind.UPLOAD else 404)
+    proxy = request.app[PROXY]
+    upstream_name, repository = select_upstream(route.name, request.query.get("ns"),
+                                                list(proxy.upstreams))
+    upstream = proxy.upstreams[upstream_name]
+    request["upstream"] = upstream_name
+    if route.kind is Kind.MANIFEST:
+        return await manifest(request, proxy, upstream, repository, route)
+    if route.kind is Kind.BLOB:
+        return await blob(request, proxy, upstream, repository, parse_digest(route.reference))
+    if route.kind is Kind.TAGS:
+        return await tags(request, proxy, upstream, repository, route)
+    raise RegistryError("UNSUPPORTED", "the referrers API is not mirrored: clients fall back "
+                        "to the sha256-<hex> tag schema", status=404)
+
+
+async def manifest(request: web.Request, proxy: Proxy, upstream: Upstream, repository: str,
+                   route: Route) -> web.StreamResponse:
+    reference = parse_reference(route.reference)
+    accept = parse_accept(request.headers.getall("Accept", []))
+    head = request.method == "HEAD"
+    m = await proxy.manifest(upstream, repository, reference, accept, head)
+    request["cache"] = m.cache
+    headers = content_headers(m.digest, m.media_type,
+                              None if isinstance(reference, Digest) else m.tag_max_age)
+    headers["X-Mirror-Cache"] = m.cache
+    if etag_matches(request.headers.get("If-None-Match"), m.digest):
+        return web.Response(status=304, headers=headers)
+    headers["Content-Length"] = str(m.size)
+    if head:
+        return await _head(request, headers)
+    assert m.data is not None
+    request["bytes"] = m.size
+    response = web.Response(status=200, body=m.data)
+    response.headers.update(headers)
+    return response
+
+
+async def _head(request: web.Request, headers: dict[str, str]) -> web.StreamResponse:
+    response = web.StreamResponse(status=200, headers=headers)
+    response.content_length = int(headers["Content-Length"])
+    await response.prepare(request)
+    await response.write_eof()
+    return response
+
+
+async def blob(request: web.Request, proxy: Proxy, upstream: Upstream, repository: str,
+               digest: Digest) -> web.StreamResponse:
+    source = await proxy.blob(upstream, repository, digest, request.method == "HEAD")
+    if isinstance(source, StoredBlob):
+        request["cache"] = "hit"
+        try:
+            return await _send_blob(request, digest, source.size, source.fd, None)
+        finally:
+            os.close(source.fd)
+    if isinstance(source, UpstreamBlobHead):
+        request["cache"] = "miss"
+        headers = content_headers(digest, "application/octet-stream", None)
+        headers["Accept-Ranges"] = "bytes"
+        if source.size is None:
+            return web.Response(status=200, headers=headers)
+        headers["Content-Length"] = str(source.size)
+        return await _head(request, headers)
+    request["cache"] = "inflight" if source.readers or source.had_readers else "miss"
+    return await _send_blob(request, digest, source.size, None, source)
+
+
+def _range(request: web.Request, digest: Digest, size: int | None) -> ByteRange | None:
+    if size is None:
+        return None
+    if_range = request.headers.get("If-Range")
+    if if_range and if_range.strip() not in (etag(digest), str(digest)):
+        return None
+    try:
+        return parse_range(request.headers.get("Range"), size)
+    except RangeNotSatisfiable:
+        raise RegistryError("RANGE_INVALID", f"range not satisfiable for a {size}-byte blob",
+                            status=416, headers={"Content-Range": f"bytes */{size}"}) from None
+
+
+async def _send_blob(request: web.Request, digest: Digest, size: int | None, fd: int | None,
+                     download: Download | None) -> web.StreamResponse:
+    byte_range = _range(request, digest, size)
+    response = web.StreamResponse(status=206 if byte_range else 200)
+    response.headers.update(content_headers(digest, "application/octet-stream", None))
+    response.headers["Accept-Ranges"] = "bytes"
+    response.headers["X-Mirror-Cache"] = request["cache"]
+    if etag_matches(request.headers.get("If-None-Match"), digest):
+        response.set_status(304)
+        return response
+    start, length = 0, size
+    if byte_range is not None and size is not None:
+        start, length = byte_range.start, byte_range.length
+        response.headers["Content-Range"] = byte_range.content_range(size)
+    if length is not None:
+        response.content_length = length
+    writer = await response.prepare(request)
+    if request.method == "HEAD" or writer is None:
+        await response.write_eof()
+        return response
+    sender = Sender(request, response, writer)
+    try:
+        if download is None:
+            assert fd is not None and length is not None
+            await sender.send(fd, start, length)
+        else:
+            assert length is not None
+            await download.stream(sender.send, start, length)
+    finally:
+        request["bytes"] = sender.sent
+        sender.close()
+    await response.write_eof()
+    return response
+
+
+async def tags(request: web.Request, proxy: Proxy, upstream: Upstream, repository: str,
+               route: Route) -> web.Response:
+    query = {k: v for k, v in request.query.items() if k in ("n", "last")}
+    status, body, headers = await proxy.tags_list(upstream, repository, query)
+    link = headers.get("Link")
+    if link:
+        # Keep pagination on the mirror, under the name the client used.
+        link = link.replace(f"/v2/{repository}/", f"/v2/{route.name}/")
+        if "ns" in request.query:
+            link = link.replace(">", ("&" if "?" in link else "?")
+                                + urlencode({"ns": request.query["ns"]}) + ">", 1)
+        headers["Link"] = link
+    request["bytes"] = len(body)
+    response = web.Response(status=status, body=body)
+    response.headers.update({**API_VERSION, **headers})
+    return response
+
+
+async def not_found(request: web.Request) -> web.Response:
+    raise RegistryError("NAME_UNKNOWN", f"nothing at {request.path}: this is a registry mirror; "
+                        "the API is under /v2/", status=404)
+
+
+def build_app(config: Config) -> web.Application:
+    app = web.Application(middlewares=[errors_and_access_log], client_max_size=1024**2)
+    app.router.add_route("*", "/v2", base)
+    app.router.add_route("*", "/v2/{tail:.*}", v2)
+    app.router.add_route("*", "/{tail:.*}", not_found)
+    app.cleanup_ctx.append(lambda a: _lifecycle(a, config))
+    return app
+
+
+async def _lifecycle(app: web.Application, config: Config):  # type: ignore[no-untyped-def]
+    store = BlobStore(config.cache.dir)
+    index = Index(store.index_dir)
+    sessions = []
+    upstreams: dict[str, Upstream] = {}
+    for uc in config.upstreams:
+        connector = aiohttp.TCPConnector(limit=uc.max_connections, ttl_dns_cache=60)
+        session = aiohttp.ClientSession(connector=connector, auto_decompress=False,
+                                        headers={"User-Agent": "registry-mirror"})
+        sessions.append(session)
+        upstreams[uc.name] = Upstream(uc, session)
+    downloads = Downloads(store, config.cache.finish_abandoned)
+    app[PROXY] = Proxy(config, store, index, upstreams, downloads)
+    yield
+    for d in list(downloads.active.values()):
+        if d.task is not None:
+            d.task.cancel()
+    for session in sessions:
+        await session.close()
+    index.close()

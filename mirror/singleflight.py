@@ -1,0 +1,377 @@
+"""Single-flight blob downloads: one upstream GET per digest, however many clients ask.
+
+A download belongs to no client. Its leader task writes the upstream body into
+`tmp/<alg>-<hex>.partial`, hashing as it goes; every client (the first one included) streams
+from that file as it grows, with sendfile, starting wherever its range starts. The partial file
+is claimed with an flock, so workers in other processes sharing the cache dir follow the file
+instead of downloading again, and take the download over when its holder dies (the lock dies
+with it). Only content whose digest matched is renamed into the store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import fcntl
+import json
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import aiohttp
+
+from mirror.errors import RegistryError
+from mirror.reference import Digest
+from mirror.store import BlobStore
+
+log = logging.getLogger("mirror.download")
+
+REMOTE_POLL_SECONDS = 0.01
+
+# fetch(offset) -> the upstream's 200 or 206 response for the body from `offset` (a Range
+# request when offset > 0); any other answer is raised as a RegistryError by the fetch itself.
+Fetch = Callable[[int], Awaitable[aiohttp.ClientResponse]]
+
+
+class State(enum.Enum):
+    STARTING = "starting"  # waiting for the upstream's response headers
+    STREAMING = "streaming"
+    VERIFIED = "verified"  # every byte landed and matched the digest
+    FAILED = "failed"
+
+
+class ClientAbort(Exception):
+    """The body a client is streaming cannot be completed: abort its connection."""
+
+
+class Download:
+    def __init__(self, digest: Digest, store: BlobStore, fd: int, leader: bool) -> None:
+        self.digest = digest
+        self.store = store
+        self.partial = store.partial_path(digest)
+        self.fd = fd
+        self.leader = leader
+        self.size: int | None = None
+        self.written = 0
+        self.state = State.STARTING
+        self.error: RegistryError | None = None
+        self.readers = 0
+        self.had_readers = False
+        self.resumed = 0
+        self.started = time.monotonic()
+        self.task: asyncio.Task[None] | None = None
+        self._waiters: list[asyncio.Future[None]] = []
+
+    # progress signalling ------------------------------------------------------------------
+    def _notify(self) -> None:
+        waiters, self._waiters = self._waiters, []
+        for w in waiters:
+            if not w.done():
+                w.set_result(None)
+
+    async def _changed(self) -> None:
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(fut)
+        await fut
+
+    async def wait_headers(self) -> int | None:
+        """The blob's size once the upstream answered; raises the upstream's error."""
+        while self.state is State.STARTING:
+            await self._changed()
+        if self.state is State.FAILED:
+            assert self.error is not None
+            raise self.error
+        return self.size
+
+    async def wait_done(self) -> None:
+        """Until the download verified; raises its error when it failed."""
+        while self.state in (State.STARTING, State.STREAMING):
+            await self._changed()
+        if self.state is State.FAILED:
+            assert self.error is not None
+            raise self.error
+
+    # serving ------------------------------------------------------------------------------
+    async def stream(self, send: Callable[[int, int, int], Awaitable[None]], start: int,
+                     length: int) -> None:
+        """Send bytes [start, start+length) as they land. The final byte of the blob is held
+        back until the whole body verified, so no client ever receives a complete wrong blob.
+        """
+        fd = os.dup(self.fd)
+        self.readers += 1
+        self.had_readers = True
+        try:
+            pos, end = start, start + length
+            while pos < end:
+                if self.state is State.FAILED:
+                    raise ClientAbort(str(self.error))
+                available = min(self.written, end)
+                if self.state is not State.VERIFIED and self.size is not None:
+                    available = min(available, self.size - 1)
+                if available > pos:
+                    await send(fd, pos, available - pos)
+                    pos = available
+                else:
+                    await self._changed()
+        finally:
+            os.close(fd)
+            self.readers -= 1
+            if self.readers == 0:
+                self._notify()  # lets the abandon check run
+
+    # leading ------------------------------------------------------------------------------
+    def _write_meta(self) -> None:
+        meta = self.partial.with_name(self.partial.name + ".meta")
+        tmp = meta.with_name(meta.name + f".{os.getpid()}")
+        tmp.write_text(json.dumps({"size": self.size}))
+        os.replace(tmp, meta)
+
+    def _fail(self, error: RegistryError) -> None:
+        self.error = error
+        self.state = State.FAILED
+        if self.leader:
+            with contextlib.suppress(FileNotFoundError):
+                self.partial.unlink()
+        self._notify()
+
+    async def lead(self, fetch: Fetch, attempts: int) -> None:
+        """Download the blob into the partial file, resuming with Range after breaks."""
+        hasher = self.digest.hasher()
+        self.written = self._rehash_existing(hasher)
+        resp = None
+        try:
+            resp = await self._open(fetch, self.written)
+            self.state = State.STREAMING
+            self._write_meta()
+            self._notify()
+            while True:
+                try:
+                    await self._copy_body(resp, hasher)
+                    break
+                except (aiohttp.ClientError, TimeoutError, ConnectionError) as exc:
+                    resp.close()
+                    attempts -= 1
+                    log.warning("upstream body broke, resuming", extra={
+                        "digest": str(self.digest), "offset": self.written, "error": repr(exc),
+                        "attempts_left": attempts})
+                    if attempts <= 0:
+                        raise RegistryError("UPSTREAM_UNAVAILABLE",
+                                            f"download of {self.digest} kept breaking: {exc}",
+                                            status=502) from None
+                    self.resumed += 1
+                    resp = await self._open(fetch, self.written)
+            if hasher.hexdigest() != self.digest.hex:
+                log.error("digest mismatch: discarding", extra={
+                    "digest": str(self.digest), "actual": hasher.hexdigest()})
+                raise RegistryError("DIGEST_INVALID",
+                                    f"upstream sent content that does not match {self.digest}",
+                                    status=502)
+            self.state = State.VERIFIED
+            self._notify()
+            await asyncio.to_thread(os.fdatasync, self.fd)
+            self.store.commit(self.partial, self.digest)
+        except RegistryError as exc:
+            self._fail(exc)
+        except asyncio.CancelledError:
+            self._fail(RegistryError("UNKNOWN", "download cancelled"))
+            raise
+        except OSError as exc:
+            log.error("cache write failed", extra={"digest": str(self.digest), "error": str(exc)})
+            self._fail(RegistryError("UNKNOWN", f"could not write {self.digest} to the cache: "
+                                     f"{exc.strerror}", status=507 if exc.errno == 28 else 500))
+        finally:
+            if resp is not None:
+                resp.close()
+            with contextlib.suppress(FileNotFoundError):
+                self.partial.with_name(self.partial.name + ".meta").unlink()
+
+    def _rehash_existing(self, hasher: object) -> int:
+        """Bytes a dead worker already wrote are kept: hash them and resume after them."""
+        size = os.fstat(self.fd).st_size
+        pos = 0
+        while pos < size:
+            chunk = os.pread(self.fd, 1 << 20, pos)
+            if not chunk:
+                break
+            hasher.update(chunk)  # type: ignore[attr-defined]
+            pos += len(chunk)
+        os.lseek(self.fd, pos, os.SEEK_SET)
+        return pos
+
+    async def _open(self, fetch: Fetch, offset: int) -> aiohttp.ClientResponse:
+        resp = await fetch(offset)
+        if offset == 0 or resp.status == 206:
+            total = _total_size(resp)
+            if total is not None:
+                if self.size is not None and total != self.size:
+                    resp.close()
+                    raise RegistryError("UPSTREAM_UNAVAILABLE",
+                                        f"upstream changed the size of {self.digest}", status=502)
+                self.size = total
+            if resp.status == 206 and not _range_starts_at(resp, offset):
+                resp.close()
+                raise RegistryError("UPSTREAM_UNAVAILABLE",
+                                    f"upstream sent the wrong range for {self.digest}", status=502)
+            return resp
+        # The upstream ignored Range and sent the whole body: skip what we already have.
+        await _discard(resp, offset)
+        return resp
+
+    async def _copy_body(self, resp: aiohttp.ClientResponse, hasher: object) -> None:
+        async for chunk in resp.content.iter_any():
+            if self.size is not None and self.written + len(chunk) > self.size:
+                raise RegistryError("DIGEST_INVALID",
+                                    f"upstream sent more than {self.size} bytes for {self.digest}",
+                                    status=502)
+            view = memoryview(chunk)
+            while view:
+                n = os.write(self.fd, view)
+                view = view[n:]
+            hasher.update(chunk)  # type: ignore[attr-defined]
+            self.written += len(chunk)
+            self._notify()
+        if self.size is not None and self.written < self.size:
+            raise aiohttp.ClientPayloadError(
+                f"upstream closed the body at {self.written} of {self.size} bytes")
+        if self.size is None:
+            self.size = self.written
+
+    # following another process ------------------------------------------------------------
+    async def follow(self, take_over: Callable[[Download], Awaitable[None]]) -> None:
+        """Track a download led by another worker through the filesystem."""
+        meta = self.partial.with_name(self.partial.name + ".meta")
+        final = self.store.path(self.digest)
+        while True:
+            st = os.fstat(self.fd)
+            if self.size is None and meta.exists():
+                with contextlib.suppress(ValueError, OSError):
+                    self.size = json.loads(meta.read_text())["size"]
+            changed = st.st_size != self.written
+            self.written = st.st_size
+            if self.size is not None and self.state is State.STARTING:
+                self.state, changed = State.STREAMING, True
+            if final.exists() and final.stat().st_ino == st.st_ino:
+                self.size = self.size if self.size is not None else st.st_size
+                self.state = State.VERIFIED
+                self._notify()
+                return
+            if st.st_nlink == 0:
+                self._fail(RegistryError("UPSTREAM_UNAVAILABLE",
+                                         f"the download of {self.digest} failed", status=502))
+                return
+            if _try_lock(self.fd):
+                await take_over(self)
+                return
+            if changed:
+                self._notify()
+            await asyncio.sleep(REMOTE_POLL_SECONDS)
+
+
+def _try_lock(fd: int) -> bool:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+def _total_size(resp: aiohttp.ClientResponse) -> int | None:
+    content_range = resp.headers.get("Content-Range", "")
+    if resp.status == 206 and "/" in content_range:
+        total = content_range.rsplit("/", 1)[1]
+        return int(total) if total.isdigit() else None
+    length = resp.headers.get("Content-Length")
+    return int(length) if length and length.isdigit() else None
+
+
+def _range_starts_at(resp: aiohttp.ClientResponse, offset: int) -> bool:
+    spec = resp.headers.get("Content-Range", "").removeprefix("bytes ").split("/")[0]
+    return spec.split("-")[0] == str(offset)
+
+
+async def _discard(resp: aiohttp.ClientResponse, count: int) -> None:
+    while count > 0:
+        chunk = await resp.content.read(min(count, 1 << 20))
+        if not chunk:
+            raise aiohttp.ClientPayloadError("upstream body ended while skipping")
+        count -= len(chunk)
+
+
+class Downloads:
+    """The downloads in flight in this process, keyed by digest."""
+
+    def __init__(self, store: BlobStore, finish_abandoned: bool) -> None:
+        self.store = store
+        self.finish_abandoned = finish_abandoned
+        self.active: dict[Digest, Download] = {}
+
+    def get(self, digest: Digest) -> Download | None:
+        return self.active.get(digest)
+
+    def start(self, digest: Digest, fetch: Fetch, attempts: int) -> Download | None:
+        """Join or start the download of `digest`; None when it is already stored."""
+        existing = self.active.get(digest)
+        if existing is not None:
+            return existing
+        claimed = self._claim(digest)
+        if claimed is None:
+            return None
+        fd, leader = claimed
+        download = Download(digest, self.store, fd, leader)
+        self.active[digest] = download
+
+        async def take_over(d: Download) -> None:
+            d.leader = True
+            log.warning("taking over an orphaned download", extra={"digest": str(digest)})
+            await d.lead(fetch, attempts)
+
+        coro = download.lead(fetch, attempts) if leader else download.follow(take_over)
+        download.task = asyncio.ensure_future(coro)
+        download.task.add_done_callback(lambda _t: self._finished(download))
+        if not self.finish_abandoned:
+            asyncio.ensure_future(self._cancel_when_abandoned(download))
+        return download
+
+    def _finished(self, download: Download) -> None:
+        if self.active.get(download.digest) is download:
+            del self.active[download.digest]
+        with contextlib.suppress(OSError):
+            os.close(download.fd)  # also releases the flock
+
+    async def _cancel_when_abandoned(self, download: Download) -> None:
+        while download.state in (State.STARTING, State.STREAMING):
+            if download.had_readers and download.readers == 0 and download.task:
+                log.info("download abandoned by every client: cancelling",
+                         extra={"digest": str(download.digest)})
+                download.task.cancel()
+                return
+            await download._changed()
+
+    def _claim(self, digest: Digest) -> tuple[int, bool] | None:
+        """Open the partial file: (fd, True) when we lead, (fd, False) when another process
+        does, None when the blob is in the store already."""
+        path = self.store.partial_path(digest)
+        for _ in range(100):
+            if self.store.size(digest) is not None:
+                return None
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            if not _try_lock(fd):
+                return fd, False
+            if _same_file(path, fd):
+                if self.store.size(digest) is not None:
+                    path.unlink()
+                    os.close(fd)
+                    return None
+                return fd, True
+            os.close(fd)  # the previous holder renamed it away between open and lock: retry
+        raise RegistryError("UNKNOWN", f"could not claim a download of {digest}")
+
+
+def _same_file(path: Path, fd: int) -> bool:
+    try:
+        return os.stat(path).st_ino == os.fstat(fd).st_ino
+    except FileNotFoundError:
+        return False

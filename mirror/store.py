@@ -1,0 +1,153 @@
+"""The content-addressed disk store: the only module that builds paths inside the cache dir.
+
+Layout under the cache dir:
+    blobs/<algorithm>/<first two hex>/<hex>   verified content (blobs and manifests alike)
+    tmp/<algorithm>-<hex>.partial             a download in progress (see singleflight.py)
+    index/                                     the diskcache index (see index.py)
+
+Content enters `blobs/` only by an atomic rename after its digest was verified, so a crash at
+any moment leaves `blobs/` holding only verified files; `tmp/` is emptied at start.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+from mirror.errors import RegistryError
+from mirror.reference import HEX_LENGTH, Digest
+
+PARTIAL_SUFFIX = ".partial"
+
+
+def is_locked(path: Path) -> bool:
+    """Whether some live process holds the flock on `path` (locks die with their holder)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+class DigestMismatch(Exception):
+    def __init__(self, expected: Digest, actual: str) -> None:
+        super().__init__(f"content does not match {expected}: got {actual}")
+        self.expected = expected
+        self.actual = actual
+
+
+class BlobStore:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.blobs_dir = root / "blobs"
+        self.tmp_dir = root / "tmp"
+        self.index_dir = root / "index"
+        for d in (self.blobs_dir, self.tmp_dir):
+            d.mkdir(parents=True, exist_ok=True)
+
+    # paths -------------------------------------------------------------------------------
+    def path(self, digest: Digest) -> Path:
+        return self.blobs_dir / digest.algorithm / digest.hex[:2] / digest.hex
+
+    def partial_path(self, digest: Digest) -> Path:
+        return self.tmp_dir / f"{digest.algorithm}-{digest.hex}{PARTIAL_SUFFIX}"
+
+    # reads -------------------------------------------------------------------------------
+    def size(self, digest: Digest) -> int | None:
+        try:
+            return self.path(digest).stat().st_size
+        except FileNotFoundError:
+            return None
+
+    def open_fd(self, digest: Digest) -> int | None:
+        """An O_RDONLY fd on the stored file, or None. The caller closes it."""
+        try:
+            return os.open(self.path(digest), os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None
+
+    def read_bytes(self, digest: Digest) -> bytes | None:
+        try:
+            return self.path(digest).read_bytes()
+        except FileNotFoundError:
+            return None
+
+    # writes ------------------------------------------------------------------------------
+    def put_bytes(self, digest: Digest, data: bytes) -> None:
+        """Store small content (manifests) after checking it against its digest."""
+        actual = digest.hasher()
+        actual.update(data)
+        if actual.hexdigest() != digest.hex:
+            raise DigestMismatch(digest, f"{digest.algorithm}:{actual.hexdigest()}")
+        if self.path(digest).exists():
+            return
+        tmp = self.tmp_dir / f"{digest.algorithm}-{digest.hex}.{os.getpid()}.small"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        try:
+            os.write(fd, data)
+            os.fdatasync(fd)
+        finally:
+            os.close(fd)
+        self.commit(tmp, digest)
+
+    def commit(self, tmp: Path, digest: Digest) -> None:
+        """Atomically move verified content from tmp/ into place."""
+        final = self.path(digest)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.replace(tmp, final)
+        except OSError as exc:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+            raise RegistryError("UNKNOWN", f"could not store {digest}: {exc}") from exc
+
+    def delete(self, digest: Digest) -> int:
+        """Remove stored content; returns the bytes freed."""
+        path = self.path(digest)
+        try:
+            size = path.stat().st_size
+            path.unlink()
+        except FileNotFoundError:
+            return 0
+        return size
+
+    # maintenance -------------------------------------------------------------------------
+    def clean_temporaries(self) -> int:
+        """Remove leftovers of interrupted downloads (called at start, before serving).
+
+        A partial file whose lock is still held belongs to a live download in another worker
+        and is kept.
+        """
+        removed = 0
+        for entry in self.tmp_dir.iterdir():
+            if entry.name.endswith(PARTIAL_SUFFIX) and is_locked(entry):
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                entry.unlink()
+                removed += 1
+        return removed
+
+    def iter_stored(self) -> Iterator[tuple[Digest, int, float]]:
+        """Every stored file as (digest, size, mtime); skips anything not named like content."""
+        for algo_dir in self.blobs_dir.iterdir():
+            length = HEX_LENGTH.get(algo_dir.name)
+            if length is None or not algo_dir.is_dir():
+                continue
+            for shard in algo_dir.iterdir():
+                if not shard.is_dir():
+                    continue
+                for f in shard.iterdir():
+                    if len(f.name) != length or not f.name.startswith(shard.name):
+                        continue
+                    with contextlib.suppress(FileNotFoundError):
+                        st = f.stat()
+                        yield Digest(algo_dir.name, f.name), st.st_size, st.st_mtime

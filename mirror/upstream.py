@@ -1,0 +1,166 @@
+"""The client for one upstream registry: auth challenges, redirects, timeouts, error mapping.
+
+Redirects are followed by hand so that `Authorization` never leaves for another host (Docker
+Hub sends blob GETs to a CDN whose signed URL is the credential).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping
+from urllib.parse import urljoin, urlsplit
+
+import aiohttp
+
+from mirror.challenge import parse_all, pull_scope
+from mirror.config import UpstreamConfig
+from mirror.errors import RegistryError
+from mirror.tokens import Credentials, TokenError
+
+log = logging.getLogger("mirror.upstream")
+
+MAX_REDIRECTS = 5
+CHUNK = 1 << 20
+
+
+def _origin(url: str) -> tuple[str, str | None, int | None]:
+    parts = urlsplit(url)
+    return parts.scheme, parts.hostname, parts.port
+
+
+class Upstream:
+    """One configured upstream registry, reached through a shared aiohttp session."""
+
+    def __init__(self, config: UpstreamConfig, session: aiohttp.ClientSession) -> None:
+        self.config = config
+        self.name = config.name
+        self.session = session
+        self.credentials = Credentials(config.username, config.password)
+        self.slots = asyncio.Semaphore(config.max_connections)
+        self.ratelimit_limit: str | None = None
+        self.ratelimit_remaining: str | None = None
+        self.timeout = aiohttp.ClientTimeout(
+            total=None, connect=config.connect_timeout, sock_read=config.read_timeout
+        )
+
+    def url(self, repository: str, suffix: str) -> str:
+        return f"{self.config.url}/v2/{repository}/{suffix}"
+
+    async def request(
+        self,
+        method: str,
+        repository: str,
+        suffix: str,
+        headers: Mapping[str, str] | None = None,
+        params: Mapping[str, str] | None = None,
+    ) -> aiohttp.ClientResponse:
+        """Send a request for `repository`, answering one auth challenge and following redirects.
+
+        The caller must release the response. Network failures become registry errors
+        (502 unreachable, 504 timeout) naming this upstream.
+        """
+        scope = pull_scope(repository)
+        url = self.url(repository, suffix)
+        try:
+            resp = await self._send(method, url, dict(headers or {}), params, scope)
+            if resp.status == 401:
+                retry_auth = await self._answer_challenge(resp, scope)
+                if retry_auth is not None:
+                    resp.release()
+                    resp = await self._send(method, url, dict(headers or {}), params, scope,
+                                            auth=retry_auth)
+        except TimeoutError:
+            raise RegistryError(
+                "UPSTREAM_TIMEOUT", f"upstream {self.name} did not answer in time", status=504
+            ) from None
+        except aiohttp.ClientError as exc:
+            raise RegistryError(
+                "UPSTREAM_UNREACHABLE",
+                f"upstream {self.name} ({self.config.url}) is unreachable: {exc}",
+                status=502,
+            ) from None
+        self._note_ratelimit(resp)
+        return resp
+
+    async def _send(
+        self,
+        method: str,
+        url: str,
+        headers: dict[str, str],
+        params: Mapping[str, str] | None,
+        scope: str,
+        auth: str | None = None,
+    ) -> aiohttp.ClientResponse:
+        auth = auth or self.credentials.header_for(scope)
+        origin = _origin(url)
+        for _ in range(MAX_REDIRECTS + 1):
+            sent = dict(headers)
+            if auth and _origin(url) == origin:
+                sent["Authorization"] = auth
+            resp = await self.session.request(
+                method, url, headers=sent, params=params, allow_redirects=False,
+                timeout=self.timeout, auto_decompress=False,
+            )
+            location = resp.headers.get("Location")
+            if resp.status not in (301, 302, 303, 307, 308) or not location:
+                return resp
+            resp.release()
+            url = urljoin(url, location)
+            params = None  # the Location carries its own query
+        raise RegistryError(
+            "UPSTREAM_UNREACHABLE", f"upstream {self.name}: too many redirects", status=502
+        )
+
+    async def _answer_challenge(self, resp: aiohttp.ClientResponse, scope: str) -> str | None:
+        challenges = parse_all(resp.headers.getall("WWW-Authenticate", []))
+        for challenge in challenges:
+            try:
+                header = await self.credentials.authorize(self.session, challenge, scope)
+            except (TokenError, aiohttp.ClientError, TimeoutError) as exc:
+                log.warning("token fetch failed", extra={"upstream": self.name, "error": str(exc)})
+                raise RegistryError(
+                    "UNAUTHORIZED", f"upstream {self.name}: could not get a token: {exc}",
+                    status=401,
+                ) from None
+            if header is not None:
+                return header
+        return None
+
+    def _note_ratelimit(self, resp: aiohttp.ClientResponse) -> None:
+        limit = resp.headers.get("ratelimit-limit")
+        if limit is not None:
+            self.ratelimit_limit = limit
+            self.ratelimit_remaining = resp.headers.get("ratelimit-remaining")
+
+
+async def error_from_response(
+    upstream: Upstream, resp: aiohttp.ClientResponse, fallback_code: str
+) -> RegistryError:
+    """A RegistryError relaying what the upstream said for a non-success answer."""
+    status = resp.status
+    try:
+        body = await resp.read() if resp.method != "HEAD" else b""
+    except (aiohttp.ClientError, TimeoutError):
+        body = b""
+    finally:
+        resp.release()
+    message = body[:512].decode("utf-8", "replace").strip() or f"HTTP {status}"
+    if status == 429:
+        headers = {}
+        if "Retry-After" in resp.headers:
+            headers["Retry-After"] = resp.headers["Retry-After"]
+        return RegistryError("TOOMANYREQUESTS", f"upstream {upstream.name} is rate limiting: "
+                             f"{message}", headers=headers)
+    if status == 401:
+        return RegistryError("UNAUTHORIZED", f"upstream {upstream.name} refused the credentials")
+    if status == 403:
+        return RegistryError("DENIED", f"upstream {upstream.name} denied access")
+    if status == 404:
+        return RegistryError(fallback_code, f"not found on upstream {upstream.name}")
+    if status >= 500:
+        return RegistryError("UPSTREAM_UNAVAILABLE",
+                             f"upstream {upstream.name} answered {status}", status=503 if
+                             status == 503 else 502)
+    return RegistryError(fallback_code, f"upstream {upstream.name} answered {status}: {message}",
+                         status=status if 400 <= status < 500 else 502)

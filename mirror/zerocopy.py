@@ -1,0 +1,103 @@
+"""Zero-copy file → socket transfer that works under uvloop.
+
+uvloop's `loop.sendfile` silently falls back to copying through user space (about 2.5x slower
+on large files here), and aiohttp's FileResponse relies on it. This calls `os.sendfile` on the
+connection's socket directly, waiting for writability on a dup of the socket's fd (event loops
+refuse watchers on an fd owned by a transport). TLS connections cannot use sendfile and take
+the copying path through the response's own writer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+
+from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
+
+COPY_CHUNK = 1 << 20
+
+
+class Sender:
+    """Sends file ranges as the body of an already prepared response."""
+
+    def __init__(
+        self, request: web.BaseRequest, response: web.StreamResponse, writer: AbstractStreamWriter
+    ) -> None:
+        transport = request.transport
+        if transport is None:
+            raise ConnectionResetError("client went away")
+        self.transport = transport
+        self.response = response
+        self.writer = writer
+        self.sent = 0
+        self._fd: int | None = None
+        sock = transport.get_extra_info("socket")
+        if sock is not None and transport.get_extra_info("sslcontext") is None:
+            self._fd = os.dup(sock.fileno())
+
+    async def flush(self) -> None:
+        """Wait until the transport's buffer (the headers) has reached the socket.
+
+        A high-water mark of 0 makes the transport pause its protocol while anything is
+        buffered, so the response writer's drain() returns only once the buffer is empty.
+        """
+        if self._fd is None or self.transport.get_write_buffer_size() == 0:
+            return
+        self.transport.set_write_buffer_limits(high=0)
+        try:
+            await self.writer.drain()
+        finally:
+            self.transport.set_write_buffer_limits()
+        if self.transport.is_closing():
+            raise ConnectionResetError("client went away")
+
+    async def send(self, file_fd: int, offset: int, count: int) -> None:
+        """Send `count` bytes of `file_fd` from `offset`; raises ConnectionError on disconnect."""
+        if self._fd is None:
+            await self._copy(file_fd, offset, count)
+            return
+        await self.flush()
+        loop = asyncio.get_running_loop()
+        while count > 0:
+            try:
+                n = os.sendfile(self._fd, file_fd, offset, count)
+            except BlockingIOError:
+                await self._writable(loop)
+                continue
+            if n == 0:
+                raise ConnectionResetError("file ended early while sending")
+            offset += n
+            count -= n
+            self.sent += n
+
+    async def _copy(self, file_fd: int, offset: int, count: int) -> None:
+        while count > 0:
+            chunk = os.pread(file_fd, min(COPY_CHUNK, count), offset)
+            if not chunk:
+                raise ConnectionResetError("file ended early while sending")
+            await self.response.write(chunk)
+            offset += len(chunk)
+            count -= len(chunk)
+            self.sent += len(chunk)
+
+    async def _writable(self, loop: asyncio.AbstractEventLoop) -> None:
+        assert self._fd is not None
+        fut: asyncio.Future[None] = loop.create_future()
+        loop.add_writer(self._fd, _resolve, fut)
+        try:
+            await fut
+        finally:
+            loop.remove_writer(self._fd)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+            self._fd = None
+
+
+def _resolve(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)

@@ -1,0 +1,580 @@
+"""Core pull-through behaviour (issue 2) with a real upstream and real clients.
+
+Clients name the registry `blackhole.host`, where nothing listens: they can only succeed
+through the mirror, whose default upstream is named `blackhole.host` and points at the real
+docker-registry.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.support import oci
+from tests.support.clients import (
+    Containerd,
+    PulledDir,
+    RawResponse,
+    UpstreamRegistry,
+    http_request,
+    skopeo_copy,
+    skopeo_copy_async,
+    verify_dir,
+    wait_for_exit,
+    write_registries_conf,
+)
+from tests.support.mirror import MirrorProcess, Upstream
+from tests.support.registry import ClosedPort, ThrottledProxy, wait_until
+
+pytestmark = pytest.mark.integration
+
+MB = 1 << 20
+ALL_MANIFEST_TYPES = (
+    oci.OCI_MANIFEST,
+    oci.OCI_INDEX,
+    oci.DOCKER_MANIFEST,
+    oci.DOCKER_MANIFEST_LIST,
+)
+# Several Accept header lines, as dockerd and podman send them.
+ACCEPT_ALL = [("Accept", t) for t in ALL_MANIFEST_TYPES]
+
+
+def skopeo_pull(
+    conf: Path, registry: str, repo: str, tag: str, out: Path, all_platforms: bool = False
+) -> PulledDir:
+    skopeo_copy(
+        f"docker://{registry}/{repo}:{tag}",
+        f"dir:{out}",
+        registries_conf=conf,
+        all_platforms=all_platforms,
+    )
+    return verify_dir(out)
+
+
+def digests(blobs: tuple[oci.Blob, ...]) -> set[str]:
+    return {b.digest for b in blobs}
+
+
+def assert_registry_error(resp: RawResponse, status: int | set[int], codes: set[str]) -> None:
+    statuses = {status} if isinstance(status, int) else status
+    assert resp.status in statuses, (resp.status, resp.body[:500])
+    ctype = resp.header("Content-Type") or ""
+    assert ctype.startswith("application/json"), ctype
+    body = resp.json()
+    assert isinstance(body.get("errors"), list) and body["errors"], body
+    assert body["errors"][0].get("code") in codes, body
+
+
+def mirror_blob_gets(mirror: MirrorProcess, digest: str) -> list[dict[str, Any]]:
+    return [
+        e
+        for e in mirror.request_log()
+        if e["method"] == "GET" and str(e["path"]).split("?")[0].endswith(f"/blobs/{digest}")
+    ]
+
+
+# --- fixtures ---------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(120)
+def test_upstream_fixture_serves_pushed_images(
+    upstream: UpstreamRegistry, test_images: oci.ImageSet, tmp_path: Path
+) -> None:
+    """The fixtures themselves, without the mirror: pushed bytes are what the upstream serves."""
+    for repo, tag, art in [
+        ("test/big", "v1", test_images.big),
+        ("test/multi", "v1", test_images.multi),
+        ("test/small", "v3", test_images.small),
+    ]:
+        r = http_request(upstream.host, "GET", f"/v2/{repo}/manifests/{tag}", ACCEPT_ALL)
+        assert r.status == 200
+        assert r.body == art.manifest_bytes
+        assert r.header("Docker-Content-Digest") == art.manifest.digest
+    out = tmp_path / "direct"
+    skopeo_copy(f"docker://{upstream.host}/test/small:v1", f"dir:{out}")
+    pulled = verify_dir(out)
+    assert pulled.manifest == test_images.small.manifest_bytes
+    assert pulled.blobs == digests(test_images.small.blobs)
+
+
+# --- basics -------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+def test_base_endpoint(mirror: MirrorProcess) -> None:
+    r = http_request(mirror.host, "GET", "/v2/")
+    assert r.status == 200
+    assert r.header("Docker-Distribution-API-Version") == "registry/2.0"
+    assert json.loads(r.body) == {}
+
+
+@pytest.mark.timeout(60)
+def test_request_log_lines(mirror: MirrorProcess, test_images: oci.ImageSet) -> None:
+    cfg = test_images.small.config
+    for _ in range(2):
+        r = http_request(mirror.host, "GET", f"/v2/test/small/blobs/{cfg.digest}")
+        assert r.status == 200
+    entries = mirror_blob_gets(mirror, cfg.digest)
+    assert len(entries) == 2, mirror.request_log()
+    for e in entries:
+        assert {"method", "path", "status", "bytes", "cache", "duration_ms"} <= e.keys(), e
+        assert e["status"] == 200
+    assert entries[0]["cache"] == "miss"
+    assert entries[1]["cache"] == "hit"
+    assert entries[1]["bytes"] == cfg.size
+
+
+# --- skopeo -------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(180)
+def test_skopeo_pull_single_arch(
+    mirror: MirrorProcess,
+    registries_conf: Path,
+    blackhole: ClosedPort,
+    test_images: oci.ImageSet,
+    tmp_path: Path,
+) -> None:
+    big = test_images.big
+    pulled = skopeo_pull(registries_conf, blackhole.host, "test/big", "v1", tmp_path / "out")
+    assert pulled.manifest == big.manifest_bytes
+    assert pulled.blobs == digests(big.blobs)
+    for b in big.blobs:
+        assert [e["status"] for e in mirror_blob_gets(mirror, b.digest)] == [200], b
+    cached = mirror.verify_cache()
+    assert digests(big.all_blobs) <= cached
+    assert mirror.tmp_files() == []
+
+
+@pytest.mark.timeout(180)
+def test_second_pull_makes_no_upstream_blob_gets(
+    mirror: MirrorProcess,
+    registries_conf: Path,
+    blackhole: ClosedPort,
+    upstream: UpstreamRegistry,
+    test_images: oci.ImageSet,
+    tmp_path: Path,
+) -> None:
+    big = test_images.big
+    mark = upstream.registry.mark()
+    skopeo_pull(registries_conf, blackhole.host, "test/big", "v1", tmp_path / "cold")
+    cold = upstream.registry.blob_gets(mark)
+    assert set(cold) == digests(big.blobs), cold
+    assert all(n == 1 for n in cold.values()), cold
+
+    mark = upstream.registry.mark()
+    pulled = skopeo_pull(registries_conf, blackhole.host, "test/big", "v1", tmp_path / "warm")
+    assert pulled.manifest == big.manifest_bytes
+    assert pulled.blobs == digests(big.blobs)
+    assert upstream.registry.blob_gets(mark) == {}
+    for b in big.blobs:
+        caches = [e["cache"] for e in mirror_blob_gets(mirror, b.digest)]
+        assert caches[-1] == "hit", (b.digest, caches)
+
+
+@pytest.mark.timeout(180)
+def test_skopeo_pull_multi_arch_index(
+    mirror: MirrorProcess,
+    registries_conf: Path,
+    blackhole: ClosedPort,
+    upstream: UpstreamRegistry,
+    test_images: oci.ImageSet,
+    tmp_path: Path,
+) -> None:
+    multi = test_images.multi
+    pulled = skopeo_pull(
+        registries_conf, blackhole.host, "test/multi", "v1", tmp_path / "all", all_platforms=True
+    )
+    assert pulled.manifest == multi.index_bytes
+    assert pulled.blobs == digests(multi.blobs)
+    assert pulled.instance_manifests == {
+        img.manifest.digest: img.manifest_bytes for img in multi.images
+    }
+    # The default: only this machine's platform (amd64), picked from the index.
+    amd64 = multi.image_for("amd64")
+    one = skopeo_pull(registries_conf, blackhole.host, "test/multi", "v1", tmp_path / "one")
+    assert one.manifest == amd64.manifest_bytes
+    assert one.blobs == digests(amd64.blobs)
+    assert digests(multi.all_blobs) <= mirror.verify_cache()
+
+
+# --- containerd ---------------------------------------------------------------------------
+
+
+@pytest.mark.root
+@pytest.mark.timeout(240)
+def test_ctr_pull_through_hosts_toml(
+    ctd: Containerd,
+    mirror: MirrorProcess,
+    hosts_dir: Path,
+    blackhole: ClosedPort,
+    upstream: UpstreamRegistry,
+    test_images: oci.ImageSet,
+) -> None:
+    big, multi = test_images.big, test_images.multi
+    big_ref = f"{blackhole.host}/test/big:v1"
+    multi_ref = f"{blackhole.host}/test/multi:v1"
+
+    ctd.pull(big_ref, hosts_dir=hosts_dir)
+    ctd.pull(multi_ref, hosts_dir=hosts_dir, all_platforms=True)
+
+    assert ctd.image_digest(big_ref) == big.manifest.digest
+    assert ctd.image_digest(multi_ref) == multi.index.digest
+    ctd.check_image(big_ref)
+    ctd.check_image(multi_ref)
+    verified = ctd.verify_content()
+    assert digests(big.all_blobs) | digests(multi.all_blobs) <= verified
+    assert ctd.content_bytes(big.manifest.digest) == big.manifest_bytes
+    assert ctd.content_bytes(multi.index.digest) == multi.index_bytes
+    # containerd sent ?ns=<registry>; the mirror routed it to the upstream of that name.
+    assert digests(big.all_blobs) | digests(multi.all_blobs) <= mirror.verify_cache()
+
+    # A cold client again: everything now comes from the mirror's cache.
+    ctd.remove_all()
+    mark = upstream.registry.mark()
+    ctd.pull(big_ref, hosts_dir=hosts_dir)
+    ctd.check_image(big_ref)
+    assert digests(big.all_blobs) <= ctd.verify_content()
+    assert upstream.registry.blob_gets(mark) == {}
+
+
+# --- crash safety -------------------------------------------------------------------------
+
+
+def _largest_partial(mirror: MirrorProcess) -> int:
+    sizes = [0]
+    for p in mirror.tmp_files():
+        with contextlib.suppress(FileNotFoundError):
+            sizes.append(p.stat().st_size)
+    return max(sizes)
+
+
+@pytest.mark.timeout(240)
+def test_kill9_during_cold_pull_then_restart(
+    mirror_factory: Any,
+    upstream: UpstreamRegistry,
+    blackhole: ClosedPort,
+    test_images: oci.ImageSet,
+    tmp_path: Path,
+) -> None:
+    big = test_images.big
+    biggest = max(big.layers, key=lambda b: b.size)
+    # Slow the upstream down (20 MB/s) so the pull can be interrupted part-way.
+    proxy = ThrottledProxy(upstream.registry.port, rate=20 * MB).start()
+    try:
+        mirror = mirror_factory([Upstream(name=blackhole.host, url=proxy.url)])
+        conf = write_registries_conf(
+            tmp_path / "registries.conf", registry=blackhole.host, mirrors=[mirror.host]
+        )
+        proc = skopeo_copy_async(
+            f"docker://{blackhole.host}/test/big:v1",
+            f"dir:{tmp_path / 'interrupted'}",
+            registries_conf=conf,
+            log_path=tmp_path / "skopeo-interrupted.log",
+        )
+        try:
+            wait_until(
+                lambda: _largest_partial(mirror) > 8 * MB,
+                timeout=60,
+                interval=0.01,
+                what="a partial blob > 8 MB under <cache>/tmp/",
+            )
+        finally:
+            mirror.kill9()
+        assert wait_for_exit(proc, 60) != 0, "skopeo succeeded although the mirror was killed"
+        assert biggest.digest not in mirror.cached_digests()
+
+        proxy.set_rate(None)
+        mirror.start()
+        assert mirror.tmp_files() == [], "temporary files left after restart"
+        mirror.verify_cache()
+
+        pulled = skopeo_pull(conf, blackhole.host, "test/big", "v1", tmp_path / "after")
+        assert pulled.manifest == big.manifest_bytes
+        assert pulled.blobs == digests(big.blobs)
+        assert digests(big.all_blobs) <= mirror.verify_cache()
+        assert mirror.tmp_files() == []
+    finally:
+        proxy.stop()
+
+
+# --- manifests ----------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    ("repo", "which", "media_type"),
+    [("test/big", "big", oci.OCI_MANIFEST), ("test/multi", "multi", oci.OCI_INDEX)],
+)
+def test_manifest_head_and_get(
+    mirror: MirrorProcess,
+    test_images: oci.ImageSet,
+    repo: str,
+    which: str,
+    media_type: str,
+) -> None:
+    art: oci.Image | oci.ImageIndex = getattr(test_images, which)
+    expected = art.manifest_bytes
+    for ref in ("v1", art.manifest.digest):
+        for method in ("HEAD", "GET", "HEAD"):
+            r = http_request(mirror.host, method, f"/v2/{repo}/manifests/{ref}", ACCEPT_ALL)
+            assert r.status == 200, (method, ref, r.status, r.body[:300])
+            assert r.header("Content-Type") == media_type, (method, ref)
+            assert r.header("Content-Length") == str(len(expected)), (method, ref)
+            assert r.header("Docker-Content-Digest") == art.manifest.digest, (method, ref)
+            if method == "GET":
+                assert r.body == expected, (method, ref)
+                assert hashlib.sha256(r.body).hexdigest() == art.manifest.hex
+            else:
+                assert r.body == b""
+
+
+@pytest.mark.timeout(60)
+def test_manifest_head_is_not_an_upstream_get(
+    mirror: MirrorProcess, upstream: UpstreamRegistry, test_images: oci.ImageSet
+) -> None:
+    mark = upstream.registry.mark()
+    r = http_request(mirror.host, "HEAD", "/v2/test/small/manifests/v1", ACCEPT_ALL)
+    assert r.status == 200
+    assert r.header("Docker-Content-Digest") == test_images.small.manifest.digest
+    gets = [e for e in upstream.registry.manifest_requests(mark) if e.method == "GET"]
+    assert gets == [], "a client HEAD became an upstream manifest GET"
+
+
+@pytest.mark.timeout(120)
+def test_tag_revalidated_with_head_and_refetched_on_change(
+    mirror_factory: Any,
+    upstream: UpstreamRegistry,
+    test_images: oci.ImageSet,
+) -> None:
+    repo = "test/mutable"
+    imgs = test_images
+    upstream.push(imgs.layout, "small", imgs.small, repo, "v1")
+    mirror: MirrorProcess = mirror_factory(tag_ttl="0s")
+    path = f"/v2/{repo}/manifests/v1"
+
+    r = http_request(mirror.host, "GET", path, ACCEPT_ALL)
+    assert r.body == imgs.small.manifest_bytes
+    mark = upstream.registry.mark()
+    r = http_request(mirror.host, "GET", path, ACCEPT_ALL)
+    assert r.body == imgs.small.manifest_bytes
+    methods = [e.method for e in upstream.registry.manifest_requests(mark)]
+    assert "GET" not in methods, f"unchanged tag fetched again: {methods}"
+    assert "HEAD" in methods, f"expired tag not revalidated: {methods}"
+
+    # The tag moves upstream: the next request sees the new manifest.
+    upstream.push(imgs.layout, "multi", imgs.multi, repo, "v1")
+    r = http_request(mirror.host, "GET", path, ACCEPT_ALL)
+    assert r.status == 200
+    assert r.body == imgs.multi.index_bytes
+    assert r.header("Docker-Content-Digest") == imgs.multi.index.digest
+
+
+@pytest.mark.timeout(60)
+def test_tag_trusted_within_ttl(
+    mirror: MirrorProcess, upstream: UpstreamRegistry, test_images: oci.ImageSet
+) -> None:
+    path = "/v2/test/small/manifests/v2"
+    assert http_request(mirror.host, "GET", path, ACCEPT_ALL).status == 200
+    mark = upstream.registry.mark()
+    for method in ("GET", "HEAD"):
+        r = http_request(mirror.host, method, path, ACCEPT_ALL)
+        assert r.status == 200
+        assert r.header("Docker-Content-Digest") == test_images.small.manifest.digest
+    assert upstream.registry.manifest_requests(mark) == []
+
+
+@pytest.mark.timeout(60)
+def test_unknown_manifest_and_blob(mirror: MirrorProcess) -> None:
+    r = http_request(mirror.host, "GET", "/v2/test/small/manifests/nope", ACCEPT_ALL)
+    assert_registry_error(r, 404, {"MANIFEST_UNKNOWN"})
+    missing = "sha256:" + "0" * 64
+    r = http_request(mirror.host, "GET", f"/v2/test/small/blobs/{missing}")
+    assert_registry_error(r, 404, {"BLOB_UNKNOWN"})
+    r = http_request(mirror.host, "GET", "/v2/test/nosuchrepo/manifests/v1", ACCEPT_ALL)
+    assert_registry_error(r, 404, {"MANIFEST_UNKNOWN", "NAME_UNKNOWN"})
+    assert mirror.cached_digests() == set()
+
+
+# --- blobs --------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+def test_blob_get_and_head(mirror: MirrorProcess, test_images: oci.ImageSet) -> None:
+    layer = test_images.small.layers[1]
+    data = layer.read()
+    for _ in range(2):  # miss, then hit
+        for method in ("HEAD", "GET"):
+            r = http_request(mirror.host, method, f"/v2/test/small/blobs/{layer.digest}")
+            assert r.status == 200, (method, r.status)
+            assert r.header("Content-Length") == str(layer.size), method
+            assert r.header("Docker-Content-Digest") == layer.digest, method
+            assert r.body == (data if method == "GET" else b""), method
+    assert layer.digest in mirror.verify_cache()
+
+
+# --- read-only and input validation -------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("POST", "/v2/test/small/blobs/uploads/"),
+        ("PATCH", "/v2/test/small/blobs/uploads/0a1b2c3d"),
+        ("PUT", "/v2/test/small/blobs/uploads/0a1b2c3d?digest=sha256:" + "0" * 64),
+        ("PUT", "/v2/test/small/manifests/v9"),
+        ("DELETE", "/v2/test/small/manifests/sha256:" + "0" * 64),
+        ("DELETE", "/v2/test/small/blobs/sha256:" + "0" * 64),
+    ],
+)
+def test_writes_are_rejected(
+    mirror: MirrorProcess, upstream: UpstreamRegistry, method: str, path: str
+) -> None:
+    mark = upstream.registry.mark()
+    r = http_request(
+        mirror.host,
+        method,
+        path,
+        [("Content-Type", oci.OCI_MANIFEST)],
+        body=b"{}",
+    )
+    assert_registry_error(r, 405, {"UNSUPPORTED"})
+    assert upstream.registry.entries_since(mark) == [], "a write reached the upstream"
+
+
+HEX64 = "a" * 64
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    ("path", "codes"),
+    [
+        ("/v2/test/small/blobs/sha256:abc", {"DIGEST_INVALID"}),
+        ("/v2/test/small/blobs/sha256:" + "A" * 64, {"DIGEST_INVALID"}),
+        ("/v2/test/small/blobs/sha256:" + "g" * 64, {"DIGEST_INVALID"}),
+        ("/v2/test/small/blobs/sha256:" + HEX64 + "00", {"DIGEST_INVALID"}),
+        ("/v2/test/small/blobs/md5:" + "a" * 32, {"DIGEST_INVALID", "UNSUPPORTED"}),
+        ("/v2/test/small/blobs/" + HEX64, {"DIGEST_INVALID"}),
+        ("/v2/test/small/manifests/sha256:zz", {"DIGEST_INVALID", "MANIFEST_INVALID"}),
+        ("/v2/Test/Small/manifests/v1", {"NAME_INVALID"}),
+        ("/v2/test/-small/manifests/v1", {"NAME_INVALID"}),
+        ("/v2/test//small/manifests/v1", {"NAME_INVALID"}),
+        ("/v2/test/%2e%2e/%2e%2e/%2e%2e/etc/blobs/sha256:" + HEX64, {"NAME_INVALID"}),
+        ("/v2/test/..%2f..%2fetc/manifests/v1", {"NAME_INVALID"}),
+        ("/v2/test/small/manifests/-bad-tag", {"MANIFEST_INVALID", "TAG_INVALID", "NAME_INVALID"}),
+        ("/v2/test/small/manifests/" + "t" * 129, {"MANIFEST_INVALID", "TAG_INVALID"}),
+    ],
+)
+def test_bad_names_and_digests_are_400(
+    mirror: MirrorProcess, upstream: UpstreamRegistry, path: str, codes: set[str]
+) -> None:
+    mark = upstream.registry.mark()
+    for method in ("GET", "HEAD"):
+        r = http_request(mirror.host, method, path, ACCEPT_ALL)
+        if method == "HEAD":
+            assert r.status == 400, (path, r.status)
+        else:
+            assert_registry_error(r, 400, codes)
+    assert upstream.registry.entries_since(mark) == [], "an invalid request reached the upstream"
+    assert mirror.cached_files() == []
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/v2/../../../etc/passwd",
+        "/v2/test/../../../../etc/blobs/sha256:" + HEX64,
+        "/v2/test/small/blobs/../../../../../../etc/passwd",
+    ],
+)
+def test_dot_segments_never_escape(
+    mirror: MirrorProcess, upstream: UpstreamRegistry, path: str
+) -> None:
+    # Whether the server normalises dot segments (then: 404) or sees them (then: 400), the
+    # answer is a registry error and nothing reaches the upstream or the disk.
+    mark = upstream.registry.mark()
+    r = http_request(mirror.host, "GET", path)
+    assert_registry_error(r, {400, 404}, {"NAME_INVALID", "DIGEST_INVALID", "NAME_UNKNOWN"})
+    assert upstream.registry.entries_since(mark) == []
+    assert mirror.cached_files() == []
+
+
+# --- tags ---------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+def test_tags_list_passes_through_with_pagination(
+    mirror: MirrorProcess, upstream: UpstreamRegistry
+) -> None:
+    r = http_request(mirror.host, "GET", "/v2/test/small/tags/list")
+    assert r.status == 200
+    assert r.json() == {"name": "test/small", "tags": ["v1", "v2", "v3"]}
+
+    r = http_request(mirror.host, "GET", "/v2/test/small/tags/list?n=2")
+    assert r.status == 200
+    assert r.json()["tags"] == ["v1", "v2"]
+    link = r.header("Link")
+    assert link and 'rel="next"' in link, r.headers
+    assert upstream.host not in link, f"Link leads to the upstream: {link}"
+    target = link.split(";", 1)[0].strip().strip("<>")
+    if target.startswith("http"):
+        assert target.startswith(mirror.url), target
+        target = target[len(mirror.url) :]
+    r = http_request(mirror.host, "GET", target)
+    assert r.status == 200
+    assert r.json()["tags"] == ["v3"]
+
+
+# --- upstream down ------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+def test_unreachable_upstream_is_a_gateway_error(
+    mirror_factory: Any, blackhole: ClosedPort
+) -> None:
+    dead = ClosedPort()
+    try:
+        mirror: MirrorProcess = mirror_factory(
+            [Upstream(name=blackhole.host, url=f"http://{dead.host}")]
+        )
+        r = http_request(mirror.host, "GET", "/v2/")
+        assert r.status == 200
+        r = http_request(mirror.host, "GET", "/v2/test/small/manifests/v1", ACCEPT_ALL)
+        assert_registry_error(
+            r, {502, 503, 504}, {"UNAVAILABLE", "UNKNOWN", "UPSTREAM_UNAVAILABLE", "BAD_GATEWAY"}
+        )
+        text = r.body.decode(errors="replace")
+        assert dead.host in text or blackhole.host in text, f"upstream not named: {text}"
+        r = http_request(mirror.host, "GET", "/v2/test/small/blobs/sha256:" + HEX64)
+        assert r.status in (502, 503, 504)
+        assert mirror.running
+    finally:
+        dead.close()
+
+
+@pytest.mark.timeout(120)
+def test_registries_conf_mirror_with_upstream_prefix(
+    mirror: MirrorProcess,
+    blackhole: ClosedPort,
+    test_images: oci.ImageSet,
+    tmp_path: Path,
+) -> None:
+    # registries.conf style `mirror/<upstream name>` prefix routing.
+    conf = write_registries_conf(
+        tmp_path / "prefixed.conf",
+        registry=blackhole.host,
+        mirrors=[f"{mirror.host}/{blackhole.host}"],
+    )
+    small = test_images.small
+    pulled = skopeo_pull(conf, blackhole.host, "test/small", "v1", tmp_path / "out")
+    assert pulled.manifest == small.manifest_bytes
+    assert pulled.blobs == digests(small.blobs)
+    paths = [str(e["path"]) for e in mirror.request_log()]
+    assert any(p.startswith(f"/v2/{blackhole.host}/test/small/") for p in paths), paths

@@ -1,0 +1,168 @@
+"""A Bearer-token upstream: distribution with `auth: token` and the tests' token server.
+
+Anonymous tokens grant `pull` on `public/*` only; the user `reader` may pull everything.
+The mirror is configured without and with credentials; skopeo pulls through it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.support import oci
+from tests.support.clients import (
+    Result,
+    UpstreamRegistry,
+    http_request,
+    skopeo_copy,
+    verify_dir,
+    write_registries_conf,
+)
+from tests.support.mirror import MirrorProcess, Upstream
+from tests.support.registry import ClosedPort
+from tests.support.tokenserver import TokenServer
+
+pytestmark = pytest.mark.integration
+
+ACCEPT_ALL = [
+    ("Accept", t)
+    for t in (oci.OCI_MANIFEST, oci.OCI_INDEX, oci.DOCKER_MANIFEST, oci.DOCKER_MANIFEST_LIST)
+]
+
+
+def _mirror(
+    mirror_factory: Any,
+    token_upstream: UpstreamRegistry,
+    blackhole: ClosedPort,
+    username: str | None = None,
+    password: str | None = None,
+) -> MirrorProcess:
+    m: MirrorProcess = mirror_factory(
+        [
+            Upstream(
+                name=blackhole.host,
+                url=token_upstream.url,
+                username=username,
+                password=password,
+            )
+        ]
+    )
+    return m
+
+
+def _pull(
+    mirror: MirrorProcess, blackhole: ClosedPort, repo: str, out: Path, check: bool = True
+) -> Result:
+    conf = write_registries_conf(
+        out.parent / f"{out.name}.conf", registry=blackhole.host, mirrors=[mirror.host]
+    )
+    return skopeo_copy(
+        f"docker://{blackhole.host}/{repo}:v1", f"dir:{out}", registries_conf=conf, check=check
+    )
+
+
+def _scoped(ts: TokenServer, start: int, repo: str) -> list[tuple[str | None, int]]:
+    return [
+        (r.user, r.status)
+        for r in ts.requests[start:]
+        if any(s.startswith(f"repository:{repo}:") for s in r.scopes)
+    ]
+
+
+@pytest.mark.timeout(120)
+def test_anonymous_token_pull(
+    mirror_factory: Any,
+    token_upstream: UpstreamRegistry,
+    token_server: TokenServer,
+    blackhole: ClosedPort,
+    test_images: oci.ImageSet,
+    tmp_path: Path,
+) -> None:
+    small = test_images.small
+    mirror = _mirror(mirror_factory, token_upstream, blackhole)
+    start = len(token_server.requests)
+    _pull(mirror, blackhole, "public/small", tmp_path / "out")
+    pulled = verify_dir(tmp_path / "out")
+    assert pulled.manifest == small.manifest_bytes
+    assert pulled.blobs == {b.digest for b in small.blobs}
+    tokens = _scoped(token_server, start, "public/small")
+    assert tokens, "the mirror never asked the token server"
+    assert all(user is None for user, _ in tokens), tokens
+    # The token is cached per scope: a handful of requests, not one per upstream request.
+    assert len(tokens) <= 2, tokens
+    assert {b.digest for b in small.all_blobs} <= mirror.verify_cache()
+
+
+@pytest.mark.timeout(120)
+def test_anonymous_mirror_cannot_pull_private(
+    mirror_factory: Any,
+    token_upstream: UpstreamRegistry,
+    blackhole: ClosedPort,
+    test_images: oci.ImageSet,
+    tmp_path: Path,
+) -> None:
+    mirror = _mirror(mirror_factory, token_upstream, blackhole)
+    res = _pull(mirror, blackhole, "private/small", tmp_path / "out", check=False)
+    assert res.returncode != 0
+    r = http_request(mirror.host, "GET", "/v2/private/small/manifests/v1", ACCEPT_ALL)
+    assert r.status in (401, 403, 404), (r.status, r.body[:300])
+    errors = r.json()["errors"]
+    assert errors[0]["code"] in {"UNAUTHORIZED", "DENIED", "NAME_UNKNOWN", "MANIFEST_UNKNOWN"}
+    digest = test_images.small.layers[0].digest
+    r = http_request(mirror.host, "GET", f"/v2/private/small/blobs/{digest}")
+    assert r.status in (401, 403, 404), (r.status, r.body[:300])
+    assert mirror.cached_files() == []
+
+
+@pytest.mark.timeout(120)
+def test_credentialed_token_pull(
+    mirror_factory: Any,
+    token_upstream: UpstreamRegistry,
+    token_server: TokenServer,
+    blackhole: ClosedPort,
+    test_images: oci.ImageSet,
+    tmp_path: Path,
+) -> None:
+    small = test_images.small
+    mirror = _mirror(mirror_factory, token_upstream, blackhole, "reader", "readerpw")
+    start = len(token_server.requests)
+    _pull(mirror, blackhole, "private/small", tmp_path / "private")
+    pulled = verify_dir(tmp_path / "private")
+    assert pulled.manifest == small.manifest_bytes
+    assert pulled.blobs == {b.digest for b in small.blobs}
+    tokens = _scoped(token_server, start, "private/small")
+    assert tokens and all(t == ("reader", 200) for t in tokens), tokens
+    # Public images work with credentials too.
+    _pull(mirror, blackhole, "public/small", tmp_path / "public")
+    assert verify_dir(tmp_path / "public").manifest == small.manifest_bytes
+
+
+@pytest.mark.timeout(120)
+def test_wrong_credentials_are_an_auth_error(
+    mirror_factory: Any,
+    token_upstream: UpstreamRegistry,
+    blackhole: ClosedPort,
+) -> None:
+    mirror = _mirror(mirror_factory, token_upstream, blackhole, "reader", "wrong")
+    r = http_request(mirror.host, "GET", "/v2/private/small/manifests/v1", ACCEPT_ALL)
+    assert r.status in (401, 403), (r.status, r.body[:300])
+    assert r.json()["errors"][0]["code"] in {"UNAUTHORIZED", "DENIED"}
+    assert mirror.running
+
+
+@pytest.mark.timeout(120)
+def test_token_pull_second_time_from_cache(
+    mirror_factory: Any,
+    token_upstream: UpstreamRegistry,
+    blackhole: ClosedPort,
+    test_images: oci.ImageSet,
+    tmp_path: Path,
+) -> None:
+    mirror = _mirror(mirror_factory, token_upstream, blackhole, "reader", "readerpw")
+    _pull(mirror, blackhole, "private/small", tmp_path / "one")
+    mark = token_upstream.registry.mark()
+    _pull(mirror, blackhole, "private/small", tmp_path / "two")
+    assert verify_dir(tmp_path / "two").manifest == test_images.small.manifest_bytes
+    assert token_upstream.registry.blob_gets(mark) == {}
