@@ -200,9 +200,11 @@ def _upstream(path: str, index: int, table: object) -> UpstreamConfig:
     name = s.get("name", None, kind=str)
     url = s.get("url", None, parse_url)
     if not name:
-        raise ConfigError(path, f"upstream[{index}].name", "missing (the registry host, e.g. docker.io)")
+        raise ConfigError(path, f"upstream[{index}].name",
+                          "missing (the registry host, e.g. docker.io)")
     if not url:
-        raise ConfigError(path, f"upstream[{index}].url", "missing (e.g. https://registry-1.docker.io)")
+        raise ConfigError(path, f"upstream[{index}].url",
+                          "missing (e.g. https://registry-1.docker.io)")
     password = s.get("password", None, kind=str)
     password_file = s.get("password_file", None, kind=str)
     if password_file:
@@ -235,7 +237,8 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         with open(p, "rb") as f:
             data = tomllib.load(f)
     except FileNotFoundError:
-        raise ConfigError(str(p), "-", "file not found (pass --config or set MIRROR_CONFIG)") from None
+        raise ConfigError(str(p), "-",
+                          "file not found (pass --config or set MIRROR_CONFIG)") from None
     except OSError as exc:
         raise ConfigError(str(p), "-", exc.strerror or str(exc)) from None
     except tomllib.TOMLDecodeError as exc:

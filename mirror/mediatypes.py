@@ -83,7 +83,9 @@ def referenced_blobs(data: bytes) -> tuple[list[str], list[str]]:
     if isinstance(config, dict) and isinstance(config.get("digest"), str):
         blobs.append(config["digest"])
     for layer in doc.get("layers") or []:
-        if isinstance(layer, dict) and isinstance(layer.get("digest"), str) and not layer.get("urls"):
+        # Foreign layers (with `urls`) are fetched by clients from elsewhere, not the registry.
+        if isinstance(layer, dict) and isinstance(layer.get("digest"), str) \
+                and not layer.get("urls"):
             blobs.append(layer["digest"])
     children = [
         m["digest"]

@@ -256,20 +256,22 @@ class Proxy:
                                     upstream.config.resume_attempts)
 
     async def blob(self, upstream: Upstream, repository: str, digest: Digest,
-                   head: bool) -> BlobSource:
+                   head: bool) -> tuple[BlobSource, str]:
+        """Where to serve a blob from, and how the cache answered: hit (stored), inflight
+        (joined a download already running) or miss (this request started it)."""
         for _ in range(3):
             stored = self._open_stored(digest)
             if stored is not None:
-                return stored
-            download = self.downloads.get(digest)
+                return stored, "hit"
+            download, cache = self.downloads.get(digest), "inflight"
             if download is None:
                 self._require_online("BLOB_UNKNOWN", f"blob {digest}")
                 if head:
-                    return await self._head_blob(upstream, repository, digest)
-                download = self._start_download(upstream, repository, digest)
+                    return await self._head_blob(upstream, repository, digest), "miss"
+                download, cache = self._start_download(upstream, repository, digest), "miss"
             if download is not None:
                 if await download.wait_headers() is not None:
-                    return download
+                    return download, cache
                 await download.wait_done()  # no size from upstream: serve once stored
         raise RegistryError("BLOB_UNKNOWN", f"blob {digest} vanished while being opened")
 

@@ -35,6 +35,11 @@ access_log = logging.getLogger("mirror.access")
 log = logging.getLogger("mirror.server")
 
 PROXY: web.AppKey[Proxy] = web.AppKey("proxy", Proxy)
+# Per-request facts for the access log line.
+CACHE = web.RequestKey("cache", str)
+BYTES = web.RequestKey("bytes", int)
+UPSTREAM = web.RequestKey("upstream", str)
+ERROR = web.RequestKey("error", str)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -47,8 +52,8 @@ def error_response(exc: RegistryError) -> web.Response:
 @web.middleware
 async def errors_and_access_log(request: web.Request, handler: Handler) -> web.StreamResponse:
     started = time.perf_counter()
-    request["cache"] = "-"
-    request["bytes"] = 0
+    request[CACHE] = "-"
+    request[BYTES] = 0
     status = 500
     try:
         response = await handler(request)
@@ -56,7 +61,7 @@ async def errors_and_access_log(request: web.Request, handler: Handler) -> web.S
         return response
     except RegistryError as exc:
         status = exc.status
-        request["error"] = exc.message
+        request[ERROR] = exc.message
         return error_response(exc)
     except web.HTTPException as exc:
         status = exc.status
@@ -64,7 +69,7 @@ async def errors_and_access_log(request: web.Request, handler: Handler) -> web.S
         return error_response(RegistryError(code, exc.reason, status=exc.status))
     except (ClientAbort, ConnectionError) as exc:
         status = 499
-        request["error"] = f"aborted: {exc}"
+        request[ERROR] = f"aborted: {exc}"
         if request.transport is not None:
             request.transport.abort()
         raise
@@ -75,12 +80,13 @@ async def errors_and_access_log(request: web.Request, handler: Handler) -> web.S
     finally:
         fields = {
             "method": request.method, "path": request.path_qs, "status": status,
-            "bytes": request["bytes"], "cache": request["cache"],
+            "bytes": request[BYTES], "cache": request[CACHE],
             "duration_ms": round((time.perf_counter() - started) * 1000, 2),
         }
-        for key in ("upstream", "error"):
-            if key in request:
-                fields[key] = request[key]
+        if UPSTREAM in request:
+            fields["upstream"] = request[UPSTREAM]
+        if ERROR in request:
+            fields["error"] = request[ERROR]
         access_log.info("request", extra=fields)
 
 
@@ -102,7 +108,7 @@ async def v2(request: web.Request) -> web.StreamResponse:
     upstream_name, repository = select_upstream(route.name, request.query.get("ns"),
                                                 list(proxy.upstreams))
     upstream = proxy.upstreams[upstream_name]
-    request["upstream"] = upstream_name
+    request[UPSTREAM] = upstream_name
     if route.kind is Kind.MANIFEST:
         return await manifest(request, proxy, upstream, repository, route)
     if route.kind is Kind.BLOB:
@@ -119,7 +125,7 @@ async def manifest(request: web.Request, proxy: Proxy, upstream: Upstream, repos
     accept = parse_accept(request.headers.getall("Accept", []))
     head = request.method == "HEAD"
     m = await proxy.manifest(upstream, repository, reference, accept, head)
-    request["cache"] = m.cache
+    request[CACHE] = m.cache
     headers = content_headers(m.digest, m.media_type,
                               None if isinstance(reference, Digest) else m.tag_max_age)
     headers["X-Mirror-Cache"] = m.cache
@@ -129,7 +135,7 @@ async def manifest(request: web.Request, proxy: Proxy, upstream: Upstream, repos
     if head:
         return await _head(request, headers)
     assert m.data is not None
-    request["bytes"] = m.size
+    request[BYTES] = m.size
     response = web.Response(status=200, body=m.data)
     response.headers.update(headers)
     return response
@@ -145,22 +151,20 @@ async def _head(request: web.Request, headers: dict[str, str]) -> web.StreamResp
 
 async def blob(request: web.Request, proxy: Proxy, upstream: Upstream, repository: str,
                digest: Digest) -> web.StreamResponse:
-    source = await proxy.blob(upstream, repository, digest, request.method == "HEAD")
+    source, request[CACHE] = await proxy.blob(upstream, repository, digest,
+                                              request.method == "HEAD")
     if isinstance(source, StoredBlob):
-        request["cache"] = "hit"
         try:
             return await _send_blob(request, digest, source.size, source.fd, None)
         finally:
             os.close(source.fd)
     if isinstance(source, UpstreamBlobHead):
-        request["cache"] = "miss"
         headers = content_headers(digest, "application/octet-stream", None)
         headers["Accept-Ranges"] = "bytes"
         if source.size is None:
             return web.Response(status=200, headers=headers)
         headers["Content-Length"] = str(source.size)
         return await _head(request, headers)
-    request["cache"] = "inflight" if source.readers or source.had_readers else "miss"
     return await _send_blob(request, digest, source.size, None, source)
 
 
@@ -183,7 +187,7 @@ async def _send_blob(request: web.Request, digest: Digest, size: int | None, fd:
     response = web.StreamResponse(status=206 if byte_range else 200)
     response.headers.update(content_headers(digest, "application/octet-stream", None))
     response.headers["Accept-Ranges"] = "bytes"
-    response.headers["X-Mirror-Cache"] = request["cache"]
+    response.headers["X-Mirror-Cache"] = request[CACHE]
     if etag_matches(request.headers.get("If-None-Match"), digest):
         response.set_status(304)
         return response
@@ -206,7 +210,7 @@ async def _send_blob(request: web.Request, digest: Digest, size: int | None, fd:
             assert length is not None
             await download.stream(sender.send, start, length)
     finally:
-        request["bytes"] = sender.sent
+        request[BYTES] = sender.sent
         sender.close()
     await response.write_eof()
     return response
@@ -224,7 +228,7 @@ async def tags(request: web.Request, proxy: Proxy, upstream: Upstream, repositor
             link = link.replace(">", ("&" if "?" in link else "?")
                                 + urlencode({"ns": request.query["ns"]}) + ">", 1)
         headers["Link"] = link
-    request["bytes"] = len(body)
+    request[BYTES] = len(body)
     response = web.Response(status=status, body=body)
     response.headers.update({**API_VERSION, **headers})
     return response

@@ -169,10 +169,12 @@ class Download:
                 raise RegistryError("DIGEST_INVALID",
                                     f"upstream sent content that does not match {self.digest}",
                                     status=502)
-            self.state = State.VERIFIED
-            self._notify()
+            # Stored before the last byte is released, so a client that has the whole body
+            # finds the blob in the store on its next request.
             await asyncio.to_thread(os.fdatasync, self.fd)
             self.store.commit(self.partial, self.digest)
+            self.state = State.VERIFIED
+            self._notify()
         except RegistryError as exc:
             self._fail(exc)
         except asyncio.CancelledError:
@@ -332,7 +334,8 @@ class Downloads:
         download.task = asyncio.ensure_future(coro)
         download.task.add_done_callback(lambda _t: self._finished(download))
         if not self.finish_abandoned:
-            asyncio.ensure_future(self._cancel_when_abandoned(download))
+            watcher = asyncio.ensure_future(self._cancel_when_abandoned(download))
+            download.task.add_done_callback(lambda _t: watcher.cancel())
         return download
 
     def _finished(self, download: Download) -> None:

@@ -92,6 +92,7 @@ def test_anonymous_token_pull(
     assert all(user is None for user, _ in tokens), tokens
     # The token is cached per scope: a handful of requests, not one per upstream request.
     assert len(tokens) <= 2, tokens
+    mirror.wait_cached(b.digest for b in small.all_blobs)
     assert {b.digest for b in small.all_blobs} <= mirror.verify_cache()
 
 
@@ -162,6 +163,7 @@ def test_token_pull_second_time_from_cache(
 ) -> None:
     mirror = _mirror(mirror_factory, token_upstream, blackhole, "reader", "readerpw")
     _pull(mirror, blackhole, "private/small", tmp_path / "one")
+    mirror.wait_cached(b.digest for b in test_images.small.all_blobs)
     mark = token_upstream.registry.mark()
     _pull(mirror, blackhole, "private/small", tmp_path / "two")
     assert verify_dir(tmp_path / "two").manifest == test_images.small.manifest_bytes

@@ -19,7 +19,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -248,6 +248,32 @@ class MirrorProcess:
             e for e in self.log_entries() if {"method", "path", "status"} <= e.keys()
         ]
 
+    def wait_log(
+        self,
+        predicate: Callable[[list[dict[str, Any]]], bool],
+        timeout: float = 10.0,
+        what: str = "mirror request log",
+    ) -> list[dict[str, Any]]:
+        """Poll the request log until `predicate(log)` holds (a line is written after its
+        response is sent, so a client can see the response before the line exists)."""
+        box: list[list[dict[str, Any]]] = [[]]
+
+        def ok() -> bool:
+            box[0] = self.request_log()
+            return predicate(box[0])
+
+        wait_until(ok, timeout, interval=0.02, what=what)
+        return box[0]
+
+    def requests_for(self, path_suffix: str, method: str | None = None) -> list[dict[str, Any]]:
+        """Request-log lines whose path (query stripped) ends with `path_suffix`."""
+        return [
+            e
+            for e in self.request_log()
+            if str(e["path"]).split("?", 1)[0].endswith(path_suffix)
+            and (method is None or e["method"] == method)
+        ]
+
     @property
     def blobs_dir(self) -> Path:
         return self.cache_dir / "blobs"
@@ -268,10 +294,23 @@ class MirrorProcess:
         algo, hexd = digest.split(":", 1)
         return self.blobs_dir / algo / hexd[:2] / hexd
 
+    def wait_cached(self, digests: Iterable[str], timeout: float = 15.0) -> None:
+        """Wait until every digest is in blobs/ (a download is committed — verified and
+        renamed — a moment after its last byte reached the client)."""
+        want = set(digests)
+        wait_until(
+            lambda: want <= self.cached_digests(),
+            timeout,
+            what=f"{len(want)} blobs committed to {self.blobs_dir}",
+        )
+
     def tmp_files(self) -> list[Path]:
         if not self.tmp_dir.exists():
             return []
-        return sorted(p for p in self.tmp_dir.rglob("*") if p.is_file())
+        try:
+            return sorted(p for p in self.tmp_dir.rglob("*") if p.is_file())
+        except FileNotFoundError:  # a file renamed away while listing
+            return self.tmp_files()
 
     def verify_cache(self) -> set[str]:
         """Every file under blobs/ must be at blobs/<algo>/<2 hex>/<hex> and hash to <hex>."""

@@ -295,12 +295,17 @@ class ThrottledProxy:
         async def _stop() -> None:
             if self._server is not None:
                 self._server.close()
-                # Do not wait for open connections: they end with the loop.
+            current = asyncio.current_task()
+            tasks = [t for t in asyncio.all_tasks() if t is not current]
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
         if self._thread.is_alive():
             asyncio.run_coroutine_threadsafe(_stop(), self._loop).result(timeout=10)
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(timeout=10)
+            self._loop.close()
 
 
 def env_without_proxies() -> dict[str, str]:
