@@ -18,6 +18,7 @@ from typing import Any, TypeVar, cast
 import aiohttp
 from cachetools import LRUCache
 
+from mirror import metrics
 from mirror.config import Config
 from mirror.errors import RegistryError
 from mirror.index import Index, TagEntry
@@ -129,6 +130,7 @@ class Proxy:
                 except RegistryError as exc:
                     stale = self._from_cache(parse_digest(usable.digest), "stale", 0.0)
                     if exc.code in STALE_CODES and stale is not None:
+                        metrics.STALE_ANSWERS.labels("manifest").inc()
                         log.warning("upstream failing: serving a stale tag", extra={
                             "upstream": upstream.name, "repository": repository, "tag": tag,
                             "error": exc.message})
@@ -201,6 +203,7 @@ class Proxy:
             raise RegistryError("DIGEST_INVALID", f"upstream {upstream.name} sent a malformed "
                                 f"Docker-Content-Digest {claimed!r}", status=502) from None
         if not digest.matches(data):
+            metrics.DIGEST_MISMATCHES.labels("manifest").inc()
             log.error("manifest digest mismatch", extra={
                 "upstream": upstream.name, "reference": reference, "expected": str(digest)})
             raise RegistryError("DIGEST_INVALID",

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import aiohttp
 
+from mirror import metrics
 from mirror.errors import RegistryError
 from mirror.reference import Digest
 from mirror.store import BlobStore
@@ -162,8 +163,10 @@ class Download:
                                             f"download of {self.digest} kept breaking: {exc}",
                                             status=502) from None
                     self.resumed += 1
+                    metrics.DOWNLOADS_RESUMED.inc()
                     resp = await self._open(fetch, self.written)
             if hasher.hexdigest() != self.digest.hex:
+                metrics.DIGEST_MISMATCHES.labels("blob").inc()
                 log.error("digest mismatch: discarding", extra={
                     "digest": str(self.digest), "actual": hasher.hexdigest()})
                 raise RegistryError("DIGEST_INVALID",
