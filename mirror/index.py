@@ -1,26 +1,37 @@
 """The cache index (diskcache, SQLite underneath, safe across worker processes).
 
-It holds what the content-addressed files cannot say by themselves: which digest a tag pointed
-to and when that was learned, and the media type a manifest was served with. Losing the index
-loses nothing that matters: media types are sniffed from the manifests' bytes, and tags are
+It holds what the content-addressed files cannot say by themselves:
+- tags: which digest a tag pointed to and when that was learned;
+- media types: the type a manifest was served with;
+- entries: every stored file's size, kind and last access, for LRU eviction, plus the total;
+- counters: hits and misses, for `mirror status`.
+
+Access times are batched in memory and written in one transaction per flush, so a cache hit
+costs no disk write. Losing the index loses nothing that matters: `rebuild_entries` recreates
+the entries from the store, media types are sniffed from the manifests' bytes, and tags are
 asked again upstream.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import sqlite3
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import diskcache
 
 from mirror.mediatypes import sniff_media_type
-from mirror.reference import Digest
+from mirror.reference import Digest, parse_digest
 
 log = logging.getLogger("mirror.index")
+
+TOTAL = "total_bytes"
+ENTRIES_COMPLETE = "entries_complete"
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,6 +44,14 @@ class TagEntry:
         return time.time() - self.fetched_at
 
 
+@dataclass(frozen=True, slots=True)
+class Entry:
+    digest: Digest
+    size: int
+    last_access: float
+    kind: str  # "blob" or "manifest"
+
+
 def _open(directory: Path) -> diskcache.Cache:
     return diskcache.Cache(str(directory), eviction_policy="none", size_limit=2**62,
                            statistics=False)
@@ -42,11 +61,13 @@ class Index:
     def __init__(self, directory: Path) -> None:
         try:
             self.db = _open(directory)
-            self.db.get("probe")
+            self.db.get(ENTRIES_COMPLETE)
         except (sqlite3.DatabaseError, OSError) as exc:
-            log.warning("index damaged: rebuilding", extra={"error": str(exc)})
+            log.warning("index damaged: starting a new one", extra={"error": str(exc)})
             shutil.rmtree(directory, ignore_errors=True)
             self.db = _open(directory)
+        self._accessed: dict[str, float] = {}
+        self._counts: dict[str, int] = {}
 
     # tags ----------------------------------------------------------------------------------
     @staticmethod
@@ -58,11 +79,21 @@ class Index:
         return TagEntry(*value) if value else None
 
     def set_tag(self, upstream: str, repository: str, tag: str, digest: Digest,
-                media_type: str) -> TagEntry:
-        entry = TagEntry(str(digest), media_type, time.time())
+                media_type: str, fetched_at: float | None = None) -> TagEntry:
+        entry = TagEntry(str(digest), media_type, time.time() if fetched_at is None
+                         else fetched_at)
         self.db.set(self._tag_key(upstream, repository, tag),
                     (entry.digest, entry.media_type, entry.fetched_at))
         return entry
+
+    def tags(self) -> Iterator[tuple[str, str, str, TagEntry]]:
+        """Every known tag as (upstream, repository, tag, entry)."""
+        for key in self.db.iterkeys():
+            if isinstance(key, str) and key.startswith("tag\0"):
+                value = self.db.get(key)
+                if value:
+                    _, upstream, repository, tag = key.split("\0")
+                    yield upstream, repository, tag, TagEntry(*value)
 
     # manifests -----------------------------------------------------------------------------
     def set_media_type(self, digest: Digest, media_type: str) -> None:
@@ -72,5 +103,86 @@ class Index:
         value = self.db.get(f"mt\0{digest}")
         return value if isinstance(value, str) else sniff_media_type(data)
 
+    def is_manifest(self, digest: Digest) -> bool:
+        return self.db.get(f"mt\0{digest}") is not None
+
+    # entries (sizes and access times, for eviction) ---------------------------------------
+    def add_entry(self, digest: Digest, size: int, kind: str,
+                  last_access: float | None = None) -> None:
+        key = f"e\0{digest}"
+        with self.db.transact():
+            if self.db.get(key) is None:
+                self.db.incr(TOTAL, size)
+            self.db.set(key, (size, time.time() if last_access is None else last_access, kind))
+
+    def remove_entry(self, digest: Digest) -> None:
+        key = f"e\0{digest}"
+        with self.db.transact():
+            value = self.db.get(key)
+            if value is not None:
+                self.db.delete(key)
+                self.db.decr(TOTAL, value[0])
+            self.db.delete(f"mt\0{digest}")
+
+    def touch(self, digest: Digest) -> None:
+        """Note an access; written at the next flush()."""
+        self._accessed[str(digest)] = time.time()
+
+    def count(self, name: str, n: int = 1) -> None:
+        self._counts[name] = self._counts.get(name, 0) + n
+
+    def flush(self) -> None:
+        accessed, self._accessed = self._accessed, {}
+        counts, self._counts = self._counts, {}
+        if not accessed and not counts:
+            return
+        with self.db.transact():
+            for digest, when in accessed.items():
+                value = self.db.get(f"e\0{digest}")
+                if value is not None and value[1] < when:
+                    self.db.set(f"e\0{digest}", (value[0], when, value[2]))
+            for name, n in counts.items():
+                self.db.incr(f"count\0{name}", n)
+
+    def counter(self, name: str) -> int:
+        value = self.db.get(f"count\0{name}", 0)
+        return int(value)
+
+    def total_bytes(self) -> int:
+        return int(self.db.get(TOTAL, 0))
+
+    def entries(self) -> Iterator[Entry]:
+        for key in self.db.iterkeys():
+            if isinstance(key, str) and key.startswith("e\0"):
+                value = self.db.get(key)
+                if value is not None:
+                    with contextlib.suppress(Exception):
+                        yield Entry(parse_digest(key[2:]), value[0], value[1], value[2])
+
+    def entries_complete(self) -> bool:
+        return bool(self.db.get(ENTRIES_COMPLETE))
+
+    def rebuild_entries(self, stored: Iterator[tuple[Digest, int, float]]) -> int:
+        """Recreate every entry and the total from the store's files; returns the count."""
+        started = time.monotonic()
+        count, total = 0, 0
+        with self.db.transact():
+            for key in list(self.db.iterkeys()):
+                if isinstance(key, str) and key.startswith("e\0"):
+                    self.db.delete(key)
+            for digest, size, mtime in stored:
+                kind = "manifest" if self.is_manifest(digest) else "blob"
+                self.db.set(f"e\0{digest}", (size, mtime, kind))
+                count += 1
+                total += size
+            self.db.set(TOTAL, total)
+            self.db.set(ENTRIES_COMPLETE, True)
+        log.info("index entries rebuilt", extra={
+            "entries": count, "bytes": total,
+            "seconds": round(time.monotonic() - started, 3)})
+        return count
+
     def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.flush()
         self.db.close()

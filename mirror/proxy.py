@@ -9,6 +9,7 @@ or rate-limiting upstream is answered from cache where possible (stale-if-error)
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 from collections.abc import Awaitable, Callable
@@ -21,6 +22,7 @@ from cachetools import LRUCache
 from mirror import metrics
 from mirror.config import Config
 from mirror.errors import RegistryError
+from mirror.eviction import EvictionResult, evict, exclusive, pinned_digests
 from mirror.index import Index, TagEntry
 from mirror.mediatypes import IMAGE_TYPES, is_acceptable, referenced_blobs, upstream_accept
 from mirror.reference import Digest, digest_of, parse_digest
@@ -33,6 +35,7 @@ log = logging.getLogger("mirror.proxy")
 T = TypeVar("T")
 MAX_MANIFEST_BYTES = 4 * 1024 * 1024
 MEMORY_MANIFEST_BYTES = 64 * 1024 * 1024
+FLUSH_SECONDS = 2.0
 # Answers from the upstream that stale-if-error covers (it is down, failing or rate limiting).
 STALE_CODES = frozenset({"UPSTREAM_UNREACHABLE", "UPSTREAM_UNAVAILABLE", "UPSTREAM_TIMEOUT",
                          "TOOMANYREQUESTS"})
@@ -75,6 +78,57 @@ class Proxy:
         self._flights: dict[tuple[str, ...], asyncio.Future[Any]] = {}
         self._background: set[asyncio.Task[None]] = set()
 
+    # background maintenance ---------------------------------------------------------------
+    async def start(self) -> None:
+        self.store.on_commit = self._committed
+        self.downloads.on_disk_full = self.request_eviction
+        self._wake = asyncio.Event()
+        self._maintenance = asyncio.ensure_future(self._maintain())
+
+    async def stop(self) -> None:
+        self._maintenance.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._maintenance
+        self.index.flush()
+
+    def _committed(self, digest: Digest, size: int, kind: str) -> None:
+        self.index.add_entry(digest, size, kind)
+        if self.index.total_bytes() > self.config.cache.max_size:
+            self._wake.set()
+
+    def request_eviction(self) -> None:
+        self._wake.set()
+
+    async def _maintain(self) -> None:
+        if not self.index.entries_complete():
+            # A new or lost index: recreate entries from the files, off the event loop, while
+            # requests are served.
+            await asyncio.to_thread(self.index.rebuild_entries, self.store.iter_stored())
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), FLUSH_SECONDS)
+            self._wake.clear()
+            try:
+                self.index.flush()
+                if self.index.total_bytes() > self.config.cache.max_size:
+                    await asyncio.to_thread(self.evict)
+            except Exception:
+                log.exception("cache maintenance failed")
+
+    def evict(self, target: int | None = None) -> EvictionResult | None:
+        """Evict down to the low watermark (or `target`); None if another process is at it."""
+        with exclusive(str(self.store.lock_path("evict"))) as mine:
+            if not mine:
+                return None
+            pinned = pinned_digests(self.config.cache.pin, list(self.upstreams), self.store,
+                                    self.index)
+            return evict(self.store, self.index,
+                         self.config.cache.low_watermark if target is None else target,
+                         pinned, on_evict=self._forget)
+
+    def _forget(self, digest: Digest) -> None:
+        self._memory.pop(digest, None)
+
     # single flight for small requests -----------------------------------------------------
     async def _coalesce(self, key: tuple[str, ...], make: Callable[[], Awaitable[T]]) -> T:
         flight = self._flights.get(key)
@@ -98,6 +152,8 @@ class Proxy:
         data = self._cached_manifest(digest)
         if data is None:
             return None
+        self.index.touch(digest)
+        self.index.count("manifest_hit")
         return Manifest(digest, self.index.media_type(digest, data), len(data), data, cache,
                         max_age)
 
@@ -185,8 +241,14 @@ class Proxy:
             self.store.put_bytes(digest, data)
         except DigestMismatch as exc:  # pragma: no cover - verified just above
             raise RegistryError("DIGEST_INVALID", str(exc), status=502) from None
+        except OSError as exc:  # disk full: serve it anyway, uncached
+            log.error("could not cache a manifest", extra={"digest": str(digest),
+                                                           "error": str(exc)})
+            metrics.DISK_FULL.inc()
+            self.request_eviction()
         self._memory[digest] = data
         self.index.set_media_type(digest, media_type)
+        self.index.count("manifest_miss")
         if tag is not None:
             self.index.set_tag(upstream.name, repository, tag, digest, media_type)
         if self.config.cache.prefetch and media_type in IMAGE_TYPES:
@@ -265,6 +327,8 @@ class Proxy:
         for _ in range(3):
             stored = self._open_stored(digest)
             if stored is not None:
+                self.index.touch(digest)
+                self.index.count("blob_hit")
                 return stored, "hit"
             download, cache = self.downloads.get(digest), "inflight"
             if download is None:
@@ -273,6 +337,7 @@ class Proxy:
                     return await self._head_blob(upstream, repository, digest), "miss"
                 download, cache = self._start_download(upstream, repository, digest), "miss"
             if download is not None:
+                self.index.count("blob_miss")
                 if await download.wait_headers() is not None:
                     return download, cache
                 await download.wait_done()  # no size from upstream: serve once stored

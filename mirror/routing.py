@@ -9,9 +9,10 @@ upstream, which is what the docker daemon's `registry-mirrors` reaches.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from mirror.errors import RegistryError
-from mirror.reference import validate_name
+from mirror.reference import Digest, parse_digest, validate_name, validate_tag
 
 DOCKER_HUB = "docker.io"
 DOCKER_HUB_ALIASES = ("docker.io", "registry-1.docker.io", "index.docker.io")
@@ -19,6 +20,30 @@ DOCKER_HUB_ALIASES = ("docker.io", "registry-1.docker.io", "index.docker.io")
 
 def _canonical(name: str) -> str:
     return DOCKER_HUB if name in DOCKER_HUB_ALIASES else name
+
+
+@dataclass(frozen=True, slots=True)
+class ImageRef:
+    upstream: str
+    repository: str
+    reference: Digest | str  # digest or tag
+
+    def __str__(self) -> str:
+        sep = "@" if isinstance(self.reference, Digest) else ":"
+        return f"{self.upstream}/{self.repository}{sep}{self.reference}"
+
+
+def parse_image(ref: str, upstreams: Sequence[str]) -> ImageRef:
+    """An image reference as operators write it: `docker.io/library/nginx:1.27`, `nginx`,
+    `ghcr.io/o/r@sha256:…`. The registry part selects the upstream as a path prefix does."""
+    name, at, digest = ref.partition("@")
+    tag = "latest"
+    if not at:
+        slash, colon = name.rfind("/"), name.rfind(":")
+        if colon > slash:
+            name, tag = name[:colon], name[colon + 1:]
+    upstream, repository = select_upstream(name, None, upstreams)
+    return ImageRef(upstream, repository, parse_digest(digest) if at else validate_tag(tag))
 
 
 def select_upstream(raw_name: str, ns: str | None, upstreams: Sequence[str]) -> tuple[str, str]:

@@ -11,8 +11,10 @@ with it). Only content whose digest matched is renamed into the store.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import enum
+import errno
 import fcntl
 import json
 import logging
@@ -20,6 +22,7 @@ import os
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Protocol
 
 import aiohttp
 
@@ -31,10 +34,17 @@ from mirror.store import BlobStore
 log = logging.getLogger("mirror.download")
 
 REMOTE_POLL_SECONDS = 0.01
+SPILL_BYTES = 16 * 1024 * 1024
 
 # fetch(offset) -> the upstream's 200 or 206 response for the body from `offset` (a Range
 # request when offset > 0); any other answer is raised as a RegistryError by the fetch itself.
 Fetch = Callable[[int], Awaitable[aiohttp.ClientResponse]]
+
+
+class BodySender(Protocol):
+    async def send(self, file_fd: int, offset: int, count: int) -> None: ...
+
+    async def send_bytes(self, data: bytes | memoryview) -> None: ...
 
 
 class State(enum.Enum):
@@ -65,6 +75,12 @@ class Download:
         self.started = time.monotonic()
         self.task: asyncio.Task[None] | None = None
         self._waiters: list[asyncio.Future[None]] = []
+        # After ENOSPC: bytes from disk_end on are relayed from memory, never cached.
+        self.disk_end: int | None = None
+        self.on_disk_full: Callable[[], None] | None = None
+        self._spill: collections.deque[tuple[int, bytes]] = collections.deque()
+        self._spill_bytes = 0
+        self._positions: dict[object, int] = {}
 
     # progress signalling ------------------------------------------------------------------
     def _notify(self) -> None:
@@ -96,12 +112,12 @@ class Download:
             raise self.error
 
     # serving ------------------------------------------------------------------------------
-    async def stream(self, send: Callable[[int, int, int], Awaitable[None]], start: int,
-                     length: int) -> None:
+    async def stream(self, sender: BodySender, start: int, length: int) -> None:
         """Send bytes [start, start+length) as they land. The final byte of the blob is held
         back until the whole body verified, so no client ever receives a complete wrong blob.
         """
         fd = os.dup(self.fd)
+        reader = object()
         self.readers += 1
         self.had_readers = True
         try:
@@ -112,16 +128,31 @@ class Download:
                 available = min(self.written, end)
                 if self.state is not State.VERIFIED and self.size is not None:
                     available = min(available, self.size - 1)
-                if available > pos:
-                    await send(fd, pos, available - pos)
-                    pos = available
-                else:
+                if available <= pos:
                     await self._changed()
+                elif self.disk_end is None or pos < self.disk_end:
+                    upto = available if self.disk_end is None else min(available, self.disk_end)
+                    await sender.send(fd, pos, upto - pos)
+                    pos = upto
+                else:
+                    piece = self._spilled(pos, available)
+                    await sender.send_bytes(piece)
+                    pos += len(piece)
+                if self.disk_end is not None:
+                    self._positions[reader] = pos
+                    self._notify()  # the leader may be waiting to drop spilled chunks
         finally:
             os.close(fd)
+            self._positions.pop(reader, None)
             self.readers -= 1
             if self.readers == 0:
                 self._notify()  # lets the abandon check run
+
+    def _spilled(self, pos: int, available: int) -> memoryview:
+        for offset, chunk in self._spill:
+            if offset <= pos < offset + len(chunk):
+                return memoryview(chunk)[pos - offset: available - offset]
+        raise ClientAbort("joined too late: the disk is full and those bytes are gone")
 
     # leading ------------------------------------------------------------------------------
     def _write_meta(self) -> None:
@@ -174,8 +205,9 @@ class Download:
                                     status=502)
             # Stored before the last byte is released, so a client that has the whole body
             # finds the blob in the store on its next request.
-            await asyncio.to_thread(os.fdatasync, self.fd)
-            self.store.commit(self.partial, self.digest)
+            if self.disk_end is None:
+                await asyncio.to_thread(os.fdatasync, self.fd)
+                self.store.commit(self.partial, self.digest)
             self.state = State.VERIFIED
             self._notify()
         except RegistryError as exc:
@@ -206,6 +238,48 @@ class Download:
         os.lseek(self.fd, pos, os.SEEK_SET)
         return pos
 
+    def _write(self, chunk: bytes) -> None:
+        view = memoryview(chunk)
+        try:
+            while view:
+                n = os.write(self.fd, view)
+                view = view[n:]
+        except OSError as exc:
+            if exc.errno != errno.ENOSPC:
+                raise
+            self._disk_full()
+
+    def _disk_full(self) -> None:
+        """The disk filled: drop the partial file and keep relaying the upstream's bytes to
+        the clients from memory; nothing of this download will be cached."""
+        self.disk_end = self.written
+        log.error("disk full: relaying without caching", extra={
+            "digest": str(self.digest), "offset": self.written})
+        metrics.DISK_FULL.inc()
+        with contextlib.suppress(FileNotFoundError):
+            self.partial.unlink()
+        if self.on_disk_full is not None:
+            self.on_disk_full()
+
+    async def _relay(self, chunk: bytes) -> None:
+        """Keep `chunk` in memory for the readers, holding at most SPILL_BYTES: the download
+        waits for the slowest reader rather than buffering without bound."""
+        if not self.readers:
+            raise RegistryError("UNKNOWN", f"disk full while caching {self.digest}", status=507)
+        self._spill.append((self.written, chunk))
+        self._spill_bytes += len(chunk)
+        while self._spill:
+            slowest = min(self._positions.values(), default=self.disk_end or 0)
+            offset, oldest = self._spill[0]
+            if slowest >= offset + len(oldest):
+                self._spill.popleft()
+                self._spill_bytes -= len(oldest)
+            elif self._spill_bytes > SPILL_BYTES and self.readers:
+                self._notify()
+                await self._changed()
+            else:
+                break
+
     async def _open(self, fetch: Fetch, offset: int) -> aiohttp.ClientResponse:
         resp = await fetch(offset)
         if offset == 0 or resp.status == 206:
@@ -231,11 +305,11 @@ class Download:
                 raise RegistryError("DIGEST_INVALID",
                                     f"upstream sent more than {self.size} bytes for {self.digest}",
                                     status=502)
-            view = memoryview(chunk)
-            while view:
-                n = os.write(self.fd, view)
-                view = view[n:]
+            if self.disk_end is None:
+                self._write(chunk)
             hasher.update(chunk)  # type: ignore[attr-defined]
+            if self.disk_end is not None:
+                await self._relay(chunk)
             self.written += len(chunk)
             self._notify()
         if self.size is not None and self.written < self.size:
@@ -312,6 +386,7 @@ class Downloads:
         self.store = store
         self.finish_abandoned = finish_abandoned
         self.active: dict[Digest, Download] = {}
+        self.on_disk_full: Callable[[], None] | None = None
 
     def get(self, digest: Digest) -> Download | None:
         return self.active.get(digest)
@@ -326,6 +401,7 @@ class Downloads:
             return None
         fd, leader = claimed
         download = Download(digest, self.store, fd, leader)
+        download.on_disk_full = self.on_disk_full
         self.active[digest] = download
 
         async def take_over(d: Download) -> None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from mirror.errors import RegistryError
@@ -45,8 +45,12 @@ class DigestMismatch(Exception):
         self.actual = actual
 
 
+OnCommit = Callable[[Digest, int, str], None]  # (digest, size, kind) after content is stored
+
+
 class BlobStore:
     def __init__(self, root: Path) -> None:
+        self.on_commit: OnCommit | None = None
         self.root = root
         self.blobs_dir = root / "blobs"
         self.tmp_dir = root / "tmp"
@@ -57,6 +61,9 @@ class BlobStore:
     # paths -------------------------------------------------------------------------------
     def path(self, digest: Digest) -> Path:
         return self.blobs_dir / digest.algorithm / digest.hex[:2] / digest.hex
+
+    def lock_path(self, name: str) -> Path:
+        return self.root / f"{name}.lock"
 
     def partial_path(self, digest: Digest) -> Path:
         return self.tmp_dir / f"{digest.algorithm}-{digest.hex}{PARTIAL_SUFFIX}"
@@ -93,22 +100,29 @@ class BlobStore:
         tmp = self.tmp_dir / f"{digest.algorithm}-{digest.hex}.{os.getpid()}.small"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
         try:
-            os.write(fd, data)
+            if os.write(fd, data) != len(data):
+                raise OSError(28, "short write")
             os.fdatasync(fd)
+        except OSError:
+            tmp.unlink()
+            raise
         finally:
             os.close(fd)
-        self.commit(tmp, digest)
+        self.commit(tmp, digest, "manifest")
 
-    def commit(self, tmp: Path, digest: Digest) -> None:
+    def commit(self, tmp: Path, digest: Digest, kind: str = "blob") -> None:
         """Atomically move verified content from tmp/ into place."""
         final = self.path(digest)
         final.parent.mkdir(parents=True, exist_ok=True)
         try:
             os.replace(tmp, final)
+            size = final.stat().st_size
         except OSError as exc:
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
             raise RegistryError("UNKNOWN", f"could not store {digest}: {exc}") from exc
+        if self.on_commit is not None:
+            self.on_commit(digest, size, kind)
 
     def delete(self, digest: Digest) -> int:
         """Remove stored content; returns the bytes freed."""

@@ -72,6 +72,10 @@ class Sender:
             count -= n
             self.sent += n
 
+    async def send_bytes(self, data: bytes | memoryview) -> None:
+        await self.response.write(data)
+        self.sent += len(data)
+
     async def _copy(self, file_fd: int, offset: int, count: int) -> None:
         while count > 0:
             chunk = os.pread(file_fd, min(COPY_CHUNK, count), offset)

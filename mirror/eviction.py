@@ -1,0 +1,114 @@
+"""Keeping the store under `max_size`: least-recently-used content goes first, down to the low
+watermark; pinned images (their manifests and every blob they reference) never go.
+
+Content being downloaded lives in tmp/ and is not in the index, so it is never a candidate.
+A blob a client is streaming from the store may be unlinked: its open fd keeps the bytes.
+One evictor runs at a time across worker processes (an flock on `evict.lock`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+
+from mirror import metrics
+from mirror.errors import RegistryError
+from mirror.index import Index
+from mirror.mediatypes import referenced_blobs
+from mirror.reference import Digest, parse_digest
+from mirror.routing import parse_image
+from mirror.store import BlobStore
+
+log = logging.getLogger("mirror.eviction")
+
+
+@dataclass(frozen=True)
+class EvictionResult:
+    evicted: int
+    freed: int
+    total_after: int
+    skipped_pinned: int
+
+
+def image_digests(store: BlobStore, root: Digest) -> set[Digest]:
+    """A manifest's digest with every manifest and blob it references that is stored."""
+    found: set[Digest] = set()
+    pending = [root]
+    while pending:
+        digest = pending.pop()
+        if digest in found:
+            continue
+        found.add(digest)
+        data = store.read_bytes(digest)
+        if data is None:
+            continue
+        blobs, children = referenced_blobs(data)
+        for value in blobs:
+            with contextlib.suppress(RegistryError):
+                found.add(parse_digest(value))
+        for value in children:
+            with contextlib.suppress(RegistryError):
+                pending.append(parse_digest(value))
+    return found
+
+
+def pinned_digests(pins: Iterable[str], upstreams: list[str], store: BlobStore,
+                   index: Index) -> set[Digest]:
+    pinned: set[Digest] = set()
+    for pin in pins:
+        ref = parse_image(pin, upstreams)
+        if isinstance(ref.reference, Digest):
+            root: Digest | None = ref.reference
+        else:
+            entry = index.get_tag(ref.upstream, ref.repository, ref.reference)
+            root = parse_digest(entry.digest) if entry else None
+        if root is not None:
+            pinned |= image_digests(store, root)
+    return pinned
+
+
+@contextlib.contextmanager
+def exclusive(path: str) -> Iterator[bool]:
+    """Yields whether this process got the lock (another one may be evicting already)."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)
+
+
+def evict(store: BlobStore, index: Index, target: int, pinned: set[Digest],
+          on_evict: Callable[[Digest], None] | None = None) -> EvictionResult:
+    """Delete least-recently-used entries until the store holds at most `target` bytes."""
+    index.flush()
+    total = index.total_bytes()
+    evicted = freed = skipped = 0
+    if total <= target:
+        return EvictionResult(0, 0, total, 0)
+    for entry in sorted(index.entries(), key=lambda e: e.last_access):
+        if total <= target:
+            break
+        if entry.digest in pinned:
+            skipped += 1
+            continue
+        size = store.delete(entry.digest)
+        index.remove_entry(entry.digest)
+        if on_evict is not None:
+            on_evict(entry.digest)
+        total -= entry.size
+        freed += size
+        evicted += 1
+        metrics.EVICTIONS.labels(entry.kind).inc()
+        metrics.EVICTED_BYTES.inc(size)
+    log.info("evicted", extra={"entries": evicted, "bytes": freed, "total_after": total,
+                               "target": target, "pinned_kept": skipped})
+    return EvictionResult(evicted, freed, total, skipped)
