@@ -3,21 +3,97 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from mirror import __version__
 from mirror.config import Config, ConfigError, load_config
+from mirror.errors import RegistryError
+
+Command = Callable[[Config, argparse.Namespace], int]
 
 
 def _config_path(value: str | None) -> str:
     return value or os.environ.get("MIRROR_CONFIG") or "./mirror.toml"
 
 
-def _add_config(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", metavar="PATH",
-                   help="configuration file (default: $MIRROR_CONFIG, else ./mirror.toml)")
+def cmd_serve(config: Config, args: argparse.Namespace) -> int:
+    from mirror.serve import serve
+
+    return serve(config)
+
+
+def cmd_verify(config: Config, args: argparse.Namespace) -> int:
+    from mirror.runtime import open_cache
+    from mirror.verify import verify
+
+    with open_cache(config) as (store, index):
+        report = verify(store, index)
+    for digest in report.bad:
+        print(f"removed {digest}: content does not match its digest")
+    print(f"verified {report.checked} files ({report.bytes} bytes): {len(report.bad)} bad")
+    return 1 if report.bad else 0
+
+
+def cmd_status(config: Config, args: argparse.Namespace) -> int:
+    from mirror.runtime import open_cache
+    from mirror.status import status_lines
+
+    with open_cache(config) as (_, index):
+        print("\n".join(status_lines(config, index)))
+    return 0
+
+
+def cmd_gc(config: Config, args: argparse.Namespace) -> int:
+    from mirror.eviction import evict, exclusive, pinned_digests
+    from mirror.runtime import open_cache
+    from mirror.status import human
+
+    with open_cache(config) as (store, index), exclusive(str(store.lock_path("evict"))) as mine:
+        if not mine:
+            print("mirror: gc: another process is evicting right now; try again shortly",
+                  file=sys.stderr)
+            return 1
+        pinned = pinned_digests(config.cache.pin, [u.name for u in config.upstreams], store,
+                                index)
+        result = evict(store, index, config.cache.low_watermark, pinned)
+    print(f"evicted {result.evicted} entries ({human(result.freed)}); "
+          f"cache now {human(result.total_after)}")
+    return 0
+
+
+def cmd_warm(config: Config, args: argparse.Namespace) -> int:
+    from mirror.warm import default_platform, warm
+
+    platforms = None if args.all_platforms else (args.platform or [default_platform()])
+    return 1 if asyncio.run(warm(config, args.images, platforms)) else 0
+
+
+def cmd_export(config: Config, args: argparse.Namespace) -> int:
+    from mirror.archive import export
+    from mirror.runtime import open_cache
+
+    with open_cache(config) as (store, index):
+        n = export(store, index, [u.name for u in config.upstreams], args.images,
+                   Path(args.output))
+    print(f"exported {len(args.images)} images ({n} files) to {args.output}")
+    return 0
+
+
+def cmd_import(config: Config, args: argparse.Namespace) -> int:
+    from mirror.archive import import_archive
+    from mirror.runtime import open_cache
+
+    with open_cache(config) as (store, index):
+        n, refs = import_archive(store, index, [u.name for u in config.upstreams],
+                                 Path(args.archive))
+    for ref in refs:
+        print(f"imported {ref}")
+    print(f"imported {n} verified files from {args.archive}")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,29 +105,65 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    serve = sub.add_parser("serve", help="run the mirror",
-                           description="Serve the registry pull API on [server] listen, caching "
-                                       "into [cache] dir. Starts whether or not the upstreams "
-                                       "are reachable.")
-    _add_config(serve)
+
+    def add(name: str, func: Command, help: str, description: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=description)
+        p.add_argument("--config", metavar="PATH",
+                       help="configuration file (default: $MIRROR_CONFIG, else ./mirror.toml)")
+        p.set_defaults(func=func)
+        return p
+
+    add("serve", cmd_serve, "run the mirror",
+        "Serve the registry pull API on [server] listen, caching into [cache] dir. Starts "
+        "whether or not the upstreams are reachable.")
+    add("verify", cmd_verify, "rehash the cache; remove what does not match",
+        "Rehash every stored blob and manifest, remove anything that does not match its "
+        "digest, and exit 1 if any was found.")
+    add("status", cmd_status, "show cache size, entries, hit ratio, pins, rate limits",
+        "Print the cache's size against max_size, entry count, hit ratio, oldest entry, pinned "
+        "images and the upstreams' last seen rate limits.")
+    add("gc", cmd_gc, "evict down to the low watermark now",
+        "Evict least-recently-used content (never pinned images) until the cache is at "
+        "[cache] low_watermark.")
+    warm = add("warm", cmd_warm, "fill the cache with images",
+               "Resolve each image reference (e.g. docker.io/library/nginx:1.27, "
+               "ghcr.io/o/r@sha256:...) and cache its manifests and blobs, through the same "
+               "single-flight path as a client pull.")
+    warm.add_argument("images", nargs="+", metavar="IMAGE")
+    group = warm.add_mutually_exclusive_group()
+    group.add_argument("--platform", action="append", metavar="OS/ARCH[/VARIANT]",
+                       help="platform to cache from a multi-platform image (repeatable; "
+                            "default: this machine's, e.g. linux/amd64)")
+    group.add_argument("--all-platforms", action="store_true",
+                       help="cache every platform of multi-platform images")
+    export = add("export", cmd_export, "write cached images to an OCI layout tar",
+                 "Write the named cached images (all their cached platforms) to an OCI image "
+                 "layout archive, for `mirror import` on a mirror with no network.")
+    export.add_argument("images", nargs="+", metavar="IMAGE")
+    export.add_argument("--output", "-o", required=True, metavar="FILE.tar")
+    imp = add("import", cmd_import, "load an archive written by `mirror export`",
+              "Verify every file of an OCI layout archive against its digest, store it, and "
+              "restore the images' tags, so pulls work with no upstream.")
+    imp.add_argument("archive", metavar="FILE.tar")
     return parser
-
-
-def load(path: str | None) -> Config:
-    return load_config(_config_path(path))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        config = load(args.config)
-        if args.command == "serve":
-            from mirror.serve import serve
+    if args.command != "serve":
+        from mirror.logs import setup_logging
 
-            return serve(config)
+        setup_logging("warning")
+    try:
+        config = load_config(_config_path(args.config))
+        result: int = args.func(config, args)
+        return result
     except ConfigError as exc:
         print(f"mirror: {exc}", file=sys.stderr)
         return 2
+    except (RegistryError, OSError, ValueError) as exc:
+        message = exc.message if isinstance(exc, RegistryError) else str(exc)
+        print(f"mirror: {args.command}: {message}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
-    return 0

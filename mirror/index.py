@@ -144,6 +144,13 @@ class Index:
             for name, n in counts.items():
                 self.db.incr(f"count\0{name}", n)
 
+    def set_ratelimit(self, upstream: str, limit: str | None, remaining: str) -> None:
+        self.db.set(f"ratelimit\0{upstream}", (limit, remaining, time.time()))
+
+    def ratelimit(self, upstream: str) -> tuple[str | None, str, float] | None:
+        value = self.db.get(f"ratelimit\0{upstream}")
+        return (value[0], value[1], value[2]) if value else None
+
     def counter(self, name: str) -> int:
         value = self.db.get(f"count\0{name}", 0)
         return int(value)

@@ -109,6 +109,10 @@ class Proxy:
                 await asyncio.wait_for(self._wake.wait(), FLUSH_SECONDS)
             self._wake.clear()
             try:
+                for upstream in self.upstreams.values():
+                    if upstream.ratelimit_remaining is not None:
+                        self.index.set_ratelimit(upstream.name, upstream.ratelimit_limit,
+                                                 upstream.ratelimit_remaining)
                 self.index.flush()
                 if self.index.total_bytes() > self.config.cache.max_size:
                     await asyncio.to_thread(self.evict)

@@ -110,6 +110,28 @@ class BlobStore:
             os.close(fd)
         self.commit(tmp, digest, "manifest")
 
+    def put_stream(self, digest: Digest, read: Callable[[int], bytes]) -> int:
+        """Store content read in chunks from `read`, verified before it enters the store."""
+        tmp = self.tmp_dir / f"{digest.algorithm}-{digest.hex}.{os.getpid()}.import"
+        hasher = digest.hasher()
+        size = 0
+        try:
+            with open(tmp, "wb") as f:
+                while chunk := read(1 << 20):
+                    hasher.update(chunk)
+                    f.write(chunk)
+                    size += len(chunk)
+                f.flush()
+                os.fdatasync(f.fileno())
+            if hasher.hexdigest() != digest.hex:
+                raise DigestMismatch(digest, f"{digest.algorithm}:{hasher.hexdigest()}")
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+            raise
+        self.commit(tmp, digest)
+        return size
+
     def commit(self, tmp: Path, digest: Digest, kind: str = "blob") -> None:
         """Atomically move verified content from tmp/ into place."""
         final = self.path(digest)

@@ -1,0 +1,154 @@
+"""`mirror export` / `mirror import`: move cached images to a site with no network as an OCI
+image layout in a tar archive.
+
+The archive's index.json lists each image with the standard `org.opencontainers.image.ref.name`
+annotation (the tag) and `io.github.registry-mirror.ref` (the full reference, e.g.
+`docker.io/library/nginx:1.27`), which import uses to restore the tag in the mirror's index.
+Import verifies every file against its digest before it enters the store.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+import tarfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+from mirror import mediatypes as mt
+from mirror.errors import RegistryError
+from mirror.eviction import image_digests
+from mirror.index import Index
+from mirror.reference import Digest, parse_digest
+from mirror.routing import ImageRef, parse_image
+from mirror.store import BlobStore, DigestMismatch
+
+REF_ANNOTATION = "io.github.registry-mirror.ref"
+OCI_REF_NAME = "org.opencontainers.image.ref.name"
+
+
+class ArchiveError(ValueError):
+    """A bad archive or an image not in the cache (the CLI prints it as one line)."""
+
+
+@dataclass(frozen=True)
+class Resolved:
+    ref: ImageRef
+    digest: Digest
+    media_type: str
+    size: int
+
+
+def resolve_cached(store: BlobStore, index: Index, ref: ImageRef) -> Resolved:
+    if isinstance(ref.reference, Digest):
+        digest = ref.reference
+    else:
+        entry = index.get_tag(ref.upstream, ref.repository, ref.reference)
+        if entry is None:
+            raise ArchiveError(f"{ref} is not in the cache: pull or `mirror warm` it first")
+        digest = parse_digest(entry.digest)
+    data = store.read_bytes(digest)
+    if data is None:
+        raise ArchiveError(f"{ref}: manifest {digest} is not in the cache")
+    return Resolved(ref, digest, index.media_type(digest, data), len(data))
+
+
+def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def export(store: BlobStore, index: Index, upstreams: list[str], images: Sequence[str],
+           output: Path) -> int:
+    """Write the archive; returns the number of blobs in it."""
+    resolved = [resolve_cached(store, index, parse_image(i, upstreams)) for i in images]
+    digests: set[Digest] = set()
+    for r in resolved:
+        digests |= image_digests(store, r.digest)
+    present = [d for d in sorted(digests, key=str) if store.size(d) is not None]
+    manifests = [{
+        "mediaType": r.media_type, "digest": str(r.digest), "size": r.size,
+        "annotations": {REF_ANNOTATION: str(r.ref), **(
+            {OCI_REF_NAME: r.ref.reference} if isinstance(r.ref.reference, str) else {})},
+    } for r in resolved]
+    tmp = output.with_name(output.name + ".tmp")
+    total = sum(store.size(d) or 0 for d in present)
+    with tarfile.open(tmp, "w") as tar, tqdm(total=total, unit="B", unit_scale=True,
+                                             desc="exporting",
+                                             disable=not sys.stderr.isatty()) as bar:
+        _add_bytes(tar, "oci-layout", json.dumps({"imageLayoutVersion": "1.0.0"}).encode())
+        _add_bytes(tar, "index.json", json.dumps(
+            {"schemaVersion": 2, "mediaType": mt.OCI_INDEX, "manifests": manifests}).encode())
+        for d in present:
+            tar.add(store.path(d), arcname=f"blobs/{d.algorithm}/{d.hex}", recursive=False)
+            bar.update(store.size(d) or 0)
+    tmp.replace(output)
+    return len(present)
+
+
+def _media_types(store: BlobStore, index: Index, descriptor: dict[str, object]) -> None:
+    """Record the media type of a manifest and, for an index, of its children."""
+    digest = parse_digest(str(descriptor["digest"]))
+    media_type = descriptor.get("mediaType")
+    data = store.read_bytes(digest)
+    if data is None:
+        return
+    index.set_media_type(digest, media_type if isinstance(media_type, str)
+                         else mt.sniff_media_type(data))
+    index.add_entry(digest, len(data), "manifest")
+    try:
+        doc = json.loads(data)
+    except ValueError:
+        return
+    for child in doc.get("manifests", []) if isinstance(doc, dict) else []:
+        if isinstance(child, dict) and "digest" in child:
+            _media_types(store, index, child)
+
+
+def import_archive(store: BlobStore, index: Index, upstreams: list[str], archive: Path
+                   ) -> tuple[int, list[str]]:
+    """Import every verified file and restore the tags; returns (files, image references)."""
+    files = 0
+    with tarfile.open(archive, "r") as tar:
+        members = tar.getmembers()
+        names = {m.name.removeprefix("./"): m for m in members}
+        if "oci-layout" not in names or "index.json" not in names:
+            raise ArchiveError(f"{archive} is not an OCI image layout archive")
+        blobs = [m for m in members if m.isfile() and m.name.removeprefix("./").startswith(
+            "blobs/")]
+        with tqdm(total=sum(m.size for m in blobs), unit="B", unit_scale=True,
+                  desc="importing", disable=not sys.stderr.isatty()) as bar:
+            for member in blobs:
+                _, algorithm, encoded = member.name.removeprefix("./").split("/", 2)
+                try:
+                    digest = parse_digest(f"{algorithm}:{encoded}")
+                except RegistryError as exc:
+                    raise ArchiveError(f"{member.name}: {exc.message}") from None
+                f = tar.extractfile(member)
+                assert f is not None
+                try:
+                    store.put_stream(digest, f.read)
+                except DigestMismatch as exc:
+                    raise ArchiveError(f"{member.name}: {exc}; nothing more imported") from None
+                files += 1
+                bar.update(member.size)
+        top = tar.extractfile(names["index.json"])
+        assert top is not None
+        layout = json.loads(top.read())
+    refs = []
+    for descriptor in layout.get("manifests", []):
+        _media_types(store, index, descriptor)
+        ref_name = (descriptor.get("annotations") or {}).get(REF_ANNOTATION)
+        if not ref_name:
+            continue
+        ref = parse_image(ref_name, upstreams)
+        if isinstance(ref.reference, str):
+            index.set_tag(ref.upstream, ref.repository, ref.reference,
+                          parse_digest(descriptor["digest"]), descriptor.get("mediaType", ""))
+        refs.append(str(ref))
+    return files, refs

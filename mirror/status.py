@@ -1,0 +1,54 @@
+"""`mirror status`: what the cache holds, how well it serves, and the upstreams' rate limits."""
+
+from __future__ import annotations
+
+import time
+
+from mirror.config import Config
+from mirror.index import Index
+from mirror.routing import parse_image
+
+
+def human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def status_lines(config: Config, index: Index) -> list[str]:
+    index.flush()
+    entries = list(index.entries())
+    total = index.total_bytes()
+    hits = index.counter("blob_hit") + index.counter("manifest_hit")
+    misses = index.counter("blob_miss") + index.counter("manifest_miss")
+    ratio = f"{100 * hits / (hits + misses):.1f}%" if hits + misses else "n/a"
+    lines = [
+        f"cache dir:    {config.cache.dir}",
+        f"size:         {human(total)} of {human(config.cache.max_size)} "
+        f"({100 * total / config.cache.max_size:.1f}%)",
+        f"entries:      {len(entries)} ({sum(e.kind == 'manifest' for e in entries)} manifests)",
+        f"hit ratio:    {ratio} ({hits} hits, {misses} misses)",
+    ]
+    if entries:
+        oldest = min(e.last_access for e in entries)
+        lines.append(f"oldest entry: last used {human_age(time.time() - oldest)} ago")
+    names = [u.name for u in config.upstreams]
+    for pin in config.cache.pin:
+        ref = parse_image(pin, names)
+        cached = isinstance(ref.reference, str) and index.get_tag(
+            ref.upstream, ref.repository, ref.reference) is not None
+        lines.append(f"pinned:       {pin}{'' if cached else ' (not cached yet)'}")
+    for name in names:
+        rl = index.ratelimit(name)
+        if rl is not None:
+            lines.append(f"rate limit:   {name}: {rl[1]} remaining (limit {rl[0]})")
+    return lines
+
+
+def human_age(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f}{unit}"
+    return f"{seconds:.0f}s"
