@@ -151,6 +151,17 @@ class Index:
         value = self.db.get(f"ratelimit\0{upstream}")
         return (value[0], value[1], value[2]) if value else None
 
+    # which repositories a private upstream confirmed to hold a digest ----------------------
+    @staticmethod
+    def _access_key(upstream: str, repository: str, digest: Digest) -> str:
+        return f"acl\0{upstream}\0{repository}\0{digest}"
+
+    def remember_access(self, upstream: str, repository: str, digest: Digest) -> None:
+        self.db.set(self._access_key(upstream, repository, digest), True)
+
+    def has_access(self, upstream: str, repository: str, digest: Digest) -> bool:
+        return bool(self.db.get(self._access_key(upstream, repository, digest)))
+
     def counter(self, name: str) -> int:
         value = self.db.get(f"count\0{name}", 0)
         return int(value)

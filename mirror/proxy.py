@@ -166,6 +166,7 @@ class Proxy:
         if isinstance(reference, Digest):
             cached = self._from_cache(reference, "hit")
             if cached is not None:
+                await self._confirm_access(upstream, repository, reference, "manifests")
                 return cached
             self._require_online("MANIFEST_UNKNOWN", f"manifest {reference}")
             if head:
@@ -253,6 +254,7 @@ class Proxy:
         self._memory[digest] = data
         self.index.set_media_type(digest, media_type)
         self.index.count("manifest_miss")
+        self._note_access(upstream, repository, digest)
         if tag is not None:
             self.index.set_tag(upstream.name, repository, tag, digest, media_type)
         if self.config.cache.prefetch and media_type in IMAGE_TYPES:
@@ -329,6 +331,8 @@ class Proxy:
         """Where to serve a blob from, and how the cache answered: hit (stored), inflight
         (joined a download already running) or miss (this request started it)."""
         for _ in range(3):
+            if self.store.size(digest) is not None or self.downloads.get(digest) is not None:
+                await self._confirm_access(upstream, repository, digest, "blobs")
             stored = self._open_stored(digest)
             if stored is not None:
                 self.index.touch(digest)
@@ -342,10 +346,35 @@ class Proxy:
                 download, cache = self._start_download(upstream, repository, digest), "miss"
             if download is not None:
                 self.index.count("blob_miss")
-                if await download.wait_headers() is not None:
+                size = await download.wait_headers()
+                if cache == "miss":
+                    self._note_access(upstream, repository, digest)
+                if size is not None:
                     return download, cache
                 await download.wait_done()  # no size from upstream: serve once stored
         raise RegistryError("BLOB_UNKNOWN", f"blob {digest} vanished while being opened")
+
+    # private content ----------------------------------------------------------------------
+    def _note_access(self, upstream: Upstream, repository: str, digest: Digest) -> None:
+        if upstream.credentials.configured:
+            self.index.remember_access(upstream.name, repository, digest)
+
+    async def _confirm_access(self, upstream: Upstream, repository: str, digest: Digest,
+                              endpoint: str) -> None:
+        """Content cached from a credentialed upstream is served under a repository name only
+        once the upstream confirmed that repository holds it: nobody reads a private layer by
+        asking for its digest under another repository's name."""
+        if not upstream.credentials.configured or self.index.has_access(
+                upstream.name, repository, digest):
+            return
+        code = "BLOB_UNKNOWN" if endpoint == "blobs" else "MANIFEST_UNKNOWN"
+        self._require_online(code, f"{repository}@{digest} (access not yet confirmed)")
+        resp = await upstream.request("HEAD", repository, f"{endpoint}/{digest}",
+                                      headers={"Accept": upstream_accept(())})
+        if resp.status != 200:
+            raise await error_from_response(upstream, resp, code)
+        resp.release()
+        self.index.remember_access(upstream.name, repository, digest)
 
     def _open_stored(self, digest: Digest) -> StoredBlob | None:
         fd = self.store.open_fd(digest)

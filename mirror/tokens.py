@@ -13,11 +13,14 @@ import time
 from dataclasses import dataclass
 
 import aiohttp
-from cachetools import TLRUCache
+from cachetools import TLRUCache, TTLCache
 
 from mirror.challenge import Challenge
 
 DEFAULT_TOKEN_LIFETIME = 60.0
+HELPER_TIMEOUT = 30.0
+# Credential helpers hand out short-lived secrets (ECR: 12 hours); ask again well before.
+HELPER_REFRESH_SECONDS = 600.0
 
 
 @dataclass(frozen=True)
@@ -35,39 +38,87 @@ class TokenError(Exception):
     pass
 
 
+async def run_credential_helper(name: str, server: str) -> tuple[str, str]:
+    """`docker-credential-<name> get` with the server on stdin → (username, secret)."""
+    program = f"docker-credential-{name}"
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            program, "get", stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE)
+    except FileNotFoundError:
+        raise TokenError(f"credential helper {program} is not on PATH") from None
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(server.encode()), HELPER_TIMEOUT)
+    except TimeoutError:
+        proc.kill()
+        raise TokenError(f"credential helper {program} did not answer in "
+                         f"{HELPER_TIMEOUT:.0f}s") from None
+    if proc.returncode != 0:
+        detail = (err or out).decode(errors="replace").strip()[:200]
+        raise TokenError(f"credential helper {program} failed: {detail}")
+    try:
+        doc = json.loads(out)
+        return str(doc["Username"]), str(doc["Secret"])
+    except (ValueError, KeyError, TypeError):
+        raise TokenError(f"credential helper {program} printed no Username/Secret JSON") from None
+
+
 class Credentials:
     """What one upstream authenticates with, and the tokens obtained with it."""
 
-    def __init__(self, username: str | None, password: str | None) -> None:
+    def __init__(self, username: str | None, password: str | None,
+                 helper: str | None = None, server: str = "") -> None:
         self.username = username
         self.password = password
+        self.helper = helper
+        self.server = server
         self._tokens: TLRUCache[str, Token] = TLRUCache(maxsize=4096, ttu=_token_expiry,
                                                           timer=time.monotonic)
+        self._helper_answer: TTLCache[str, tuple[str, str]] = TTLCache(
+            maxsize=1, ttl=HELPER_REFRESH_SECONDS, timer=time.monotonic)
         self._pending: dict[str, asyncio.Future[Token]] = {}
-        self.basic_required = False
+        self._basic: str | None = None  # set once the upstream asked for Basic
 
-    def basic_header(self) -> str | None:
-        if self.username is None or self.password is None:
+    @property
+    def configured(self) -> bool:
+        return self.helper is not None or self.username is not None
+
+    async def basic_header(self) -> str | None:
+        pair = await self._pair()
+        if pair is None:
             return None
-        raw = f"{self.username}:{self.password}".encode()
-        return "Basic " + base64.b64encode(raw).decode()
+        return "Basic " + base64.b64encode(f"{pair[0]}:{pair[1]}".encode()).decode()
+
+    async def _pair(self) -> tuple[str, str] | None:
+        if self.helper is None:
+            if self.username is None or self.password is None:
+                return None
+            return self.username, self.password
+        pair = self._helper_answer.get("pair")
+        if pair is None:
+            pair = await run_credential_helper(self.helper, self.server)
+            self._helper_answer["pair"] = pair
+        return pair
+
+    def rejected(self) -> None:
+        """The upstream refused what we sent: ask the credential helper again next time."""
+        self._helper_answer.clear()
+        self._basic = None
 
     def header_for(self, scope: str) -> str | None:
         """The Authorization header to try first for a request needing `scope`."""
         token = self._tokens.get(scope)
         if token is not None:
             return f"Bearer {token.value}"
-        if self.basic_required:
-            return self.basic_header()
-        return None
+        return self._basic
 
     async def authorize(
         self, session: aiohttp.ClientSession, challenge: Challenge, scope: str
     ) -> str | None:
         """Answer a challenge: the header to retry with, or None when it can't be answered."""
         if challenge.scheme == "basic":
-            self.basic_required = True
-            return self.basic_header()
+            self._basic = await self.basic_header()
+            return self._basic
         if challenge.scheme != "bearer" or not challenge.realm:
             return None
         self._tokens.pop(scope, None)
@@ -86,7 +137,7 @@ class Credentials:
         wanted = challenge.params.get("scope") or scope
         params += [("scope", s) for s in wanted.split(" ") if s]
         headers = {}
-        basic = self.basic_header()
+        basic = await self.basic_header()
         if basic:
             headers["Authorization"] = basic
         assert challenge.realm is not None

@@ -63,6 +63,7 @@ class FaultUpstream:
         self.auth: str | None = None  # "bearer" or "basic": challenge unauthenticated requests
         self.token_requests: list[dict[str, str]] = []
         self.redirect_blobs_to: str | None = None  # base URL of another server (origin)
+        self.private: dict[str, set[str]] = {}  # repository -> the only digests it holds
 
     @property
     def url(self) -> str:
@@ -147,6 +148,9 @@ class FaultUpstream:
             return challenge
         digest = request.match_info["digest"]
         data = self.blobs.get(digest)
+        holds = self.private.get(request.match_info["name"])
+        if holds is not None and digest not in holds:
+            data = None
         if data is not None and self.redirect_blobs_to:
             raise web.HTTPTemporaryRedirect(f"{self.redirect_blobs_to}/cdn/{digest}")
         if data is None:
