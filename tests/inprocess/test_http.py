@@ -61,7 +61,7 @@ async def test_hostile_paths_are_rejected_before_touching_disk(
     async with client.get(URL(base + path, encoded=True)) as resp:
         assert resp.status == status and await error_of(resp) == code
     assert upstream.seen == []
-    assert {p.name for p in tmp_path.iterdir()} == {"cache"}  # noqa: ASYNC240
+    assert {p.name for p in tmp_path.iterdir()} == {"cache"}
 
 
 async def test_routing_by_ns_prefix_and_default(
