@@ -64,10 +64,23 @@ class CacheConfig:
 
 
 @dataclass(frozen=True)
+class AuthConfig:
+    htpasswd: Path | None = None  # client access control is off without it
+    token_lifetime: float = 300.0
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    listen: tuple[str, int] | None = None  # None: /metrics on the main port
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     upstreams: tuple[UpstreamConfig, ...] = ()
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     path: str = "mirror.toml"
 
     def upstream(self, name: str) -> UpstreamConfig | None:
@@ -231,6 +244,26 @@ def _upstream(path: str, index: int, table: object) -> UpstreamConfig:
     return config
 
 
+def _auth(path: str, table: object) -> AuthConfig:
+    s = _Section(path, "auth", table)
+    htpasswd = s.get("htpasswd", None, kind=str)
+    config = AuthConfig(
+        htpasswd=Path(htpasswd) if htpasswd else None,
+        token_lifetime=s.get("token_lifetime", 300.0, parse_duration),
+    )
+    s.finish()
+    if config.htpasswd is not None and not config.htpasswd.is_file():
+        raise ConfigError(path, "auth.htpasswd", f"{config.htpasswd} is not a file")
+    return config
+
+
+def _metrics(path: str, table: object) -> MetricsConfig:
+    s = _Section(path, "metrics", table)
+    config = MetricsConfig(listen=s.get("listen", None, parse_listen))
+    s.finish()
+    return config
+
+
 def load_config(path: str | os.PathLike[str]) -> Config:
     p = Path(path)
     try:
@@ -247,7 +280,7 @@ def load_config(path: str | os.PathLike[str]) -> Config:
 
 
 def parse_config(data: dict[str, Any], path: str = "mirror.toml", base: Path = Path()) -> Config:
-    unknown = sorted(set(data) - {"server", "cache", "upstream"})
+    unknown = sorted(set(data) - {"server", "cache", "upstream", "auth", "metrics"})
     if unknown:
         raise ConfigError(path, unknown[0], "unknown section")
     raw_upstreams = data.get("upstream", [])
@@ -261,5 +294,7 @@ def parse_config(data: dict[str, Any], path: str = "mirror.toml", base: Path = P
         server=_server(path, data.get("server", {})),
         cache=_cache(path, data.get("cache", {}), base),
         upstreams=upstreams,
+        auth=_auth(path, data.get("auth", {})),
+        metrics=_metrics(path, data.get("metrics", {})),
         path=path,
     )
