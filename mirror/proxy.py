@@ -12,12 +12,13 @@ import asyncio
 import contextlib
 import logging
 import os
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
 import aiohttp
-from cachetools import LRUCache
+from cachetools import LRUCache, TLRUCache
 
 from mirror import metrics
 from mirror.config import Config
@@ -74,7 +75,12 @@ class Proxy:
         self.upstreams = upstreams
         self.downloads = downloads
         self.offline = config.cache.offline
-        self._memory: LRUCache[Digest, bytes] = LRUCache(MEMORY_MANIFEST_BYTES, getsizeof=len)
+        # Hot manifests (bytes, media type) and fresh tags, so hits touch no disk or SQLite.
+        self._memory: LRUCache[Digest, tuple[bytes, str]] = LRUCache(
+            MEMORY_MANIFEST_BYTES, getsizeof=lambda v: len(v[0]))
+        ttl = config.cache.tag_ttl
+        self._tags: TLRUCache[tuple[str, str, str], TagEntry] = TLRUCache(
+            maxsize=65536, ttu=lambda _k, e, now: now + ttl - e.age(), timer=time.monotonic)
         self._flights: dict[tuple[str, ...], asyncio.Future[Any]] = {}
         self._background: set[asyncio.Task[None]] = set()
 
@@ -143,23 +149,37 @@ class Proxy:
         return cast(T, await asyncio.shield(flight))
 
     # manifests ----------------------------------------------------------------------------
-    def _cached_manifest(self, digest: Digest) -> bytes | None:
-        data = self._memory.get(digest)
-        if data is None:
+    def _cached_manifest(self, digest: Digest) -> tuple[bytes, str] | None:
+        hit = self._memory.get(digest)
+        if hit is None:
             data = self.store.read_bytes(digest)
-            if data is not None:
-                self._memory[digest] = data
-        return data
+            if data is None:
+                return None
+            hit = self._memory[digest] = (data, self.index.media_type(digest, data))
+        return hit
 
     def _from_cache(self, digest: Digest, cache: str, max_age: float | None = None
                     ) -> Manifest | None:
-        data = self._cached_manifest(digest)
-        if data is None:
+        hit = self._cached_manifest(digest)
+        if hit is None:
             return None
+        data, media_type = hit
         self.index.touch(digest)
         self.index.count("manifest_hit")
-        return Manifest(digest, self.index.media_type(digest, data), len(data), data, cache,
-                        max_age)
+        return Manifest(digest, media_type, len(data), data, cache, max_age)
+
+    def _get_tag(self, upstream: str, repository: str, tag: str) -> TagEntry | None:
+        entry = self._tags.get((upstream, repository, tag))
+        if entry is None:
+            entry = self.index.get_tag(upstream, repository, tag)
+            if entry is not None and entry.age() < self.config.cache.tag_ttl:
+                self._tags[(upstream, repository, tag)] = entry
+        return entry
+
+    def _set_tag(self, upstream: str, repository: str, tag: str, digest: Digest,
+                 media_type: str) -> None:
+        entry = self.index.set_tag(upstream, repository, tag, digest, media_type)
+        self._tags[(upstream, repository, tag)] = entry
 
     async def manifest(self, upstream: Upstream, repository: str, reference: Digest | str,
                        accept: tuple[str, ...], head: bool) -> Manifest:
@@ -177,7 +197,7 @@ class Proxy:
     async def _manifest_by_tag(self, upstream: Upstream, repository: str, tag: str,
                                accept: tuple[str, ...], head: bool) -> Manifest:
         ttl = self.config.cache.tag_ttl
-        entry = self.index.get_tag(upstream.name, repository, tag)
+        entry = self._get_tag(upstream.name, repository, tag)
         usable = entry if entry and is_acceptable(entry.media_type, accept) else None
         if usable is not None:
             age = usable.age()
@@ -224,9 +244,9 @@ class Proxy:
             return await self._fetch_manifest(upstream, repository, reference, accept, tag=tag)
         digest = parse_digest(header_digest)
         media_type = headers.get("Content-Type", "")
-        if tag is not None and self.store.size(digest) is not None:
-            self.index.set_tag(upstream.name, repository, tag, digest,
-                               self.index.media_type(digest, self._cached_manifest(digest) or b""))
+        stored = self._cached_manifest(digest) if tag is not None else None
+        if tag is not None and stored is not None:
+            self._set_tag(upstream.name, repository, tag, digest, stored[1])
         cached = self._from_cache(digest, "hit", self.config.cache.tag_ttl if tag else None)
         if cached is not None:
             return cached
@@ -251,12 +271,12 @@ class Proxy:
                                                            "error": str(exc)})
             metrics.DISK_FULL.inc()
             self.request_eviction()
-        self._memory[digest] = data
+        self._memory[digest] = (data, media_type)
         self.index.set_media_type(digest, media_type)
         self.index.count("manifest_miss")
         self._note_access(upstream, repository, digest)
         if tag is not None:
-            self.index.set_tag(upstream.name, repository, tag, digest, media_type)
+            self._set_tag(upstream.name, repository, tag, digest, media_type)
         if self.config.cache.prefetch and media_type in IMAGE_TYPES:
             self._prefetch(upstream, repository, data)
         return Manifest(digest, media_type, len(data), data, "miss",
