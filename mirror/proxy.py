@@ -243,10 +243,13 @@ class Proxy:
         if not header_digest:
             return await self._fetch_manifest(upstream, repository, reference, accept, tag=tag)
         digest = parse_digest(header_digest)
-        media_type = headers.get("Content-Type", "")
-        stored = self._cached_manifest(digest) if tag is not None else None
-        if tag is not None and stored is not None:
-            self._set_tag(upstream.name, repository, tag, digest, stored[1])
+        media_type = headers.get("Content-Type", "").split(";")[0].strip()
+        if tag is not None:
+            # Remembered even before the manifest itself is fetched: containerd resolves a tag
+            # with HEAD, then GETs the manifest by digest.
+            stored = self._cached_manifest(digest)
+            self._set_tag(upstream.name, repository, tag, digest,
+                          stored[1] if stored else media_type)
         cached = self._from_cache(digest, "hit", self.config.cache.tag_ttl if tag else None)
         if cached is not None:
             return cached
