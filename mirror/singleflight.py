@@ -16,6 +16,7 @@ import contextlib
 import enum
 import errno
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -94,22 +95,21 @@ class Download:
         self._waiters.append(fut)
         await fut
 
-    async def wait_headers(self) -> int | None:
-        """The blob's size once the upstream answered; raises the upstream's error."""
-        while self.state is State.STARTING:
+    async def _wait_past(self, *states: State) -> None:
+        while self.state in states:
             await self._changed()
         if self.state is State.FAILED:
             assert self.error is not None
             raise self.error
+
+    async def wait_headers(self) -> int | None:
+        """The blob's size once the upstream answered; raises the upstream's error."""
+        await self._wait_past(State.STARTING)
         return self.size
 
     async def wait_done(self) -> None:
         """Until the download verified; raises its error when it failed."""
-        while self.state in (State.STARTING, State.STREAMING):
-            await self._changed()
-        if self.state is State.FAILED:
-            assert self.error is not None
-            raise self.error
+        await self._wait_past(State.STARTING, State.STREAMING)
 
     # serving ------------------------------------------------------------------------------
     async def stream(self, sender: BodySender, start: int, length: int) -> None:
@@ -225,7 +225,7 @@ class Download:
             with contextlib.suppress(FileNotFoundError):
                 self.partial.with_name(self.partial.name + ".meta").unlink()
 
-    def _rehash_existing(self, hasher: object) -> int:
+    def _rehash_existing(self, hasher: hashlib._Hash) -> int:
         """Bytes a dead worker already wrote are kept: hash them and resume after them."""
         size = os.fstat(self.fd).st_size
         pos = 0
@@ -233,7 +233,7 @@ class Download:
             chunk = os.pread(self.fd, 1 << 20, pos)
             if not chunk:
                 break
-            hasher.update(chunk)  # type: ignore[attr-defined]
+            hasher.update(chunk)
             pos += len(chunk)
         os.lseek(self.fd, pos, os.SEEK_SET)
         return pos
@@ -299,7 +299,7 @@ class Download:
         await _discard(resp, offset)
         return resp
 
-    async def _copy_body(self, resp: aiohttp.ClientResponse, hasher: object) -> None:
+    async def _copy_body(self, resp: aiohttp.ClientResponse, hasher: hashlib._Hash) -> None:
         async for chunk in resp.content.iter_any():
             if self.size is not None and self.written + len(chunk) > self.size:
                 raise RegistryError("DIGEST_INVALID",
@@ -307,7 +307,7 @@ class Download:
                                     status=502)
             if self.disk_end is None:
                 self._write(chunk)
-            hasher.update(chunk)  # type: ignore[attr-defined]
+            hasher.update(chunk)
             if self.disk_end is not None:
                 await self._relay(chunk)
             self.written += len(chunk)
