@@ -234,9 +234,11 @@ async def start_mirror(tmp_path: Path, upstream: FaultUpstream
 
     async def start(cache: dict[str, object] | None = None,
                     upstream_extra: dict[str, object] | None = None,
-                    upstreams: list[dict[str, object]] | None = None) -> str:
+                    upstreams: list[dict[str, object]] | None = None,
+                    auth: dict[str, object] | None = None) -> str:
         config = parse_config({
             "cache": {"dir": str(tmp_path / "cache"), **(cache or {})},
+            "auth": auth or {},
             "upstream": upstreams or [{"name": "up.test", "url": upstream.url,
                                        "read_timeout": "1s", **(upstream_extra or {})}],
         })

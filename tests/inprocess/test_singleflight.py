@@ -237,18 +237,35 @@ async def test_another_worker_download_is_followed_then_taken_over(
     assert stored_files(tmp_path / "cache") == {digest: data}
 
 
-async def test_blob_upstream_errors_are_registry_json(
+async def test_missing_blob_is_blob_unknown(
         upstream: FaultUpstream, start_mirror: MirrorFactory, client: aiohttp.ClientSession
 ) -> None:
-    digest = upstream.add_blob(random_bytes(100), Behaviour(status=429,
-                                                            headers={"Retry-After": "7"}))
     base = await start_mirror()
-    async with client.get(f"{base}/v2/r/blobs/{digest}") as resp:
-        assert resp.status == 429 and resp.headers["Retry-After"] == "7"
-        assert (await resp.json())["errors"][0]["code"] == "TOOMANYREQUESTS"
     async with client.get(f"{base}/v2/r/blobs/{sha256(b'missing')}") as resp:
         assert resp.status == 404
         assert (await resp.json())["errors"][0]["code"] == "BLOB_UNKNOWN"
+
+
+async def test_a_429_is_relayed_and_not_retried_into(
+        upstream: FaultUpstream, start_mirror: MirrorFactory, client: aiohttp.ClientSession
+) -> None:
+    cached = upstream.add_blob(random_bytes(100))
+    limited = upstream.add_blob(random_bytes(100), Behaviour(status=429,
+                                                             headers={"Retry-After": "7"}))
+    other = upstream.add_blob(random_bytes(100))
+    base = await start_mirror()
+    async with client.get(f"{base}/v2/r/blobs/{cached}") as resp:
+        assert resp.status == 200
+    async with client.get(f"{base}/v2/r/blobs/{limited}") as resp:
+        assert resp.status == 429 and resp.headers["Retry-After"] == "7"
+        assert (await resp.json())["errors"][0]["code"] == "TOOMANYREQUESTS"
+    seen = len(upstream.seen)
+    # while the limit lasts the upstream is not asked again; the cache still answers
+    async with client.get(f"{base}/v2/r/blobs/{other}") as resp:
+        assert resp.status == 429 and 0 < int(resp.headers["Retry-After"]) <= 7
+    async with client.get(f"{base}/v2/r/blobs/{cached}") as resp:
+        assert resp.status == 200
+    assert len(upstream.seen) == seen
 
 
 async def test_unreachable_upstream_is_a_502_json(

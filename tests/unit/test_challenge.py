@@ -30,3 +30,13 @@ def test_whitespace_case_and_garbage() -> None:
     assert parse_www_authenticate("") == []
     assert parse_www_authenticate('Bearer realm="unterminated')[0].realm == "unterminated"
     assert [c.scheme for c in parse_www_authenticate("@@@ Basic")] == ["basic"]
+
+
+def test_retry_after() -> None:
+    from mirror.upstream import retry_after_seconds
+
+    assert retry_after_seconds("120") == 120
+    assert retry_after_seconds(None) == 30
+    assert retry_after_seconds("garbage", default=5) == 5
+    assert retry_after_seconds("Wed, 21 Oct 2015 07:28:00 GMT", now=1445412470) == 10
+    assert retry_after_seconds("Wed, 21 Oct 2015 07:28:00 GMT", now=1445412490) == 0

@@ -1,0 +1,89 @@
+"""Client access control in the HTTP layer: the `/token` endpoint and the checks that use
+clientauth.py. Everything here is inert unless `[auth] htpasswd` is configured."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import time
+from pathlib import Path
+
+from aiohttp import web
+
+from mirror.clientauth import ANONYMOUS, Authenticator, Identity, bearer_challenge, load_htpasswd
+from mirror.config import Config, UpstreamConfig
+from mirror.errors import RegistryError
+
+AUTHENTICATOR: web.AppKey[Authenticator | None] = web.AppKey("authenticator")
+SECRET_FILE = "auth.secret"
+
+
+def shared_secret(cache_dir: Path) -> bytes:
+    """The token-signing key, shared by every worker through the cache dir (created once)."""
+    path = cache_dir / SECRET_FILE
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return path.read_bytes()
+    with os.fdopen(fd, "wb") as f:
+        f.write(secrets.token_bytes(32))
+    return path.read_bytes()
+
+
+def build_authenticator(config: Config) -> Authenticator | None:
+    if config.auth.htpasswd is None:
+        return None
+    config.cache.dir.mkdir(parents=True, exist_ok=True)
+    return Authenticator(load_htpasswd(config.auth.htpasswd), shared_secret(config.cache.dir),
+                         config.auth.token_lifetime)
+
+
+def _realm(request: web.Request) -> str:
+    return f"{request.scheme}://{request.host}/token"
+
+
+def unauthorized(request: web.Request, message: str, scope: str | None = None
+                 ) -> RegistryError:
+    return RegistryError("UNAUTHORIZED", message, headers={
+        "WWW-Authenticate": bearer_challenge(_realm(request), scope)})
+
+
+def identity(request: web.Request) -> Identity | None:
+    auth = request.app[AUTHENTICATOR]
+    return auth.identify(request.headers.get("Authorization")) if auth else None
+
+
+def check_base(request: web.Request) -> None:
+    """`GET /v2/`: with access control on, clients without a token are challenged (an
+    anonymous token is free), which is how docker and containerd learn where /token is."""
+    if request.app[AUTHENTICATOR] is not None and identity(request) is None:
+        raise unauthorized(request, "authentication required: get a token from the realm")
+
+
+def check_upstream(request: web.Request, upstream: UpstreamConfig, repository: str) -> None:
+    if request.app[AUTHENTICATOR] is None or upstream.access == "public":
+        return
+    who = identity(request)
+    if who is None or who.anonymous:
+        raise unauthorized(request, f"{upstream.name} is readable by authenticated users only",
+                           f"repository:{repository}:pull")
+
+
+async def token(request: web.Request) -> web.Response:
+    """Docker's token endpoint: Basic credentials from htpasswd, or none for anonymous."""
+    auth = request.app[AUTHENTICATOR]
+    if auth is None:
+        raise RegistryError("UNSUPPORTED", "access control is off: no token needed", status=404)
+    header = request.headers.get("Authorization")
+    user = ANONYMOUS
+    if header:
+        who = auth.identify(header)
+        if who is None:
+            raise RegistryError("UNAUTHORIZED", "wrong user name or password",
+                                headers={"WWW-Authenticate": 'Basic realm="registry-mirror"'})
+        user = who.user
+    value = auth.issue(user)
+    body = {"token": value, "access_token": value, "expires_in": int(auth.token_lifetime),
+            "issued_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    return web.Response(body=json.dumps(body).encode(), content_type="application/json")
