@@ -50,7 +50,7 @@ def test_tokens_sign_expire_and_resist_tampering(auth: Authenticator) -> None:
     ident = auth.verify_token(token, now=1030)
     assert ident is not None and ident.user == "alice" and not ident.anonymous
     assert auth.verify_token(token, now=1061) is None  # expired
-    payload, sig = token.split(".")
+    _payload, sig = token.split(".")
     forged = base64.urlsafe_b64encode(b'{"sub": "root", "exp": 9999999999}').decode()
     assert auth.verify_token(f"{forged.rstrip('=')}.{sig}") is None
     other = Authenticator({}, b"other-secret", 60)
