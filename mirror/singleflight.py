@@ -156,10 +156,15 @@ class Download:
 
     # leading ------------------------------------------------------------------------------
     def _write_meta(self) -> None:
+        """The expected size, for followers in other worker processes."""
         meta = self.partial.with_name(self.partial.name + ".meta")
         tmp = meta.with_name(meta.name + f".{os.getpid()}")
-        tmp.write_text(json.dumps({"size": self.size}))
-        os.replace(tmp, meta)
+        try:
+            tmp.write_text(json.dumps({"size": self.size}))
+            os.replace(tmp, meta)
+        except OSError as exc:  # a full disk: followers elsewhere will fail, ours stream on
+            log.warning("could not write download metadata", extra={
+                "digest": str(self.digest), "error": str(exc)})
 
     def _fail(self, error: RegistryError) -> None:
         self.error = error
