@@ -165,7 +165,8 @@ class BlobStore:
         """
         removed = 0
         for entry in self.tmp_dir.iterdir():
-            if entry.name.endswith(PARTIAL_SUFFIX) and is_locked(entry):
+            partial = entry.name.split(PARTIAL_SUFFIX)[0] + PARTIAL_SUFFIX
+            if PARTIAL_SUFFIX in entry.name and is_locked(self.tmp_dir / partial):
                 continue
             with contextlib.suppress(FileNotFoundError):
                 entry.unlink()

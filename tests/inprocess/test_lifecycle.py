@@ -191,3 +191,23 @@ def test_damaged_index_is_replaced(tmp_path: Path) -> None:
     index = Index(index_dir)
     assert not index.entries_complete()
     index.close()
+
+
+def test_start_up_cleanup_keeps_live_downloads_of_other_workers(tmp_path: Path) -> None:
+    import fcntl
+    import os
+
+    store = BlobStore(tmp_path)
+    live = store.tmp_dir / "sha256-aa.partial"
+    dead = store.tmp_dir / "sha256-bb.partial"
+    for p in (live, dead, store.tmp_dir / "sha256-aa.partial.meta",
+              store.tmp_dir / "sha256-bb.partial.meta", store.tmp_dir / "x.small"):
+        p.write_bytes(b"x")
+    fd = os.open(live, os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # a live worker's download
+    try:
+        assert store.clean_temporaries() == 3
+        assert sorted(p.name for p in store.tmp_dir.iterdir()) == [
+            "sha256-aa.partial", "sha256-aa.partial.meta"]
+    finally:
+        os.close(fd)
