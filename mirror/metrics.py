@@ -1,18 +1,137 @@
 """Prometheus metrics (prometheus-client). Labels have bounded cardinality: never a repository
-name or a digest."""
+name or a digest; `route` is a routes.Kind value or one of the mirror's own pages, `upstream` a
+configured upstream name.
+
+With `[server] workers > 1`, serve.py points PROMETHEUS_MULTIPROC_DIR at a fresh directory
+before this module is imported: every process writes its samples there and a scrape, answered
+by any worker, adds them up (`registry()`). Gauges describing one process's state (downloads in
+flight) are `livesum`: summed over the live workers, dropped when one exits.
+"""
 
 from __future__ import annotations
 
-from prometheus_client import Counter
+import os
 
+from prometheus_client import (
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.multiprocess import MultiProcessCollector
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+# --- the HTTP front ------------------------------------------------------------------------
+REQUESTS = Counter(
+    "mirror_http_requests_total", "Requests answered, by route kind, method and status",
+    ["route", "method", "status"])
+REQUEST_SECONDS = Histogram(
+    "mirror_http_request_duration_seconds",
+    "Time from request to the end of the response body, by route kind", ["route"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60,
+             300))
+CACHE_RESULTS = Counter(
+    "mirror_cache_requests_total",
+    "Manifest and blob requests by how the cache answered: hit, miss, inflight (joined a "
+    "download already running), revalidated, stale", ["kind", "result"])
+SERVED_BYTES = Counter(
+    "mirror_served_bytes_total",
+    "Body bytes sent to clients, by source: cache (stored content) or upstream (content "
+    "streamed while it downloads)", ["source"])
+
+# --- upstreams -----------------------------------------------------------------------------
+UPSTREAM_REQUESTS = Counter(
+    "mirror_upstream_requests_total",
+    "Requests sent to upstream registries, by upstream, method and status (\"error\" when no "
+    "answer came)", ["upstream", "method", "status"])
+UPSTREAM_SECONDS = Histogram(
+    "mirror_upstream_request_duration_seconds",
+    "Time until an upstream's response headers (auth round trips and redirects included)",
+    ["upstream"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+UPSTREAM_UP = Gauge(
+    "mirror_upstream_up",
+    "Whether the upstream answered its last request or probe (1) or not (0)", ["upstream"],
+    multiprocess_mode="livemostrecent")
+RATELIMIT_REMAINING = Gauge(
+    "mirror_upstream_ratelimit_remaining",
+    "Pulls left in the upstream's rate-limit window (Docker Hub's ratelimit-remaining)",
+    ["upstream"], multiprocess_mode="mostrecent")
+RATELIMIT_LIMIT = Gauge(
+    "mirror_upstream_ratelimit_limit", "The upstream's rate-limit window size (ratelimit-limit)",
+    ["upstream"], multiprocess_mode="mostrecent")
+
+# --- downloads -----------------------------------------------------------------------------
+DOWNLOADS_IN_FLIGHT = Gauge(
+    "mirror_downloads_in_flight", "Blob downloads from upstreams in progress",
+    multiprocess_mode="livesum")
+DOWNLOAD_FOLLOWERS = Gauge(
+    "mirror_download_followers",
+    "Clients streaming a blob from a download in progress (the single-flight's followers)",
+    multiprocess_mode="livesum")
 DOWNLOADS_RESUMED = Counter(
     "mirror_downloads_resumed_total", "Upstream downloads resumed with a Range request")
 DIGEST_MISMATCHES = Counter(
     "mirror_digest_mismatches_total", "Upstream content discarded for not matching its digest",
     ["kind"])
+
+# --- the store -----------------------------------------------------------------------------
 EVICTIONS = Counter("mirror_evictions_total", "Entries evicted from the cache", ["kind"])
 EVICTED_BYTES = Counter("mirror_evicted_bytes_total", "Bytes evicted from the cache")
 DISK_FULL = Counter("mirror_disk_full_total", "Downloads that hit ENOSPC while caching")
 STALE_ANSWERS = Counter(
     "mirror_stale_answers_total", "Answers served from cache because the upstream failed",
     ["kind"])
+CACHE_BYTES = Gauge("mirror_cache_bytes", "Bytes of verified content in the cache",
+                    multiprocess_mode="livemax")
+CACHE_ENTRIES = Gauge("mirror_cache_entries", "Blobs and manifests in the cache",
+                      multiprocess_mode="livemax")
+CACHE_MAX_BYTES = Gauge("mirror_cache_max_bytes", "The configured [cache] max_size",
+                        multiprocess_mode="livemax")
+
+# Labelled series that exist from the start (at 0), so that a dashboard sees them before the
+# first event.
+for _kind in ("manifest", "blob"):
+    DIGEST_MISMATCHES.labels(_kind)
+    EVICTIONS.labels(_kind)
+    STALE_ANSWERS.labels(_kind)
+
+
+def multiprocess_dir() -> str | None:
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+
+
+def registry() -> CollectorRegistry:
+    """What a scrape reports: this process's metrics, or every worker's when there are several."""
+    directory = multiprocess_dir()
+    if directory is None:
+        return REGISTRY
+    reg = CollectorRegistry()
+    MultiProcessCollector(reg, path=directory)  # type: ignore[no-untyped-call]
+    return reg
+
+
+def exposition() -> bytes:
+    return generate_latest(registry())
+
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def samples() -> Samples:
+    """Every sample of a scrape, keyed by (sample name, sorted labels): the status page reads
+    its numbers from here so that they match /metrics."""
+    out: Samples = {}
+    for family in registry().collect():
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def total(snapshot: Samples, name: str, **match: str) -> float:
+    """The sum of a metric's samples whose labels include `match`."""
+    return sum(v for (n, labels), v in snapshot.items()
+               if n == name and all((k, w) in labels for k, w in match.items()))

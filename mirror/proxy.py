@@ -242,8 +242,9 @@ class Proxy:
         header_digest = headers.get("Docker-Content-Digest")
         if not header_digest:
             return await self._fetch_manifest(upstream, repository, reference, accept, tag=tag)
-        digest = parse_digest(header_digest)
+        digest = _upstream_digest(upstream, header_digest)
         media_type = headers.get("Content-Type", "").split(";")[0].strip()
+        self._note_access(upstream, repository, digest)  # the upstream named it for this repo
         if tag is not None:
             # Remembered even before the manifest itself is fetched: containerd resolves a tag
             # with HEAD, then GETs the manifest by digest.
@@ -288,11 +289,7 @@ class Proxy:
     def _verify_manifest(self, upstream: Upstream, reference: str, headers: dict[str, str],
                          data: bytes) -> Digest:
         claimed = reference if ":" in reference else headers.get("Docker-Content-Digest")
-        try:
-            digest = parse_digest(claimed) if claimed else digest_of(data)
-        except RegistryError:
-            raise RegistryError("DIGEST_INVALID", f"upstream {upstream.name} sent a malformed "
-                                f"Docker-Content-Digest {claimed!r}", status=502) from None
+        digest = _upstream_digest(upstream, claimed) if claimed else digest_of(data)
         if not digest.matches(data):
             metrics.DIGEST_MISMATCHES.labels("manifest").inc()
             log.error("manifest digest mismatch", extra={
@@ -444,3 +441,11 @@ class Proxy:
     def _require_online(self, code: str, what: str) -> None:
         if self.offline:
             raise RegistryError(code, f"{what} is not cached and the mirror is offline")
+
+
+def _upstream_digest(upstream: Upstream, value: str) -> Digest:
+    try:
+        return parse_digest(value)
+    except RegistryError:
+        raise RegistryError("DIGEST_INVALID", f"upstream {upstream.name} sent a malformed "
+                            f"Docker-Content-Digest {value!r}", status=502) from None

@@ -1,31 +1,268 @@
-"""Running the server: event loop choice, start-up housekeeping, listening socket."""
+"""Running the server: start-up housekeeping, worker processes, signals, systemd notification.
+
+`[server] workers = 1`: this process serves. `workers = N > 1`: this process supervises N
+forked workers, each with its own uvloop event loop and its own listening socket on the same
+port (SO_REUSEPORT: the kernel spreads connections over them), all sharing the cache dir
+(single-flight across processes goes through flocks on tmp/*.partial, see singleflight.py).
+The supervisor cleans tmp/ once before forking, tells systemd READY=1 when every worker
+listens, forwards SIGTERM/SIGINT (stop) and SIGHUP (reload the TLS certificate), and restarts
+a worker that dies.
+
+Metrics with several workers: PROMETHEUS_MULTIPROC_DIR is pointed at a fresh directory before
+prometheus_client is first imported (so mirror.server is imported lazily here).
+
+Stopping (SIGTERM): the listening socket closes, downloads in flight get `shutdown_timeout`
+to finish, the rest are cancelled and their partial files removed (ops.py).
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
+import selectors
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from types import FrameType
 
 import uvloop
-from aiohttp import web
 
+from mirror import tls
 from mirror.config import Config
 from mirror.logs import setup_logging
-from mirror.server import build_app
+from mirror.notify import notify
 from mirror.store import BlobStore
 
 log = logging.getLogger("mirror")
 
+RESTART_BACKOFF = 1.0  # seconds between restarts of a worker that keeps dying
+RUNTIME_DIR_ENV = "MIRROR_RUNTIME_DIR"  # also read by activity.py
+
 
 def serve(config: Config) -> int:
     setup_logging()
+    workers = config.server.workers
+    runtime = _prepare_runtime_dir() if workers > 1 else None
+    if config.server.tls_cert and config.server.tls_key:
+        try:
+            tls.server_context(config.server.tls_cert, config.server.tls_key)
+        except tls.TLSError as exc:
+            print(f"mirror: {config.path}: server.tls_cert: {exc}", file=sys.stderr)
+            return 2
     store = BlobStore(config.cache.dir)
     removed = store.clean_temporaries()
+    scheme = "https" if config.server.tls_cert else "http"
     log.info("starting", extra={
-        "listen": f"{config.server.host}:{config.server.port}", "cache_dir": str(config.cache.dir),
+        "listen": f"{scheme}://{config.server.host}:{config.server.port}",
+        "cache_dir": str(config.cache.dir), "workers": workers,
         "upstreams": [u.name for u in config.upstreams], "temporaries_removed": removed})
-    app = build_app(config)
+    try:
+        if workers == 1:
+            return run_worker(config, reuse_port=False, on_ready=_notify_ready(config),
+                              on_stopping=lambda: notify("STOPPING=1"))
+        return Supervisor(config, workers).run()
+    finally:
+        if runtime is not None:
+            shutil.rmtree(runtime, ignore_errors=True)
+
+
+def _notify_ready(config: Config) -> Callable[[], None]:
+    def ready() -> None:
+        notify("READY=1", f"STATUS=serving on {config.server.host}:{config.server.port} "
+                          f"with {config.server.workers} worker(s)")
+    return ready
+
+
+def _prepare_runtime_dir() -> Path:
+    """A fresh directory for the workers' metric files and shared status (systemd's
+    RuntimeDirectory= when set, else a temporary one)."""
+    if "prometheus_client" in sys.modules:
+        log.warning("prometheus_client was imported before the worker set-up: metrics will "
+                    "only show the worker that answers a scrape")
+    base = os.environ.get("RUNTIME_DIRECTORY")
+    if base:
+        directory = Path(base.split(":")[0]) / "workers"
+        shutil.rmtree(directory, ignore_errors=True)
+        directory.mkdir(parents=True)
+    else:
+        directory = Path(tempfile.mkdtemp(prefix="mirror-"))
+    (directory / "metrics").mkdir()
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(directory / "metrics")
+    os.environ[RUNTIME_DIR_ENV] = str(directory)
+    return directory
+
+
+# --- one serving process ----------------------------------------------------------------------
+
+
+def run_worker(config: Config, *, reuse_port: bool, on_ready: Callable[[], object],
+               on_stopping: Callable[[], object]) -> int:
     # uvloop parses HTTP faster; blob bodies bypass its copying sendfile (see zerocopy.py).
-    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-    web.run_app(app, host=config.server.host, port=config.server.port, access_log=None,
-                print=None, handle_signals=True)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(_serve_until_stopped(config, reuse_port, on_ready, on_stopping))
     return 0
+
+
+async def _serve_until_stopped(config: Config, reuse_port: bool, on_ready: Callable[[], object],
+                               on_stopping: Callable[[], object]) -> None:
+    from aiohttp import web
+
+    from mirror.ops import shutdown_timeout
+    from mirror.server import build_app
+
+    ssl_context = None
+    cert, key = config.server.tls_cert, config.server.tls_key
+    if cert and key:
+        ssl_context = tls.server_context(cert, key)
+    runner = web.AppRunner(build_app(config), access_log=None, handle_signals=False,
+                           shutdown_timeout=shutdown_timeout(config))
+    await runner.setup()
+    site = web.TCPSite(runner, config.server.host, config.server.port, ssl_context=ssl_context,
+                       reuse_port=reuse_port or None, backlog=1024)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    if ssl_context is not None and cert and key:
+        loop.add_signal_handler(signal.SIGHUP, tls.reload, ssl_context, cert, key)
+    else:
+        loop.add_signal_handler(signal.SIGHUP, lambda: log.info("SIGHUP: nothing to reload"))
+    try:
+        await site.start()
+        on_ready()
+        await stop.wait()
+        log.info("stopping", extra={"pid": os.getpid()})
+        on_stopping()
+    finally:
+        await runner.cleanup()
+    log.info("stopped", extra={"pid": os.getpid()})
+
+
+# --- the supervisor of several ----------------------------------------------------------------
+
+
+class Supervisor:
+    def __init__(self, config: Config, count: int) -> None:
+        self.config = config
+        self.count = count
+        self.workers: dict[int, int] = {}  # pid -> slot
+        self.started_at: dict[int, float] = {}  # slot -> when its current worker started
+        self.stopping = False
+        self.signals: list[int] = []
+        self.ready_r, self.ready_w = os.pipe()
+        os.set_blocking(self.ready_r, False)
+
+    def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
+        self.signals.append(signum)
+
+    def run(self) -> int:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, self._on_signal)
+        for slot in range(self.count):
+            self._spawn(slot)
+        status = self._supervise()
+        self._stop_all()
+        return status
+
+    def _spawn(self, slot: int) -> None:
+        pid = os.fork()
+        if pid == 0:  # the worker
+            code = 1
+            try:
+                for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                    signal.signal(sig, signal.SIG_DFL)
+                os.close(self.ready_r)
+                code = run_worker(self.config, reuse_port=True,
+                                  on_ready=lambda: os.write(self.ready_w, b"r"),
+                                  on_stopping=lambda: None)
+            except BaseException:
+                log.exception("worker failed", extra={"pid": os.getpid()})
+            finally:
+                logging.shutdown()
+                os._exit(code)
+        self.workers[pid] = slot
+        self.started_at[slot] = time.monotonic()
+        log.info("worker started", extra={"pid": pid, "slot": slot})
+
+    def _supervise(self) -> int:
+        ready = 0
+        selector = selectors.DefaultSelector()
+        selector.register(self.ready_r, selectors.EVENT_READ)
+        while True:
+            for _key, _events in selector.select(timeout=0.2):
+                with contextlib.suppress(BlockingIOError):
+                    ready += len(os.read(self.ready_r, 64))
+                    if ready == self.count:
+                        _notify_ready(self.config)()
+                        log.info("all workers listening", extra={"workers": self.count})
+            while self.signals:
+                signum = self.signals.pop(0)
+                if signum == signal.SIGHUP:
+                    log.info("SIGHUP: forwarding to the workers")
+                    self._signal_all(signal.SIGHUP)
+                else:
+                    notify("STOPPING=1")
+                    log.info("stopping", extra={"signal": signal.Signals(signum).name})
+                    return 0
+            for pid, code in self._reap():
+                slot = self.workers.pop(pid)
+                _mark_dead(pid)
+                if ready < self.count:
+                    log.error("a worker failed to start: giving up",
+                              extra={"pid": pid, "status": code})
+                    return 1
+                log.error("worker died: restarting it", extra={"pid": pid, "status": code})
+                since = time.monotonic() - self.started_at.get(slot, 0.0)
+                if since < RESTART_BACKOFF:
+                    time.sleep(RESTART_BACKOFF - since)
+                self._spawn(slot)
+
+    def _reap(self) -> list[tuple[int, int]]:
+        dead = []
+        while self.workers:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid == 0:
+                break
+            if pid in self.workers:
+                dead.append((pid, os.waitstatus_to_exitcode(status)))
+        return dead
+
+    def _signal_all(self, signum: int) -> None:
+        for pid in self.workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+
+    def _stop_all(self) -> None:
+        from mirror.ops import shutdown_timeout
+
+        self._signal_all(signal.SIGTERM)
+        deadline = time.monotonic() + 2 * shutdown_timeout(self.config) + 5
+        while self.workers and time.monotonic() < deadline:
+            for pid, _code in self._reap():
+                self.workers.pop(pid, None)
+                _mark_dead(pid)
+            time.sleep(0.05)
+        if self.workers:
+            log.error("workers did not stop in time: killing them",
+                      extra={"pids": list(self.workers)})
+            self._signal_all(signal.SIGKILL)
+            for pid in list(self.workers):
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(pid, 0)
+        log.info("stopped")
+
+
+def _mark_dead(pid: int) -> None:
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]

@@ -13,21 +13,22 @@ import time
 from collections.abc import Awaitable, Callable
 from urllib.parse import urlencode
 
-import aiohttp
 from aiohttp import web
 
+from mirror import access, activity
 from mirror.config import Config
 from mirror.errors import RegistryError
-from mirror.index import Index
 from mirror.mediatypes import parse_accept
+from mirror.ops import ACTIVITY
+from mirror.ops import install as install_ops
 from mirror.proxy import Proxy, StoredBlob, UpstreamBlobHead
 from mirror.ranges import ByteRange, RangeNotSatisfiable, parse_range
 from mirror.reference import Digest, parse_digest, parse_reference
 from mirror.responses import API_VERSION, content_headers, etag, etag_matches
 from mirror.routes import Kind, Route, parse_v2_path
 from mirror.routing import select_upstream
-from mirror.singleflight import ClientAbort, Download, Downloads
-from mirror.store import BlobStore
+from mirror.runtime import open_proxy
+from mirror.singleflight import ClientAbort, Download
 from mirror.upstream import Upstream
 from mirror.zerocopy import Sender
 
@@ -40,6 +41,7 @@ CACHE = web.RequestKey("cache", str)
 BYTES = web.RequestKey("bytes", int)
 UPSTREAM = web.RequestKey("upstream", str)
 ERROR = web.RequestKey("error", str)
+ROUTE = web.RequestKey("route", str)  # a routes.Kind value or a page name, for metrics
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -88,9 +90,13 @@ async def errors_and_access_log(request: web.Request, handler: Handler) -> web.S
         if ERROR in request:
             fields["error"] = request[ERROR]
         access_log.info("request", extra=fields)
+        activity.observe(request.get(ROUTE) or activity.ROUTE_NAMES.get(request.path, "other"),
+                         request.method, status, request[CACHE], request[BYTES],
+                         time.perf_counter() - started)
 
 
 async def base(request: web.Request) -> web.Response:
+    access.check_base(request)
     return web.Response(body=b"{}", headers={**API_VERSION, "Content-Type": "application/json"})
 
 
@@ -98,7 +104,9 @@ async def v2(request: web.Request) -> web.StreamResponse:
     if request.method not in ("GET", "HEAD"):
         raise RegistryError("UNSUPPORTED", "this mirror is read-only: push to the upstream "
                             "registry instead", status=405)
+    request[ROUTE] = "invalid"
     route = parse_v2_path(request.match_info["tail"])
+    request[ROUTE] = route.kind.value
     if route.kind is Kind.BASE:
         return await base(request)
     if route.kind in (Kind.CATALOG, Kind.UPLOAD):
@@ -108,6 +116,7 @@ async def v2(request: web.Request) -> web.StreamResponse:
     upstream_name, repository = select_upstream(route.name, request.query.get("ns"),
                                                 list(proxy.upstreams))
     upstream = proxy.upstreams[upstream_name]
+    access.check_upstream(request, upstream.config, repository)
     request[UPSTREAM] = upstream_name
     if route.kind is Kind.MANIFEST:
         return await manifest(request, proxy, upstream, repository, route)
@@ -126,6 +135,8 @@ async def manifest(request: web.Request, proxy: Proxy, upstream: Upstream, repos
     head = request.method == "HEAD"
     m = await proxy.manifest(upstream, repository, reference, accept, head)
     request[CACHE] = m.cache
+    if not isinstance(reference, Digest):  # a pull resolves a tag once
+        request.app[ACTIVITY].top.add(f"{upstream.name}/{repository}")
     headers = content_headers(m.digest, m.media_type,
                               None if isinstance(reference, Digest) else m.tag_max_age)
     headers["X-Mirror-Cache"] = m.cache
@@ -208,7 +219,7 @@ async def _send_blob(request: web.Request, digest: Digest, size: int | None, fd:
             await sender.send(fd, start, length)
         else:
             assert length is not None
-            await download.stream(sender.send, start, length)
+            await download.stream(sender, start, length)
     finally:
         request[BYTES] = sender.sent
         sender.close()
@@ -243,28 +254,15 @@ def build_app(config: Config) -> web.Application:
     app = web.Application(middlewares=[errors_and_access_log], client_max_size=1024**2)
     app.router.add_route("*", "/v2", base)
     app.router.add_route("*", "/v2/{tail:.*}", v2)
+    app[access.AUTHENTICATOR] = access.build_authenticator(config)
+    app.router.add_get("/token", access.token)
+    install_ops(app, config)  # the operator's pages: /, /metrics, /healthz, /readyz
     app.router.add_route("*", "/{tail:.*}", not_found)
     app.cleanup_ctx.append(lambda a: _lifecycle(a, config))
     return app
 
 
 async def _lifecycle(app: web.Application, config: Config):  # type: ignore[no-untyped-def]
-    store = BlobStore(config.cache.dir)
-    index = Index(store.index_dir)
-    sessions = []
-    upstreams: dict[str, Upstream] = {}
-    for uc in config.upstreams:
-        connector = aiohttp.TCPConnector(limit=uc.max_connections, ttl_dns_cache=60)
-        session = aiohttp.ClientSession(connector=connector, auto_decompress=False,
-                                        headers={"User-Agent": "registry-mirror"})
-        sessions.append(session)
-        upstreams[uc.name] = Upstream(uc, session)
-    downloads = Downloads(store, config.cache.finish_abandoned)
-    app[PROXY] = Proxy(config, store, index, upstreams, downloads)
-    yield
-    for d in list(downloads.active.values()):
-        if d.task is not None:
-            d.task.cancel()
-    for session in sessions:
-        await session.close()
-    index.close()
+    async with open_proxy(config) as proxy:
+        app[PROXY] = proxy
+        yield

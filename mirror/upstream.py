@@ -7,12 +7,16 @@ Hub sends blob GETs to a CDN whose signed URL is the credential).
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import logging
+import math
+import time
 from collections.abc import Mapping
 from urllib.parse import urljoin, urlsplit
 
 import aiohttp
 
+from mirror import metrics
 from mirror.challenge import parse_all, pull_scope
 from mirror.config import UpstreamConfig
 from mirror.errors import RegistryError
@@ -36,12 +40,23 @@ class Upstream:
         self.config = config
         self.name = config.name
         self.session = session
-        self.credentials = Credentials(config.username, config.password)
+        self.credentials = Credentials(config.username, config.password,
+                                       config.credential_helper,
+                                       urlsplit(config.url).netloc)
         self.slots = asyncio.Semaphore(config.max_connections)
         self.ratelimit_limit: str | None = None
         self.ratelimit_remaining: str | None = None
+        self._rate_limited_until = 0.0
+        # Reachability, from the last request or probe: when it answered, when it failed.
+        self.last_answer: float | None = None  # time.time()
+        self.last_failure: float | None = None
+        self.last_error: str | None = None
+        # No total timeout (it would kill large layers) and no bound on waiting for a pooled
+        # connection (prefetch queues many downloads behind max_connections): only the TCP
+        # connect and each read are bounded.
         self.timeout = aiohttp.ClientTimeout(
-            total=None, connect=config.connect_timeout, sock_read=config.read_timeout
+            total=None, connect=None, sock_connect=config.connect_timeout,
+            sock_read=config.read_timeout,
         )
 
     def url(self, repository: str, suffix: str) -> str:
@@ -60,8 +75,10 @@ class Upstream:
         The caller must release the response. Network failures become registry errors
         (502 unreachable, 504 timeout) naming this upstream.
         """
+        self._refuse_while_rate_limited()
         scope = pull_scope(repository)
         url = self.url(repository, suffix)
+        started = time.perf_counter()
         try:
             resp = await self._send(method, url, dict(headers or {}), params, scope)
             if resp.status == 401:
@@ -70,18 +87,66 @@ class Upstream:
                     resp.release()
                     resp = await self._send(method, url, dict(headers or {}), params, scope,
                                             auth=retry_auth)
+                    if resp.status == 401:
+                        self.credentials.rejected()
         except TimeoutError:
+            self._note_failure(method, started, "timeout")
             raise RegistryError(
                 "UPSTREAM_TIMEOUT", f"upstream {self.name} did not answer in time", status=504
             ) from None
         except aiohttp.ClientError as exc:
+            self._note_failure(method, started, str(exc))
             raise RegistryError(
                 "UPSTREAM_UNREACHABLE",
                 f"upstream {self.name} ({self.config.url}) is unreachable: {exc}",
                 status=502,
             ) from None
+        except RegistryError:  # a token service refusal or a redirect loop: not reachability
+            metrics.UPSTREAM_REQUESTS.labels(self.name, method, "error").inc()
+            raise
+        self._note_answer(method, started, resp.status)
         self._note_ratelimit(resp)
         return resp
+
+    async def probe(self) -> bool:
+        """Whether the upstream answers `GET /v2/` at all (401 included: it is there)."""
+        started = time.perf_counter()
+        try:
+            async with self.session.get(f"{self.config.url}/v2/", allow_redirects=False,
+                                        timeout=aiohttp.ClientTimeout(
+                                            total=self.config.connect_timeout)) as resp:
+                status = resp.status
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            self._note_failure("GET", started, str(exc) or type(exc).__name__)
+            return False
+        self._note_answer("GET", started, status)
+        return status < 500
+
+    @property
+    def reachable(self) -> bool | None:
+        """None until the first request or probe."""
+        if self.last_answer is None and self.last_failure is None:
+            return None
+        return (self.last_failure or 0.0) <= (self.last_answer or 0.0)
+
+    def _note_answer(self, method: str, started: float, status: int) -> None:
+        metrics.UPSTREAM_REQUESTS.labels(self.name, method, str(status)).inc()
+        metrics.UPSTREAM_SECONDS.labels(self.name).observe(time.perf_counter() - started)
+        if status < 500:
+            self.last_answer = time.time()
+            metrics.UPSTREAM_UP.labels(self.name).set(1)
+        else:
+            self._set_failure(f"HTTP {status}")
+
+    def _note_failure(self, method: str, started: float, error: str) -> None:
+        metrics.UPSTREAM_REQUESTS.labels(self.name, method, "error").inc()
+        metrics.UPSTREAM_SECONDS.labels(self.name).observe(time.perf_counter() - started)
+        self._set_failure(error)
+
+    def _set_failure(self, error: str) -> None:
+        self.last_failure = time.time()
+        self.last_error = error
+        metrics.UPSTREAM_UP.labels(self.name).set(0)
 
     async def _send(
         self,
@@ -127,11 +192,52 @@ class Upstream:
                 return header
         return None
 
+    def _refuse_while_rate_limited(self) -> None:
+        """After a 429, ask nothing more until its Retry-After has passed: retrying into a
+        rate limit only extends it. Callers answer from cache where they can."""
+        wait = self._rate_limited_until - time.monotonic()
+        if wait > 0:
+            raise RegistryError(
+                "TOOMANYREQUESTS",
+                f"upstream {self.name} is rate limiting; not asking it again for {wait:.0f}s",
+                headers={"Retry-After": str(math.ceil(wait))})
+
     def _note_ratelimit(self, resp: aiohttp.ClientResponse) -> None:
+        if resp.status == 429:
+            self._rate_limited_until = time.monotonic() + retry_after_seconds(
+                resp.headers.get("Retry-After"))
         limit = resp.headers.get("ratelimit-limit")
         if limit is not None:
             self.ratelimit_limit = limit
             self.ratelimit_remaining = resp.headers.get("ratelimit-remaining")
+            for gauge, value in ((metrics.RATELIMIT_LIMIT, limit),
+                                 (metrics.RATELIMIT_REMAINING, self.ratelimit_remaining)):
+                number = ratelimit_number(value)
+                if number is not None:
+                    gauge.labels(self.name).set(number)
+
+
+def retry_after_seconds(value: str | None, default: float = 30.0,
+                        now: float | None = None) -> float:
+    """Seconds a `Retry-After` header (delta-seconds or an HTTP date) asks to wait."""
+    if not value:
+        return default
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value).timestamp()
+    except (TypeError, ValueError):
+        return default
+    return max(0.0, when - (time.time() if now is None else now))
+
+
+def ratelimit_number(value: str | None) -> int | None:
+    """The count in a `ratelimit-*` header: `76;w=21600` → 76."""
+    if value is None:
+        return None
+    head = value.split(";", 1)[0].strip()
+    return int(head) if head.isdigit() else None
 
 
 async def error_from_response(

@@ -10,6 +10,8 @@ command -v nginx >/dev/null           || need+=(nginx-light)
 command -v wrk >/dev/null             || need+=(wrk)
 command -v ip >/dev/null              || need+=(iproute2)
 command -v tc >/dev/null              || need+=(iproute2)
+command -v chromium >/dev/null        || need+=(chromium)
+command -v systemd-analyze >/dev/null || need+=(systemd)
 if [ ${#need[@]} -gt 0 ]; then
     echo "installing: ${need[*]}"
     export DEBIAN_FRONTEND=noninteractive

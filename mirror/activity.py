@@ -1,0 +1,233 @@
+"""What the mirror is doing right now, for /metrics and the status page: scrape-time gauges,
+the most-pulled repositories, the downloads in flight.
+
+With several workers each process only knows its own requests and downloads. Gauges are
+`livesum` in the multiprocess registry (see metrics.py); the most-pulled counts are written by
+every worker to `$MIRROR_RUNTIME_DIR/top-<pid>.json` and added up by whoever renders the page;
+downloads led by another worker are found through their partial files in tmp/.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mirror import metrics
+from mirror.proxy import Proxy
+from mirror.store import PARTIAL_SUFFIX
+
+log = logging.getLogger("mirror.activity")
+
+RUNTIME_DIR_ENV = "MIRROR_RUNTIME_DIR"
+TOP_LIMIT = 1000  # repositories remembered per worker
+ENTRIES_TTL = 60.0  # seconds between counts of the cache's entries
+REFRESH_SECONDS = 1.0
+
+
+class TopCounter:
+    """Counts per key with bounded memory: when full, the least counted half is forgotten
+    (the repositories that matter on a status page are the ones pulled again and again)."""
+
+    def __init__(self, limit: int = TOP_LIMIT) -> None:
+        self.limit = limit
+        self.counts: dict[str, int] = {}
+        self.changed = False
+
+    def add(self, key: str, n: int = 1) -> None:
+        self.counts[key] = self.counts.get(key, 0) + n
+        self.changed = True
+        if len(self.counts) > self.limit:
+            keep = heapq.nlargest(self.limit // 2, self.counts.items(), key=lambda kv: kv[1])
+            self.counts = dict(keep)
+
+    def top(self, n: int) -> list[tuple[str, int]]:
+        """The n most counted, ties in name order."""
+        return heapq.nsmallest(n, self.counts.items(), key=lambda kv: (-kv[1], kv[0]))
+
+
+def runtime_dir() -> Path | None:
+    value = os.environ.get(RUNTIME_DIR_ENV)
+    return Path(value) if value else None
+
+
+def merged_top(local: TopCounter, n: int) -> list[tuple[str, int]]:
+    """The most-pulled repositories over every worker (just this one when alone)."""
+    directory = runtime_dir()
+    if directory is None:
+        return local.top(n)
+    merged = TopCounter(limit=1 << 30)
+    for path in directory.glob("top-*.json"):
+        if path.name == f"top-{os.getpid()}.json":
+            continue
+        with contextlib.suppress(OSError, ValueError, TypeError):
+            for key, count in json.loads(path.read_text()).items():
+                merged.add(str(key), int(count))
+    for key, count in local.counts.items():
+        merged.add(key, count)
+    return merged.top(n)
+
+
+def _write_top(counter: TopCounter) -> None:
+    directory = runtime_dir()
+    if directory is None or not counter.changed:
+        return
+    counter.changed = False
+    path = directory / f"top-{os.getpid()}.json"
+    tmp = path.with_suffix(".tmp")
+    with contextlib.suppress(OSError):
+        tmp.write_text(json.dumps(counter.counts))
+        os.replace(tmp, path)
+
+
+@dataclass(frozen=True)
+class InFlight:
+    digest: str
+    written: int
+    size: int | None
+    followers: int | None  # None: led by another worker, its clients are not known here
+    seconds: float | None
+
+
+def in_flight(proxy: Proxy) -> list[InFlight]:
+    """Downloads in progress: this worker's, then other workers' found in tmp/."""
+    now = time.monotonic()
+    out = [InFlight(str(d.digest), d.written, d.size, d.readers, now - d.started)
+           for d in proxy.downloads.active.values()]
+    local = {d.digest for d in out}
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(proxy.store.tmp_dir):
+            if not entry.name.endswith(PARTIAL_SUFFIX):
+                continue
+            algorithm, _, hex_ = entry.name.removesuffix(PARTIAL_SUFFIX).partition("-")
+            digest = f"{algorithm}:{hex_}"
+            if digest in local:
+                continue
+            size = None
+            with contextlib.suppress(OSError, ValueError, KeyError):
+                size = int(json.loads(Path(entry.path + ".meta").read_text())["size"])
+            with contextlib.suppress(OSError):
+                out.append(InFlight(digest, entry.stat().st_size, size, None, None))
+    return out
+
+
+class Activity:
+    """Per-process bookkeeping behind the gauges and the status page."""
+
+    def __init__(self, proxy: Proxy) -> None:
+        self.proxy = proxy
+        self.top = TopCounter()  # pulls per repository (server.py counts them)
+        self.started = time.time()
+        self._entries: int | None = None
+        self._entries_at = 0.0
+        self._entries_total: int | None = None
+        self._count_seconds = 0.0
+        self._counting: asyncio.Task[None] | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    def refresh(self) -> None:
+        """Set the gauges that describe this process from its live state."""
+        downloads = list(self.proxy.downloads.active.values())
+        metrics.DOWNLOADS_IN_FLIGHT.set(len(downloads))
+        metrics.DOWNLOAD_FOLLOWERS.set(sum(d.readers for d in downloads))
+        metrics.CACHE_MAX_BYTES.set(self.proxy.config.cache.max_size)
+        total = None
+        with contextlib.suppress(Exception):
+            total = self.proxy.index.total_bytes()
+            metrics.CACHE_BYTES.set(total)
+        if self._entries is not None:
+            metrics.CACHE_ENTRIES.set(self._entries)
+        # Entries are counted again when the total moved or every ENTRIES_TTL. Counting walks
+        # the index in a thread: the longer it took, the longer until the next one.
+        age = time.monotonic() - self._entries_at
+        if self._counting is None and (age > ENTRIES_TTL or (
+                total != self._entries_total and age > 20 * self._count_seconds)):
+            self._entries_at = time.monotonic()
+            self._entries_total = total
+            self._counting = asyncio.ensure_future(self._count_entries())
+        _write_top(self.top)
+
+    async def refreshed(self) -> None:
+        """refresh(), then give a count of the entries it started a moment to finish."""
+        self.refresh()
+        if self._counting is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._counting), 1.0)
+
+    async def _count_entries(self) -> None:
+        started = time.monotonic()
+        try:
+            self._entries = await asyncio.to_thread(
+                lambda: sum(1 for _ in self.proxy.index.entries()))
+            self._count_seconds = time.monotonic() - started
+            metrics.CACHE_ENTRIES.set(self._entries)
+        except Exception as exc:  # the index is the lead's; never let a count kill a worker
+            log.warning("could not count the cache's entries", extra={"error": str(exc)})
+        finally:
+            self._counting = None
+
+    async def _loop(self) -> None:
+        while True:
+            self.refresh()
+            await asyncio.sleep(REFRESH_SECONDS)
+
+    def start(self) -> None:
+        """Keep the gauges fresh for scrapes answered by other workers (alone, a scrape
+        refreshes them itself)."""
+        if metrics.multiprocess_dir() is not None:
+            self._task = asyncio.ensure_future(self._loop())
+        else:
+            self.refresh()
+
+    async def stop(self) -> None:
+        for task in (self._task, self._counting):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        _write_top(self.top)
+
+
+# --- per-request metrics (called by server.py's middleware) -------------------------------
+ROUTE_NAMES = {"/": "status", "/metrics": "metrics", "/healthz": "health", "/readyz": "health",
+               "/token": "token"}
+FROM_CACHE = frozenset({"hit", "revalidated", "stale"})
+CONTENT_ROUTES = frozenset({"manifest", "blob"})
+
+
+def observe(route: str, method: str, status: int, cache: str, sent: int,
+            seconds: float) -> None:
+    """Count one answered request. `route` is a routes.Kind value or a page name; `cache` the
+    access log's cache field ("-" when the cache was not consulted)."""
+    key = (route, method, status, cache)
+    children = _children.get(key)
+    if children is None:
+        children = _children[key] = _make_children(*key)
+    requests, seconds_hist, cache_result, served = children
+    requests.inc()
+    seconds_hist.observe(seconds)
+    if cache_result is not None:
+        cache_result.inc()
+        if sent and served is not None:
+            served.inc(sent)
+
+
+# The labelled children per (route, method, status, cache): a bounded set, looked up once.
+_Children = tuple[Any, Any, Any, Any]
+_children: dict[tuple[str, str, int, str], _Children] = {}
+
+
+def _make_children(route: str, method: str, status: int, cache: str) -> _Children:
+    cache_result = served = None
+    if route in CONTENT_ROUTES and cache != "-":
+        cache_result = metrics.CACHE_RESULTS.labels(route, cache)
+        served = metrics.SERVED_BYTES.labels("cache" if cache in FROM_CACHE else "upstream")
+    return (metrics.REQUESTS.labels(route, method, str(status)),
+            metrics.REQUEST_SECONDS.labels(route), cache_result, served)

@@ -1,0 +1,81 @@
+"""Liveness and readiness.
+
+`/healthz`: the process answers. `/readyz`: the cache directory is writable and the index
+opens; each upstream's reachability is reported but not required (a mirror whose upstream is
+down still serves what it has cached).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from mirror.proxy import Proxy
+from mirror.upstream import Upstream
+
+PROBE_AFTER = 30.0  # seconds without news from an upstream before it is probed again
+PROBE_TIMEOUT = 3.0
+
+
+@dataclass(frozen=True)
+class Check:
+    ok: bool
+    detail: str
+
+
+def check_cache_writable(proxy: Proxy) -> Check:
+    path = proxy.store.tmp_dir / f".ready-{os.getpid()}"
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, b"ok")
+        finally:
+            os.close(fd)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+    except OSError as exc:
+        return Check(False, f"cannot write to {proxy.store.tmp_dir}: {exc.strerror}")
+    return Check(True, str(proxy.store.root))
+
+
+def check_index(proxy: Proxy) -> Check:
+    try:
+        proxy.index.db.get("readiness-probe")
+    except Exception as exc:  # sqlite3 and OS errors alike: the index is not usable
+        return Check(False, f"index unusable: {exc}")
+    return Check(True, "open")
+
+
+async def refresh_upstreams(upstreams: list[Upstream]) -> None:
+    """Probe the upstreams nothing was heard from lately (concurrently, briefly)."""
+    now = time.time()
+    stale = [u for u in upstreams
+             if max(u.last_answer or 0.0, u.last_failure or 0.0) < now - PROBE_AFTER]
+    if stale:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.gather(*(u.probe() for u in stale)), PROBE_TIMEOUT)
+
+
+def upstream_report(u: Upstream) -> dict[str, Any]:
+    return {
+        "url": u.config.url,
+        "reachable": u.reachable,
+        "last_error": u.last_error if u.reachable is False else None,
+        "ratelimit_remaining": u.ratelimit_remaining,
+        "ratelimit_limit": u.ratelimit_limit,
+    }
+
+
+async def readiness(proxy: Proxy) -> tuple[bool, dict[str, Any]]:
+    checks = {"cache_writable": check_cache_writable(proxy), "index": check_index(proxy)}
+    await refresh_upstreams(list(proxy.upstreams.values()))
+    ready = all(c.ok for c in checks.values())
+    return ready, {
+        "status": "ready" if ready else "not ready",
+        "checks": {name: {"ok": c.ok, "detail": c.detail} for name, c in checks.items()},
+        "upstreams": {name: upstream_report(u) for name, u in proxy.upstreams.items()},
+    }

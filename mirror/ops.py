@@ -1,0 +1,143 @@
+"""The operator's endpoints next to the registry API, and the graceful stop.
+
+    GET /          the status page (statuspage.py)
+    GET /metrics   Prometheus exposition (metrics.py), every worker's samples added up
+    GET /healthz   200 while the process answers
+    GET /readyz    200 when the cache dir is writable and the index open, else 503
+
+On shutdown (SIGTERM: the listening socket is already closed), downloads in flight get
+`shutdown_timeout` seconds to finish and be committed; what is still running then is cancelled
+and awaited, so its partial file is removed and the store holds only verified content.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from mirror import health, metrics, statuspage
+from mirror.activity import Activity, in_flight, merged_top
+from mirror.config import Config
+from mirror.proxy import Proxy
+from mirror.upstream import ratelimit_number
+
+log = logging.getLogger("mirror.ops")
+
+ACTIVITY: web.AppKey[Activity] = web.AppKey("activity", Activity)
+DEFAULT_SHUTDOWN_TIMEOUT = 30.0
+TOP_SHOWN = 15
+
+
+def shutdown_timeout(config: Config) -> float:
+    """`[server] shutdown_timeout` if config.py has it, else $MIRROR_SHUTDOWN_TIMEOUT, or 30s."""
+    value = getattr(config.server, "shutdown_timeout", None)
+    if value is None:
+        value = os.environ.get("MIRROR_SHUTDOWN_TIMEOUT")
+    return float(value) if value is not None else DEFAULT_SHUTDOWN_TIMEOUT
+
+
+def _proxy(request: web.Request) -> Proxy:
+    from mirror.server import PROXY
+
+    return request.app[PROXY]
+
+
+def _json(data: object, status: int = 200) -> web.Response:
+    return web.Response(status=status, body=json.dumps(data, indent=1).encode(),
+                        headers={"Content-Type": "application/json", "Cache-Control": "no-store"})
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return _json({"status": "alive", "pid": os.getpid()})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    ready, report = await health.readiness(_proxy(request))
+    return _json(report, 200 if ready else 503)
+
+
+async def metrics_page(request: web.Request) -> web.Response:
+    await request.app[ACTIVITY].refreshed()
+    body = await asyncio.to_thread(metrics.exposition)
+    return web.Response(body=body, headers={"Content-Type": metrics.CONTENT_TYPE,
+                                            "Cache-Control": "no-store"})
+
+
+async def status_page(request: web.Request) -> web.Response:
+    proxy = _proxy(request)
+    activity = request.app[ACTIVITY]
+    await health.refresh_upstreams(list(proxy.upstreams.values()))
+    await activity.refreshed()
+    snapshot = await asyncio.to_thread(metrics.samples)
+    upstreams = []
+    for name, u in proxy.upstreams.items():
+        remaining = metrics.total(snapshot, "mirror_upstream_ratelimit_remaining", upstream=name)
+        limit = metrics.total(snapshot, "mirror_upstream_ratelimit_limit", upstream=name)
+        has_limit = ratelimit_number(u.ratelimit_limit) is not None or any(
+            n == "mirror_upstream_ratelimit_remaining" and ("upstream", name) in labels
+            for n, labels in snapshot)
+        upstreams.append(statuspage.UpstreamView(
+            name, u.config.url, u.reachable, u.last_error,
+            remaining if has_limit else None, limit if has_limit else None,
+            metrics.total(snapshot, "mirror_upstream_requests_total", upstream=name)))
+    view = statuspage.StatusView(
+        **statuspage.counts_from(snapshot),
+        downloads=in_flight(proxy),
+        upstreams=upstreams,
+        top=merged_top(activity.top, TOP_SHOWN),
+        workers=proxy.config.server.workers,
+        started=activity.started,
+    )
+    return web.Response(body=statuspage.render(view).encode(), headers={
+        "Content-Type": "text/html; charset=utf-8", "Cache-Control": "no-store"})
+
+
+async def _start(app: web.Application) -> None:
+    from mirror.server import PROXY
+
+    activity = Activity(app[PROXY])
+    app[ACTIVITY] = activity
+    activity.start()
+
+
+def _drain(config: Config) -> Callable[[web.Application], Awaitable[None]]:
+    async def drain(app: web.Application) -> None:
+        """Let downloads in flight finish (for `shutdown_timeout`), then cancel the rest and wait
+        for them to clean up their partial files."""
+        from mirror.server import PROXY
+
+        proxy = app[PROXY]
+        tasks = [d.task for d in proxy.downloads.active.values()
+                 if d.task is not None and not d.task.done()]
+        timeout = shutdown_timeout(config)
+        if tasks:
+            log.info("shutting down: waiting for downloads in flight",
+                     extra={"downloads": len(tasks), "timeout_s": timeout})
+            _done, pending = await asyncio.wait(tasks, timeout=timeout)
+            if pending:
+                log.warning("shutting down: cancelling unfinished downloads",
+                            extra={"downloads": len(pending)})
+                for task in pending:
+                    task.cancel()
+                await asyncio.gather(*pending, return_exceptions=True)
+        with contextlib.suppress(KeyError):
+            await app[ACTIVITY].stop()
+
+    return drain
+
+
+def install(app: web.Application, config: Config) -> None:
+    """Add the operator's routes and the start/stop hooks (before the catch-all route)."""
+    app.router.add_get("/", status_page)
+    app.router.add_get("/metrics", metrics_page)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.on_startup.append(_start)
+    app.on_shutdown.append(_drain(config))
+

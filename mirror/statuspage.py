@@ -1,0 +1,224 @@
+"""The status page at `GET /`: server-rendered HTML that refreshes itself, for the person at the
+edge node. Pure: `render(view)` turns the numbers into a page; `build_view` gathers them, its
+counters read from the same scrape as /metrics so that both always agree.
+
+Every number has an element id and a `data-value` attribute holding the raw value, so a test
+(or a script) can read the page without parsing the human formatting.
+"""
+
+from __future__ import annotations
+
+import html
+import time
+from dataclasses import dataclass, field
+
+from mirror import __version__, metrics
+from mirror.activity import InFlight
+
+REFRESH_SECONDS = 5
+FROM_CACHE = ("hit", "revalidated", "stale")
+
+
+@dataclass(frozen=True)
+class UpstreamView:
+    name: str
+    url: str
+    reachable: bool | None
+    last_error: str | None
+    ratelimit_remaining: float | None
+    ratelimit_limit: float | None
+    requests: float
+
+
+@dataclass(frozen=True)
+class StatusView:
+    cache_bytes: float
+    cache_max_bytes: float
+    cache_entries: float
+    hits: float
+    misses: float
+    requests: float
+    bytes_from_cache: float
+    bytes_from_upstream: float
+    downloads_in_flight: float
+    followers: float
+    downloads: list[InFlight]
+    upstreams: list[UpstreamView]
+    top: list[tuple[str, int]]
+    workers: int
+    started: float
+    generated: float = field(default_factory=time.time)
+
+    @property
+    def hit_ratio(self) -> float | None:
+        answered = self.hits + self.misses
+        return self.hits / answered if answered else None
+
+
+def counts_from(snapshot: metrics.Samples) -> dict[str, float]:
+    """The page's counters, read from one scrape."""
+    t = metrics.total
+    hits = sum(t(snapshot, "mirror_cache_requests_total", result=r) for r in FROM_CACHE)
+    return {
+        "cache_bytes": t(snapshot, "mirror_cache_bytes"),
+        "cache_max_bytes": t(snapshot, "mirror_cache_max_bytes"),
+        "cache_entries": t(snapshot, "mirror_cache_entries"),
+        "hits": hits,
+        "misses": t(snapshot, "mirror_cache_requests_total") - hits,
+        "requests": t(snapshot, "mirror_http_requests_total"),
+        "bytes_from_cache": t(snapshot, "mirror_served_bytes_total", source="cache"),
+        "bytes_from_upstream": t(snapshot, "mirror_served_bytes_total", source="upstream"),
+        "downloads_in_flight": t(snapshot, "mirror_downloads_in_flight"),
+        "followers": t(snapshot, "mirror_download_followers"),
+    }
+
+
+def human_bytes(n: float | None) -> str:
+    if n is None:
+        return "?"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def human_seconds(s: float) -> str:
+    s = int(s)
+    if s < 120:
+        return f"{s}s"
+    if s < 7200:
+        return f"{s // 60}m {s % 60}s"
+    return f"{s // 3600}h {s % 3600 // 60}m"
+
+
+def _num(id_: str, value: float | None, text: str) -> str:
+    raw = "" if value is None else repr(float(value))
+    return f'<span id="{id_}" data-value="{raw}">{html.escape(text)}</span>'
+
+
+def _bar(fraction: float | None, label: str) -> str:
+    pct = 0.0 if fraction is None else max(0.0, min(1.0, fraction)) * 100
+    return (f'<div class="bar" title="{html.escape(label)}"><div class="fill" '
+            f'style="width:{pct:.1f}%"></div><span>{html.escape(label)}</span></div>')
+
+
+def _downloads(view: StatusView) -> str:
+    if not view.downloads:
+        return '<p class="none">No downloads in flight.</p>'
+    rows = []
+    for d in sorted(view.downloads, key=lambda d: d.digest):
+        fraction = d.written / d.size if d.size else None
+        label = (f"{human_bytes(d.written)} of {human_bytes(d.size)}"
+                 + (f" ({fraction:.0%})" if fraction is not None else ""))
+        followers = "another worker" if d.followers is None else str(d.followers)
+        age = "" if d.seconds is None else human_seconds(d.seconds)
+        rows.append(
+            f'<tr class="download" data-digest="{html.escape(d.digest)}" '
+            f'data-written="{d.written}" data-size="{"" if d.size is None else d.size}">'
+            f'<td class="digest">{html.escape(d.digest[:19])}…</td>'
+            f'<td class="progress">{_bar(fraction, label)}</td>'
+            f'<td class="followers">{followers}</td><td>{age}</td></tr>')
+    return ('<table><tr><th>digest</th><th>progress</th><th>clients</th><th>running</th>'
+            '</tr>' + "".join(rows) + "</table>")
+
+
+def _upstreams(view: StatusView) -> str:
+    rows = []
+    for u in view.upstreams:
+        if u.reachable is None:
+            state, cls = "not contacted yet", "unknown"
+        elif u.reachable:
+            state, cls = "reachable", "ok"
+        else:
+            state, cls = f"unreachable: {u.last_error or ''}", "bad"
+        if u.ratelimit_remaining is None:
+            limit = "no limit reported"
+        else:
+            limit = f"{u.ratelimit_remaining:g}" + (
+                f" of {u.ratelimit_limit:g}" if u.ratelimit_limit is not None else "")
+        rows.append(
+            f'<tr class="upstream" data-name="{html.escape(u.name)}">'
+            f'<td>{html.escape(u.name)}</td><td class="url">{html.escape(u.url)}</td>'
+            f'<td class="{cls}">{html.escape(state)}</td>'
+            f'<td class="ratelimit" data-value="'
+            f'{"" if u.ratelimit_remaining is None else f"{u.ratelimit_remaining:g}"}">'
+            f'{html.escape(limit)}</td>'
+            f'<td class="requests" data-value="{u.requests:g}">{u.requests:g}</td></tr>')
+    return ('<table><tr><th>upstream</th><th>url</th><th>state</th><th>rate limit left</th>'
+            '<th>requests</th></tr>' + "".join(rows) + "</table>")
+
+
+def _top(view: StatusView) -> str:
+    if not view.top:
+        return '<p class="none">Nothing pulled yet.</p>'
+    rows = "".join(f'<tr class="repo"><td>{html.escape(name)}</td>'
+                   f'<td class="pulls" data-value="{count}">{count}</td></tr>'
+                   for name, count in view.top)
+    return f"<table><tr><th>repository</th><th>pulls</th></tr>{rows}</table>"
+
+
+STYLE = """
+body{font:15px/1.4 system-ui,sans-serif;margin:2em;color:#1d2433;background:#f6f7f9}
+h1{font-size:1.4em;margin:0 0 .2em}h2{font-size:1.1em;margin:1.4em 0 .4em}
+.sub{color:#667;margin-bottom:1em}
+.cards{display:flex;flex-wrap:wrap;gap:1em}
+.card{background:#fff;border:1px solid #dde;border-radius:8px;padding:.8em 1.1em;min-width:12em}
+.card .label{color:#667;font-size:.85em}.card .big{font-size:1.6em;font-weight:600}
+table{border-collapse:collapse;background:#fff;border:1px solid #dde;min-width:40em}
+th,td{padding:.35em .8em;border-bottom:1px solid #eef;text-align:left}
+th{background:#eef1f6;font-weight:600}
+.bar{position:relative;background:#e4e8ef;border-radius:4px;height:1.3em;min-width:16em}
+.bar .fill{background:#4c8bf5;height:100%;border-radius:4px}
+.bar span{position:absolute;left:.5em;top:0;font-size:.85em;line-height:1.3em}
+.ok{color:#17803d}.bad{color:#b42318}.unknown{color:#667}.none{color:#667}
+.digest,.url{font-family:ui-monospace,monospace;font-size:.9em}
+"""
+
+
+def render(view: StatusView) -> str:
+    ratio = view.hit_ratio
+    use = view.cache_bytes / view.cache_max_bytes if view.cache_max_bytes else None
+    use_label = (f"{human_bytes(view.cache_bytes)} of {human_bytes(view.cache_max_bytes)}"
+                 + (f" ({use:.1%})" if use is not None else ""))
+    generated = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(view.generated))
+    cards = [
+        ("Cache used", _num("cache-bytes", view.cache_bytes, human_bytes(view.cache_bytes))
+         + " of " + _num("cache-max-bytes", view.cache_max_bytes,
+                         human_bytes(view.cache_max_bytes))),
+        ("Entries", _num("cache-entries", view.cache_entries, f"{view.cache_entries:g}")),
+        ("Hit ratio", _num("hit-ratio", ratio, "n/a" if ratio is None else f"{ratio:.1%}")),
+        ("Hits / misses", _num("hits", view.hits, f"{view.hits:g}") + " / "
+         + _num("misses", view.misses, f"{view.misses:g}")),
+        ("Requests", _num("requests", view.requests, f"{view.requests:g}")),
+        ("Served from cache", _num("bytes-from-cache", view.bytes_from_cache,
+                                   human_bytes(view.bytes_from_cache))),
+        ("Served from upstream", _num("bytes-from-upstream", view.bytes_from_upstream,
+                                      human_bytes(view.bytes_from_upstream))),
+        ("Downloads in flight", _num("downloads-in-flight", view.downloads_in_flight,
+                                     f"{view.downloads_in_flight:g}")
+         + " (" + _num("followers", view.followers, f"{view.followers:g}") + " clients)"),
+    ]
+    card_html = "".join(f'<div class="card"><div class="label">{label}</div>'
+                        f'<div class="big">{value}</div></div>' for label, value in cards)
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<meta http-equiv="refresh" content="{REFRESH_SECONDS}">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>registry mirror</title><style>{STYLE}</style></head>
+<body>
+<h1>Registry mirror</h1>
+<div class="sub">version {html.escape(__version__)} · {view.workers} worker(s) · up
+{human_seconds(view.generated - view.started)} · {generated} · refreshes every
+{REFRESH_SECONDS}s · <a href="/metrics">/metrics</a> · <a href="/readyz">/readyz</a></div>
+<h2>Cache</h2>
+{_bar(use, use_label)}
+<div class="cards" style="margin-top:1em">{card_html}</div>
+<h2>Downloads in flight</h2>
+{_downloads(view)}
+<h2>Upstreams</h2>
+{_upstreams(view)}
+<h2>Most pulled repositories</h2>
+{_top(view)}
+</body></html>
+"""
