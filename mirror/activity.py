@@ -28,7 +28,6 @@ log = logging.getLogger("mirror.activity")
 
 RUNTIME_DIR_ENV = "MIRROR_RUNTIME_DIR"
 TOP_LIMIT = 1000  # repositories remembered per worker
-ENTRIES_TTL = 60.0  # seconds between counts of the cache's entries
 REFRESH_SECONDS = 1.0
 
 
@@ -125,11 +124,6 @@ class Activity:
         self.proxy = proxy
         self.top = TopCounter()  # pulls per repository (server.py counts them)
         self.started = time.time()
-        self._entries: int | None = None
-        self._entries_at = 0.0
-        self._entries_total: int | None = None
-        self._count_seconds = 0.0
-        self._counting: asyncio.Task[None] | None = None
         self._task: asyncio.Task[None] | None = None
 
     def refresh(self) -> None:
@@ -138,40 +132,10 @@ class Activity:
         metrics.DOWNLOADS_IN_FLIGHT.set(len(downloads))
         metrics.DOWNLOAD_FOLLOWERS.set(sum(d.readers for d in downloads))
         metrics.CACHE_MAX_BYTES.set(self.proxy.config.cache.max_size)
-        total = None
-        with contextlib.suppress(Exception):
-            total = self.proxy.index.total_bytes()
-            metrics.CACHE_BYTES.set(total)
-        if self._entries is not None:
-            metrics.CACHE_ENTRIES.set(self._entries)
-        # Entries are counted again when the total moved or every ENTRIES_TTL. Counting walks
-        # the index in a thread: the longer it took, the longer until the next one.
-        age = time.monotonic() - self._entries_at
-        if self._counting is None and (age > ENTRIES_TTL or (
-                total != self._entries_total and age > 20 * self._count_seconds)):
-            self._entries_at = time.monotonic()
-            self._entries_total = total
-            self._counting = asyncio.ensure_future(self._count_entries())
+        with contextlib.suppress(Exception):  # a busy index never fails a scrape
+            metrics.CACHE_BYTES.set(self.proxy.index.total_bytes())
+            metrics.CACHE_ENTRIES.set(self.proxy.index.entry_count())
         _write_top(self.top)
-
-    async def refreshed(self) -> None:
-        """refresh(), then give a count of the entries it started a moment to finish."""
-        self.refresh()
-        if self._counting is not None:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(self._counting), 1.0)
-
-    async def _count_entries(self) -> None:
-        started = time.monotonic()
-        try:
-            self._entries = await asyncio.to_thread(
-                lambda: sum(1 for _ in self.proxy.index.entries()))
-            self._count_seconds = time.monotonic() - started
-            metrics.CACHE_ENTRIES.set(self._entries)
-        except Exception as exc:  # the index is the lead's; never let a count kill a worker
-            log.warning("could not count the cache's entries", extra={"error": str(exc)})
-        finally:
-            self._counting = None
 
     async def _loop(self) -> None:
         while True:
@@ -187,11 +151,10 @@ class Activity:
             self.refresh()
 
     async def stop(self) -> None:
-        for task in (self._task, self._counting):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
         _write_top(self.top)
 
 

@@ -49,6 +49,7 @@ class ServerConfig:
     workers: int = 1
     tls_cert: str | None = None
     tls_key: str | None = None
+    shutdown_timeout: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -168,13 +169,14 @@ def _positive_int(value: object) -> int:
 def _server(path: str, table: object) -> ServerConfig:
     s = _Section(path, "server", table)
     host, port = s.get("listen", "0.0.0.0:5000", parse_listen)
-    workers = s.get("workers", 1, _positive_int)
+    workers = s.get("workers", os.cpu_count() or 1, _positive_int)
     tls_cert = s.get("tls_cert", None, kind=str)
     tls_key = s.get("tls_key", None, kind=str)
+    shutdown_timeout = s.get("shutdown_timeout", 30.0, parse_duration)
     s.finish()
     if bool(tls_cert) != bool(tls_key):
         raise ConfigError(path, "server.tls_cert", "tls_cert and tls_key go together")
-    return ServerConfig(host, port, workers, tls_cert, tls_key)
+    return ServerConfig(host, port, workers, tls_cert, tls_key, shutdown_timeout)
 
 
 def _watermark(value: object, max_size: int) -> int:

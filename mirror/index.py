@@ -31,6 +31,7 @@ from mirror.reference import Digest, parse_digest
 log = logging.getLogger("mirror.index")
 
 TOTAL = "total_bytes"
+COUNT = "entry_count"
 ENTRIES_COMPLETE = "entries_complete"
 
 
@@ -113,6 +114,7 @@ class Index:
         with self.db.transact():
             if self.db.get(key) is None:
                 self.db.incr(TOTAL, size)
+                self.db.incr(COUNT)
             self.db.set(key, (size, time.time() if last_access is None else last_access, kind))
 
     def remove_entry(self, digest: Digest) -> None:
@@ -122,6 +124,7 @@ class Index:
             if value is not None:
                 self.db.delete(key)
                 self.db.decr(TOTAL, value[0])
+                self.db.decr(COUNT)
             self.db.delete(f"mt\0{digest}")
 
     def touch(self, digest: Digest) -> None:
@@ -169,6 +172,9 @@ class Index:
     def total_bytes(self) -> int:
         return int(self.db.get(TOTAL, 0))
 
+    def entry_count(self) -> int:
+        return int(self.db.get(COUNT, 0))
+
     def entries(self) -> Iterator[Entry]:
         for key in self.db.iterkeys():
             if isinstance(key, str) and key.startswith("e\0"):
@@ -194,6 +200,7 @@ class Index:
                 count += 1
                 total += size
             self.db.set(TOTAL, total)
+            self.db.set(COUNT, count)
             self.db.set(ENTRIES_COMPLETE, True)
         log.info("index entries rebuilt", extra={
             "entries": count, "bytes": total,

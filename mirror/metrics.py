@@ -37,6 +37,8 @@ CACHE_RESULTS = Counter(
     "mirror_cache_requests_total",
     "Manifest and blob requests by how the cache answered: hit, miss, inflight (joined a "
     "download already running), revalidated, stale", ["kind", "result"])
+UPSTREAM_BYTES = Counter(
+    "mirror_upstream_bytes_total", "Blob bytes downloaded from upstreams", ["upstream"])
 SERVED_BYTES = Counter(
     "mirror_served_bytes_total",
     "Body bytes sent to clients, by source: cache (stored content) or upstream (content "

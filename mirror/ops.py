@@ -30,16 +30,13 @@ from mirror.upstream import ratelimit_number
 log = logging.getLogger("mirror.ops")
 
 ACTIVITY: web.AppKey[Activity] = web.AppKey("activity", Activity)
-DEFAULT_SHUTDOWN_TIMEOUT = 30.0
 TOP_SHOWN = 15
 
 
 def shutdown_timeout(config: Config) -> float:
-    """`[server] shutdown_timeout` if config.py has it, else $MIRROR_SHUTDOWN_TIMEOUT, or 30s."""
-    value = getattr(config.server, "shutdown_timeout", None)
-    if value is None:
-        value = os.environ.get("MIRROR_SHUTDOWN_TIMEOUT")
-    return float(value) if value is not None else DEFAULT_SHUTDOWN_TIMEOUT
+    """`[server] shutdown_timeout`; $MIRROR_SHUTDOWN_TIMEOUT overrides it (used by tests)."""
+    value = os.environ.get("MIRROR_SHUTDOWN_TIMEOUT")
+    return float(value) if value is not None else config.server.shutdown_timeout
 
 
 def _proxy(request: web.Request) -> Proxy:
@@ -63,7 +60,7 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def metrics_page(request: web.Request) -> web.Response:
-    await request.app[ACTIVITY].refreshed()
+    request.app[ACTIVITY].refresh()
     body = await asyncio.to_thread(metrics.exposition)
     return web.Response(body=body, headers={"Content-Type": metrics.CONTENT_TYPE,
                                             "Cache-Control": "no-store"})
@@ -73,7 +70,7 @@ async def status_page(request: web.Request) -> web.Response:
     proxy = _proxy(request)
     activity = request.app[ACTIVITY]
     await health.refresh_upstreams(list(proxy.upstreams.values()))
-    await activity.refreshed()
+    activity.refresh()
     snapshot = await asyncio.to_thread(metrics.samples)
     upstreams = []
     for name, u in proxy.upstreams.items():

@@ -102,14 +102,19 @@ class Proxy:
         if self.index.total_bytes() > self.config.cache.max_size:
             self._wake.set()
 
+    def _rebuild_index(self) -> None:
+        with exclusive(str(self.store.lock_path("rebuild"))) as mine:
+            if mine and not self.index.entries_complete():
+                self.index.rebuild_entries(self.store.iter_stored())
+
     def request_eviction(self) -> None:
         self._wake.set()
 
     async def _maintain(self) -> None:
         if not self.index.entries_complete():
             # A new or lost index: recreate entries from the files, off the event loop, while
-            # requests are served.
-            await asyncio.to_thread(self.index.rebuild_entries, self.store.iter_stored())
+            # requests are served; one worker does it.
+            await asyncio.to_thread(self._rebuild_index)
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), FLUSH_SECONDS)
@@ -344,7 +349,7 @@ class Proxy:
     def _start_download(self, upstream: Upstream, repository: str, digest: Digest
                         ) -> Download | None:
         return self.downloads.start(digest, self.blob_fetch(upstream, repository, digest),
-                                    upstream.config.resume_attempts)
+                                    upstream.config.resume_attempts, upstream.name)
 
     async def blob(self, upstream: Upstream, repository: str, digest: Digest,
                    head: bool) -> tuple[BlobSource, str]:

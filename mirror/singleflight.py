@@ -60,8 +60,10 @@ class ClientAbort(Exception):
 
 
 class Download:
-    def __init__(self, digest: Digest, store: BlobStore, fd: int, leader: bool) -> None:
+    def __init__(self, digest: Digest, store: BlobStore, fd: int, leader: bool,
+                 upstream: str = "") -> None:
         self.digest = digest
+        self.upstream = upstream  # for the metrics
         self.store = store
         self.partial = store.partial_path(digest)
         self.fd = fd
@@ -316,6 +318,7 @@ class Download:
             if self.disk_end is not None:
                 await self._relay(chunk)
             self.written += len(chunk)
+            metrics.UPSTREAM_BYTES.labels(self.upstream).inc(len(chunk))
             self._notify()
         if self.size is not None and self.written < self.size:
             raise aiohttp.ClientPayloadError(
@@ -396,7 +399,8 @@ class Downloads:
     def get(self, digest: Digest) -> Download | None:
         return self.active.get(digest)
 
-    def start(self, digest: Digest, fetch: Fetch, attempts: int) -> Download | None:
+    def start(self, digest: Digest, fetch: Fetch, attempts: int, upstream: str = ""
+              ) -> Download | None:
         """Join or start the download of `digest`; None when it is already stored."""
         existing = self.active.get(digest)
         if existing is not None:
@@ -405,7 +409,7 @@ class Downloads:
         if claimed is None:
             return None
         fd, leader = claimed
-        download = Download(digest, self.store, fd, leader)
+        download = Download(digest, self.store, fd, leader, upstream)
         download.on_disk_full = self.on_disk_full
         self.active[digest] = download
 
