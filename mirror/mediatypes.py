@@ -15,6 +15,7 @@ OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 MANIFEST_TYPES = (DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, OCI_MANIFEST, OCI_INDEX)
 INDEX_TYPES = frozenset({DOCKER_MANIFEST_LIST, OCI_INDEX})
 IMAGE_TYPES = frozenset({DOCKER_MANIFEST, OCI_MANIFEST})
+SCHEMA1_TYPES = frozenset({DOCKER_SCHEMA1_SIGNED, DOCKER_SCHEMA1})
 ALL_MANIFEST_TYPES = (*MANIFEST_TYPES, DOCKER_SCHEMA1_SIGNED, DOCKER_SCHEMA1)
 
 
@@ -42,8 +43,7 @@ def is_acceptable(media_type: str, accepted: tuple[str, ...]) -> bool:
     if media_type in accepted:
         return True
     # Signed and unsigned schema1 are the same document format.
-    schema1 = {DOCKER_SCHEMA1, DOCKER_SCHEMA1_SIGNED}
-    return media_type in schema1 and bool(schema1 & set(accepted))
+    return media_type in SCHEMA1_TYPES and bool(SCHEMA1_TYPES & set(accepted))
 
 
 def upstream_accept(accepted: tuple[str, ...]) -> str:

@@ -25,7 +25,13 @@ from mirror.config import Config
 from mirror.errors import RegistryError
 from mirror.eviction import EvictionResult, evict, exclusive, pinned_digests
 from mirror.index import Index, TagEntry
-from mirror.mediatypes import IMAGE_TYPES, is_acceptable, referenced_blobs, upstream_accept
+from mirror.mediatypes import (
+    IMAGE_TYPES,
+    SCHEMA1_TYPES,
+    is_acceptable,
+    referenced_blobs,
+    upstream_accept,
+)
 from mirror.reference import Digest, digest_of, parse_digest
 from mirror.singleflight import Download, Downloads, Fetch
 from mirror.store import BlobStore, DigestMismatch
@@ -269,8 +275,16 @@ class Proxy:
         headers, data = await self._coalesce(
             key, lambda: self._upstream_manifest(upstream, repository, reference, accept, "GET"))
         assert data is not None
-        digest = self._verify_manifest(upstream, reference, headers, data)
         media_type = headers.get("Content-Type", "").split(";")[0].strip()
+        ttl = self.config.cache.tag_ttl if tag else None
+        if media_type in SCHEMA1_TYPES:
+            # Schema 1 (deprecated; registries convert to it for clients that accept nothing
+            # newer): its digest covers the signed payload, not the body, so it cannot be
+            # verified byte for byte. Relayed as it came, never cached.
+            claimed = headers.get("Docker-Content-Digest")
+            digest = _upstream_digest(upstream, claimed) if claimed else digest_of(data)
+            return Manifest(digest, media_type, len(data), data, "miss", ttl)
+        digest = self._verify_manifest(upstream, reference, headers, data)
         try:
             self.store.put_bytes(digest, data)
         except DigestMismatch as exc:  # pragma: no cover - verified just above
@@ -288,8 +302,7 @@ class Proxy:
             self._set_tag(upstream.name, repository, tag, digest, media_type)
         if self.config.cache.prefetch and media_type in IMAGE_TYPES:
             self._prefetch(upstream, repository, data)
-        return Manifest(digest, media_type, len(data), data, "miss",
-                        self.config.cache.tag_ttl if tag else None)
+        return Manifest(digest, media_type, len(data), data, "miss", ttl)
 
     def _verify_manifest(self, upstream: Upstream, reference: str, headers: dict[str, str],
                          data: bytes) -> Digest:
@@ -429,18 +442,20 @@ class Proxy:
                 self._start_download(upstream, repository, digest)
 
     # tags ---------------------------------------------------------------------------------
-    async def tags_list(self, upstream: Upstream, repository: str, query: dict[str, str]
-                        ) -> tuple[int, bytes, dict[str, str]]:
-        self._require_online("NAME_UNKNOWN", f"tags of {repository}")
-        resp = await upstream.request("GET", repository, "tags/list", params=query)
+    async def relay(self, upstream: Upstream, repository: str, suffix: str,
+                    query: dict[str, str], unknown: str) -> tuple[int, bytes, dict[str, str]]:
+        """Pass a small uncached GET through (tags lists, the referrers API)."""
+        self._require_online(unknown, f"{suffix} of {repository}")
+        resp = await upstream.request("GET", repository, suffix, params=query)
         if resp.status != 200:
-            raise await error_from_response(upstream, resp, "NAME_UNKNOWN")
+            raise await error_from_response(upstream, resp, unknown)
         try:
             body = await resp.read()
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise RegistryError("UPSTREAM_UNAVAILABLE", f"upstream {upstream.name}: {exc}",
                                 status=502) from None
-        headers = {k: resp.headers[k] for k in ("Content-Type", "Link") if k in resp.headers}
+        headers = {k: resp.headers[k] for k in ("Content-Type", "Link", "OCI-Filters-Applied")
+                   if k in resp.headers}
         return resp.status, body, headers
 
     def _require_online(self, code: str, what: str) -> None:

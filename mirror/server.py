@@ -69,11 +69,9 @@ async def errors_and_access_log(request: web.Request, handler: Handler) -> web.S
         status = exc.status
         code = "UNSUPPORTED" if exc.status == 405 else "NAME_UNKNOWN"
         return error_response(RegistryError(code, exc.reason, status=exc.status))
-    except (ClientAbort, ConnectionError) as exc:
+    except ConnectionError as exc:  # the client went away before a response started
         status = 499
-        request[ERROR] = f"aborted: {exc}"
-        if request.transport is not None:
-            request.transport.abort()
+        request[ERROR] = f"client went away: {exc}"
         raise
     except Exception:
         log.exception("unhandled error", extra={"path": request.path})
@@ -122,10 +120,7 @@ async def v2(request: web.Request) -> web.StreamResponse:
         return await manifest(request, proxy, upstream, repository, route)
     if route.kind is Kind.BLOB:
         return await blob(request, proxy, upstream, repository, parse_digest(route.reference))
-    if route.kind is Kind.TAGS:
-        return await tags(request, proxy, upstream, repository, route)
-    raise RegistryError("UNSUPPORTED", "the referrers API is not mirrored: clients fall back "
-                        "to the sha256-<hex> tag schema", status=404)
+    return await relay(request, proxy, upstream, repository, route)
 
 
 async def manifest(request: web.Request, proxy: Proxy, upstream: Upstream, repository: str,
@@ -220,6 +215,13 @@ async def _send_blob(request: web.Request, digest: Digest, size: int | None, fd:
         else:
             assert length is not None
             await download.stream(sender, start, length)
+    except (ClientAbort, ConnectionError) as exc:
+        # The headers are gone already: the only honest signal left is to cut the
+        # connection, so the client sees a broken body rather than a short one.
+        request[ERROR] = f"aborted: {exc}"
+        if request.transport is not None:
+            request.transport.abort()
+        return response
     finally:
         request[BYTES] = sender.sent
         sender.close()
@@ -227,10 +229,21 @@ async def _send_blob(request: web.Request, digest: Digest, size: int | None, fd:
     return response
 
 
-async def tags(request: web.Request, proxy: Proxy, upstream: Upstream, repository: str,
-               route: Route) -> web.Response:
-    query = {k: v for k, v in request.query.items() if k in ("n", "last")}
-    status, body, headers = await proxy.tags_list(upstream, repository, query)
+RELAYED = {  # route kind -> (upstream path, query parameters passed on, code when unknown)
+    Kind.TAGS: ("tags/list", ("n", "last"), "NAME_UNKNOWN"),
+    Kind.REFERRERS: ("referrers/{reference}", ("artifactType",), "MANIFEST_UNKNOWN"),
+}
+
+
+async def relay(request: web.Request, proxy: Proxy, upstream: Upstream, repository: str,
+                route: Route) -> web.Response:
+    """Tags lists and the referrers API, passed through uncached. An upstream without the
+    referrers API answers 404, and clients fall back to the sha256-<hex> tag schema."""
+    suffix, params, unknown = RELAYED[route.kind]
+    if route.kind is Kind.REFERRERS:
+        suffix = suffix.format(reference=parse_digest(route.reference))
+    query = {k: v for k, v in request.query.items() if k in params}
+    status, body, headers = await proxy.relay(upstream, repository, suffix, query, unknown)
     link = headers.get("Link")
     if link:
         # Keep pagination on the mirror, under the name the client used.

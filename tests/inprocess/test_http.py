@@ -153,3 +153,33 @@ async def test_tags_list_passes_through_with_link_rewritten(
     async with client.get(f"{base}/v2/docker.io/app/tags/list?n=1") as resp:
         assert resp.status == 200 and (await resp.json())["tags"] == ["a"]
         assert resp.headers["Link"] == '</v2/docker.io/app/tags/list?last=a&n=1>; rel="next"'
+
+
+async def test_referrers_pass_through_and_404_without_the_api(
+        upstream: FaultUpstream, start_mirror: MirrorFactory,
+        client: aiohttp.ClientSession) -> None:
+    from aiohttp import web
+
+    subject = sha256(b"subject")
+    seen: list[str] = []
+
+    async def referrers(request: web.Request) -> web.Response:
+        seen.append(request.query_string)
+        return web.json_response({"schemaVersion": 2, "mediaType": mt.OCI_INDEX,
+                                  "manifests": []},
+                                 content_type=mt.OCI_INDEX, headers={
+                                     "OCI-Filters-Applied": "artifactType"})
+
+    assert upstream.server is not None
+    upstream.server.app.router._frozen = False
+    upstream.server.app.router.add_get(f"/v2/with/api/referrers/{subject}", referrers)
+    base = await start_mirror()
+    async with client.get(f"{base}/v2/with/api/referrers/{subject}?artifactType=a%2Fb") as r:
+        assert r.status == 200 and r.headers["Content-Type"].startswith(mt.OCI_INDEX)
+        assert r.headers["OCI-Filters-Applied"] == "artifactType"
+        assert (await r.json())["manifests"] == []
+    assert seen == ["artifactType=a/b"]
+    async with client.get(f"{base}/v2/without/api/referrers/{subject}") as resp:
+        assert resp.status == 404 and await error_of(resp) == "MANIFEST_UNKNOWN"
+    async with client.get(f"{base}/v2/with/api/referrers/sha256:bad") as resp:
+        assert resp.status == 400 and await error_of(resp) == "DIGEST_INVALID"
