@@ -3,17 +3,24 @@ offline, the mirror as a subprocess, skopeo and containerd as clients.
 
 Session-scoped (built/started once):
   test_images      oci.ImageSet: .big (layers of 1, 10, 100 MB), .multi (amd64+arm64 index),
-                   .small (two small layers), all in one OCI layout (.layout)
+                   .small (two small layers), all in one OCI layout (.layout); and Docker
+                   schema 2 ones (gzip layers): .docker, .docker_list (amd64+arm64)
   blackhole        ClosedPort: the registry name clients pull from (`blackhole.host`); nothing
                    listens there, so a client can only succeed through the mirror
   upstream         clients.UpstreamRegistry: docker-registry with the images pushed:
-                   test/big:v1, test/multi:v1, test/small:{v1,v2,v3}
+                   test/big:v1, test/multi:v1, test/small:{v1,v2,v3},
+                   test/docker:v1 (schema 2), test/dockerlist:v1 (manifest list)
   token_server     TokenServer (users: admin/adminpw pull+push, reader/readerpw pull)
   token_upstream   clients.UpstreamRegistry with `auth: token`: public/small:v1, private/small:v1
+  basic_upstream   UpstreamRegistry with `auth: htpasswd` (Basic; registry.BASIC_USER and
+                   BASIC_PASSWORD): test/small:v1
   containerd       a private containerd (root only)
 Function-scoped:
-  mirror_factory   make(upstreams=None, **MirrorProcess kwargs) -> started MirrorProcess,
-                   default upstream: name=blackhole.host, url=upstream.url; stopped after
+  mirror_factory   make(upstreams=None, **kwargs) -> started MirrorProcess; kwargs go to
+                   MirrorProcess (cache_dir, max_size, tag_ttl, server_extra, cache_extra,
+                   port); default upstream: name=blackhole.host, url=upstream.url; all
+                   stopped at teardown, their stderr printed when the test failed
+  (autouse)        a passing test's tmp_path is emptied afterwards (images are large)
   mirror           a started mirror with a fresh, empty cache in front of `upstream`
   registries_conf  a registries.conf routing blackhole.host through `mirror`
   hosts_dir        a containerd hosts dir routing blackhole.host through `mirror`
@@ -23,6 +30,7 @@ Function-scoped:
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -30,14 +38,20 @@ from typing import Any
 
 import pytest
 
-# `tests/` has no __init__.py: make `tests.support` importable however pytest is started.
+# Make `tests.support` importable however pytest is started (rootdir not on sys.path).
 _REPO_ROOT = str(Path(__file__).resolve().parent.parent)
 if _REPO_ROOT not in sys.path:
     sys.path.insert(0, _REPO_ROOT)
 
 from tests.support import clients, oci  # noqa: E402
 from tests.support.mirror import MirrorProcess, Upstream  # noqa: E402
-from tests.support.registry import ClosedPort, Registry  # noqa: E402
+from tests.support.registry import (  # noqa: E402
+    BASIC_PASSWORD,
+    BASIC_USER,
+    ClosedPort,
+    Registry,
+    htpasswd_auth,
+)
 from tests.support.tokenserver import TokenServer  # noqa: E402
 
 MB = 1 << 20
@@ -69,6 +83,23 @@ def _failed(request: pytest.FixtureRequest) -> bool:
     return bool(rep is not None and rep.failed)
 
 
+@pytest.fixture(autouse=True)
+def _free_disk_after_passing_test(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Pulled images and mirror caches run to hundreds of MB per test: drop a passing
+    test's tmp_path (a failing one's is kept for inspection)."""
+    tmp: Path | None = None
+    if "tmp_path" in request.fixturenames:
+        tmp = request.getfixturevalue("tmp_path")  # torn down after this fixture
+    yield
+    rep = getattr(request.node, "rep_call", None)
+    if tmp is not None and rep is not None and rep.passed:
+        for child in tmp.iterdir():
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child, ignore_errors=True)
+            else:
+                child.unlink(missing_ok=True)
+
+
 # --- session fixtures -------------------------------------------------------------------
 
 
@@ -80,11 +111,15 @@ def test_images(tmp_path_factory: pytest.TempPathFactory) -> oci.ImageSet:
     arm64 = oci.build_image(layout.blobs_dir, SMALL_LAYER_SIZES, arch="arm64")
     multi = oci.build_index(layout.blobs_dir, [amd64, arm64])
     small = oci.build_image(layout.blobs_dir, SMALL_LAYER_SIZES, labels={"image": "small"})
+    docker = oci.build_image(layout.blobs_dir, SMALL_LAYER_SIZES, docker=True)
+    d_amd64 = oci.build_image(layout.blobs_dir, SMALL_LAYER_SIZES, arch="amd64", docker=True)
+    d_arm64 = oci.build_image(layout.blobs_dir, SMALL_LAYER_SIZES, arch="arm64", docker=True)
+    docker_list = oci.build_index(layout.blobs_dir, [d_amd64, d_arm64], docker=True)
     layout.add(big, "big")
     layout.add(multi, "multi")
     layout.add(small, "small")
     layout.write_index()
-    return oci.ImageSet(layout, big, multi, small)
+    return oci.ImageSet(layout, big, multi, small, docker, docker_list)
 
 
 @pytest.fixture(scope="session")
@@ -106,6 +141,8 @@ def upstream(
         up.push(imgs.layout, "multi", imgs.multi, "test/multi", "v1")
         for tag in ("v1", "v2", "v3"):
             up.push(imgs.layout, "small", imgs.small, "test/small", tag)
+        up.push_direct(imgs.docker, "test/docker", "v1")
+        up.push_direct(imgs.docker_list, "test/dockerlist", "v1")
         yield up
     finally:
         reg.stop()
@@ -136,6 +173,21 @@ def token_upstream(
         imgs = test_images
         for repo in ("public/small", "private/small"):
             up.push(imgs.layout, "small", imgs.small, repo, "v1", creds="admin:adminpw")
+        yield up
+    finally:
+        reg.stop()
+
+
+@pytest.fixture(scope="session")
+def basic_upstream(
+    tmp_path_factory: pytest.TempPathFactory, test_images: oci.ImageSet
+) -> Iterator[clients.UpstreamRegistry]:
+    workdir = tmp_path_factory.mktemp("basic-upstream")
+    reg = Registry(workdir, auth=htpasswd_auth(workdir)).start()
+    up = clients.UpstreamRegistry(reg)
+    try:
+        creds = f"{BASIC_USER}:{BASIC_PASSWORD}"
+        up.push(test_images.layout, "small", test_images.small, "test/small", "v1", creds=creds)
         yield up
     finally:
         reg.stop()

@@ -9,27 +9,31 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import http.client
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from tests.support import oci
 from tests.support.clients import (
     Containerd,
-    PulledDir,
     RawResponse,
     UpstreamRegistry,
     http_request,
     skopeo_copy,
     skopeo_copy_async,
+    skopeo_pull,
     verify_dir,
     wait_for_exit,
     write_registries_conf,
 )
+from tests.support.clients import run as run_cmd
 from tests.support.mirror import MirrorProcess, Upstream
-from tests.support.registry import ClosedPort, ThrottledProxy, wait_until
+from tests.support.registry import ClosedPort, Registry, ThrottledProxy, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -42,18 +46,6 @@ ALL_MANIFEST_TYPES = (
 )
 # Several Accept header lines, as dockerd and podman send them.
 ACCEPT_ALL = [("Accept", t) for t in ALL_MANIFEST_TYPES]
-
-
-def skopeo_pull(
-    conf: Path, registry: str, repo: str, tag: str, out: Path, all_platforms: bool = False
-) -> PulledDir:
-    skopeo_copy(
-        f"docker://{registry}/{repo}:{tag}",
-        f"dir:{out}",
-        registries_conf=conf,
-        all_platforms=all_platforms,
-    )
-    return verify_dir(out)
 
 
 def digests(blobs: tuple[oci.Blob, ...]) -> set[str]:
@@ -91,6 +83,8 @@ def test_upstream_fixture_serves_pushed_images(
         ("test/big", "v1", test_images.big),
         ("test/multi", "v1", test_images.multi),
         ("test/small", "v3", test_images.small),
+        ("test/docker", "v1", test_images.docker),
+        ("test/dockerlist", "v1", test_images.docker_list),
     ]
     for repo, tag, art in cases:
         r = http_request(upstream.host, "GET", f"/v2/{repo}/manifests/{tag}", ACCEPT_ALL)
@@ -209,6 +203,28 @@ def test_skopeo_pull_multi_arch_index(
     assert digests(multi.all_blobs) <= mirror.verify_cache()
 
 
+@pytest.mark.timeout(180)
+def test_skopeo_pull_docker_schema2_and_manifest_list(
+    mirror: MirrorProcess,
+    registries_conf: Path,
+    blackhole: ClosedPort,
+    test_images: oci.ImageSet,
+    tmp_path: Path,
+) -> None:
+    docker, dlist = test_images.docker, test_images.docker_list
+    pulled = skopeo_pull(registries_conf, blackhole.host, "test/docker", "v1", tmp_path / "d")
+    assert pulled.manifest == docker.manifest_bytes
+    assert pulled.blobs == digests(docker.blobs)
+    pulled = skopeo_pull(
+        registries_conf, blackhole.host, "test/dockerlist", "v1", tmp_path / "l", all_platforms=True
+    )
+    assert pulled.manifest == dlist.index_bytes
+    assert pulled.blobs == digests(dlist.blobs)
+    assert pulled.instance_manifests == {
+        img.manifest.digest: img.manifest_bytes for img in dlist.images
+    }
+
+
 # --- containerd ---------------------------------------------------------------------------
 
 
@@ -237,6 +253,13 @@ def test_ctr_pull_through_hosts_toml(
     assert digests(big.all_blobs) | digests(multi.all_blobs) <= verified
     assert ctd.content_bytes(big.manifest.digest) == big.manifest_bytes
     assert ctd.content_bytes(multi.index.digest) == multi.index_bytes
+    # Docker schema 2 manifest list with gzip layers (unpacked by containerd).
+    dlist = test_images.docker_list
+    dlist_ref = f"{blackhole.host}/test/dockerlist:v1"
+    ctd.pull(dlist_ref, hosts_dir=hosts_dir)
+    ctd.check_image(dlist_ref)
+    assert ctd.image_digest(dlist_ref) == dlist.index.digest
+    assert digests(dlist.image_for("amd64").all_blobs) <= ctd.verify_content()
     # containerd sent ?ns=<registry>; the mirror routed it to the upstream of that name.
     mirror.wait_cached(digests(big.all_blobs) | digests(multi.all_blobs))
     assert digests(big.all_blobs) | digests(multi.all_blobs) <= mirror.verify_cache()
@@ -311,13 +334,56 @@ def test_kill9_during_cold_pull_then_restart(
         proxy.stop()
 
 
+@pytest.mark.timeout(120)
+def test_cold_blob_streams_before_the_download_completes(
+    mirror_factory: Any,
+    upstream: UpstreamRegistry,
+    blackhole: ClosedPort,
+    test_images: oci.ImageSet,
+) -> None:
+    """A miss is streamed to the client as it arrives, not after the whole blob is in:
+    with the upstream at 20 MB/s, the first MiB of the 100 MB layer reaches the client
+    while the download is still far from done."""
+    biggest = max(test_images.big.layers, key=lambda b: b.size)
+    proxy = ThrottledProxy(upstream.registry.port, rate=20 * MB).start()
+    try:
+        mirror = mirror_factory([Upstream(name=blackhole.host, url=proxy.url)])
+        url = f"{mirror.url}/v2/test/big/blobs/{biggest.digest}"
+        h = hashlib.sha256()
+        got = 0
+        with httpx.Client(timeout=60, trust_env=False) as c, c.stream("GET", url) as r:
+            assert r.status_code == 200
+            assert r.headers.get("Docker-Content-Digest") == biggest.digest
+            chunks = r.iter_raw()
+            while got < MB:
+                chunk = next(chunks)
+                h.update(chunk)
+                got += len(chunk)
+            assert biggest.digest not in mirror.cached_digests()
+            assert proxy.bytes_forwarded < biggest.size // 2, "the blob was buffered first"
+            proxy.set_rate(None)
+            for chunk in chunks:
+                h.update(chunk)
+                got += len(chunk)
+        assert got == biggest.size
+        assert h.hexdigest() == biggest.hex
+        mirror.wait_cached([biggest.digest])
+    finally:
+        proxy.stop()
+
+
 # --- manifests ----------------------------------------------------------------------------
 
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize(
     ("repo", "which", "media_type"),
-    [("test/big", "big", oci.OCI_MANIFEST), ("test/multi", "multi", oci.OCI_INDEX)],
+    [
+        ("test/big", "big", oci.OCI_MANIFEST),
+        ("test/multi", "multi", oci.OCI_INDEX),
+        ("test/docker", "docker", oci.DOCKER_MANIFEST),
+        ("test/dockerlist", "docker_list", oci.DOCKER_MANIFEST_LIST),
+    ],
 )
 def test_manifest_head_and_get(
     mirror: MirrorProcess,
@@ -340,6 +406,9 @@ def test_manifest_head_and_get(
                 assert hashlib.sha256(r.body).hexdigest() == art.manifest.hex
             else:
                 assert r.body == b""
+            if ref.startswith("sha256:"):  # immutable
+                assert "immutable" in (r.header("Cache-Control") or ""), (method, ref)
+                assert r.header("ETag") == f'"{ref}"', (method, ref)
 
 
 @pytest.mark.timeout(60)
@@ -413,17 +482,26 @@ def test_unknown_manifest_and_blob(mirror: MirrorProcess) -> None:
 
 
 @pytest.mark.timeout(60)
-def test_blob_get_and_head(mirror: MirrorProcess, test_images: oci.ImageSet) -> None:
+def test_blob_get_and_head(
+    mirror: MirrorProcess, upstream: UpstreamRegistry, test_images: oci.ImageSet
+) -> None:
     layer = test_images.small.layers[1]
     data = layer.read()
+    path = f"/v2/test/small/blobs/{layer.digest}"
+    mark = upstream.registry.mark()
+    r = http_request(mirror.host, "HEAD", path)
+    assert r.status == 200
+    assert upstream.registry.blob_gets(mark) == {}, "a cold blob HEAD became an upstream GET"
     for i in range(2):  # miss, then hit
         if i:
             mirror.wait_cached([layer.digest])
         for method in ("HEAD", "GET"):
-            r = http_request(mirror.host, method, f"/v2/test/small/blobs/{layer.digest}")
+            r = http_request(mirror.host, method, path)
             assert r.status == 200, (method, r.status)
             assert r.header("Content-Length") == str(layer.size), method
             assert r.header("Docker-Content-Digest") == layer.digest, method
+            assert "immutable" in (r.header("Cache-Control") or ""), method
+            assert r.header("ETag") == f'"{layer.digest}"', method
             assert r.body == (data if method == "GET" else b""), method
     assert layer.digest in mirror.verify_cache()
 
@@ -643,6 +721,30 @@ def test_cached_index_not_served_to_client_that_does_not_accept_it(
             assert r.status == 404, (method, accept, r.status)
 
 
+SCHEMA1_SIGNED = "application/vnd.docker.distribution.manifest.v1+prettyjws"
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("accept", [[oci.OCI_MANIFEST], [SCHEMA1_SIGNED]])
+def test_docker_image_for_a_client_without_schema2_in_accept(
+    mirror: MirrorProcess, upstream: UpstreamRegistry, accept: list[str]
+) -> None:
+    """distribution 2.8 answers such a client with a schema 1 manifest converted on the fly
+    (signed; Docker-Content-Digest is over the JWS payload, not the body's bytes). The
+    upstream is healthy, so the mirror must not answer 5xx: either the upstream's answer
+    (same type and digest) or 404 MANIFEST_UNKNOWN."""
+    hdrs = [("Accept", a) for a in accept]
+    direct = http_request(upstream.host, "GET", "/v2/test/docker/manifests/v1", hdrs)
+    assert direct.status == 200 and direct.header("Content-Type") == SCHEMA1_SIGNED
+    r = http_request(mirror.host, "GET", "/v2/test/docker/manifests/v1", hdrs)
+    assert r.status in (200, 404), (r.status, r.body[:300])
+    if r.status == 200:
+        assert r.header("Content-Type") == SCHEMA1_SIGNED
+        assert r.header("Docker-Content-Digest") == direct.header("Docker-Content-Digest")
+    else:
+        assert_registry_error(r, 404, {"MANIFEST_UNKNOWN"})
+
+
 # --- routing ----------------------------------------------------------------------------------
 
 
@@ -755,3 +857,190 @@ def test_blob_ranges_on_a_cached_blob(mirror: MirrorProcess, test_images: oci.Im
     assert r.status in (200, 206), r.status
     if r.status == 200:
         assert r.body == data
+
+
+@pytest.mark.timeout(120)
+def test_cached_content_served_while_upstream_down(
+    mirror_factory: Any,
+    blackhole: ClosedPort,
+    test_images: oci.ImageSet,
+    tmp_path: Path,
+) -> None:
+    """Once pulled, an image pulls by digest (and by tag within tag_ttl) with the upstream
+    gone, across a mirror restart too: the cache on disk is the source of truth."""
+    reg = Registry(tmp_path / "own-upstream").start()
+    try:
+        small = test_images.small
+        own = UpstreamRegistry(reg)
+        own.push(test_images.layout, "small", small, "test/small", "v1")
+        mirror: MirrorProcess = mirror_factory([Upstream(name=blackhole.host, url=reg.url)])
+        conf = write_registries_conf(
+            tmp_path / "registries.conf", registry=blackhole.host, mirrors=[mirror.host]
+        )
+        skopeo_pull(conf, blackhole.host, "test/small", "v1", tmp_path / "warm")
+        mirror.wait_cached(digests(small.all_blobs))
+    finally:
+        reg.stop()
+
+    pulled = skopeo_pull(conf, blackhole.host, "test/small", "v1", tmp_path / "by-tag")
+    assert pulled.manifest == small.manifest_bytes
+    mirror.restart()
+    pulled = skopeo_pull(
+        conf, blackhole.host, "test/small", f"@{small.manifest.digest}", tmp_path / "by-digest"
+    )
+    assert pulled.manifest == small.manifest_bytes
+    assert pulled.blobs == digests(small.blobs)
+
+
+# --- integrity -------------------------------------------------------------------------------
+
+
+def _get_blob_outcome(host: str, path: str, expected: bytes) -> str:
+    """'ok' when the full, correct body arrived; 'wrong' for a complete but different body;
+    'aborted' when the connection broke or the body was cut short."""
+    try:
+        r = http_request(host, "GET", path, timeout=30)
+    except (http.client.IncompleteRead, ConnectionError, http.client.HTTPException):
+        return "aborted"
+    if r.status != 200:
+        return f"status {r.status}"
+    if r.body == expected:
+        return "ok"
+    return "wrong"
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("damage", ["corrupt", "truncate"])
+def test_bad_upstream_bytes_are_never_cached(
+    mirror: MirrorProcess,
+    registries_conf: Path,
+    blackhole: ClosedPort,
+    upstream: UpstreamRegistry,
+    tmp_path: Path,
+    damage: str,
+) -> None:
+    """The upstream serves bytes that do not match the digest (its storage was tampered
+    with): the client's transfer is aborted, nothing is cached, the next request retries."""
+    layout = oci.OCILayout(tmp_path / "layout")
+    img = oci.build_image(layout.blobs_dir, [2 * MB])
+    layout.add(img, "bad")
+    layout.write_index()
+    repo = f"test/{damage}"
+    upstream.push(layout, "bad", img, repo, "v1")
+    layer = img.layers[0]
+    good = layer.read()
+    data_path = upstream.registry.blob_data_path(layer.digest)
+    assert data_path.read_bytes() == good
+    if damage == "corrupt":
+        bad = bytearray(good)
+        bad[len(bad) // 2] ^= 0xFF
+        data_path.write_bytes(bytes(bad))
+    else:
+        data_path.write_bytes(good[: len(good) - 4096])
+
+    path = f"/v2/{repo}/blobs/{layer.digest}"
+    mark = upstream.registry.mark()
+    outcome = _get_blob_outcome(mirror.host, path, good)
+    # Streamed: headers went out before the digest could be checked, so the transfer must
+    # break off (a 502 before any header would also do).
+    assert outcome in ("aborted", "status 502"), outcome
+    mirror.wait_log(lambda _: len(mirror.requests_for(path, "GET")) >= 1)
+    assert layer.digest not in mirror.cached_digests()
+    mirror.verify_cache()
+
+    # Not cached: the next request goes to the upstream again (and fails the same way).
+    outcome = _get_blob_outcome(mirror.host, path, good)
+    assert outcome != "ok"
+    assert upstream.registry.blob_gets(mark)[layer.digest] == 2
+    assert layer.digest not in mirror.cached_digests()
+
+    # A real client fails instead of storing bad bytes.
+    res = skopeo_copy(
+        f"docker://{blackhole.host}/{repo}:v1",
+        f"dir:{tmp_path / 'out'}",
+        registries_conf=registries_conf,
+        check=False,
+    )
+    assert res.returncode != 0
+    wait_until(lambda: mirror.tmp_files() == [], 10, what="temporary files removed")
+    assert layer.digest not in mirror.verify_cache()
+
+    # Once the upstream is repaired, the blob is fetched and cached.
+    data_path.write_bytes(good)
+    assert _get_blob_outcome(mirror.host, path, good) == "ok"
+    mirror.wait_cached([layer.digest])
+
+
+# --- resources -------------------------------------------------------------------------------
+
+
+def _peak_rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmHWM in /proc/<pid>/status")
+
+
+@pytest.mark.timeout(180)
+def test_memory_stays_flat_for_a_100mb_blob(
+    mirror: MirrorProcess, test_images: oci.ImageSet
+) -> None:
+    """Streaming, not buffering: the mirror's peak RSS grows far less than the blob size,
+    on a miss (upstream → disk + client) and on a hit."""
+    assert mirror.proc is not None
+    pid = mirror.proc.pid
+    small = test_images.small.layers[0]
+    assert http_request(mirror.host, "GET", f"/v2/test/small/blobs/{small.digest}").status == 200
+    before = _peak_rss_kib(pid)
+    biggest = max(test_images.big.layers, key=lambda b: b.size)
+    path = f"/v2/test/big/blobs/{biggest.digest}"
+    for i in range(2):
+        if i:
+            mirror.wait_cached([biggest.digest])
+        r = http_request(mirror.host, "GET", path, timeout=120)
+        assert r.status == 200 and len(r.body) == biggest.size
+        assert hashlib.sha256(r.body).hexdigest() == biggest.hex
+        del r
+    grown_mib = (_peak_rss_kib(pid) - before) / 1024
+    assert grown_mib < 40, f"mirror peak RSS grew by {grown_mib:.0f} MiB for a 100 MiB blob"
+
+
+# --- command line --------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize(
+    ("key", "kwargs", "url"),
+    [
+        ("bogus", {"cache_extra": {"bogus": 1}}, None),
+        ("max_size", {"max_size": "20XB"}, None),
+        ("tag_ttl", {"tag_ttl": "soon"}, None),
+        ("url", {}, "ftp://example"),
+        ("listen", {"server_extra": {"listen": "nowhere"}}, None),
+    ],
+)
+def test_bad_config_exits_2_with_one_line(
+    tmp_path: Path,
+    upstream: UpstreamRegistry,
+    key: str,
+    kwargs: dict[str, Any],
+    url: str | None,
+) -> None:
+    m = MirrorProcess(
+        tmp_path / "m", [Upstream(name=upstream.host, url=url or upstream.url)], **kwargs
+    )
+    m.write_config()
+    res = run_cmd(m.command(), timeout=60, check=False)
+    assert res.returncode == 2, (res.returncode, res.stderr)
+    lines = [x for x in res.stderr.splitlines() if x.strip()]
+    assert len(lines) == 1, res.stderr
+    assert "Traceback" not in res.stderr
+    assert str(m.config_path) in lines[0] and key in lines[0], lines[0]
+
+
+@pytest.mark.timeout(60)
+def test_help(tmp_path: Path) -> None:
+    for args in (["--help"], ["serve", "--help"]):
+        res = run_cmd([sys.executable, "-m", "mirror", *args], timeout=30)
+        assert "--config" in res.stdout or args == ["--help"], res.stdout
+        assert res.stdout.strip()

@@ -21,10 +21,15 @@ from tests.support.clients import (
     write_registries_conf,
 )
 from tests.support.mirror import MirrorProcess, Upstream
-from tests.support.registry import ClosedPort
+from tests.support.registry import BASIC_PASSWORD, BASIC_USER, ClosedPort, Registry
 from tests.support.tokenserver import TokenServer
 
 pytestmark = pytest.mark.integration
+
+TOKEN_USERS: dict[str, tuple[str, list[str]]] = {
+    "admin": ("adminpw", ["pull", "push"]),
+    "reader": ("readerpw", ["pull"]),
+}
 
 ACCEPT_ALL = [
     ("Accept", t)
@@ -168,3 +173,89 @@ def test_token_pull_second_time_from_cache(
     _pull(mirror, blackhole, "private/small", tmp_path / "two")
     assert verify_dir(tmp_path / "two").manifest == test_images.small.manifest_bytes
     assert token_upstream.registry.blob_gets(mark) == {}
+
+
+# --- Basic auth (distribution's htpasswd) ----------------------------------------------------
+
+
+@pytest.mark.timeout(120)
+def test_basic_auth_upstream(
+    mirror_factory: Any,
+    basic_upstream: UpstreamRegistry,
+    blackhole: ClosedPort,
+    test_images: oci.ImageSet,
+    tmp_path: Path,
+) -> None:
+    small = test_images.small
+    mirror = _mirror(mirror_factory, basic_upstream, blackhole, BASIC_USER, BASIC_PASSWORD)
+    _pull(mirror, blackhole, "test/small", tmp_path / "out")
+    pulled = verify_dir(tmp_path / "out")
+    assert pulled.manifest == small.manifest_bytes
+    assert pulled.blobs == {b.digest for b in small.blobs}
+    mirror.wait_cached(b.digest for b in small.all_blobs)
+    assert {b.digest for b in small.all_blobs} <= mirror.verify_cache()
+
+
+@pytest.mark.timeout(120)
+def test_basic_auth_upstream_without_credentials(
+    mirror_factory: Any, basic_upstream: UpstreamRegistry, blackhole: ClosedPort
+) -> None:
+    mirror = _mirror(mirror_factory, basic_upstream, blackhole)
+    r = http_request(mirror.host, "GET", "/v2/test/small/manifests/v1", ACCEPT_ALL)
+    assert r.status in (401, 403), (r.status, r.body[:300])
+    assert r.json()["errors"][0]["code"] in {"UNAUTHORIZED", "DENIED"}
+    # The upstream's Basic challenge must not be relayed as-is: the client has no
+    # credentials for the upstream, and dockerd would send its Docker Hub ones.
+    assert "mirror-tests-basic" not in (r.header("WWW-Authenticate") or "")
+
+
+@pytest.mark.timeout(120)
+def test_rejected_cached_token_is_refreshed_once(
+    mirror_factory: Any,
+    blackhole: ClosedPort,
+    test_images: oci.ImageSet,
+    tmp_path: Path,
+) -> None:
+    """A cached token that the upstream suddenly rejects (signing key rotated, registry
+    restarted) leads to one new token and a successful retry, not an error."""
+    ts = TokenServer(tmp_path / "tokens", users=dict(TOKEN_USERS)).start()
+    reg = Registry(tmp_path / "registry", auth=ts.registry_auth_config()).start()
+    try:
+        up = UpstreamRegistry(reg)
+        small = test_images.small
+        up.push(test_images.layout, "small", small, "public/small", "v1", creds="admin:adminpw")
+        mirror = _mirror(mirror_factory, up, blackhole)
+        path = f"/v2/public/small/blobs/{small.layers[0].digest}"
+        r = http_request(mirror.host, "GET", path)
+        assert r.status == 200 and r.body == small.layers[0].read()
+
+        ts.rotate_key()
+        reg.restart()
+        start = len(ts.requests)
+        r = http_request(mirror.host, "GET", f"/v2/public/small/blobs/{small.layers[1].digest}")
+        assert r.status == 200, (r.status, r.body[:300])
+        assert r.body == small.layers[1].read()
+        assert len(_scoped(ts, start, "public/small")) == 1, ts.requests[start:]
+    finally:
+        reg.stop()
+        ts.stop()
+
+
+@pytest.mark.timeout(120)
+def test_token_request_names_service_and_scope(
+    mirror_factory: Any,
+    token_upstream: UpstreamRegistry,
+    token_server: TokenServer,
+    blackhole: ClosedPort,
+    test_images: oci.ImageSet,
+) -> None:
+    mirror = _mirror(mirror_factory, token_upstream, blackhole)
+    start = len(token_server.requests)
+    r = http_request(mirror.host, "GET", "/v2/public/small/manifests/v1", ACCEPT_ALL)
+    assert r.status == 200 and r.body == test_images.small.manifest_bytes
+    reqs = token_server.requests[start:]
+    assert reqs, "no token requested"
+    for req in reqs:
+        assert req.query.get("service") == [token_server.service], req
+        assert "repository:public/small:pull" in req.scopes, req
+        assert req.user is None

@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
+
 from . import oci
 from .registry import Registry, env_without_proxies, wait_until
 
@@ -154,10 +156,18 @@ def skopeo_copy(
 
 
 def skopeo_copy_async(
-    src: str, dest: str, *, registries_conf: Path | None = None, log_path: Path
+    src: str,
+    dest: str,
+    *,
+    registries_conf: Path | None = None,
+    log_path: Path,
+    all_platforms: bool = False,
 ) -> subprocess.Popen[bytes]:
-    """Start `skopeo copy` in the background (stdout+stderr to log_path)."""
+    """Start `skopeo copy` in the background (stdout+stderr to log_path); pair it with
+    `wait_for_exit(proc, timeout)`."""
     args = [*skopeo_base(registries_conf), "copy", "--retry-times", "0", "--src-no-creds"]
+    if all_platforms:
+        args += ["--all", "--preserve-digests"]
     if registries_conf is None:
         args += ["--src-tls-verify=false"]
     args += [src, dest]
@@ -194,6 +204,28 @@ class PulledDir:
     blobs: frozenset[str]
     # Per-instance manifests of a multi-arch copy (`--all`): digest -> bytes.
     instance_manifests: dict[str, bytes]
+
+
+def skopeo_pull(
+    registries_conf: Path,
+    registry: str,
+    repo: str,
+    tag: str,
+    out: Path,
+    all_platforms: bool = False,
+    timeout: float = 180.0,
+) -> PulledDir:
+    """`skopeo copy docker://REGISTRY/REPO:TAG dir:OUT` through registries_conf, then
+    `verify_dir(OUT)`. For a pull by digest pass tag="@sha256:<hex>"."""
+    sep = "" if tag.startswith("@") else ":"
+    skopeo_copy(
+        f"docker://{registry}/{repo}{sep}{tag}",
+        f"dir:{out}",
+        registries_conf=registries_conf,
+        all_platforms=all_platforms,
+        timeout=timeout,
+    )
+    return verify_dir(out)
 
 
 def verify_dir(out: Path) -> PulledDir:
@@ -437,6 +469,11 @@ class UpstreamRegistry:
         push_oci_layout(layout.ref(layout_tag), f"docker://{self.host}/{repo}:{tag}", creds=creds)
         self.pushed.setdefault(repo, {})[tag] = artifact
 
+    def push_direct(self, artifact: oci.Image | oci.ImageIndex, repo: str, tag: str) -> None:
+        """Push over the registry API (any media type; unauthenticated registries only)."""
+        push_direct(self.url, repo, tag, artifact)
+        self.pushed.setdefault(repo, {})[tag] = artifact
+
 
 # --- raw HTTP ---------------------------------------------------------------------------
 
@@ -484,3 +521,45 @@ def http_request(
         return RawResponse(resp.status, list(resp.getheaders()), data)
     finally:
         conn.close()
+
+
+def push_direct(
+    registry_url: str,
+    repo: str,
+    tag: str,
+    artifact: oci.Image | oci.ImageIndex,
+    timeout: float = 120.0,
+) -> None:
+    """Push an image or index with the registry API itself (any manifest media type, e.g.
+    Docker schema 2, which skopeo's oci: transport cannot carry). Unauthenticated."""
+    images = artifact.images if isinstance(artifact, oci.ImageIndex) else (artifact,)
+    with httpx.Client(base_url=registry_url, timeout=timeout, trust_env=False) as c:
+        for img in images:
+            for blob in img.blobs:
+                if c.head(f"/v2/{repo}/blobs/{blob.digest}").status_code == 200:
+                    continue
+                r = c.post(f"/v2/{repo}/blobs/uploads/")
+                assert r.status_code == 202, (r.status_code, r.text)
+                location = r.headers["Location"]
+                sep = "&" if "?" in location else "?"
+                with blob.path.open("rb") as f:
+                    r = c.put(
+                        f"{location}{sep}digest={blob.digest}",
+                        content=f.read(),
+                        headers={"Content-Type": "application/octet-stream"},
+                    )
+                assert r.status_code == 201, (r.status_code, r.text)
+            ref = tag if img is artifact else img.manifest.digest
+            r = c.put(
+                f"/v2/{repo}/manifests/{ref}",
+                content=img.manifest_bytes,
+                headers={"Content-Type": img.manifest.media_type},
+            )
+            assert r.status_code == 201, (r.status_code, r.text)
+        if isinstance(artifact, oci.ImageIndex):
+            r = c.put(
+                f"/v2/{repo}/manifests/{tag}",
+                content=artifact.index_bytes,
+                headers={"Content-Type": artifact.index.media_type},
+            )
+            assert r.status_code == 201, (r.status_code, r.text)

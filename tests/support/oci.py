@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import tarfile
+import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +28,8 @@ OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
 OCI_LAYER_TAR = "application/vnd.oci.image.layer.v1.tar"
 DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 DOCKER_MANIFEST_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
+DOCKER_LAYER_GZIP = "application/vnd.docker.image.rootfs.diff.tar.gzip"
 
 REF_NAME = "org.opencontainers.image.ref.name"
 _CHUNK = 1 << 20
@@ -191,6 +194,36 @@ def write_random_layer(blobs_dir: Path, size: int, name: str = "random.bin") -> 
     return Blob(digest, total, OCI_LAYER_TAR, path)
 
 
+def write_random_gzip_layer(
+    blobs_dir: Path, size: int, name: str = "random.bin"
+) -> tuple[Blob, str]:
+    """A gzip-compressed tar layer of `size` random bytes; returns it and its diff_id."""
+    tmp_dir = blobs_dir / "sha256"
+    tmp_dir.mkdir(parents=True, exist_ok=True)
+    tmp = tmp_dir / f".layer-{os.getpid()}-{os.urandom(6).hex()}.tmp"
+    h_tar = hashlib.sha256()
+    h_gz = hashlib.sha256()
+    total = 0
+    comp = zlib.compressobj(1, zlib.DEFLATED, 31)  # wbits 31: gzip framing
+    with tmp.open("wb") as f:
+
+        def put(data: bytes) -> None:
+            nonlocal total
+            if data:
+                h_gz.update(data)
+                f.write(data)
+                total += len(data)
+
+        for chunk in _random_tar_chunks(size, name):
+            h_tar.update(chunk)
+            put(comp.compress(chunk))
+        put(comp.flush())
+    digest = "sha256:" + h_gz.hexdigest()
+    path = _blob_path(blobs_dir, digest)
+    tmp.replace(path)
+    return Blob(digest, total, DOCKER_LAYER_GZIP, path), "sha256:" + h_tar.hexdigest()
+
+
 def build_image(
     blobs_dir: Path,
     layer_sizes: Iterable[int],
@@ -198,46 +231,62 @@ def build_image(
     arch: str = "amd64",
     os_name: str = "linux",
     labels: dict[str, str] | None = None,
+    docker: bool = False,
 ) -> Image:
-    """An OCI image whose layers hold the given numbers of random bytes."""
-    layers = tuple(
-        write_random_layer(blobs_dir, size, name=f"layer{i}-{arch}.bin")
-        for i, size in enumerate(layer_sizes)
-    )
+    """An image whose layers hold the given numbers of random bytes: OCI (uncompressed tar
+    layers) or, with docker=True, Docker schema 2 (gzip layers)."""
+    diff_ids: list[str] = []
+    layer_list: list[Blob] = []
+    for i, size in enumerate(layer_sizes):
+        name = f"layer{i}-{arch}.bin"
+        if docker:
+            blob, diff_id = write_random_gzip_layer(blobs_dir, size, name=name)
+        else:
+            blob = write_random_layer(blobs_dir, size, name=name)
+            diff_id = blob.digest
+        layer_list.append(blob)
+        diff_ids.append(diff_id)
+    layers = tuple(layer_list)
     config_obj = {
         "architecture": arch,
         "os": os_name,
         "created": "2024-01-01T00:00:00Z",
         "config": {"Labels": labels or {}, "Cmd": ["/bin/true"]},
-        "rootfs": {"type": "layers", "diff_ids": [layer.digest for layer in layers]},
+        "rootfs": {"type": "layers", "diff_ids": diff_ids},
         "history": [{"created": "2024-01-01T00:00:00Z", "created_by": "tests"} for _ in layers],
     }
-    config = write_blob(blobs_dir, canonical_json(config_obj), OCI_CONFIG)
+    manifest_type = DOCKER_MANIFEST if docker else OCI_MANIFEST
+    config = write_blob(
+        blobs_dir, canonical_json(config_obj), DOCKER_CONFIG if docker else OCI_CONFIG
+    )
     manifest_obj = {
         "schemaVersion": 2,
-        "mediaType": OCI_MANIFEST,
+        "mediaType": manifest_type,
         "config": config.descriptor(),
         "layers": [layer.descriptor() for layer in layers],
     }
     # Indented on purpose: a mirror that re-serializes the JSON changes the digest.
     manifest_bytes = json.dumps(manifest_obj, indent=3).encode() + b"\n"
-    manifest = write_blob(blobs_dir, manifest_bytes, OCI_MANIFEST)
+    manifest = write_blob(blobs_dir, manifest_bytes, manifest_type)
     return Image(manifest, config, layers, manifest_bytes, arch, os_name)
 
 
-def build_index(blobs_dir: Path, images: Iterable[Image]) -> ImageIndex:
-    """An OCI image index over single-platform images."""
+def build_index(
+    blobs_dir: Path, images: Iterable[Image], *, docker: bool = False
+) -> ImageIndex:
+    """An OCI image index (or, with docker=True, a Docker manifest list) over images."""
     images = tuple(images)
+    index_type = DOCKER_MANIFEST_LIST if docker else OCI_INDEX
     index_obj = {
         "schemaVersion": 2,
-        "mediaType": OCI_INDEX,
+        "mediaType": index_type,
         "manifests": [
             img.manifest.descriptor(platform={"architecture": img.arch, "os": img.os})
             for img in images
         ],
     }
     index_bytes = json.dumps(index_obj, indent=3).encode() + b"\n"
-    index = write_blob(blobs_dir, index_bytes, OCI_INDEX)
+    index = write_blob(blobs_dir, index_bytes, index_type)
     return ImageIndex(index, index_bytes, images)
 
 
@@ -271,9 +320,12 @@ class OCILayout:
 
 @dataclass(frozen=True)
 class ImageSet:
-    """The session's test images, all in one OCI layout (tags "big", "multi", "small")."""
+    """The session's test images. OCI ones in one OCI layout (tags "big", "multi", "small");
+    the Docker schema 2 ones (pushed over HTTP, see clients.push_direct) are not in it."""
 
     layout: OCILayout
     big: Image
     multi: ImageIndex
     small: Image
+    docker: Image
+    docker_list: ImageIndex

@@ -104,7 +104,15 @@ class AccessEntry:
 class Registry:
     """A docker-registry process with its own storage, config and captured logs."""
 
-    def __init__(self, workdir: Path, auth: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        auth: dict[str, Any] | None = None,
+        extra_config: dict[str, Any] | None = None,
+    ) -> None:
+        """`auth`: the config's `auth:` section (see tokenserver / htpasswd_auth).
+        `extra_config`: more top-level sections, e.g. {"proxy": {"remoteurl": URL}} for
+        distribution's own pull-through proxy mode."""
         if shutil.which(REGISTRY_BIN) is None:
             raise RuntimeError(f"{REGISTRY_BIN} not installed (apt-get install docker-registry)")
         self.workdir = workdir
@@ -114,6 +122,7 @@ class Registry:
         self.access_log_path = workdir / "access.log"
         self.stderr_path = workdir / "registry.stderr"
         self.auth = auth
+        self.extra_config = dict(extra_config or {})
         self.port = free_port()
         self.host = f"{HOST}:{self.port}"
         self.url = f"http://{self.host}"
@@ -132,6 +141,7 @@ class Registry:
         }
         if self.auth:
             cfg["auth"] = self.auth
+        cfg.update(self.extra_config)
         return cfg
 
     def start(self, timeout: float = 20.0) -> Registry:
@@ -170,6 +180,19 @@ class Registry:
                 self.proc.kill()
                 self.proc.wait(timeout=10)
         self.proc = None
+
+    def blob_data_path(self, digest: str) -> Path:
+        """Where the filesystem driver keeps a blob's bytes: overwrite it to make the
+        registry serve corrupt or truncated content (it does not verify on read)."""
+        algo, hexd = digest.split(":", 1)
+        return (
+            self.storage / "docker" / "registry" / "v2" / "blobs" / algo / hexd[:2] / hexd / "data"
+        )
+
+    def restart(self, timeout: float = 20.0) -> Registry:
+        """Stop and start again on the same port and storage (config re-read)."""
+        self.stop()
+        return self.start(timeout)
 
     def stderr(self) -> str:
         try:
@@ -306,6 +329,21 @@ class ThrottledProxy:
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(timeout=10)
             self._loop.close()
+
+
+# A bcrypt hash of BASIC_PASSWORD (distribution's htpasswd accepts bcrypt only); made with
+# crypt.crypt("basicpw", crypt.mksalt(crypt.METHOD_BLOWFISH, rounds=16)).
+BASIC_USER = "basicuser"
+BASIC_PASSWORD = "basicpw"
+_BASIC_BCRYPT = "$2b$04$8OHYCSrPQ2bZ6ej/J941UOLvRZPd2FNyAmjt3yr9OR.JITzoWrq/."
+
+
+def htpasswd_auth(workdir: Path) -> dict[str, Any]:
+    """An `auth: htpasswd` section (Basic auth) with one user, BASIC_USER/BASIC_PASSWORD."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    path = workdir / "htpasswd"
+    path.write_text(f"{BASIC_USER}:{_BASIC_BCRYPT}\n")
+    return {"htpasswd": {"realm": "mirror-tests-basic", "path": str(path)}}
 
 
 def env_without_proxies() -> dict[str, str]:

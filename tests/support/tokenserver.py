@@ -122,6 +122,13 @@ class TokenServer:
         self._thread: threading.Thread | None = None
         self.port = 0
 
+    def rotate_key(self) -> None:
+        """Sign with a new key and certificate from now on (rewrites cert_path). A registry
+        started before the rotation rejects the new tokens, one restarted after it rejects
+        the old ones: that makes a cached token go bad without waiting for it to expire."""
+        self.key, self.cert = make_signing_cert()
+        self.cert_path.write_bytes(self.cert.public_bytes(serialization.Encoding.PEM))
+
     @property
     def realm(self) -> str:
         return f"http://{HOST}:{self.port}/token"
