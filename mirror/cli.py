@@ -48,11 +48,12 @@ def cmd_status(config: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_gc(config: Config, args: argparse.Namespace) -> int:
-    from mirror.eviction import evict, exclusive, pinned_digests
+    from mirror.eviction import evict, pinned_digests
+    from mirror.locks import try_exclusive
     from mirror.runtime import open_cache
     from mirror.status import human
 
-    with open_cache(config) as (store, index), exclusive(str(store.lock_path("evict"))) as mine:
+    with open_cache(config) as (store, index), try_exclusive(str(store.lock_path("evict"))) as mine:
         if not mine:
             print("mirror: gc: another process is evicting right now; try again shortly",
                   file=sys.stderr)

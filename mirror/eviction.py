@@ -3,16 +3,14 @@ watermark; pinned images (their manifests and every blob they reference) never g
 
 Content being downloaded lives in tmp/ and is not in the index, so it is never a candidate.
 A blob a client is streaming from the store may be unlinked: its open fd keeps the bytes.
-One evictor runs at a time across worker processes (an flock on `evict.lock`).
+One evictor runs at a time across worker processes (`locks.try_exclusive` on `evict.lock`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
-import os
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from mirror import metrics
@@ -69,21 +67,6 @@ def pinned_digests(pins: Iterable[str], upstreams: list[str], store: BlobStore,
         if root is not None:
             pinned |= image_digests(store, root)
     return pinned
-
-
-@contextlib.contextmanager
-def exclusive(path: str) -> Iterator[bool]:
-    """Yields whether this process got the lock (another one may be evicting already)."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield False
-            return
-        yield True
-    finally:
-        os.close(fd)
 
 
 def evict(store: BlobStore, index: Index, target: int, pinned: set[Digest],

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import os
 import time
@@ -23,8 +24,9 @@ from cachetools import LRUCache, TLRUCache
 from mirror import metrics
 from mirror.config import Config
 from mirror.errors import RegistryError
-from mirror.eviction import EvictionResult, evict, exclusive, pinned_digests
+from mirror.eviction import EvictionResult, evict, pinned_digests
 from mirror.index import Index, TagEntry
+from mirror.locks import exclusive, try_exclusive
 from mirror.mediatypes import (
     IMAGE_TYPES,
     SCHEMA1_TYPES,
@@ -43,6 +45,7 @@ T = TypeVar("T")
 MAX_MANIFEST_BYTES = 4 * 1024 * 1024
 MEMORY_MANIFEST_BYTES = 64 * 1024 * 1024
 FLUSH_SECONDS = 2.0
+WORKER_LOCK_WAIT = 30.0  # seconds a worker waits for another's manifest fetch
 # Answers from the upstream that stale-if-error covers (it is down, failing or rate limiting).
 STALE_CODES = frozenset({"UPSTREAM_UNREACHABLE", "UPSTREAM_UNAVAILABLE", "UPSTREAM_TIMEOUT",
                          "TOOMANYREQUESTS"})
@@ -109,7 +112,7 @@ class Proxy:
             self._wake.set()
 
     def _rebuild_index(self) -> None:
-        with exclusive(str(self.store.lock_path("rebuild"))) as mine:
+        with try_exclusive(str(self.store.lock_path("rebuild"))) as mine:
             if mine and not self.index.entries_complete():
                 self.index.rebuild_entries(self.store.iter_stored())
 
@@ -138,7 +141,7 @@ class Proxy:
 
     def evict(self, target: int | None = None) -> EvictionResult | None:
         """Evict down to the low watermark (or `target`); None if another process is at it."""
-        with exclusive(str(self.store.lock_path("evict"))) as mine:
+        with try_exclusive(str(self.store.lock_path("evict"))) as mine:
             if not mine:
                 return None
             pinned = pinned_digests(self.config.cache.pin, list(self.upstreams), self.store,
@@ -271,9 +274,21 @@ class Proxy:
 
     async def _fetch_manifest(self, upstream: Upstream, repository: str, reference: str,
                               accept: tuple[str, ...], tag: str | None = None) -> Manifest:
+        """GET a manifest upstream, once for all concurrent requests of every worker."""
         key = ("GET", upstream.name, repository, reference, *accept)
-        headers, data = await self._coalesce(
-            key, lambda: self._upstream_manifest(upstream, repository, reference, accept, "GET"))
+        return await self._coalesce(key, lambda: self._fetch_manifest_across_workers(
+            key, upstream, repository, reference, accept, tag))
+
+    async def _fetch_manifest_across_workers(
+            self, key: tuple[str, ...], upstream: Upstream, repository: str, reference: str,
+            accept: tuple[str, ...], tag: str | None) -> Manifest:
+        name = hashlib.sha256("\0".join(key).encode()).hexdigest()[:40]
+        async with exclusive(str(self.store.lock_path(f"manifest-{name}")), WORKER_LOCK_WAIT):
+            fetched = self._fetched_by_another_worker(upstream, repository, reference, accept)
+            if fetched is not None:
+                return fetched
+            headers, data = await self._upstream_manifest(upstream, repository, reference,
+                                                          accept, "GET")
         assert data is not None
         media_type = headers.get("Content-Type", "").split(";")[0].strip()
         ttl = self.config.cache.tag_ttl if tag else None
@@ -303,6 +318,17 @@ class Proxy:
         if self.config.cache.prefetch and media_type in IMAGE_TYPES:
             self._prefetch(upstream, repository, data)
         return Manifest(digest, media_type, len(data), data, "miss", ttl)
+
+    def _fetched_by_another_worker(self, upstream: Upstream, repository: str, reference: str,
+                                   accept: tuple[str, ...]) -> Manifest | None:
+        """What a worker that held the fetch lock before us stored meanwhile."""
+        if ":" in reference:
+            return self._from_cache(parse_digest(reference), "hit")
+        entry = self.index.get_tag(upstream.name, repository, reference)
+        ttl = self.config.cache.tag_ttl
+        if entry is None or entry.age() >= ttl or not is_acceptable(entry.media_type, accept):
+            return None
+        return self._from_cache(parse_digest(entry.digest), "hit", ttl - entry.age())
 
     def _verify_manifest(self, upstream: Upstream, reference: str, headers: dict[str, str],
                          data: bytes) -> Digest:

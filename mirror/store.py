@@ -55,7 +55,8 @@ class BlobStore:
         self.blobs_dir = root / "blobs"
         self.tmp_dir = root / "tmp"
         self.index_dir = root / "index"
-        for d in (self.blobs_dir, self.tmp_dir):
+        self.locks_dir = root / "locks"
+        for d in (self.blobs_dir, self.tmp_dir, self.locks_dir):
             d.mkdir(parents=True, exist_ok=True)
 
     # paths -------------------------------------------------------------------------------
@@ -63,7 +64,7 @@ class BlobStore:
         return self.blobs_dir / digest.algorithm / digest.hex[:2] / digest.hex
 
     def lock_path(self, name: str) -> Path:
-        return self.root / f"{name}.lock"
+        return self.locks_dir / f"{name}.lock"
 
     def partial_path(self, digest: Digest) -> Path:
         return self.tmp_dir / f"{digest.algorithm}-{digest.hex}{PARTIAL_SUFFIX}"
@@ -164,6 +165,9 @@ class BlobStore:
         and is kept.
         """
         removed = 0
+        for lock in self.locks_dir.iterdir():
+            if not is_locked(lock):
+                lock.unlink(missing_ok=True)
         for entry in self.tmp_dir.iterdir():
             partial = entry.name.split(PARTIAL_SUFFIX)[0] + PARTIAL_SUFFIX
             if PARTIAL_SUFFIX in entry.name and is_locked(self.tmp_dir / partial):

@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.conftest import MirrorFactory
 from tests.support import clients, oci
 from tests.support.mirror import MirrorProcess
-from tests.support.registry import ClosedPort, env_without_proxies
+from tests.support.registry import ClosedPort, env_without_proxies, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -113,6 +113,9 @@ def test_status_page_in_chromium(tmp_path: Path, mirror_factory: MirrorFactory,
     for out in ("one", "two"):  # a cold pull, then a warm one: misses and hits
         clients.skopeo_pull(registries_conf, blackhole.host, "test/small", "v1", tmp_path / out)
     mirror.wait_log(lambda log: len([e for e in log if "/blobs/" in str(e["path"])]) >= 4)
+    # Each worker publishes its pull counts once a second: wait until the page has them.
+    wait_until(lambda: f"<td>{blackhole.host}/test/small</td>" in httpx.get(
+        f"{mirror.url}/", trust_env=False).text, 10, what="the most-pulled table")
 
     dom = run_chromium(tmp_path, "--dump-dom", f"{mirror.url}/")
     metrics = scrape(mirror)

@@ -1,0 +1,49 @@
+"""File locks that coordinate worker processes sharing a cache dir (they die with their
+holder, so a crashed worker never leaves one behind)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import os
+import time
+from collections.abc import AsyncIterator, Iterator
+
+POLL_SECONDS = 0.005
+
+
+@contextlib.contextmanager
+def try_exclusive(path: str) -> Iterator[bool]:
+    """Yields whether this process got the lock at once (another may hold it)."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)
+
+
+@contextlib.asynccontextmanager
+async def exclusive(path: str, give_up_after: float) -> AsyncIterator[bool]:
+    """Waits (without blocking the event loop) for the lock; yields False when
+    `give_up_after` seconds passed first, and the caller goes on without it."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    deadline = time.monotonic() + give_up_after
+    try:
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    yield False
+                    return
+                await asyncio.sleep(POLL_SECONDS)
+        yield True
+    finally:
+        os.close(fd)
