@@ -157,6 +157,11 @@ async def _head(request: web.Request, headers: dict[str, str]) -> web.StreamResp
 
 async def blob(request: web.Request, proxy: Proxy, upstream: Upstream, repository: str,
                digest: Digest) -> web.StreamResponse:
+    if etag_matches(request.headers.get("If-None-Match"), digest):
+        # Content named by its digest never changes: a client holding that ETag holds the
+        # blob, whether or not it is cached here.
+        headers = content_headers(digest, "application/octet-stream", None)
+        return web.Response(status=304, headers={**headers, "Accept-Ranges": "bytes"})
     source, request[CACHE] = await proxy.blob(upstream, repository, digest,
                                               request.method == "HEAD")
     if isinstance(source, StoredBlob):

@@ -330,6 +330,9 @@ def test_kill9_during_cold_pull_then_restart(
         mirror.wait_cached(digests(big.all_blobs))
         assert digests(big.all_blobs) <= mirror.verify_cache()
         assert mirror.tmp_files() == []
+        verify = run_cmd([sys.executable, "-m", "mirror", "verify", "--config",
+                          str(mirror.config_path)], timeout=120, check=False)
+        assert verify.returncode == 0 and " 0 bad" in verify.stdout, verify
     finally:
         proxy.stop()
 
