@@ -283,12 +283,17 @@ class Proxy:
             self, key: tuple[str, ...], upstream: Upstream, repository: str, reference: str,
             accept: tuple[str, ...], tag: str | None) -> Manifest:
         name = hashlib.sha256("\0".join(key).encode()).hexdigest()[:40]
+        # Held until the manifest is stored and its tag recorded, so the next worker finds it.
         async with exclusive(str(self.store.lock_path(f"manifest-{name}")), WORKER_LOCK_WAIT):
             fetched = self._fetched_by_another_worker(upstream, repository, reference, accept)
             if fetched is not None:
                 return fetched
-            headers, data = await self._upstream_manifest(upstream, repository, reference,
-                                                          accept, "GET")
+            return await self._fetch_and_store(upstream, repository, reference, accept, tag)
+
+    async def _fetch_and_store(self, upstream: Upstream, repository: str, reference: str,
+                               accept: tuple[str, ...], tag: str | None) -> Manifest:
+        headers, data = await self._upstream_manifest(upstream, repository, reference, accept,
+                                                      "GET")
         assert data is not None
         media_type = headers.get("Content-Type", "").split(";")[0].strip()
         ttl = self.config.cache.tag_ttl if tag else None

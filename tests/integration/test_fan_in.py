@@ -31,7 +31,10 @@ def test_eight_concurrent_cold_skopeo_pulls_fetch_each_blob_once(
     # A slowed upstream (100 MB/s) so that all eight pulls overlap the downloads.
     proxy = ThrottledProxy(upstream.registry.port, rate=100 * MB).start()
     try:
-        mirror: MirrorProcess = mirror_factory([Upstream(name=blackhole.host, url=proxy.url)])
+        # Two workers: the requests are spread over both processes, which must still make
+        # one upstream request per blob and per manifest between them.
+        mirror: MirrorProcess = mirror_factory([Upstream(name=blackhole.host, url=proxy.url)],
+                                               server_extra={"workers": 2})
         conf = write_registries_conf(tmp_path / "r.conf", blackhole.host, [mirror.host])
         mark = upstream.registry.mark()
         procs = [skopeo_copy_async(f"docker://{blackhole.host}/test/big:v1",

@@ -145,7 +145,9 @@ def test_status_page_in_chromium(tmp_path: Path, mirror_factory: MirrorFactory,
     shot = tmp_path / "status.png"
     run_chromium(tmp_path, f"--screenshot={shot}", f"{mirror.url}/")
     width, height, rows = png_pixels(shot)
-    shutil.copy(shot, Path(__file__).resolve().parents[2] / ".pytest_cache" / "status.png")
+    keep = Path(__file__).resolve().parents[2] / ".pytest_cache" / "status.png"
+    keep.parent.mkdir(exist_ok=True)  # for a person to look at after the run
+    shutil.copy(shot, keep)
     assert (width, height) == (1280, 1100)
     pixels = {row[i:i + 3] for row in rows[::4] for i in range(0, len(row), 12)}
     assert len(pixels) > 20, "a blank page"
