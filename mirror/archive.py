@@ -101,13 +101,8 @@ def _media_types(store: BlobStore, index: Index, descriptor: dict[str, object]) 
     index.set_media_type(digest, media_type if isinstance(media_type, str)
                          else mt.sniff_media_type(data))
     index.add_entry(digest, len(data), "manifest")
-    try:
-        doc = json.loads(data)
-    except ValueError:
-        return
-    for child in doc.get("manifests", []) if isinstance(doc, dict) else []:
-        if isinstance(child, dict) and "digest" in child:
-            _media_types(store, index, child)
+    for child in mt.child_manifests(data):
+        _media_types(store, index, child)
 
 
 def import_archive(store: BlobStore, index: Index, upstreams: list[str], archive: Path
@@ -139,16 +134,18 @@ def import_archive(store: BlobStore, index: Index, upstreams: list[str], archive
                 bar.update(member.size)
         top = tar.extractfile(names["index.json"])
         assert top is not None
-        layout = json.loads(top.read())
+        descriptors = mt.child_manifests(top.read())
     refs = []
-    for descriptor in layout.get("manifests", []):
+    for descriptor in descriptors:
         _media_types(store, index, descriptor)
-        ref_name = (descriptor.get("annotations") or {}).get(REF_ANNOTATION)
-        if not ref_name:
+        annotations = descriptor.get("annotations")
+        ref_name = annotations.get(REF_ANNOTATION) if isinstance(annotations, dict) else None
+        if not isinstance(ref_name, str):
             continue
         ref = parse_image(ref_name, upstreams)
         if isinstance(ref.reference, str):
             index.set_tag(ref.upstream, ref.repository, ref.reference,
-                          parse_digest(descriptor["digest"]), descriptor.get("mediaType", ""))
+                          parse_digest(str(descriptor["digest"])),
+                          str(descriptor.get("mediaType", "")))
         refs.append(str(ref))
     return files, refs

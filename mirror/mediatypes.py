@@ -70,26 +70,29 @@ def sniff_media_type(data: bytes) -> str:
     return OCI_MANIFEST
 
 
-def referenced_blobs(data: bytes) -> tuple[list[str], list[str]]:
-    """(config + layer digests, child manifest digests) named by a manifest's bytes."""
+def _descriptors(doc: dict[str, object], key: str) -> list[dict[str, object]]:
+    value = doc.get(key)
+    items = value if isinstance(value, list) else [value] if isinstance(value, dict) else []
+    return [d for d in items if isinstance(d, dict) and isinstance(d.get("digest"), str)]
+
+
+def _document(data: bytes) -> dict[str, object]:
     try:
         doc = json.loads(data)
     except ValueError:
-        return [], []
-    if not isinstance(doc, dict):
-        return [], []
-    blobs: list[str] = []
-    config = doc.get("config")
-    if isinstance(config, dict) and isinstance(config.get("digest"), str):
-        blobs.append(config["digest"])
-    for layer in doc.get("layers") or []:
-        # Foreign layers (with `urls`) are fetched by clients from elsewhere, not the registry.
-        if isinstance(layer, dict) and isinstance(layer.get("digest"), str) \
-                and not layer.get("urls"):
-            blobs.append(layer["digest"])
-    children = [
-        m["digest"]
-        for m in doc.get("manifests") or []
-        if isinstance(m, dict) and isinstance(m.get("digest"), str)
-    ]
-    return blobs, children
+        return {}
+    return doc if isinstance(doc, dict) else {}
+
+
+def child_manifests(data: bytes) -> list[dict[str, object]]:
+    """An index's manifest descriptors (each with a string digest; platform as sent)."""
+    return _descriptors(_document(data), "manifests")
+
+
+def referenced_blobs(data: bytes) -> tuple[list[str], list[str]]:
+    """(config + layer digests, child manifest digests) named by a manifest's bytes."""
+    doc = _document(data)
+    # Foreign layers (with `urls`) are fetched by clients from elsewhere, not the registry.
+    blobs = [str(d["digest"]) for d in _descriptors(doc, "config") + _descriptors(doc, "layers")
+             if not d.get("urls")]
+    return blobs, [str(d["digest"]) for d in _descriptors(doc, "manifests")]

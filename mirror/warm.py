@@ -4,7 +4,6 @@ single-flight downloads a client pull uses (so it cooperates with a running serv
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import platform as host_platform
 import sys
@@ -62,10 +61,11 @@ async def warm_image(proxy: Proxy, ref: ImageRef, platforms: Sequence[str] | Non
     images = [top.data]
     if top.media_type in mt.INDEX_TYPES:
         images = []
-        for child in json.loads(top.data).get("manifests", []):
+        for child in mt.child_manifests(top.data):
             if platform_matches(child, platforms):
-                m = await proxy.manifest(upstream, ref.repository, parse_digest(child["digest"]),
-                                         ACCEPT_ALL, head=False)
+                m = await proxy.manifest(upstream, ref.repository,
+                                         parse_digest(str(child["digest"])), ACCEPT_ALL,
+                                         head=False)
                 assert m.data is not None
                 images.append(m.data)
         if not images:
