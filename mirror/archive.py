@@ -109,7 +109,12 @@ def import_archive(store: BlobStore, index: Index, upstreams: list[str], archive
                    ) -> tuple[int, list[str]]:
     """Import every verified file and restore the tags; returns (files, image references)."""
     files = 0
-    with tarfile.open(archive, "r") as tar:
+    try:
+        tar = tarfile.open(archive, "r")
+    except tarfile.TarError:
+        raise ArchiveError(f"{archive} is not a tar archive (write one with `mirror export`)"
+                           ) from None
+    with tar:
         members = tar.getmembers()
         names = {m.name.removeprefix("./"): m for m in members}
         if "oci-layout" not in names or "index.json" not in names:

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import os
 import sys
+import tarfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -162,7 +163,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"mirror: {exc}", file=sys.stderr)
         return 2
-    except (RegistryError, OSError, ValueError) as exc:
+    except (RegistryError, OSError, ValueError, tarfile.TarError) as exc:
         message = exc.message if isinstance(exc, RegistryError) else str(exc)
         print(f"mirror: {args.command}: {message}", file=sys.stderr)
         return 1
