@@ -110,7 +110,7 @@ def import_archive(store: BlobStore, index: Index, upstreams: list[str], archive
     """Import every verified file and restore the tags; returns (files, image references)."""
     files = 0
     try:
-        tar = tarfile.open(archive, "r")
+        tar = tarfile.open(archive, "r")  # noqa: SIM115 (closed by `with tar` below)
     except tarfile.TarError:
         raise ArchiveError(f"{archive} is not a tar archive (write one with `mirror export`)"
                            ) from None
