@@ -172,6 +172,7 @@ async def blob(request: web.Request, proxy: Proxy, upstream: Upstream, repositor
     if isinstance(source, UpstreamBlobHead):
         headers = content_headers(digest, "application/octet-stream", None)
         headers["Accept-Ranges"] = "bytes"
+        headers["X-Mirror-Cache"] = request[CACHE]
         if source.size is None:
             return web.Response(status=200, headers=headers)
         headers["Content-Length"] = str(source.size)
