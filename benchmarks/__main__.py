@@ -29,6 +29,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="mirror [server] workers values to run (default 1,2)")
     p.add_argument("--rate", default="400mbit", help="tbf rate of the upstream link")
     p.add_argument("--wrk-seconds", type=int, default=10)
+    p.add_argument("--latency-ms", type=float, default=100.0,
+                   help="per-request upstream latency of the second prefetch run (0: skip)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results JSON path")
     p.add_argument("--keep-temp", action="store_true", help="keep the temp dir (logs)")
     return p.parse_args(argv)
@@ -41,14 +43,19 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         print(f"unknown group(s) {unknown}; choose from {list(GROUPS)}", file=sys.stderr)
         return 2
-    if os.geteuid() != 0 and {"fanin", "prefetch", "ttfb"} & set(groups):
-        print("fanin/prefetch/ttfb need root (network namespace + tc)", file=sys.stderr)
-        return 2
+    needs_root = {"fanin", "prefetch", "ttfb"}
+    if os.geteuid() != 0 and needs_root & set(groups):
+        if args.only:
+            print("fanin/prefetch/ttfb need root (network namespace + tc)", file=sys.stderr)
+            return 2
+        log("not root: skipping fanin, prefetch and ttfb (network namespace + tc)")
+        groups = [g for g in groups if g not in needs_root]
     opts = Options(
         quick=args.quick,
         workers=[int(w) for w in args.workers.split(",") if w.strip()],
         rate=args.rate,
         wrk_seconds=args.wrk_seconds,
+        latency_ms=args.latency_ms,
     )
     root = Path(tempfile.mkdtemp(prefix="regbench-", dir="/tmp"))
     ctx = Ctx(opts, root)
@@ -57,10 +64,13 @@ def main(argv: list[str] | None = None) -> int:
         "quick": opts.quick,
         "workers": opts.workers,
         "rate": opts.rate,
+        "latency_ms": opts.latency_ms,
         "groups": groups,
+        "loadavg_at_start": os.getloadavg(),
     }
     failed: dict[str, str] = {}
     t0 = time.monotonic()
+    interrupted = False
     try:
         with sigterm_as_exit():
             for g in groups:
@@ -75,7 +85,11 @@ def main(argv: list[str] | None = None) -> int:
                 meta.setdefault("group_seconds", {})[g] = round(time.monotonic() - tg, 1)  # type: ignore[index]
                 meta["failed_groups"] = failed
                 meta["problems"] = ctx.problems
+                meta["loadavg_at_end"] = os.getloadavg()
                 write_results(args.out, ctx.rows, meta)
+    except (KeyboardInterrupt, SystemExit):
+        interrupted = True
+        log("interrupted: cleaning up")
     finally:
         ctx.close()
         stop_all()
@@ -91,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     if failed:
         print(f"\nfailed groups: {failed}")
     print(f"\n{len(ctx.rows)} rows in {time.monotonic() - t0:.0f}s; results in {args.out}")
+    if interrupted:
+        return 130
     return 1 if failed else 0
 
 

@@ -18,6 +18,7 @@ import socket
 import sys
 import time
 import urllib.parse
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -43,6 +44,7 @@ class GetResult:
     t_first_byte: float = 0.0
     t_end: float = 0.0
     digest: str = ""
+    crc32: int = 0
     error: str = ""
     headers: dict[str, str] = field(default_factory=dict)
 
@@ -80,6 +82,7 @@ def http_get(
     *,
     headers: dict[str, str] | None = None,
     hash_body: bool = False,
+    crc_body: bool = False,
     keep_body: bool = False,
     timeout: float = 30.0,
     deadline_s: float = 600.0,
@@ -107,7 +110,8 @@ def http_get(
                     url = urllib.parse.urljoin(url, hdrs["location"])
                     continue
                 hasher = hashlib.sha256() if hash_body else None
-                _read_body(sock, hdrs, rest, hasher, body if keep_body else None, res, deadline)
+                _read_body(sock, hdrs, rest, hasher, crc_body,
+                           body if keep_body else None, res, deadline)
                 if hasher is not None:
                     res.digest = "sha256:" + hasher.hexdigest()
                 if status >= 400:
@@ -126,6 +130,7 @@ def _read_body(
     hdrs: dict[str, str],
     rest: bytes,
     hasher: Any,
+    crc: bool,
     keep: bytearray | None,
     res: GetResult,
     deadline: float,
@@ -138,6 +143,8 @@ def _read_body(
         res.nbytes += len(data)
         if hasher is not None:
             hasher.update(data)
+        if crc:
+            res.crc32 = zlib.crc32(data, res.crc32)
         if keep is not None:
             keep.extend(data)
 
@@ -228,15 +235,27 @@ def run_pull(spec: dict[str, Any]) -> dict[str, Any]:
     manifest = json.loads(mbody)
     descs = [manifest["config"], *manifest["layers"]]
 
+    # Expected CRC-32 per digest, when given, replaces SHA-256 verification: it is 3.5x
+    # cheaper, which matters with 32 clients and the server sharing 2 cores.
+    crcs: dict[str, int] = spec.get("crc32") or {}
+
     def fetch(desc: dict[str, Any]) -> GetResult:
+        digest = desc["digest"]
         res, _ = http_get(
-            f"{base}/v2/{repo}/blobs/{desc['digest']}",
-            hash_body=True,
+            f"{base}/v2/{repo}/blobs/{digest}",
+            hash_body=digest not in crcs,
+            crc_body=digest in crcs,
             timeout=timeout,
             deadline_s=max(1.0, deadline - (time.monotonic() - t0)),
         )
-        if not res.error and (res.digest != desc["digest"] or res.nbytes != desc["size"]):
-            res.error = f"bad blob {desc['digest'][:19]}: got {res.digest[:19]} {res.nbytes}B"
+        if res.error:
+            return res
+        if res.nbytes != desc["size"]:
+            res.error = f"bad blob {digest[:19]}: {res.nbytes} bytes, want {desc['size']}"
+        elif digest in crcs and res.crc32 != crcs[digest]:
+            res.error = f"bad blob {digest[:19]}: CRC-32 mismatch"
+        elif digest not in crcs and res.digest != digest:
+            res.error = f"bad blob {digest[:19]}: got {res.digest[:19]}"
         return res
 
     with ThreadPoolExecutor(max_workers=int(spec.get("concurrency", 3))) as pool:

@@ -51,12 +51,16 @@ class Proc:
             start_new_session=True,
         )
         self.pid = self.popen.pid
+        self._stopped = False
         ALL_PROCS.append(self)
 
     def alive(self) -> bool:
         return self.popen.poll() is None
 
     def stop(self, grace: float = 5.0) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
         if self.popen.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.pid, signal.SIGTERM)
@@ -71,18 +75,18 @@ class Proc:
             os.killpg(self.pid, signal.SIGKILL)
         self._log.close()
 
+    def tail(self, n: int = 20) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
 
 def stop_all() -> None:
     """Stop every server process this run started (by process group id)."""
     for proc in reversed(ALL_PROCS):
         with contextlib.suppress(Exception):
             proc.stop(grace=3)
-
-    def tail(self, n: int = 20) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
-        except OSError:
-            return ""
 
 
 def wait_http(url: str, timeout: float, proc: Proc | None = None) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,7 @@ class Blob:
     digest: str
     size: int
     media_type: str = OCI_LAYER
+    crc32: int = 0
 
     def descriptor(self) -> dict[str, object]:
         return {"mediaType": self.media_type, "digest": self.digest, "size": self.size}
@@ -54,22 +56,26 @@ def make_blob(path: Path, size: int, media_type: str = OCI_LAYER) -> Blob:
     distance is beyond any compressor's window), with a random prefix making it unique."""
     block = os.urandom(MiB)
     h = hashlib.sha256()
+    crc = 0
     with open(path, "wb") as f:
         head = os.urandom(min(64, size))
         f.write(head)
         h.update(head)
+        crc = zlib.crc32(head, crc)
         left = size - len(head)
         while left > 0:
             chunk = block if left >= MiB else block[:left]
             f.write(chunk)
             h.update(chunk)
+            crc = zlib.crc32(chunk, crc)
             left -= len(chunk)
-    return Blob(path, "sha256:" + h.hexdigest(), size, media_type)
+    return Blob(path, "sha256:" + h.hexdigest(), size, media_type, crc)
 
 
 def make_bytes_blob(path: Path, data: bytes, media_type: str) -> Blob:
     path.write_bytes(data)
-    return Blob(path, "sha256:" + hashlib.sha256(data).hexdigest(), len(data), media_type)
+    return Blob(path, "sha256:" + hashlib.sha256(data).hexdigest(), len(data), media_type,
+                zlib.crc32(data))
 
 
 def make_image(workdir: Path, repo: str, tag: str, layer_sizes: list[int]) -> Image:

@@ -18,7 +18,7 @@ from .fetch import MANIFEST_ACCEPT, http_get
 from .harness import RssSampler, log, process_tree, run_clients
 from .oci import Blob, Image, MiB, make_blob, make_image, push_blobs, push_image, storage_path
 from .report import Row
-from .servers import LimitedLink, Mirror, MirrorUnavailable, Nginx, Registry, Server
+from .servers import LimitedLink, Mirror, MirrorUnavailable, Nginx, Registry, Relay, Server
 
 GB = 1e9
 S = TypeVar("S", bound=Server)
@@ -30,6 +30,7 @@ class Options:
     workers: list[int] = field(default_factory=lambda: [1, 2])
     rate: str = "400mbit"
     wrk_seconds: int = 10
+    latency_ms: float = 100.0
 
 
 @dataclass
@@ -122,14 +123,14 @@ class Ctx:
         finally:
             srv.stop()
 
-    def proxy(self, name: str, upstream: Registry) -> Registry:
+    def proxy(self, name: str, upstream: Server) -> Registry:
         """distribution in proxy mode with an empty cache."""
         d = self.root / name
         return Registry(name, d, d / f"store-{time.monotonic_ns()}", remoteurl=upstream.base)
 
     @contextlib.contextmanager
     def mirror(
-        self, name: str, upstream: Registry, workers: int, prefetch: bool = True
+        self, name: str, upstream: Server, workers: int, prefetch: bool = True
     ) -> Iterator[Mirror | None]:
         """The mirror with an empty cache, or None (reason recorded) if it can't start."""
         try:
@@ -142,11 +143,18 @@ class Ctx:
             self._cache["mirror_unavailable"] = msg
             yield None
             return
+        n_problems = len(self.problems)
         try:
-            time.sleep(0.3)  # let worker processes come up before counting them
-            self._cache[f"mirror_procs_w{workers}"] = len(process_tree(m.pid))
             yield m
         finally:
+            if len(self.problems) > n_problems:
+                errors = [ln for ln in m.proc.tail(400).splitlines()
+                          if '"level": "error"' in ln or "Traceback" in ln]
+                if errors:
+                    self.problem(f"mirror log ({m.proc.log_path.name}), last error: "
+                                 f"{errors[-1][:1500]}")
+            # Counted at the end, when any worker processes are surely up.
+            self._cache[f"mirror_procs_w{workers}"] = len(process_tree(m.pid))
             if not m.proc.alive():
                 self.problem(f"mirror {name} died (exit {m.proc.popen.returncode}):\n"
                              f"{m.proc.tail()}")
@@ -175,79 +183,77 @@ def _fetch_ok(ctx: Ctx, who: str, url: str, blob: Blob) -> bool:
     return True
 
 
-def measure_throughput(url: str, size: int, clients: int, quick: bool) -> dict[str, Any]:
-    """Aggregate GB/s of ``clients`` processes each downloading ``url`` ``repeat`` times;
-    the best of two runs."""
+def measure_once(url: str, size: int, clients: int, quick: bool) -> dict[str, Any]:
+    """Aggregate GB/s of ``clients`` processes each downloading ``url`` ``repeat`` times
+    (enough repeats for about 4 GB in all, 1 GB with --quick)."""
     total_target = (1 if quick else 4) * GB
     repeat = max(1, math.ceil(total_target / (size * clients)))
-    runs: list[float] = []
-    errors: list[str] = []
-    for _ in range(2):
-        spec = {"mode": "get", "url": url, "repeat": repeat, "timeout": 30, "deadline": 300}
-        res, t_go = run_clients([spec] * clients, timeout=330)
-        got = [r for c in res for r in c.get("results", [])]
-        errors += [r["error"] for r in got if r["error"]] + [c["error"] for c in res
-                                                              if "error" in c]
-        total = sum(r["nbytes"] for r in got)
-        end = max((r["t_end"] for r in got), default=t_go)
-        runs.append(total / max(end - t_go, 1e-9) / GB)
-    return {"gbps": max(runs), "runs": runs, "errors": errors[:5], "repeat": repeat}
+    spec = {"mode": "get", "url": url, "repeat": repeat, "timeout": 30, "deadline": 300}
+    res, t_go = run_clients([spec] * clients, timeout=330)
+    got = [r for c in res for r in c.get("results", [])]
+    errors = [r["error"] for r in got if r["error"]] + [c["error"] for c in res if "error" in c]
+    total = sum(r["nbytes"] for r in got)
+    end = max((r["t_end"] for r in got), default=t_go)
+    return {"gbps": total / max(end - t_go, 1e-9) / GB, "errors": errors[:5]}
 
 
 def bench_warm(ctx: Ctx) -> None:
-    """Warm blob throughput: mirror vs nginx sendfile vs distribution proxy (cached)."""
+    """Warm blob throughput: mirror vs nginx sendfile vs distribution proxy (cached).
+
+    All servers run at once and the measurements are interleaved round-robin (three
+    rounds, two with --quick; the best round counts), so background load on the machine
+    hits every server alike."""
     sizes = [("100 MB", 100 * 1_000_000), ("1 GB", 1_000_000_000)]
     if ctx.opts.quick:
         sizes = [("32 MB", 32 * 1_000_000), ("256 MB", 256 * 1_000_000)]
     blobs = {label: ctx.blob(f"warm-{label.replace(' ', '')}", size, "bench/warm")
              for label, size in sizes}
     counts = [1, 8]
-    results: dict[str, dict[tuple[str, int], dict[str, Any]]] = {}
-
+    rounds = 2 if ctx.opts.quick else 3
     files = {b.digest.split(":")[1]: storage_path(ctx.store, b.digest) for b in blobs.values()}
-    with ctx.server(lambda: Nginx(ctx.root / "nginx", files)) as ng:
-        results["nginx"] = {}
-        for label, blob in blobs.items():
-            for n in counts:
-                r = measure_throughput(f"{ng.base}/blobs/{blob.digest.split(':')[1]}",
-                                       blob.size, n, ctx.opts.quick)
-                log(f"warm nginx {label} x{n}: {r['gbps']:.2f} GB/s {r['runs']}")
-                results["nginx"][(label, n)] = r
+    results: dict[tuple[str, str, int], dict[str, Any]] = {}
 
-    with ctx.server(lambda: ctx.proxy("dist-warm", ctx.upstream)) as px:
-        results["dist"] = {}
-        for label, blob in blobs.items():
-            url = f"{px.base}/v2/bench/warm/blobs/{blob.digest}"
-            _fetch_ok(ctx, "distribution proxy warm-up", url, blob)
-            for n in counts:
-                r = measure_throughput(url, blob.size, n, ctx.opts.quick)
-                log(f"warm distribution-proxy {label} x{n}: {r['gbps']:.2f} GB/s {r['runs']}")
-                results["dist"][(label, n)] = r
-
-    for w in ctx.opts.workers:
-        key = f"mirror-w{w}"
-        with ctx.mirror("mirror-warm", ctx.upstream, w) as m:
+    with contextlib.ExitStack() as es:
+        ng = es.enter_context(ctx.server(lambda: Nginx(ctx.root / "nginx", files)))
+        px = es.enter_context(ctx.server(lambda: ctx.proxy("dist-warm", ctx.upstream)))
+        urls: dict[str, dict[str, str]] = {
+            "nginx": {k: f"{ng.base}/blobs/{b.digest.split(':')[1]}" for k, b in blobs.items()},
+            "dist": {k: f"{px.base}/v2/bench/warm/blobs/{b.digest}" for k, b in blobs.items()},
+        }
+        for k, b in blobs.items():
+            _fetch_ok(ctx, "distribution proxy warm-up", urls["dist"][k], b)
+        for w in ctx.opts.workers:
+            m = es.enter_context(ctx.mirror(f"mirror-warm-w{w}", ctx.upstream, w))
             if m is None:
                 continue
-            results[key] = {}
-            for label, blob in blobs.items():
-                url = f"{m.base}/v2/bench/warm/blobs/{blob.digest}"
-                if not (_fetch_ok(ctx, f"mirror w={w} warm-up", url, blob)
-                        and _fetch_ok(ctx, f"mirror w={w} warm hit", url, blob)):
-                    continue
-                for n in counts:
-                    r = measure_throughput(url, blob.size, n, ctx.opts.quick)
-                    log(f"warm mirror w={w} {label} x{n}: {r['gbps']:.2f} GB/s {r['runs']}")
-                    if r["errors"]:
-                        ctx.problem(f"mirror w={w} warm GET {label}: {r['errors']}")
-                    results[key][(label, n)] = r
+            mu = {k: f"{m.base}/v2/bench/warm/blobs/{b.digest}" for k, b in blobs.items()}
+            if all(_fetch_ok(ctx, f"mirror w={w} warm-up", mu[k], b)
+                   and _fetch_ok(ctx, f"mirror w={w} warm hit", mu[k], b)
+                   for k, b in blobs.items()):
+                urls[f"mirror-w{w}"] = mu
+        for label, blob in blobs.items():
+            for n in counts:
+                runs: dict[str, list[dict[str, Any]]] = {who: [] for who in urls}
+                for _ in range(rounds):
+                    for who, u in urls.items():
+                        runs[who].append(measure_once(u[label], blob.size, n, ctx.opts.quick))
+                for who, rs in runs.items():
+                    best = max(r["gbps"] for r in rs)
+                    errors = [e for r in rs for e in r["errors"]]
+                    results[(who, label, n)] = {"gbps": best,
+                                                "runs": [round(r["gbps"], 3) for r in rs],
+                                                "errors": errors[:5]}
+                    log(f"warm {who} {label} x{n}: {best:.2f} GB/s "
+                        f"{results[(who, label, n)]['runs']}")
+                    if errors and who.startswith("mirror"):
+                        ctx.problem(f"{who} warm GET {label} x{n}: {errors[:3]}")
 
     for label, _ in sizes:
         for n in counts:
-            ng_r = results["nginx"][(label, n)]
-            ds_r = results["dist"][(label, n)]
+            ng_r = results[("nginx", label, n)]
+            ds_r = results[("dist", label, n)]
             for w in ctx.opts.workers:
-                mr = results.get(f"mirror-w{w}", {}).get((label, n))
+                mr = results.get((f"mirror-w{w}", label, n))
                 mv = mr["gbps"] if mr else None
                 note = ctx.procs_note(w) or (ctx.mirror_note() if mr is None else "")
                 name = f"blob {label}, {n} client{'s' if n > 1 else ''}"
@@ -331,7 +337,8 @@ def bench_manifest(ctx: Ctx) -> None:
 # ---------------------------------------------------------------------------------------
 def pull_specs(base: str, image: Image, n: int, deadline: float) -> list[dict[str, Any]]:
     spec = {"mode": "pull", "base": base, "repo": image.repo, "ref": image.tag,
-            "concurrency": 3, "timeout": 30, "deadline": deadline}
+            "concurrency": 3, "timeout": 30, "deadline": deadline,
+            "crc32": {b.digest: b.crc32 for b in image.blobs}}
     return [spec] * n
 
 
@@ -340,22 +347,27 @@ def timed_pulls(base: str, image: Image, n: int, deadline: float) -> dict[str, A
     ok = [r for r in res if r.get("ok")]
     failed = [r.get("errors") or r.get("error") for r in res if not r.get("ok")]
     end = max((r.get("t_end", t_go) for r in res), default=t_go)
+    first = ok[0].get("blobs", []) if ok else []
     return {"wall": end - t_go, "ok": len(ok), "failed": len(failed),
-            "errors": [str(e)[:300] for e in failed[:5]]}
+            "errors": [str(e)[:300] for e in failed[:5]],
+            # One client's blobs: (start, first byte, end) in seconds after the start.
+            "client0_blobs": [[round(b[k] - t_go, 3) for k in ("t_start", "t_first_byte",
+                                                                  "t_end")] for b in first]}
 
 
-def direct_pull_time(ctx: Ctx, image: Image) -> float:
-    key = f"direct-{image.repo}"
+def direct_pull_time(ctx: Ctx, image: Image, upstream: Server | None = None) -> float:
+    """The faster of two direct pulls from the upstream over the link."""
+    upstream = upstream or ctx.ns_upstream
+    key = f"direct-{image.repo}-{upstream.base}"
     if key not in ctx._cache:
-        ctx.ns_upstream  # noqa: B018 - starts the link
         times = []
         for _ in range(2):
-            r = timed_pulls(ctx.ns_upstream.base, image, 1, 300)
+            r = timed_pulls(upstream.base, image, 1, 300)
             if r["failed"]:
                 raise RuntimeError(f"direct pull from the upstream failed: {r['errors']}")
             times.append(r["wall"])
         ctx._cache[key] = min(times)
-        log(f"direct pull of {image.repo}:{image.tag} over the link: {times}")
+        log(f"direct pull of {image.repo}:{image.tag} from {upstream.base}: {times}")
     t: float = ctx._cache[key]
     return t
 
@@ -423,34 +435,52 @@ def _fanin_text(r: dict[str, Any], direct: float) -> str:
 
 
 def bench_prefetch(ctx: Ctx) -> None:
-    """12 layers of 8 MB, client fetching 3 layers at a time, prefetch on vs off."""
+    """12 layers of 8 MB, client fetching 3 layers at a time, prefetch on vs off; over the
+    plain rate-limited link, and again with a per-request upstream latency (relay)."""
     image = ctx.image("prefetch", "bench/prefetch", "v1",
                       [8 * MiB] * 12 if not ctx.opts.quick else [2 * MiB] * 12)
-    direct = direct_pull_time(ctx, image)
+    up = ctx.ns_upstream
+    variants: list[tuple[str, Server]] = [("link", up)]
+    relay: Relay | None = None
+    if ctx.opts.latency_ms > 0:
+        relay = Relay(ctx.root / "relay", ctx.link.ns, f"{ctx.link.ns_addr}:5001",
+                      up.hostport, ctx.opts.latency_ms)
+        variants.append((f"link+{ctx.opts.latency_ms:g}ms/req", relay))
+    try:
+        for label, front in variants:
+            _prefetch_variant(ctx, image, label, front)
+    finally:
+        if relay is not None:
+            relay.stop()
+
+
+def _prefetch_variant(ctx: Ctx, image: Image, label: str, upstream: Server) -> None:
+    direct = direct_pull_time(ctx, image, upstream)
+    deadline = max(60.0, direct * 20)
     times: dict[str, dict[str, Any]] = {}
     for prefetch in (True, False):
-        with ctx.mirror("mirror-prefetch", ctx.ns_upstream, 1, prefetch=prefetch) as m:
+        with ctx.mirror("mirror-prefetch", upstream, 1, prefetch=prefetch) as m:
             if m is None:
                 continue
-            r = fan_in(ctx, m, image, 1, max(60.0, direct * 20))
-            log(f"prefetch={prefetch}: {_fanin_text(r, direct)}")
+            r = fan_in(ctx, m, image, 1, deadline)
+            log(f"prefetch={prefetch} ({label}): {_fanin_text(r, direct)}")
             if r["failed"]:
-                ctx.problem(f"mirror prefetch={prefetch} pull failed: {r['errors']}")
+                ctx.problem(f"mirror prefetch={prefetch} ({label}) pull failed: {r['errors']}")
             times[str(prefetch)] = r
-    with ctx.server(lambda: ctx.proxy("dist-prefetch", ctx.ns_upstream)) as px:
-        dr = fan_in(ctx, px, image, 1, max(60.0, direct * 20))
-        log(f"prefetch image via distribution proxy: {_fanin_text(dr, direct)}")
+    with ctx.server(lambda: ctx.proxy("dist-prefetch", upstream)) as px:
+        dr = fan_in(ctx, px, image, 1, deadline)
+        log(f"prefetch image via distribution proxy ({label}): {_fanin_text(dr, direct)}")
     on, off = times.get("True"), times.get("False")
     note = ctx.mirror_note() if on is None else ""
-    ctx.rows.append(Row("prefetch", "12x8MB pull, 3 at a time", "s",
-                        on["wall"] if on else None, "mirror prefetch=false",
-                        off["wall"] if off else None, 1, ("ratio<=", 1.0), note,
-                        {"on": on, "off": off}))
-    ctx.rows.append(Row("prefetch", "12x8MB pull, 3 at a time", "s",
-                        on["wall"] if on else None, "direct pull", direct, 1, None, ""))
-    ctx.rows.append(Row("prefetch", "12x8MB pull, 3 at a time", "s",
-                        on["wall"] if on else None, "distribution proxy", dr["wall"], 1,
-                        None, "", {"anchor": dr}))
+    mib = image.layers[0].size // MiB
+    name = f"{len(image.layers)}x{mib}MiB, 3 at a time, {label}"
+    ctx.rows.append(Row("prefetch", name, "s", on["wall"] if on else None,
+                        "mirror prefetch=false", off["wall"] if off else None, 1,
+                        ("ratio<=", 1.0), note, {"on": on, "off": off}))
+    ctx.rows.append(Row("prefetch", name, "s", on["wall"] if on else None, "direct pull",
+                        direct, 1, None, ""))
+    ctx.rows.append(Row("prefetch", name, "s", on["wall"] if on else None,
+                        "distribution proxy", dr["wall"], 1, None, "", {"anchor": dr}))
 
 
 # ---------------------------------------------------------------------------------------
@@ -461,25 +491,27 @@ def bench_ttfb(ctx: Ctx) -> None:
     blobs = [ctx.blob(f"ttfb-{i}", size, "bench/ttfb") for i in range(n)]
     up = ctx.ns_upstream
 
-    def ttfbs(base: str) -> list[float]:
+    def ttfbs(srv: Server) -> list[float]:
         out = []
         for b in blobs:
             ctx.link.wait_idle(quiet=0.3, timeout=10)
-            r, _ = http_get(f"{base}/v2/bench/ttfb/blobs/{b.digest}", hash_body=True,
-                            timeout=30, deadline_s=120)
+            url = f"{srv.base}/v2/bench/ttfb/blobs/{b.digest}"
+            r, _ = http_get(url, hash_body=True, timeout=30, deadline_s=120)
             if r.error or r.digest != b.digest:
-                ctx.problem(f"TTFB GET {base} {b.digest[:19]}: {r.status} {r.error}")
+                time.sleep(0.2)
+                ctx.problem(f"{srv.proc.name}: cold GET {url} -> {r.status} {r.error}, "
+                            f"{r.nbytes} bytes; log tail:\n{srv.proc.tail(8)}")
                 continue
             out.append((r.t_first_byte - r.t_start) * 1000)
         return out
 
-    direct = ttfbs(up.base)
+    direct = ttfbs(up)
     res: dict[str, list[float]] = {}
     with ctx.server(lambda: ctx.proxy("dist-ttfb", up)) as px:
-        res["dist"] = ttfbs(px.base)
+        res["dist"] = ttfbs(px)
     with ctx.mirror("mirror-ttfb", up, 1) as m:
         if m is not None:
-            res["mirror"] = ttfbs(m.base)
+            res["mirror"] = ttfbs(m)
     log(f"TTFB ms: upstream {direct} distribution {res.get('dist')} mirror {res.get('mirror')}")
     d_med = statistics.median(direct) if direct else None
     m_med = statistics.median(res["mirror"]) if res.get("mirror") else None

@@ -287,3 +287,23 @@ class LimitedLink:
                 last, since = now, time.monotonic()
             elif time.monotonic() - since >= quiet:
                 return
+
+
+class Relay(Server):
+    """benchmarks.relay inside the namespace: ``delay_ms`` added to every request."""
+
+    def __init__(self, workdir: Path, netns: str, listen: str, target: str,
+                 delay_ms: float) -> None:
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.base = f"http://{listen}"
+        self.hostport = listen
+        env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+        self.proc = Proc(
+            "relay",
+            ["ip", "netns", "exec", netns, str(REPO_ROOT / ".venv" / "bin" / "python"),
+             "-m", "benchmarks.relay", listen, target, str(delay_ms)],
+            log_path=workdir / "relay.log",
+            cwd=REPO_ROOT,
+            env=env,
+        )
+        wait_http(self.base + "/v2/", READY_TIMEOUT, self.proc)
