@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import atexit
+import functools
 import json
 import logging
 import sys
@@ -13,8 +16,7 @@ _STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, object] = {
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-            + f".{int(record.msecs):03d}Z",
+            "time": timestamp(record.created),
             "level": record.levelname.lower(),
             "logger": record.name,
             "msg": record.getMessage(),
@@ -28,9 +30,65 @@ class JsonFormatter(logging.Formatter):
 
 
 def setup_logging(level: str = "info") -> None:
+    ACCESS_LOG.enabled = logging.getLevelName(level.upper()) <= logging.INFO
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     logging.getLogger("aiohttp.access").disabled = True
+
+
+@functools.lru_cache(maxsize=4)
+def _second(whole: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
+
+
+def timestamp(now: float) -> str:
+    return f"{_second(int(now))}.{int(now % 1 * 1000):03d}Z"
+
+
+class AccessLog:
+    """The one-line-per-request log, in the same JSON shape as the other lines.
+
+    The request path is hot: lines are formatted without the logging machinery and written in
+    batches (at most FLUSH_SECONDS late, or every MAX_LINES lines), one write per batch.
+    """
+
+    FLUSH_SECONDS = 0.05
+    MAX_LINES = 256
+
+    def __init__(self) -> None:
+        self._lines: list[str] = []
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_loop: asyncio.AbstractEventLoop | None = None
+        self.enabled = True
+
+    def emit(self, fields: dict[str, object]) -> None:
+        if not self.enabled:
+            return
+        entry = {"time": timestamp(time.time()), "level": "info", "logger": "mirror.access",
+                 "msg": "request", **fields}
+        self._lines.append(json.dumps(entry, default=str))
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        if len(self._lines) >= self.MAX_LINES or loop is None or (
+                self._timer is not None and self._timer_loop is not loop):
+            self.flush()  # full, no loop to wait with, or the timer's loop is gone
+        if self._lines and self._timer is None and loop is not None:
+            self._timer, self._timer_loop = loop.call_later(self.FLUSH_SECONDS, self.flush), loop
+
+    def flush(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._lines:
+            lines, self._lines = self._lines, []
+            sys.stderr.write("\n".join(lines) + "\n")
+            sys.stderr.flush()
+
+
+ACCESS_LOG = AccessLog()
+atexit.register(ACCESS_LOG.flush)

@@ -6,6 +6,7 @@ that passed through these functions first.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 from dataclasses import dataclass
@@ -37,6 +38,7 @@ class Digest:
         return hashlib.new(self.algorithm, data).hexdigest() == self.hex
 
 
+@functools.lru_cache(maxsize=8192)
 def parse_digest(value: str) -> Digest:
     algorithm, sep, encoded = value.partition(":")
     if not sep or not _ALGORITHM_RE.fullmatch(algorithm):

@@ -6,6 +6,7 @@ classified by its last two components only.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from enum import Enum
 
@@ -32,6 +33,7 @@ class Route:
 _BY_SECOND_LAST = {"manifests": Kind.MANIFEST, "blobs": Kind.BLOB, "referrers": Kind.REFERRERS}
 
 
+@functools.lru_cache(maxsize=8192)  # pure, and hot: the same paths come again and again
 def parse_v2_path(tail: str) -> Route:
     """Classify the part of the path after `/v2/`."""
     if tail in ("", "/"):

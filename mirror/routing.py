@@ -8,6 +8,7 @@ upstream, which is what the docker daemon's `registry-mirrors` reaches.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -48,6 +49,11 @@ def parse_image(ref: str, upstreams: Sequence[str]) -> ImageRef:
 
 def select_upstream(raw_name: str, ns: str | None, upstreams: Sequence[str]) -> tuple[str, str]:
     """(upstream name, repository) for a request path's repository part and `ns` parameter."""
+    return _select(raw_name, ns, tuple(upstreams))
+
+
+@functools.lru_cache(maxsize=8192)
+def _select(raw_name: str, ns: str | None, upstreams: tuple[str, ...]) -> tuple[str, str]:
     by_canonical = {_canonical(u): u for u in upstreams}
     if ns is not None:
         chosen = by_canonical.get(_canonical(ns))

@@ -35,7 +35,7 @@ import uvloop
 
 from mirror import tls
 from mirror.config import Config
-from mirror.logs import setup_logging
+from mirror.logs import ACCESS_LOG, setup_logging
 from mirror.notify import notify
 from mirror.store import BlobStore
 
@@ -184,6 +184,7 @@ class Supervisor:
             except BaseException:
                 log.exception("worker failed", extra={"pid": os.getpid()})
             finally:
+                ACCESS_LOG.flush()  # os._exit skips atexit
                 logging.shutdown()
                 os._exit(code)
         self.workers[pid] = slot

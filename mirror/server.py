@@ -18,6 +18,7 @@ from aiohttp import web
 from mirror import access, activity
 from mirror.config import Config
 from mirror.errors import RegistryError
+from mirror.logs import ACCESS_LOG
 from mirror.mediatypes import parse_accept
 from mirror.ops import ACTIVITY
 from mirror.ops import install as install_ops
@@ -32,7 +33,6 @@ from mirror.singleflight import ClientAbort, Download
 from mirror.upstream import Upstream
 from mirror.zerocopy import Sender
 
-access_log = logging.getLogger("mirror.access")
 log = logging.getLogger("mirror.server")
 
 PROXY: web.AppKey[Proxy] = web.AppKey("proxy", Proxy)
@@ -87,7 +87,7 @@ async def errors_and_access_log(request: web.Request, handler: Handler) -> web.S
             fields["upstream"] = request[UPSTREAM]
         if ERROR in request:
             fields["error"] = request[ERROR]
-        access_log.info("request", extra=fields)
+        ACCESS_LOG.emit(fields)
         activity.observe(request.get(ROUTE) or activity.ROUTE_NAMES.get(request.path, "other"),
                          request.method, status, request[CACHE], request[BYTES],
                          time.perf_counter() - started)
