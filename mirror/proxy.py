@@ -9,7 +9,9 @@ or rate-limiting upstream is answered from cache where possible (stale-if-error)
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import functools
 import hashlib
 import logging
 import os
@@ -45,6 +47,8 @@ T = TypeVar("T")
 MAX_MANIFEST_BYTES = 4 * 1024 * 1024
 MEMORY_MANIFEST_BYTES = 64 * 1024 * 1024
 FLUSH_SECONDS = 2.0
+PREFETCH_AHEAD = 2  # prefetched downloads running at once (beyond what clients asked for)
+PREFETCH_QUEUE = 10_000
 WORKER_LOCK_WAIT = 30.0  # seconds a worker waits for another's manifest fetch
 # Answers from the upstream that stale-if-error covers (it is down, failing or rate limiting).
 STALE_CODES = frozenset({"UPSTREAM_UNREACHABLE", "UPSTREAM_UNAVAILABLE", "UPSTREAM_TIMEOUT",
@@ -91,7 +95,9 @@ class Proxy:
         self._tags: TLRUCache[tuple[str, str, str], TagEntry] = TLRUCache(
             maxsize=65536, ttu=lambda _k, e, now: now + ttl - e.age(), timer=time.monotonic)
         self._flights: dict[tuple[str, ...], asyncio.Future[Any]] = {}
-        self._background: set[asyncio.Task[None]] = set()
+        self._prefetch_queue: collections.deque[tuple[Upstream, str, Digest]] = (
+            collections.deque(maxlen=PREFETCH_QUEUE))
+        self._prefetching: set[Digest] = set()
 
     # background maintenance ---------------------------------------------------------------
     async def start(self) -> None:
@@ -461,16 +467,30 @@ class Proxy:
         return UpstreamBlobHead(int(length) if length and length.isdigit() else None)
 
     def _prefetch(self, upstream: Upstream, repository: str, manifest: bytes) -> None:
-        """Start the image's config and layer downloads so a client that fetches a few layers
-        at a time finds the rest in flight already."""
-        blobs, _ = referenced_blobs(manifest)
-        for value in blobs:
-            try:
-                digest = parse_digest(value)
-            except RegistryError:
+        """Queue the image's config and layers, in order, so a client that fetches a few
+        layers at a time finds the next ones in flight already."""
+        for value in referenced_blobs(manifest)[0]:
+            with contextlib.suppress(RegistryError):
+                self._prefetch_queue.append((upstream, repository, parse_digest(value)))
+        self._pump_prefetch()
+
+    def _pump_prefetch(self) -> None:
+        """Keep PREFETCH_AHEAD queued downloads running. Prefetch only fills the link's idle
+        time: all at once, the layers a client asks for first would share the bandwidth with
+        every other layer and arrive later than without prefetch."""
+        while self._prefetch_queue and len(self._prefetching) < PREFETCH_AHEAD:
+            upstream, repository, digest = self._prefetch_queue.popleft()
+            if self.store.size(digest) is not None or self.downloads.get(digest) is not None:
                 continue
-            if self.store.size(digest) is None and self.downloads.get(digest) is None:
-                self._start_download(upstream, repository, digest)
+            download = self._start_download(upstream, repository, digest)
+            if download is None or download.task is None:
+                continue
+            self._prefetching.add(digest)
+            download.task.add_done_callback(functools.partial(self._prefetched, digest))
+
+    def _prefetched(self, digest: Digest, _task: object) -> None:
+        self._prefetching.discard(digest)
+        self._pump_prefetch()
 
     # tags ---------------------------------------------------------------------------------
     async def relay(self, upstream: Upstream, repository: str, suffix: str,

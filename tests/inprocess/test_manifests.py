@@ -10,7 +10,7 @@ import aiohttp
 import pytest
 
 from mirror import mediatypes as mt
-from tests.inprocess.conftest import FaultUpstream, MirrorFactory, random_bytes, sha256
+from tests.inprocess.conftest import Behaviour, FaultUpstream, MirrorFactory, random_bytes, sha256
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -182,6 +182,28 @@ async def test_prefetch_starts_layer_downloads_on_a_manifest_miss(
             assert sha256(await resp.read()) == b
             # joined the prefetch's download (or found it finished): never started one
             assert resp.headers["X-Mirror-Cache"] in ("inflight", "hit")
+    assert upstream.count("GET", "/blobs/") == len(blobs)
+
+
+async def test_prefetch_keeps_only_a_few_downloads_ahead(
+        upstream: FaultUpstream, start_mirror: MirrorFactory,
+        client: aiohttp.ClientSession) -> None:
+    """Prefetch fills idle time on the link; it never starts every layer at once."""
+    from mirror.proxy import PREFETCH_AHEAD
+
+    blobs = [upstream.add_blob(random_bytes(10_000), Behaviour(gate_after=100))
+             for _ in range(6)]
+    upstream.add_manifest("app", "v1", image_manifest(*blobs), mt.OCI_MANIFEST)
+    base = await start_mirror()
+    async with client.get(f"{base}/v2/app/manifests/v1") as resp:
+        assert resp.status == 200
+    async with client.get(f"{base}/metrics") as resp:
+        exposition = await resp.text()
+    assert f"mirror_downloads_in_flight {PREFETCH_AHEAD:.1f}" in exposition
+    upstream.gate.set()
+    for b in blobs:  # the rest follow as the first ones finish
+        async with client.get(f"{base}/v2/app/blobs/{b}") as resp:
+            assert sha256(await resp.read()) == b
     assert upstream.count("GET", "/blobs/") == len(blobs)
 
 
