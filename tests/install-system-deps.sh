@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Installs the real components the integration tests and benchmarks drive, when missing.
-# The packages' own services are stopped: the tests start private instances on loopback.
+# The packages' own services are stopped: the tests start private instances on loopback
+# (podman and dockerd inside network namespaces of their own, see
+# tests/integration/test_real_clients.py).
 set -euo pipefail
 need=()
 command -v docker-registry >/dev/null || need+=(docker-registry)
@@ -12,12 +14,30 @@ command -v ip >/dev/null              || need+=(iproute2)
 command -v tc >/dev/null              || need+=(iproute2)
 command -v chromium >/dev/null        || need+=(chromium)
 command -v systemd-analyze >/dev/null || need+=(systemd)
+command -v podman >/dev/null          || need+=(podman)
+command -v dockerd >/dev/null         || need+=(docker.io)
+command -v nsenter >/dev/null         || need+=(util-linux)
 if [ ${#need[@]} -gt 0 ]; then
     echo "installing: ${need[*]}"
     export DEBIAN_FRONTEND=noninteractive
+    # No package may start its service while installing (docker.io's would start a dockerd
+    # on /run/docker.sock with a docker0 bridge and iptables rules): a policy-rc.d that
+    # denies every start, unless the machine already has one; removed afterwards.
+    policy=/usr/sbin/policy-rc.d
+    own_policy=""
+    if [ ! -e "$policy" ]; then
+        printf '#!/bin/sh\nexit 101\n' >"$policy"
+        chmod 755 "$policy"
+        own_policy=1
+        trap 'rm -f "$policy"' EXIT
+    fi
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
-    for svc in docker-registry containerd nginx; do
+    if [ -n "$own_policy" ]; then
+        rm -f "$policy"
+        trap - EXIT
+    fi
+    for svc in docker-registry containerd nginx docker.socket docker; do
         if command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then
             systemctl disable --now "$svc" >/dev/null 2>&1 || true
         fi
