@@ -9,6 +9,7 @@ import json
 import logging
 import sys
 import time
+from json.encoder import encode_basestring_ascii as quote
 
 _STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message"}
 
@@ -48,6 +49,22 @@ def timestamp(now: float) -> str:
     return f"{_second(int(now))}.{int(now % 1 * 1000):03d}Z"
 
 
+def access_line(time_text: str, fields: dict[str, object]) -> str:
+    """One access-log JSON object, assembled directly: about twice as fast as json.dumps of a
+    dict, which matters at tens of thousands of requests a second."""
+    parts = [f'{{"time": "{time_text}", "level": "info", "logger": "mirror.access", '
+             f'"msg": "request"']
+    for key, value in fields.items():
+        if isinstance(value, str):
+            parts.append(f', "{key}": {quote(value)}')
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            parts.append(f', "{key}": {value!r}')
+        else:
+            parts.append(f', "{key}": {json.dumps(value, default=str)}')
+    parts.append("}")
+    return "".join(parts)
+
+
 class AccessLog:
     """The one-line-per-request log, in the same JSON shape as the other lines.
 
@@ -67,9 +84,7 @@ class AccessLog:
     def emit(self, fields: dict[str, object]) -> None:
         if not self.enabled:
             return
-        entry = {"time": timestamp(time.time()), "level": "info", "logger": "mirror.access",
-                 "msg": "request", **fields}
-        self._lines.append(json.dumps(entry, default=str))
+        self._lines.append(access_line(timestamp(time.time()), fields))
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:

@@ -31,3 +31,13 @@ def test_without_a_loop_lines_go_out_at_once(capsys: pytest.CaptureFixture[str])
     log.enabled = False
     log.emit({"path": "/y"})
     assert capsys.readouterr().err == ""
+
+
+def test_access_line_is_the_json_of_its_fields() -> None:
+    from mirror.logs import access_line
+
+    fields: dict[str, object] = {
+        "method": "GET", "path": '/v2/a"b\\c/\u00e9\n', "status": 200, "bytes": 10,
+        "duration_ms": 0.25, "flag": True, "extra": ["x", 1], "none": None}
+    assert json.loads(access_line("T", fields)) == {
+        "time": "T", "level": "info", "logger": "mirror.access", "msg": "request", **fields}
