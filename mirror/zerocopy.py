@@ -17,6 +17,9 @@ from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
 
 COPY_CHUNK = 1 << 20
+# One sendfile call to a client that keeps up can run for the whole file, and the event loop
+# serves nobody else meanwhile (nginx bounds it the same way: sendfile_max_chunk).
+MAX_CHUNK = 8 << 20
 
 
 class Sender:
@@ -62,7 +65,7 @@ class Sender:
         loop = asyncio.get_running_loop()
         while count > 0:
             try:
-                n = os.sendfile(self._fd, file_fd, offset, count)
+                n = os.sendfile(self._fd, file_fd, offset, min(count, MAX_CHUNK))
             except BlockingIOError:
                 await self._writable(loop)
                 continue
@@ -71,6 +74,8 @@ class Sender:
             offset += n
             count -= n
             self.sent += n
+            if n == MAX_CHUNK:
+                await asyncio.sleep(0)  # a fast reader must not hold the loop for the others
 
     async def send_bytes(self, data: bytes | memoryview) -> None:
         await self.response.write(data)
