@@ -43,6 +43,7 @@ _REPO_ROOT = str(Path(__file__).resolve().parent.parent)
 if _REPO_ROOT not in sys.path:
     sys.path.insert(0, _REPO_ROOT)
 
+from mirror.logs import ACCESS_LOG  # noqa: E402
 from tests.support import clients, oci  # noqa: E402
 from tests.support.mirror import MirrorProcess, Upstream  # noqa: E402
 from tests.support.registry import (  # noqa: E402
@@ -98,6 +99,14 @@ def _free_disk_after_passing_test(request: pytest.FixtureRequest) -> Iterator[No
                 shutil.rmtree(child, ignore_errors=True)
             else:
                 child.unlink(missing_ok=True)
+
+
+@pytest.fixture(autouse=True)
+def _flush_access_log() -> Iterator[None]:
+    """In-process mirrors batch their access-log lines: write them into the test's own
+    captured output, not after the session's summary line."""
+    yield
+    ACCESS_LOG.flush()
 
 
 # --- session fixtures -------------------------------------------------------------------

@@ -252,6 +252,7 @@ async def start_mirror(tmp_path: Path, upstream: FaultUpstream
         await s.close()
 
 
+
 @pytest.fixture
 async def client() -> AsyncIterator[aiohttp.ClientSession]:
     async with aiohttp.ClientSession(auto_decompress=False) as session:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import stat
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import aiohttp
 import pytest
 
 from tests.inprocess.conftest import FaultUpstream, MirrorFactory, random_bytes
+from tests.support.credhelper import write_credential_helper
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -59,16 +59,8 @@ async def test_anonymous_upstream_content_is_shared_across_repositories(
 def credential_helper(tmp_path: Path) -> Iterator[Path]:
     """A `docker-credential-test` on PATH that logs each call and answers user/pass."""
     bindir = tmp_path / "bin"
-    bindir.mkdir()
     log = tmp_path / "helper.log"
-    script = bindir / "docker-credential-test"
-    script.write_text(f"""#!/bin/sh
-[ "$1" = get ] || exit 1
-read server
-echo "$server" >> {log}
-echo '{{"ServerURL": "'"$server"'", "Username": "user", "Secret": "pass"}}'
-""")
-    script.chmod(script.stat().st_mode | stat.S_IEXEC)
+    write_credential_helper(bindir, "test", "user", "pass", log)
     old = os.environ["PATH"]
     os.environ["PATH"] = f"{bindir}:{old}"
     try:

@@ -4,7 +4,6 @@ default; credentials (password, credential helper); private content across repos
 from __future__ import annotations
 
 import os
-import stat
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from tests.support.clients import (
     skopeo_pull,
     write_hosts_toml,
 )
+from tests.support.credhelper import write_credential_helper
 from tests.support.mirror import MirrorProcess, Upstream
 from tests.support.registry import BASIC_PASSWORD, BASIC_USER, ClosedPort
 from tests.support.tokenserver import TokenServer
@@ -144,16 +144,8 @@ def test_private_layer_not_readable_under_another_repository(
 def credential_helper(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """`docker-credential-test` on the mirror's PATH: logs the server it is asked about."""
     bindir = tmp_path / "helper-bin"
-    bindir.mkdir()
     log = tmp_path / "helper.log"
-    script = bindir / "docker-credential-test"
-    script.write_text(f"""#!/bin/sh
-[ "$1" = get ] || exit 1
-read server
-echo "$server" >> {log}
-echo '{{"ServerURL": "'"$server"'", "Username": "reader", "Secret": "readerpw"}}'
-""")
-    script.chmod(script.stat().st_mode | stat.S_IEXEC)
+    write_credential_helper(bindir, "test", "reader", "readerpw", log)
     monkeypatch.setenv("PATH", f"{bindir}:{os.environ['PATH']}")
     return log
 

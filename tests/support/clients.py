@@ -32,21 +32,13 @@ from typing import Any
 import httpx
 
 from . import oci
+from .oci import sha256_file
 from .registry import Registry, env_without_proxies, wait_until
 
 SKOPEO_BIN = "skopeo"
 CONTAINERD_BIN = "containerd"
 CTR_BIN = "ctr"
 _HEX64 = re.compile(r"^[a-f0-9]{64}$")
-_CHUNK = 1 << 20
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _require(binary: str) -> str:
@@ -236,7 +228,7 @@ def verify_dir(out: Path) -> PulledDir:
     for p in sorted(out.iterdir()):
         name = p.name
         if _HEX64.match(name):
-            got = _sha256_file(p)
+            got = sha256_file(p)
             assert got == name, f"blob {p} hashes to sha256:{got}"
             blobs.add("sha256:" + name)
         elif name.endswith(".manifest.json") and _HEX64.match(name.split(".", 1)[0]):
@@ -412,7 +404,7 @@ class Containerd:
         blobs = self.root / "io.containerd.content.v1.content" / "blobs" / "sha256"
         verified: set[str] = set()
         for p in blobs.iterdir():
-            got = _sha256_file(p)
+            got = sha256_file(p)
             assert got == p.name, f"containerd blob {p} hashes to sha256:{got}"
             verified.add("sha256:" + p.name)
         return verified

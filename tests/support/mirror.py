@@ -13,7 +13,6 @@ stderr and stdout are appended to files in the work dir, so they survive restart
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import signal
@@ -26,10 +25,10 @@ from typing import Any
 
 import httpx
 
+from .oci import sha256_file
 from .registry import HOST, env_without_proxies, free_port, wait_until
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-_CHUNK = 1 << 20
 
 
 @dataclass
@@ -79,12 +78,6 @@ def to_toml(sections: Mapping[str, Mapping[str, Any]], arrays: Mapping[str, list
     return "\n".join(lines)
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class MirrorProcess:
