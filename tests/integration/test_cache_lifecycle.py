@@ -94,7 +94,8 @@ def test_upstream_killed_and_mirror_started_with_upstream_down(
         pulled = skopeo_pull(conf, blackhole.host, "test/small", tag, tmp_path / out)
         assert pulled.manifest == small.manifest_bytes
         assert pulled.blobs == digests(small.blobs)
-    assert any(e.get("cache") == "stale" for e in mirror.request_log())
+    mirror.wait_log(lambda log: any(e.get("cache") == "stale" for e in log),
+                    what="a stale answer in the mirror's log")
     containerd.remove_all()
     containerd.pull(f"{blackhole.host}/test/multi:v1", hosts_dir=hosts)
     containerd.check_image(f"{blackhole.host}/test/multi:v1")

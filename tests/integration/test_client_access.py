@@ -86,5 +86,5 @@ def test_skopeo_through_the_mirrors_token_flow(
         "auth": base64.b64encode(b"ci:pw").decode()}}}))
     pull(private, "localhost/test/small:v1", tmp_path / "user", authfile=authfile)
     assert verify_dir(tmp_path / "user").manifest == small.manifest_bytes
-    token_requests = [e for e in mirror.request_log() if e["path"].startswith("/token")]
-    assert token_requests, "skopeo never used the mirror's token endpoint"
+    mirror.wait_log(lambda log: any(str(e["path"]).startswith("/token") for e in log),
+                    what="skopeo's requests to the mirror's token endpoint")

@@ -678,8 +678,9 @@ def test_registries_conf_mirror_with_upstream_prefix(
         pulled = skopeo_pull(conf, blackhole.host, "test/small", "v1", tmp_path / "out")
         assert pulled.manifest == small.manifest_bytes
         assert pulled.blobs == digests(small.blobs)
-        paths = [str(e["path"]) for e in mirror.request_log()]
-        assert any(p.startswith("/v2/registry.example/test/small/") for p in paths), paths
+        mirror.wait_log(
+            lambda log: any(str(e["path"]).startswith("/v2/registry.example/test/small/")
+                            for e in log), what="requests under the upstream's path prefix")
     finally:
         dead.close()
 
