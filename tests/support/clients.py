@@ -229,7 +229,7 @@ def verify_dir(out: Path) -> PulledDir:
         name = p.name
         if _HEX64.match(name):
             got = sha256_file(p)
-            assert got == name, f"blob {p} hashes to sha256:{got}"
+            assert got == f"sha256:{name}", f"blob {p} hashes to {got}"
             blobs.add("sha256:" + name)
         elif name.endswith(".manifest.json") and _HEX64.match(name.split(".", 1)[0]):
             data = p.read_bytes()
@@ -405,7 +405,7 @@ class Containerd:
         verified: set[str] = set()
         for p in blobs.iterdir():
             got = sha256_file(p)
-            assert got == p.name, f"containerd blob {p} hashes to sha256:{got}"
+            assert got == f"sha256:{p.name}", f"containerd blob {p} hashes to {got}"
             verified.add("sha256:" + p.name)
         return verified
 

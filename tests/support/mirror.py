@@ -313,6 +313,6 @@ class MirrorProcess:
             assert len(rel) == 3 and rel[0] == "sha256", f"unexpected file in blobs/: {p}"
             assert rel[1] == rel[2][:2], f"blob in the wrong fan-out dir: {p}"
             got = sha256_file(p)
-            assert got == rel[2], f"cached blob {p} hashes to sha256:{got}"
-            verified.add("sha256:" + got)
+            assert got == f"sha256:{rel[2]}", f"cached blob {p} hashes to {got}"
+            verified.add(got)
         return verified
