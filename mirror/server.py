@@ -217,7 +217,8 @@ async def _send_blob(request: web.Request, digest: Digest, size: int | None, fd:
     try:
         if download is None:
             assert fd is not None and length is not None
-            await sender.send(fd, start, length)
+            with sender.corked():
+                await sender.send(fd, start, length)
         else:
             assert length is not None
             await download.stream(sender, start, length)
