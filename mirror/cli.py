@@ -49,19 +49,16 @@ def cmd_status(config: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_gc(config: Config, args: argparse.Namespace) -> int:
-    from mirror.eviction import evict, pinned_digests
-    from mirror.locks import try_exclusive
+    from mirror.eviction import evict_to_watermark
     from mirror.runtime import open_cache
     from mirror.status import human
 
-    with open_cache(config) as (store, index), try_exclusive(str(store.lock_path("evict"))) as mine:
-        if not mine:
-            print("mirror: gc: another process is evicting right now; try again shortly",
-                  file=sys.stderr)
-            return 1
-        pinned = pinned_digests(config.cache.pin, [u.name for u in config.upstreams], store,
-                                index)
-        result = evict(store, index, config.cache.low_watermark, pinned)
+    with open_cache(config) as (store, index):
+        result = evict_to_watermark(config, store, index)
+    if result is None:
+        print("mirror: gc: another process is evicting right now; try again shortly",
+              file=sys.stderr)
+        return 1
     print(f"evicted {result.evicted} entries ({human(result.freed)}); "
           f"cache now {human(result.total_after)}")
     return 0

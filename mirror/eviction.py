@@ -14,8 +14,10 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from mirror import metrics
+from mirror.config import Config
 from mirror.errors import RegistryError
 from mirror.index import Index
+from mirror.locks import try_exclusive
 from mirror.mediatypes import referenced_blobs
 from mirror.reference import Digest, parse_digest
 from mirror.routing import parse_image
@@ -95,3 +97,16 @@ def evict(store: BlobStore, index: Index, target: int, pinned: set[Digest],
     log.info("evicted", extra={"entries": evicted, "bytes": freed, "total_after": total,
                                "target": target, "pinned_kept": skipped})
     return EvictionResult(evicted, freed, total, skipped)
+
+
+def evict_to_watermark(config: Config, store: BlobStore, index: Index,
+                       on_evict: Callable[[Digest], None] | None = None
+                       ) -> EvictionResult | None:
+    """Evict down to `[cache] low_watermark`, sparing pins; None when another process holds
+    the evict lock (it is doing the same work)."""
+    with try_exclusive(str(store.lock_path("evict"))) as mine:
+        if not mine:
+            return None
+        pinned = pinned_digests(config.cache.pin, [u.name for u in config.upstreams], store,
+                                index)
+        return evict(store, index, config.cache.low_watermark, pinned, on_evict)

@@ -26,9 +26,9 @@ from cachetools import LRUCache, TLRUCache
 from mirror import metrics
 from mirror.config import Config
 from mirror.errors import RegistryError
-from mirror.eviction import EvictionResult, evict, pinned_digests
 from mirror.index import Index, TagEntry
-from mirror.locks import exclusive, try_exclusive
+from mirror.locks import exclusive
+from mirror.maintenance import Maintenance
 from mirror.mediatypes import (
     IMAGE_TYPES,
     SCHEMA1_TYPES,
@@ -46,7 +46,6 @@ log = logging.getLogger("mirror.proxy")
 T = TypeVar("T")
 MAX_MANIFEST_BYTES = 4 * 1024 * 1024
 MEMORY_MANIFEST_BYTES = 64 * 1024 * 1024
-FLUSH_SECONDS = 2.0
 PREFETCH_AHEAD = 2  # prefetched downloads running at once (beyond what clients asked for)
 PREFETCH_QUEUE = 10_000
 WORKER_LOCK_WAIT = 30.0  # seconds a worker waits for another's manifest fetch
@@ -99,64 +98,21 @@ class Proxy:
             collections.deque(maxlen=PREFETCH_QUEUE))
         self._prefetching: set[Digest] = set()
 
-    # background maintenance ---------------------------------------------------------------
+    # background maintenance (maintenance.py) ----------------------------------------------
     async def start(self) -> None:
-        self.store.on_commit = self._committed
-        self.downloads.on_disk_full = self.request_eviction
-        self._wake = asyncio.Event()
-        self._maintenance = asyncio.ensure_future(self._maintain())
+        self.maintenance = Maintenance(self.config, self.store, self.index,
+                                       list(self.upstreams.values()), forget=self._forget)
+        self.downloads.on_disk_full = self.maintenance.request_eviction
+        self.maintenance.start()
 
     async def stop(self) -> None:
-        self._maintenance.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._maintenance
-        self.index.flush()
-
-    def _committed(self, digest: Digest, size: int, kind: str) -> None:
-        self.index.add_entry(digest, size, kind)
-        if self.index.total_bytes() > self.config.cache.max_size:
-            self._wake.set()
-
-    def _rebuild_index(self) -> None:
-        with try_exclusive(str(self.store.lock_path("rebuild"))) as mine:
-            if mine and not self.index.entries_complete():
-                self.index.rebuild_entries(self.store.iter_stored())
+        await self.maintenance.stop()
 
     def request_eviction(self) -> None:
-        self._wake.set()
-
-    async def _maintain(self) -> None:
-        if not self.index.entries_complete():
-            # A new or lost index: recreate entries from the files, off the event loop, while
-            # requests are served; one worker does it.
-            await asyncio.to_thread(self._rebuild_index)
-        while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), FLUSH_SECONDS)
-            self._wake.clear()
-            try:
-                for upstream in self.upstreams.values():
-                    if upstream.ratelimit_remaining is not None:
-                        self.index.set_ratelimit(upstream.name, upstream.ratelimit_limit,
-                                                 upstream.ratelimit_remaining)
-                self.index.flush()
-                if self.index.total_bytes() > self.config.cache.max_size:
-                    await asyncio.to_thread(self.evict)
-            except Exception:
-                log.exception("cache maintenance failed")
-
-    def evict(self, target: int | None = None) -> EvictionResult | None:
-        """Evict down to the low watermark (or `target`); None if another process is at it."""
-        with try_exclusive(str(self.store.lock_path("evict"))) as mine:
-            if not mine:
-                return None
-            pinned = pinned_digests(self.config.cache.pin, list(self.upstreams), self.store,
-                                    self.index)
-            return evict(self.store, self.index,
-                         self.config.cache.low_watermark if target is None else target,
-                         pinned, on_evict=self._forget)
+        self.maintenance.request_eviction()
 
     def _forget(self, digest: Digest) -> None:
+        """Evicted: drop it from memory too."""
         self._memory.pop(digest, None)
 
     # single flight for small requests -----------------------------------------------------
