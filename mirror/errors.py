@@ -51,6 +51,3 @@ class RegistryError(Exception):
             entry["detail"] = self.detail
         return json.dumps({"errors": [entry]}).encode()
 
-
-def error_body(code: str, message: str, detail: Any = None) -> bytes:
-    return RegistryError(code, message, detail=detail).body()
