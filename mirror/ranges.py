@@ -1,8 +1,12 @@
-"""Pure parsing of HTTP `Range` headers for blob responses."""
+"""Pure parsing of HTTP `Range` headers, and the layout of multipart/byteranges bodies."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+# More ranges than this in one request are answered with the whole body (RFC 9110 allows
+# it): a range list is no way to make the server do unbounded work.
+MAX_RANGES = 64
 
 
 class RangeNotSatisfiable(Exception):
@@ -22,17 +26,9 @@ class ByteRange:
         return f"bytes {self.start}-{self.end}/{size}"
 
 
-def parse_range(header: str | None, size: int) -> ByteRange | None:
-    """The single byte range a `Range` header asks for, or None to serve the whole body.
-
-    Multi-range requests (podman's partial pulls send them) are answered with the whole body,
-    which RFC 9110 allows. Raises RangeNotSatisfiable when no byte of the range exists.
-    """
-    if not header:
-        return None
-    unit, _, spec = header.partition("=")
-    if unit.strip().lower() != "bytes" or "," in spec:
-        return None
+def _parse_spec(spec: str, size: int) -> ByteRange | None:
+    """One `first-last`, `first-` or `-suffix`; None when malformed. Raises
+    RangeNotSatisfiable when it names no byte of the body."""
     first, dash, last = spec.strip().partition("-")
     if not dash:
         return None
@@ -40,14 +36,59 @@ def parse_range(header: str | None, size: int) -> ByteRange | None:
         if first == "":
             suffix = int(last)
             if suffix <= 0 or size == 0:
-                raise RangeNotSatisfiable(header)
+                raise RangeNotSatisfiable(spec)
             return ByteRange(max(0, size - suffix), size - 1)
         start = int(first)
         end = int(last) if last else size - 1
     except ValueError:
         return None
     if start >= size:
-        raise RangeNotSatisfiable(header)
+        raise RangeNotSatisfiable(spec)
     if start < 0 or end < start:
         return None
     return ByteRange(start, min(end, size - 1))
+
+
+def parse_ranges(header: str | None, size: int) -> list[ByteRange] | None:
+    """The byte ranges a `Range` header asks for, in order, or None to serve the whole body
+    (no header, another unit, a malformed spec, too many ranges). Ranges naming no byte are
+    dropped; RangeNotSatisfiable when that leaves none."""
+    if not header:
+        return None
+    unit, _, specs = header.partition("=")
+    parts = specs.split(",")
+    if unit.strip().lower() != "bytes" or len(parts) > MAX_RANGES:
+        return None
+    ranges: list[ByteRange] = []
+    for spec in parts:
+        try:
+            parsed = _parse_spec(spec, size)
+        except RangeNotSatisfiable:
+            continue
+        if parsed is None:
+            return None
+        ranges.append(parsed)
+    if not ranges:
+        raise RangeNotSatisfiable(header)
+    return ranges
+
+
+@dataclass(frozen=True)
+class Multipart:
+    """A multipart/byteranges body: each part's header bytes, then its range, then CRLF."""
+
+    content_type: str
+    parts: list[tuple[bytes, ByteRange]]
+    closing: bytes
+
+    @property
+    def length(self) -> int:
+        return sum(len(head) + r.length + 2 for head, r in self.parts) + len(self.closing)
+
+
+def multipart_layout(ranges: list[ByteRange], size: int, boundary: str,
+                     part_type: str = "application/octet-stream") -> Multipart:
+    parts = [(f"--{boundary}\r\nContent-Type: {part_type}\r\n"
+              f"Content-Range: {r.content_range(size)}\r\n\r\n".encode(), r) for r in ranges]
+    return Multipart(f"multipart/byteranges; boundary={boundary}", parts,
+                     f"--{boundary}--\r\n".encode())

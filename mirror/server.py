@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import time
 from collections.abc import Awaitable, Callable
 from urllib.parse import urlencode
@@ -23,7 +24,7 @@ from mirror.mediatypes import parse_accept
 from mirror.ops import ACTIVITY
 from mirror.ops import install as install_ops
 from mirror.proxy import Proxy, StoredBlob, UpstreamBlobHead
-from mirror.ranges import ByteRange, RangeNotSatisfiable, parse_range
+from mirror.ranges import ByteRange, Multipart, RangeNotSatisfiable, multipart_layout, parse_ranges
 from mirror.reference import Digest, parse_digest, parse_reference
 from mirror.responses import API_VERSION, content_headers, etag, etag_matches
 from mirror.routes import Kind, Route, parse_v2_path
@@ -180,14 +181,14 @@ async def blob(request: web.Request, proxy: Proxy, upstream: Upstream, repositor
     return await _send_blob(request, digest, source.size, None, source)
 
 
-def _range(request: web.Request, digest: Digest, size: int | None) -> ByteRange | None:
+def _ranges(request: web.Request, digest: Digest, size: int | None) -> list[ByteRange] | None:
     if size is None:
         return None
     if_range = request.headers.get("If-Range")
     if if_range and if_range.strip() not in (etag(digest), str(digest)):
         return None
     try:
-        return parse_range(request.headers.get("Range"), size)
+        return parse_ranges(request.headers.get("Range"), size)
     except RangeNotSatisfiable:
         raise RegistryError("RANGE_INVALID", f"range not satisfiable for a {size}-byte blob",
                             status=416, headers={"Content-Range": f"bytes */{size}"}) from None
@@ -195,18 +196,26 @@ def _range(request: web.Request, digest: Digest, size: int | None) -> ByteRange 
 
 async def _send_blob(request: web.Request, digest: Digest, size: int | None, fd: int | None,
                      download: Download | None) -> web.StreamResponse:
-    byte_range = _range(request, digest, size)
-    response = web.StreamResponse(status=206 if byte_range else 200)
+    ranges = _ranges(request, digest, size)
+    if ranges is not None and len(ranges) > 1 and download is not None:
+        ranges = None  # several ranges of a blob still downloading: the whole body
+    response = web.StreamResponse(status=206 if ranges else 200)
     response.headers.update(content_headers(digest, "application/octet-stream", None))
     response.headers["Accept-Ranges"] = "bytes"
     response.headers["X-Mirror-Cache"] = request[CACHE]
     if etag_matches(request.headers.get("If-None-Match"), digest):
         response.set_status(304)
         return response
+    multipart = None
     start, length = 0, size
-    if byte_range is not None and size is not None:
-        start, length = byte_range.start, byte_range.length
-        response.headers["Content-Range"] = byte_range.content_range(size)
+    if ranges is not None and size is not None:
+        if len(ranges) == 1:
+            start, length = ranges[0].start, ranges[0].length
+            response.headers["Content-Range"] = ranges[0].content_range(size)
+        else:  # podman's partial pulls ask for many chunks of a layer at once
+            multipart = multipart_layout(ranges, size, secrets.token_hex(16))
+            response.headers["Content-Type"] = multipart.content_type
+            length = multipart.length
     if length is not None:
         response.content_length = length
     writer = await response.prepare(request)
@@ -215,13 +224,16 @@ async def _send_blob(request: web.Request, digest: Digest, size: int | None, fd:
         return response
     sender = Sender(request, response, writer)
     try:
-        if download is None:
-            assert fd is not None and length is not None
-            with sender.corked():
-                await sender.send(fd, start, length)
-        else:
+        if download is not None:
             assert length is not None
             await download.stream(sender, start, length)
+        else:
+            assert fd is not None and length is not None
+            with sender.corked():
+                if multipart is None:
+                    await sender.send(fd, start, length)
+                else:
+                    await _send_multipart(sender, fd, multipart)
     except (ClientAbort, ConnectionError) as exc:
         # The headers are gone already: the only honest signal left is to cut the
         # connection, so the client sees a broken body rather than a short one.
@@ -234,6 +246,14 @@ async def _send_blob(request: web.Request, digest: Digest, size: int | None, fd:
         sender.close()
     await response.write_eof()
     return response
+
+
+async def _send_multipart(sender: Sender, fd: int, multipart: Multipart) -> None:
+    for head, part in multipart.parts:
+        await sender.send_bytes(head)
+        await sender.send(fd, part.start, part.length)
+        await sender.send_bytes(b"\r\n")
+    await sender.send_bytes(multipart.closing)
 
 
 RELAYED = {  # route kind -> (upstream path, query parameters passed on, code when unknown)

@@ -276,3 +276,41 @@ async def test_unreachable_upstream_is_a_502_json(
         body = await resp.json()
         assert body["errors"][0]["code"] == "UPSTREAM_UNREACHABLE"
         assert "dead" in body["errors"][0]["message"]
+
+
+async def test_several_ranges_of_a_stored_blob_are_a_multipart_body(
+        upstream: FaultUpstream, start_mirror: MirrorFactory, client: aiohttp.ClientSession
+) -> None:
+    data = random_bytes(SIZE)
+    digest = upstream.add_blob(data)
+    base = await start_mirror()
+    url = f"{base}/v2/r/blobs/{digest}"
+    assert (await get(client, url))[1] == data  # now stored
+    async with client.get(url, headers={"Range": "bytes=0-9, 100-199, -5"}) as resp:
+        assert resp.status == 206
+        ctype = resp.headers["Content-Type"]
+        assert ctype.startswith("multipart/byteranges; boundary=")
+        body = await resp.read()
+        assert int(resp.headers["Content-Length"]) == len(body)
+    boundary = ctype.split("boundary=")[1].encode()
+    parts = body.split(b"--" + boundary)
+    assert parts[0] == b"" and parts[-1] == b"--\r\n"
+    got = []
+    for part in parts[1:-1]:
+        head, _, payload = part.partition(b"\r\n\r\n")
+        assert payload.endswith(b"\r\n")
+        got.append((head.split(b"Content-Range: ")[1].decode(), payload[:-2]))
+    assert got == [(f"bytes 0-9/{SIZE}", data[:10]), (f"bytes 100-199/{SIZE}", data[100:200]),
+                   (f"bytes {SIZE - 5}-{SIZE - 1}/{SIZE}", data[-5:])]
+    # a single range stays a plain 206; several ranges of a blob still downloading: 200
+    async with client.get(url, headers={"Range": "bytes=3-4"}) as resp:
+        assert resp.status == 206 and await resp.read() == data[3:5]
+    other = upstream.add_blob(random_bytes(SIZE), Behaviour(gate_after=SIZE // 2))
+    pending = asyncio.ensure_future(get(client, f"{base}/v2/r/blobs/{other}"))
+    await upstream.reached_gate.wait()
+    async with client.get(f"{base}/v2/r/blobs/{other}", headers={"Range": "bytes=0-1,5-6"}
+                          ) as resp:
+        assert resp.status == 200
+        upstream.gate.set()
+        assert len(await resp.read()) == SIZE
+    await pending

@@ -3,7 +3,7 @@ import json
 import pytest
 
 from mirror import mediatypes as mt
-from mirror.ranges import ByteRange, RangeNotSatisfiable, parse_range
+from mirror.ranges import ByteRange, RangeNotSatisfiable, multipart_layout, parse_ranges
 
 
 def test_accept_reads_every_header_line_and_drops_parameters() -> None:
@@ -38,19 +38,32 @@ def test_sniff_and_references() -> None:
 
 
 @pytest.mark.parametrize(("header", "expected"), [
-    (None, None), ("bytes=0-9", ByteRange(0, 9)), ("bytes=5-", ByteRange(5, 99)),
-    ("bytes=-10", ByteRange(90, 99)), ("bytes=-1000", ByteRange(0, 99)),
-    ("bytes=90-1000", ByteRange(90, 99)), ("bytes=0-1,5-6", None), ("items=0-1", None),
-    ("bytes=9-3", None), ("bytes=x-y", None),
+    (None, None), ("bytes=0-9", [ByteRange(0, 9)]), ("bytes=5-", [ByteRange(5, 99)]),
+    ("bytes=-10", [ByteRange(90, 99)]), ("bytes=-1000", [ByteRange(0, 99)]),
+    ("bytes=90-1000", [ByteRange(90, 99)]),
+    ("bytes=0-1, 5-6", [ByteRange(0, 1), ByteRange(5, 6)]),
+    ("bytes=0-1,200-300", [ByteRange(0, 1)]),  # the unsatisfiable one is dropped
+    ("items=0-1", None), ("bytes=9-3", None), ("bytes=x-y", None), ("bytes=0-1,x", None),
+    ("bytes=" + ",".join(["0-0"] * 65), None),  # too many: the whole body
 ])
-def test_parse_range(header: str | None, expected: ByteRange | None) -> None:
-    assert parse_range(header, 100) == expected
+def test_parse_ranges(header: str | None, expected: list[ByteRange] | None) -> None:
+    assert parse_ranges(header, 100) == expected
 
 
-@pytest.mark.parametrize("header", ["bytes=100-", "bytes=200-300", "bytes=-0"])
+@pytest.mark.parametrize("header", ["bytes=100-", "bytes=200-300", "bytes=-0",
+                                    "bytes=100-,200-"])
 def test_unsatisfiable(header: str) -> None:
     with pytest.raises(RangeNotSatisfiable):
-        parse_range(header, 100)
+        parse_ranges(header, 100)
+
+
+def test_multipart_layout_length_matches_what_is_sent() -> None:
+    layout = multipart_layout([ByteRange(0, 1), ByteRange(5, 9)], 100, "B")
+    assert layout.content_type == "multipart/byteranges; boundary=B"
+    body = b"".join(head + b"x" * r.length + b"\r\n" for head, r in layout.parts) + layout.closing
+    assert len(body) == layout.length
+    assert layout.parts[1][0] == (b"--B\r\nContent-Type: application/octet-stream\r\n"
+                                  b"Content-Range: bytes 5-9/100\r\n\r\n")
 
 
 def test_content_range() -> None:
