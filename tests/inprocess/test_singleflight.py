@@ -27,6 +27,14 @@ async def get(client: aiohttp.ClientSession, url: str, **kw: object) -> tuple[in
         return resp.status, await resp.read()
 
 
+async def leave_mid_body(url: str) -> None:
+    """A client that reads the start of a body, then disconnects."""
+    async with aiohttp.ClientSession() as leaver:
+        resp = await leaver.get(url)
+        await resp.content.readexactly(1000)
+        resp.close()
+
+
 async def test_concurrent_cold_requests_make_one_upstream_get(
         upstream: FaultUpstream, start_mirror: MirrorFactory, client: aiohttp.ClientSession,
         tmp_path: Path) -> None:
@@ -153,10 +161,7 @@ async def test_abandoned_download_still_completes(
     data = random_bytes(SIZE)
     digest = upstream.add_blob(data, Behaviour(gate_after=SIZE // 2))
     base = await start_mirror()
-    async with aiohttp.ClientSession() as leaver:
-        resp = await leaver.get(f"{base}/v2/r/blobs/{digest}")
-        await resp.content.readexactly(1000)
-        resp.close()
+    await leave_mid_body(f"{base}/v2/r/blobs/{digest}")
     upstream.gate.set()
     async with aiohttp.ClientSession() as later:
         status, body = await get(later, f"{base}/v2/r/blobs/{digest}")
@@ -169,10 +174,7 @@ async def test_abandoned_download_is_cancelled_when_configured(
     data = random_bytes(SIZE)
     digest = upstream.add_blob(data, Behaviour(gate_after=SIZE // 2, times=1))
     base = await start_mirror(cache={"finish_abandoned": False})
-    async with aiohttp.ClientSession() as leaver:
-        resp = await leaver.get(f"{base}/v2/r/blobs/{digest}")
-        await resp.content.readexactly(1000)
-        resp.close()
+    await leave_mid_body(f"{base}/v2/r/blobs/{digest}")
     upstream.gate.set()
     async with aiohttp.ClientSession() as later:
         status, body = await get(later, f"{base}/v2/r/blobs/{digest}")

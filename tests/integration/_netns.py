@@ -35,7 +35,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 
-from tests.support.registry import HOST
+from tests.support.registry import HOST, stop_loop_thread
 
 CLONE_NEWNET = 0x40000000
 _NETNS_RUN = Path("/run/netns")
@@ -174,21 +174,7 @@ class Bridge:
                 w.close()
 
     def stop(self) -> None:
-        async def _stop() -> None:
-            if self._server is not None:
-                self._server.close()
-            current = asyncio.current_task()
-            tasks = [t for t in asyncio.all_tasks() if t is not current]
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-
-        if self._thread.is_alive():
-            with contextlib.suppress(Exception):
-                asyncio.run_coroutine_threadsafe(_stop(), self._loop).result(timeout=10)
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(timeout=10)
-            self._loop.close()
+        stop_loop_thread(self._loop, self._thread, self._server)
         self.listener.close()
 
 

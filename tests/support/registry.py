@@ -251,6 +251,28 @@ class Registry:
         return [e for e in self.entries_since(mark) if e.manifest_ref is not None]
 
 
+def stop_loop_thread(loop: asyncio.AbstractEventLoop, thread: threading.Thread,
+                     server: asyncio.AbstractServer | None) -> None:
+    """Stop a relay running its own event loop in a thread: close its listener, cancel its
+    connections, stop the loop, join the thread (each step bounded)."""
+
+    async def _stop() -> None:
+        if server is not None:
+            server.close()
+        current = asyncio.current_task()
+        tasks = [t for t in asyncio.all_tasks() if t is not current]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    if thread.is_alive():
+        with contextlib.suppress(Exception):
+            asyncio.run_coroutine_threadsafe(_stop(), loop).result(timeout=10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=10)
+        loop.close()
+
+
 class ThrottledProxy:
     """A TCP proxy on 127.0.0.1 limiting upstream→client bandwidth (shared by all
     connections) to `rate` bytes/s; `rate = None` means unlimited. Runs its own event
@@ -315,20 +337,7 @@ class ThrottledProxy:
         )
 
     def stop(self) -> None:
-        async def _stop() -> None:
-            if self._server is not None:
-                self._server.close()
-            current = asyncio.current_task()
-            tasks = [t for t in asyncio.all_tasks() if t is not current]
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-
-        if self._thread.is_alive():
-            asyncio.run_coroutine_threadsafe(_stop(), self._loop).result(timeout=10)
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(timeout=10)
-            self._loop.close()
+        stop_loop_thread(self._loop, self._thread, self._server)
 
 
 # A bcrypt hash of BASIC_PASSWORD (distribution's htpasswd accepts bcrypt only); made with
