@@ -1,8 +1,8 @@
 """The aiohttp application: routes `/v2/...` requests to the proxy layer and writes responses.
 
 Request flow: middleware (errors, access log) → parse path (routes.py) → choose upstream
-(routing.py) → proxy.py (cache lookup, single-flight fetch) → response written here, blobs
-with zero-copy sendfile (zerocopy.py).
+(routing.py) → access checks (access.py, only with [auth]) → proxy.py (cache lookup,
+single-flight fetch) → response written here, blobs with zero-copy sendfile (zerocopy.py).
 """
 
 from __future__ import annotations
