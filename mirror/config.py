@@ -71,17 +71,11 @@ class AuthConfig:
 
 
 @dataclass(frozen=True)
-class MetricsConfig:
-    listen: tuple[str, int] | None = None  # None: /metrics on the main port
-
-
-@dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     upstreams: tuple[UpstreamConfig, ...] = ()
     auth: AuthConfig = field(default_factory=AuthConfig)
-    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     path: str = "mirror.toml"
 
     def upstream(self, name: str) -> UpstreamConfig | None:
@@ -259,13 +253,6 @@ def _auth(path: str, table: object) -> AuthConfig:
     return config
 
 
-def _metrics(path: str, table: object) -> MetricsConfig:
-    s = _Section(path, "metrics", table)
-    config = MetricsConfig(listen=s.get("listen", None, parse_listen))
-    s.finish()
-    return config
-
-
 def load_config(path: str | os.PathLike[str]) -> Config:
     p = Path(path)
     try:
@@ -282,7 +269,7 @@ def load_config(path: str | os.PathLike[str]) -> Config:
 
 
 def parse_config(data: dict[str, Any], path: str = "mirror.toml", base: Path = Path()) -> Config:
-    unknown = sorted(set(data) - {"server", "cache", "upstream", "auth", "metrics"})
+    unknown = sorted(set(data) - {"server", "cache", "upstream", "auth"})
     if unknown:
         raise ConfigError(path, unknown[0], "unknown section")
     raw_upstreams = data.get("upstream", [])
@@ -297,6 +284,5 @@ def parse_config(data: dict[str, Any], path: str = "mirror.toml", base: Path = P
         cache=_cache(path, data.get("cache", {}), base),
         upstreams=upstreams,
         auth=_auth(path, data.get("auth", {})),
-        metrics=_metrics(path, data.get("metrics", {})),
         path=path,
     )
