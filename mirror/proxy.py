@@ -362,9 +362,14 @@ class Proxy:
         """Where to serve a blob from, and how the cache answered: hit (stored), inflight
         (joined a download already running) or miss (this request started it)."""
         for _ in range(3):
-            if self.store.size(digest) is not None or self.downloads.get(digest) is not None:
-                await self._confirm_access(upstream, repository, digest, "blobs")
             stored = self._open_stored(digest)
+            if stored is not None or self.downloads.get(digest) is not None:
+                try:
+                    await self._confirm_access(upstream, repository, digest, "blobs")
+                except BaseException:
+                    if stored is not None:
+                        os.close(stored.fd)
+                    raise
             if stored is not None:
                 self.index.touch(digest)
                 self.index.count("blob_hit")
