@@ -135,28 +135,26 @@ def process_tree(pid: int) -> list[int]:
     return out
 
 
-def rss_bytes(pid: int) -> int:
+def _proc_kib(path: str, field: str) -> int:
+    """Bytes of a `Field:   N kB` line of a /proc file (0 when the process is gone)."""
     try:
-        with open(f"/proc/{pid}/status") as f:
+        with open(path) as f:
             for line in f:
-                if line.startswith("VmRSS:"):
+                if line.startswith(field):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
     return 0
+
+
+def rss_bytes(pid: int) -> int:
+    return _proc_kib(f"/proc/{pid}/status", "VmRSS:")
 
 
 def pss_bytes(pid: int) -> int:
     """Proportional set size: shared pages (a forked worker shares most of its parent's)
     are split between the processes sharing them, so the sum over a tree is its real use."""
-    try:
-        with open(f"/proc/{pid}/smaps_rollup") as f:
-            for line in f:
-                if line.startswith("Pss:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
+    return _proc_kib(f"/proc/{pid}/smaps_rollup", "Pss:")
 
 
 class RssSampler:
