@@ -9,6 +9,7 @@ Import verifies every file against its digest before it enters the store.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import sys
@@ -91,8 +92,11 @@ def export(store: BlobStore, index: Index, upstreams: list[str], images: Sequenc
     return len(present)
 
 
-def _media_types(store: BlobStore, index: Index, descriptor: dict[str, object]) -> None:
-    """Record the media type of a manifest and, for an index, of its children."""
+def _media_types(store: BlobStore, index: Index, descriptor: dict[str, object],
+                 owner: tuple[str, str] | None) -> None:
+    """Record the media type of a manifest and, for an index, of its children; and that the
+    image's (upstream, repository) holds all of it, so private content stays servable
+    offline under the name it was exported with (and under no other)."""
     digest = parse_digest(str(descriptor["digest"]))
     media_type = descriptor.get("mediaType")
     data = store.read_bytes(digest)
@@ -101,8 +105,12 @@ def _media_types(store: BlobStore, index: Index, descriptor: dict[str, object]) 
     index.set_media_type(digest, media_type if isinstance(media_type, str)
                          else mt.sniff_media_type(data))
     index.add_entry(digest, len(data), "manifest")
+    if owner is not None:
+        for held in [str(digest), *mt.referenced_blobs(data)[0]]:
+            with contextlib.suppress(RegistryError):
+                index.remember_access(*owner, parse_digest(held))
     for child in mt.child_manifests(data):
-        _media_types(store, index, child)
+        _media_types(store, index, child, owner)
 
 
 def import_archive(store: BlobStore, index: Index, upstreams: list[str], archive: Path
@@ -142,12 +150,13 @@ def import_archive(store: BlobStore, index: Index, upstreams: list[str], archive
         descriptors = mt.child_manifests(top.read())
     refs = []
     for descriptor in descriptors:
-        _media_types(store, index, descriptor)
         annotations = descriptor.get("annotations")
         ref_name = annotations.get(REF_ANNOTATION) if isinstance(annotations, dict) else None
         if not isinstance(ref_name, str):
+            _media_types(store, index, descriptor, None)
             continue
         ref = parse_image(ref_name, upstreams)
+        _media_types(store, index, descriptor, (ref.upstream, ref.repository))
         if isinstance(ref.reference, str):
             index.set_tag(ref.upstream, ref.repository, ref.reference,
                           parse_digest(str(descriptor["digest"])),

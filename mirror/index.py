@@ -165,6 +165,24 @@ class Index:
     def has_access(self, upstream: str, repository: str, digest: Digest) -> bool:
         return bool(self.db.get(self._access_key(upstream, repository, digest)))
 
+    # where content came from: "public" (an anonymous upstream served it) or "private" -------
+    @staticmethod
+    def _provenance_key(digest: Digest) -> str:
+        return f"provenance\0{digest}"
+
+    def provenance(self, digest: Digest) -> str | None:
+        value = self.db.get(self._provenance_key(digest))
+        return value if isinstance(value, str) else None
+
+    def mark_private(self, digest: Digest) -> None:
+        """Before content fetched with credentials can be stored: restrictive, so it may be
+        written early. Never downgrades "public" (what anyone can fetch is no secret)."""
+        self.db.add(self._provenance_key(digest), "private")
+
+    def mark_public(self, digest: Digest) -> None:
+        """Only once an anonymous upstream actually served or confirmed the digest."""
+        self.db.set(self._provenance_key(digest), "public")
+
     def counter(self, name: str) -> int:
         value = self.db.get(f"count\0{name}", 0)
         return int(value)

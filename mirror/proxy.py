@@ -97,6 +97,7 @@ class Proxy:
         self._prefetch_queue: collections.deque[tuple[Upstream, str, Digest]] = (
             collections.deque(maxlen=PREFETCH_QUEUE))
         self._prefetching: set[Digest] = set()
+        self._any_private = any(self._private_upstream(u) for u in upstreams.values())
 
     # background maintenance (maintenance.py) ----------------------------------------------
     async def start(self) -> None:
@@ -220,7 +221,7 @@ class Proxy:
             return await self._fetch_manifest(upstream, repository, reference, accept, tag=tag)
         digest = _upstream_digest(upstream, header_digest)
         media_type = headers.get("Content-Type", "").split(";")[0].strip()
-        self._note_access(upstream, repository, digest)  # the upstream named it for this repo
+        self._served_by(upstream, repository, digest)  # the upstream named it for this repo
         if tag is not None:
             # Remembered even before the manifest itself is fetched: containerd resolves a tag
             # with HEAD, then GETs the manifest by digest.
@@ -249,6 +250,7 @@ class Proxy:
         async with exclusive(str(self.store.lock_path(f"manifest-{name}")), WORKER_LOCK_WAIT):
             fetched = self._fetched_by_another_worker(upstream, repository, reference, accept)
             if fetched is not None:
+                await self._confirm_access(upstream, repository, fetched.digest, "manifests")
                 return fetched
             return await self._fetch_and_store(upstream, repository, reference, accept, tag)
 
@@ -267,6 +269,7 @@ class Proxy:
             digest = _upstream_digest(upstream, claimed) if claimed else digest_of(data)
             return Manifest(digest, media_type, len(data), data, "miss", ttl)
         digest = self._verify_manifest(upstream, reference, headers, data)
+        self._entering(upstream, digest)
         try:
             self.store.put_bytes(digest, data)
         except DigestMismatch as exc:  # pragma: no cover - verified just above
@@ -279,7 +282,7 @@ class Proxy:
         self._memory[digest] = (data, media_type)
         self.index.set_media_type(digest, media_type)
         self.index.count("manifest_miss")
-        self._note_access(upstream, repository, digest)
+        self._served_by(upstream, repository, digest)
         if tag is not None:
             self._set_tag(upstream.name, repository, tag, digest, media_type)
         if self.config.cache.prefetch and media_type in IMAGE_TYPES:
@@ -354,8 +357,15 @@ class Proxy:
 
     def _start_download(self, upstream: Upstream, repository: str, digest: Digest
                         ) -> Download | None:
-        return self.downloads.start(digest, self.blob_fetch(upstream, repository, digest),
-                                    upstream.config.resume_attempts, upstream.name)
+        """Join the download of `digest` in this process, follow another worker's, or lead a
+        new one fetching from (upstream, repository) — then `origin` says so."""
+        self._entering(upstream, digest)
+        existing = self.downloads.get(digest)
+        download = self.downloads.start(digest, self.blob_fetch(upstream, repository, digest),
+                                        upstream.config.resume_attempts, upstream.name)
+        if download is not None and download is not existing and download.leader:
+            download.origin = (upstream.name, repository)
+        return download
 
     async def blob(self, upstream: Upstream, repository: str, digest: Digest,
                    head: bool) -> tuple[BlobSource, str]:
@@ -363,14 +373,12 @@ class Proxy:
         (joined a download already running) or miss (this request started it)."""
         for _ in range(3):
             stored = self._open_stored(digest)
-            if stored is not None or self.downloads.get(digest) is not None:
+            if stored is not None:
                 try:
                     await self._confirm_access(upstream, repository, digest, "blobs")
                 except BaseException:
-                    if stored is not None:
-                        os.close(stored.fd)
+                    os.close(stored.fd)
                     raise
-            if stored is not None:
                 self.index.touch(digest)
                 self.index.count("blob_hit")
                 return stored, "hit"
@@ -380,27 +388,50 @@ class Proxy:
                 if head:
                     return await self._head_blob(upstream, repository, digest), "miss"
                 download, cache = self._start_download(upstream, repository, digest), "miss"
-            if download is not None:
-                self.index.count("blob_miss")
-                size = await download.wait_headers()
-                if cache == "miss":
-                    self._note_access(upstream, repository, digest)
-                if size is not None:
-                    return download, cache
-                await download.wait_done()  # no size from upstream: serve once stored
+            if download is None:
+                continue  # stored meanwhile
+            ours = download.origin == (upstream.name, repository)
+            if not ours:  # led for another name, or by another worker: not proof for this one
+                await self._confirm_access(upstream, repository, digest, "blobs")
+            self.index.count("blob_miss")
+            size = await download.wait_headers()
+            if ours:
+                self._served_by(upstream, repository, digest)
+            if size is not None:
+                return download, cache
+            await download.wait_done()  # no size from upstream: serve once stored
         raise RegistryError("BLOB_UNKNOWN", f"blob {digest} vanished while being opened")
 
     # private content ----------------------------------------------------------------------
-    def _note_access(self, upstream: Upstream, repository: str, digest: Digest) -> None:
-        if upstream.credentials.configured:
+    # Content that entered with credentials (an upstream with credentials, or one whose
+    # clients must authenticate) is "private": it is served under an (upstream, repository)
+    # only once that upstream, asked with its own credentials or anonymously, confirmed the
+    # repository holds it. What an anonymous upstream served is "public" for every name.
+    @staticmethod
+    def _private_upstream(upstream: Upstream) -> bool:
+        return upstream.credentials.configured or upstream.config.access == "authenticated"
+
+    def _is_private(self, digest: Digest) -> bool:
+        provenance = self.index.provenance(digest)
+        # Unknown (an index lost or older than provenance): private if anything can be.
+        return provenance == "private" or (provenance is None and self._any_private)
+
+    def _entering(self, upstream: Upstream, digest: Digest) -> None:
+        """Before bytes from `upstream` can reach the store (or another worker)."""
+        if self._private_upstream(upstream):
+            self.index.mark_private(digest)
+
+    def _served_by(self, upstream: Upstream, repository: str, digest: Digest) -> None:
+        """The upstream answered for `digest` under `repository`."""
+        if self._private_upstream(upstream):
             self.index.remember_access(upstream.name, repository, digest)
+        else:
+            self.index.mark_public(digest)
 
     async def _confirm_access(self, upstream: Upstream, repository: str, digest: Digest,
                               endpoint: str) -> None:
-        """Content cached from a credentialed upstream is served under a repository name only
-        once the upstream confirmed that repository holds it: nobody reads a private layer by
-        asking for its digest under another repository's name."""
-        if not upstream.credentials.configured or self.index.has_access(
+        """Nobody reads a private layer by asking for its digest under another name."""
+        if not self._is_private(digest) or self.index.has_access(
                 upstream.name, repository, digest):
             return
         code = "BLOB_UNKNOWN" if endpoint == "blobs" else "MANIFEST_UNKNOWN"
@@ -410,7 +441,7 @@ class Proxy:
         if resp.status != 200:
             raise await error_from_response(upstream, resp, code)
         resp.release()
-        self.index.remember_access(upstream.name, repository, digest)
+        self._served_by(upstream, repository, digest)
 
     def _open_stored(self, digest: Digest) -> StoredBlob | None:
         fd = self.store.open_fd(digest)
@@ -425,6 +456,7 @@ class Proxy:
             raise await error_from_response(upstream, resp, "BLOB_UNKNOWN")
         length = resp.headers.get("Content-Length")
         resp.release()
+        self._served_by(upstream, repository, digest)
         return UpstreamBlobHead(int(length) if length and length.isdigit() else None)
 
     def _prefetch(self, upstream: Upstream, repository: str, manifest: bytes) -> None:

@@ -77,6 +77,9 @@ class Download:
         self.resumed = 0
         self.started = time.monotonic()
         self.task: asyncio.Task[None] | None = None
+        # (upstream, repository) this process fetches it for; None when following another
+        # worker. Set by the proxy, which decides whether joining needs a confirmation.
+        self.origin: tuple[str, str] | None = None
         self._waiters: list[asyncio.Future[None]] = []
         # After ENOSPC: bytes from disk_end on are relayed from memory, never cached.
         self.disk_end: int | None = None
