@@ -56,7 +56,7 @@ def sniff_media_type(data: bytes) -> str:
     """A manifest's media type from its own bytes (used when the index lost it)."""
     try:
         doc = json.loads(data)
-    except ValueError:
+    except (ValueError, RecursionError):
         return OCI_MANIFEST
     if not isinstance(doc, dict):
         return OCI_MANIFEST
@@ -70,6 +70,71 @@ def sniff_media_type(data: bytes) -> str:
     return OCI_MANIFEST
 
 
+# The spec's shapes nest at most ~5 levels (index → manifests → platform → os.features);
+# anything far deeper is hostile (and json's recursive decoder would fail on it anyway).
+MAX_MANIFEST_DEPTH = 32
+# Content types some registries send for a manifest without naming its format.
+_UNLABELLED = frozenset({"", "application/json", "application/octet-stream"})
+
+
+class ManifestInvalid(ValueError):
+    """A manifest body the mirror will not cache or relay; the message says why."""
+
+
+def _depth(doc: dict[str, object] | list[object]) -> int:
+    deepest = 0
+    stack: list[tuple[dict[str, object] | list[object], int]] = [(doc, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > MAX_MANIFEST_DEPTH:
+            return depth
+        deepest = max(deepest, depth)
+        children = value.values() if isinstance(value, dict) else value
+        stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
+    return deepest
+
+
+def _shape(doc: dict[str, object]) -> str | None:
+    if doc.get("schemaVersion") == 1:
+        return "schema1"
+    if "manifests" in doc:
+        return "index"
+    if "layers" in doc or "config" in doc:
+        return "image"
+    return None
+
+
+def checked_media_type(data: bytes, declared: str) -> str:
+    """The media type to cache and serve a manifest with, once its bytes agree with the
+    upstream's `Content-Type` (`declared`, without parameters). Raises ManifestInvalid for a
+    body that is not a JSON object, nests beyond MAX_MANIFEST_DEPTH, or contradicts its label
+    (a `mediaType` field that differs from it, an index labelled as an image, `text/html`)."""
+    try:
+        doc = json.loads(data)
+    except RecursionError:
+        raise ManifestInvalid(f"nested deeper than {MAX_MANIFEST_DEPTH} levels") from None
+    except ValueError:
+        raise ManifestInvalid("not JSON") from None
+    if not isinstance(doc, dict):
+        raise ManifestInvalid("not a JSON object")
+    if _depth(doc) > MAX_MANIFEST_DEPTH:
+        raise ManifestInvalid(f"nested deeper than {MAX_MANIFEST_DEPTH} levels")
+    declared = declared.strip().lower()
+    body_type = doc.get("mediaType")
+    if body_type is not None and not isinstance(body_type, str):
+        raise ManifestInvalid("its mediaType is not a string")
+    if body_type and declared not in _UNLABELLED and body_type.lower() != declared:
+        raise ManifestInvalid(f"labelled {declared} but its mediaType says {body_type}")
+    media_type = body_type or (sniff_media_type(data) if declared in _UNLABELLED else declared)
+    if media_type not in ALL_MANIFEST_TYPES and not body_type:
+        raise ManifestInvalid(f"{media_type} is not a manifest media type")
+    shape = _shape(doc)
+    if (media_type in INDEX_TYPES and shape == "image") or (
+            media_type in IMAGE_TYPES and shape == "index"):
+        raise ManifestInvalid(f"labelled {media_type} but shaped like an {shape}")
+    return media_type
+
+
 def _descriptors(doc: dict[str, object], key: str) -> list[dict[str, object]]:
     value = doc.get(key)
     items = value if isinstance(value, list) else [value] if isinstance(value, dict) else []
@@ -79,7 +144,7 @@ def _descriptors(doc: dict[str, object], key: str) -> list[dict[str, object]]:
 def _document(data: bytes) -> dict[str, object]:
     try:
         doc = json.loads(data)
-    except ValueError:
+    except (ValueError, RecursionError):
         return {}
     return doc if isinstance(doc, dict) else {}
 

@@ -32,6 +32,8 @@ from mirror.maintenance import Maintenance
 from mirror.mediatypes import (
     IMAGE_TYPES,
     SCHEMA1_TYPES,
+    ManifestInvalid,
+    checked_media_type,
     is_acceptable,
     referenced_blobs,
     upstream_accept,
@@ -44,7 +46,8 @@ from mirror.upstream import Upstream, error_from_response
 log = logging.getLogger("mirror.proxy")
 
 T = TypeVar("T")
-MAX_MANIFEST_BYTES = 4 * 1024 * 1024
+MAX_MANIFEST_BYTES = 4 * 1024 * 1024  # the distribution spec's bound for manifests
+MAX_RELAYED_BYTES = 8 * 1024 * 1024  # a tags list or referrers index (thousands of entries)
 MEMORY_MANIFEST_BYTES = 64 * 1024 * 1024
 PREFETCH_AHEAD = 2  # prefetched downloads running at once (beyond what clients asked for)
 PREFETCH_QUEUE = 10_000
@@ -259,7 +262,7 @@ class Proxy:
         headers, data = await self._upstream_manifest(upstream, repository, reference, accept,
                                                       "GET")
         assert data is not None
-        media_type = headers.get("Content-Type", "").split(";")[0].strip()
+        media_type = _checked_media_type(upstream, reference, headers, data)
         ttl = self.config.cache.tag_ttl if tag else None
         if media_type in SCHEMA1_TYPES:
             # Schema 1 (deprecated; registries convert to it for clients that accept nothing
@@ -326,18 +329,8 @@ class Proxy:
             resp.release()
             return headers, None
         try:
-            length = int(resp.headers.get("Content-Length", "0") or 0)
-            if length > MAX_MANIFEST_BYTES:
-                raise RegistryError("MANIFEST_INVALID", f"manifest larger than "
-                                    f"{MAX_MANIFEST_BYTES} bytes", status=502)
-            data = await resp.content.read(MAX_MANIFEST_BYTES + 1)
-            if len(data) > MAX_MANIFEST_BYTES:
-                raise RegistryError("MANIFEST_INVALID", f"manifest larger than "
-                                    f"{MAX_MANIFEST_BYTES} bytes", status=502)
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise RegistryError("UPSTREAM_UNAVAILABLE",
-                                f"upstream {upstream.name} broke off a manifest: {exc}",
-                                status=502) from None
+            data = await read_bounded(upstream, resp, MAX_MANIFEST_BYTES, "a manifest",
+                                      "MANIFEST_INVALID", "pull it from the upstream directly")
         finally:
             resp.release()
         return headers, data
@@ -493,11 +486,12 @@ class Proxy:
         resp = await upstream.request("GET", repository, suffix, params=query)
         if resp.status != 200:
             raise await error_from_response(upstream, resp, unknown)
+        what = "a tags list" if suffix.startswith("tags/") else "a referrers index"
         try:
-            body = await resp.read()
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise RegistryError("UPSTREAM_UNAVAILABLE", f"upstream {upstream.name}: {exc}",
-                                status=502) from None
+            body = await read_bounded(upstream, resp, MAX_RELAYED_BYTES, what,
+                                      "UPSTREAM_UNAVAILABLE", "page through it with ?n=")
+        finally:
+            resp.release()
         headers = {k: resp.headers[k] for k in ("Content-Type", "Link", "OCI-Filters-Applied")
                    if k in resp.headers}
         return resp.status, body, headers
@@ -505,6 +499,45 @@ class Proxy:
     def _require_online(self, code: str, what: str) -> None:
         if self.offline:
             raise RegistryError(code, f"{what} is not cached and the mirror is offline")
+
+
+def _checked_media_type(upstream: Upstream, reference: str, headers: dict[str, str],
+                        data: bytes) -> str:
+    declared = headers.get("Content-Type", "").split(";")[0]
+    try:
+        return checked_media_type(data, declared)
+    except ManifestInvalid as exc:
+        log.error("upstream sent an invalid manifest", extra={
+            "upstream": upstream.name, "reference": reference, "error": str(exc)})
+        raise RegistryError("MANIFEST_INVALID", f"upstream {upstream.name} sent a manifest "
+                            f"for {reference} that the mirror refuses: {exc}; nothing was "
+                            "cached", status=502) from None
+
+
+async def read_bounded(upstream: Upstream, resp: aiohttp.ClientResponse, limit: int,
+                       what: str, code: str, advice: str) -> bytes:
+    """The whole body, refused beyond `limit` bytes. (`content.read(n)` would return only
+    what happens to be buffered: a large manifest arrived cut at a few tens of KB.)"""
+    too_large = RegistryError(code, f"upstream {upstream.name} sent {what} larger than "
+                              f"{limit} bytes, more than the mirror relays; {advice}",
+                              status=502)
+    if resp.content_length is not None and resp.content_length > limit:
+        raise too_large
+    body = bytearray()
+    try:
+        async for chunk in resp.content.iter_any():
+            body += chunk
+            if len(body) > limit:
+                raise too_large
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        raise RegistryError("UPSTREAM_UNAVAILABLE",
+                            f"upstream {upstream.name} broke off {what}: {exc}",
+                            status=502) from None
+    if resp.content_length is not None and len(body) != resp.content_length:
+        raise RegistryError("UPSTREAM_UNAVAILABLE", f"upstream {upstream.name} sent {what} of "
+                            f"{len(body)} bytes, not the {resp.content_length} it announced",
+                            status=502)
+    return bytes(body)
 
 
 def _upstream_digest(upstream: Upstream, value: str) -> Digest:
