@@ -50,6 +50,10 @@ class ServerConfig:
     tls_cert: str | None = None
     tls_key: str | None = None
     shutdown_timeout: float = 30.0
+    header_timeout: float = 10.0  # a request's headers must arrive within this
+    keepalive_timeout: float = 75.0  # an idle keep-alive connection is closed after this
+    max_connections: int = 10_000  # per worker process
+    max_connections_per_client: int = 256  # per client address, per worker process
 
 
 @dataclass(frozen=True)
@@ -118,6 +122,11 @@ def parse_url(value: object) -> str:
         raise ValueError(f"expected a URL, got {value!r}")
     parts = urlsplit(value)
     if parts.scheme not in ("http", "https") or not parts.hostname:
+    if "@" in parts.netloc:  # never echo the value: it holds a secret
+        raise ValueError("credentials in the URL are refused (they would show in logs, error "
+                         "messages and the status page): remove the 'user:password@' part and "
+                         "set username with password, password_file or credential_helper in "
+                         "this [[upstream]] table instead")
         raise ValueError(f"invalid URL {value!r}: expected http(s)://host[:port]")
     try:
         parts.port  # noqa: B018  (raises on a bad port)
@@ -168,9 +177,32 @@ def _server(path: str, table: object) -> ServerConfig:
     tls_key = s.get("tls_key", None, kind=str)
     shutdown_timeout = s.get("shutdown_timeout", 30.0, parse_duration)
     s.finish()
+    limits = _connection_limits(path, s)
     if bool(tls_cert) != bool(tls_key):
         raise ConfigError(path, "server.tls_cert", "tls_cert and tls_key go together")
-    return ServerConfig(host, port, workers, tls_cert, tls_key, shutdown_timeout)
+    return ServerConfig(host, port, workers, tls_cert, tls_key, shutdown_timeout, **limits)
+
+
+def _positive_duration(value: object) -> float:
+    seconds = parse_duration(value)
+    if seconds <= 0:
+        raise ValueError(f"expected a duration above zero, got {value!r}")
+    return seconds
+
+
+def _connection_limits(path: str, s: _Section) -> dict[str, Any]:
+    max_connections = s.get("max_connections", 10_000, _positive_int)
+    explicit = "max_connections_per_client" in s.table
+    per_client = s.get("max_connections_per_client", 256, _positive_int)
+    if explicit and per_client > max_connections:
+        raise ConfigError(path, "server.max_connections_per_client",
+                          f"{per_client} is above max_connections ({max_connections})")
+    return {
+        "header_timeout": s.get("header_timeout", 10.0, _positive_duration),
+        "keepalive_timeout": s.get("keepalive_timeout", 75.0, _positive_duration),
+        "max_connections": max_connections,
+        "max_connections_per_client": min(per_client, max_connections),
+    }
 
 
 def _watermark(value: object, max_size: int) -> int:

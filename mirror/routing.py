@@ -4,6 +4,11 @@ name to ask it for.
 In order: containerd's `?ns=<registry host>`; a path prefix `/v2/<upstream name>/<repo>/...`
 (what a registries.conf mirror location with a path produces); else the default (first)
 upstream, which is what the docker daemon's `registry-mirrors` reaches.
+
+A first component that looks like a registry host but names no configured upstream
+(`/v2/quay.io/foo/...`) still goes to the default upstream (Docker Hub has no dots in its
+namespaces, other registries may): `unconfigured_registry` says when that happens, so the
+server can warn and `mirror warm` can refuse.
 """
 
 from __future__ import annotations
@@ -34,15 +39,39 @@ class ImageRef:
         return f"{self.upstream}/{self.repository}{sep}{self.reference}"
 
 
-def parse_image(ref: str, upstreams: Sequence[str]) -> ImageRef:
+def looks_like_host(component: str) -> bool:
+    """Whether a name's first component reads as a registry host, as docker's reference
+    grammar decides it: a dot, a port, or `localhost`."""
+    return "." in component or ":" in component or component == "localhost"
+
+
+def unconfigured_registry(raw_name: str, ns: str | None, upstreams: Sequence[str]) -> str | None:
+    """The first component of a repository name when it looks like a registry host that is
+    not configured (so the name will be taken as a repository of the default upstream)."""
+    first, _, rest = raw_name.partition("/")
+    if ns is not None or not rest or not looks_like_host(first):
+        return None
+    configured = {_canonical(u) for u in upstreams}
+    return None if _canonical(first) in configured else first
+
+
+def parse_image(ref: str, upstreams: Sequence[str], *, strict: bool = False) -> ImageRef:
     """An image reference as operators write it: `docker.io/library/nginx:1.27`, `nginx`,
-    `ghcr.io/o/r@sha256:…`. The registry part selects the upstream as a path prefix does."""
+    `ghcr.io/o/r@sha256:…`. The registry part selects the upstream as a path prefix does.
+    `strict`: refuse a registry part that names no configured upstream."""
     name, at, digest = ref.partition("@")
     tag = "latest"
     if not at:
         slash, colon = name.rfind("/"), name.rfind(":")
         if colon > slash:
             name, tag = name[:colon], name[colon + 1:]
+    host = unconfigured_registry(name, None, upstreams) if strict else None
+    if host is not None:
+        raise RegistryError(
+            "NAME_INVALID",
+            f"{ref}: {host} is not a configured upstream (configured: {', '.join(upstreams)}); "
+            f"add an [[upstream]] for it, or name the image without a registry to use "
+            f"{upstreams[0]}")
     upstream, repository = select_upstream(name, None, upstreams)
     return ImageRef(upstream, repository, parse_digest(digest) if at else validate_tag(tag))
 

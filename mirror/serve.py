@@ -62,6 +62,10 @@ def serve(config: Config) -> int:
         "listen": f"{scheme}://{config.server.host}:{config.server.port}",
         "cache_dir": str(config.cache.dir), "workers": workers,
         "upstreams": [u.name for u in config.upstreams], "temporaries_removed": removed})
+    default = config.upstreams[0]
+    log.info("names without a registry (e.g. /v2/library/nginx/...) go to the default "
+             "upstream, the first [[upstream]]", extra={
+                 "default_upstream": default.name, "url": default.url})
     try:
         if workers == 1:
             return run_worker(config, reuse_port=False, on_ready=_notify_ready(config),

@@ -23,6 +23,7 @@ from mirror.logs import ACCESS_LOG
 from mirror.mediatypes import parse_accept
 from mirror.ops import ACTIVITY
 from mirror.ops import install as install_ops
+from mirror.notices import warn_unconfigured_registry
 from mirror.proxy import Proxy, StoredBlob, UpstreamBlobHead
 from mirror.ranges import ByteRange, Multipart, RangeNotSatisfiable, multipart_layout, parse_ranges
 from mirror.reference import Digest, parse_digest, parse_reference
@@ -156,6 +157,7 @@ async def _head(request: web.Request, headers: dict[str, str]) -> web.StreamResp
     return response
 
 
+    warn_unconfigured_registry(route.name, request.query.get("ns"), proxy.upstreams)
 async def blob(request: web.Request, proxy: Proxy, upstream: Upstream, repository: str,
                digest: Digest) -> web.StreamResponse:
     if etag_matches(request.headers.get("If-None-Match"), digest):

@@ -86,7 +86,7 @@ async def warm_image(proxy: Proxy, ref: ImageRef, platforms: Sequence[str] | Non
 async def warm(config: Config, images: Sequence[str], platforms: Sequence[str] | None) -> int:
     """Returns the number of images that failed."""
     names = [u.name for u in config.upstreams]
-    refs = [parse_image(i, names) for i in images]
+    refs = [parse_image(i, names, strict=True) for i in images]
     failed = 0
     async with open_proxy(config) as proxy:
         with tqdm(total=0, unit="blob", desc="warming",
