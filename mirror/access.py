@@ -4,6 +4,7 @@ clientauth.py. Everything here is inert unless `[auth] htpasswd` is configured."
 from __future__ import annotations
 
 import json
+import logging
 import os
 import secrets
 import time
@@ -11,12 +12,24 @@ from pathlib import Path
 
 from aiohttp import web
 
-from mirror.clientauth import ANONYMOUS, Authenticator, Identity, bearer_challenge, load_htpasswd
-from mirror.config import Config, UpstreamConfig
+from mirror.clientauth import (
+    ANONYMOUS,
+    SERVICE,
+    Authenticator,
+    FailureLimiter,
+    Identity,
+    bearer_challenge,
+    load_htpasswd,
+    parse_basic,
+)
+from mirror.config import AuthConfig, Config, UpstreamConfig
 from mirror.errors import RegistryError
 
 AUTHENTICATOR: web.AppKey[Authenticator | None] = web.AppKey("authenticator")
+LIMITER: web.AppKey[FailureLimiter] = web.AppKey("limiter", FailureLimiter)
 SECRET_FILE = "auth.secret"
+
+log = logging.getLogger("mirror.access")
 
 
 def shared_secret(cache_dir: Path) -> bytes:
@@ -49,22 +62,59 @@ def unauthorized(request: web.Request, message: str, scope: str | None = None
         "WWW-Authenticate": bearer_challenge(_realm(request), scope)})
 
 
-def identity(request: web.Request) -> Identity | None:
+def _client(request: web.Request) -> str:
+    return request.remote or "-"
+
+
+async def identity(request: web.Request) -> Identity | None:
+    """Who the request's Authorization proves, or None. Basic credentials count against the
+    client address's failed-login budget: past it, 429 until its window ends."""
     auth = request.app[AUTHENTICATOR]
-    return auth.identify(request.headers.get("Authorization")) if auth else None
+    header = request.headers.get("Authorization")
+    if auth is None or not header:
+        return None
+    basic = parse_basic(header) is not None
+    limiter = request.app[LIMITER]
+    if basic:
+        wait = limiter.retry_after(_client(request))
+        if wait is not None:
+            raise RegistryError("TOOMANYREQUESTS", f"too many failed logins from "
+                                f"{_client(request)}: try again in {wait}s",
+                                headers={"Retry-After": str(wait)})
+    who = await auth.identify(header)
+    if who is None and basic:
+        limiter.failed(_client(request))
+        log.info("failed login", extra={"client": _client(request),
+                                        "user": parse_basic(header)[0]})  # type: ignore[index]
+    return who
 
 
-def check_base(request: web.Request) -> None:
+async def check_base(request: web.Request) -> None:
     """`GET /v2/`: with access control on, clients without a token are challenged (an
     anonymous token is free), which is how docker and containerd learn where /token is."""
-    if request.app[AUTHENTICATOR] is not None and identity(request) is None:
+    if request.app[AUTHENTICATOR] is not None and await identity(request) is None:
         raise unauthorized(request, "authentication required: get a token from the realm")
 
 
-def check_upstream(request: web.Request, upstream: UpstreamConfig, repository: str) -> None:
+async def check_status(request: web.Request, config: AuthConfig) -> None:
+    """`/` and `/metrics` name repositories and upstreams: with `[auth] status =
+    "authenticated"` (the default with [auth] on) they need a user, by Basic credentials (a
+    browser asks for them) or a user's token."""
+    if request.app[AUTHENTICATOR] is None or config.status == "public":
+        return
+    who = await identity(request)
+    if who is None or who.anonymous:
+        raise RegistryError("UNAUTHORIZED", "the status page and /metrics need a user from "
+                            "[auth] htpasswd (or set [auth] status = \"public\")", challenges=(
+                                f'Basic realm="{SERVICE}", charset="UTF-8"',
+                                bearer_challenge(_realm(request))))
+
+
+async def check_upstream(request: web.Request, upstream: UpstreamConfig, repository: str
+                         ) -> None:
     if request.app[AUTHENTICATOR] is None or upstream.access == "public":
         return
-    who = identity(request)
+    who = await identity(request)
     if who is None or who.anonymous:
         raise unauthorized(request, f"{upstream.name} is readable by authenticated users only",
                            f"repository:{repository}:pull")
@@ -78,10 +128,10 @@ async def token(request: web.Request) -> web.Response:
     header = request.headers.get("Authorization")
     user = ANONYMOUS
     if header:
-        who = auth.identify(header)
+        who = await identity(request)
         if who is None:
             raise RegistryError("UNAUTHORIZED", "wrong user name or password",
-                                headers={"WWW-Authenticate": 'Basic realm="registry-mirror"'})
+                                headers={"WWW-Authenticate": f'Basic realm="{SERVICE}"'})
         user = who.user
     value = auth.issue(user)
     body = {"token": value, "access_token": value, "expires_in": int(auth.token_lifetime),

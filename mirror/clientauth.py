@@ -9,12 +9,16 @@ HMAC-signed claim set. Anonymous clients may read upstreams whose `access` is "p
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import hashlib
 import hmac
 import json
+import math
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +27,10 @@ from cachetools import TTLCache
 
 ANONYMOUS = ""
 SERVICE = "registry-mirror"
+VERDICT_SECONDS = 60.0  # how long a password check's result is reused
+BCRYPT_THREADS = 2
+FAILED_LOGINS_PER_WINDOW = 10  # per client address, then 429 until the window ends
+FAILURE_WINDOW = 60.0
 
 
 def load_htpasswd(path: Path) -> dict[str, bytes]:
@@ -64,23 +72,68 @@ class Identity:
         return self.user == ANONYMOUS
 
 
+class FailureLimiter:
+    """Failed logins per client address in fixed windows: after `limit` failures an address is
+    refused until its window ends. Bounded memory (the least recent addresses go first)."""
+
+    def __init__(self, limit: int = FAILED_LOGINS_PER_WINDOW, window: float = FAILURE_WINDOW,
+                 timer: Callable[[], float] = time.monotonic, maxsize: int = 65536) -> None:
+        self.limit = limit
+        self.window = window
+        self.timer = timer
+        # address -> [window start, failures]
+        self._windows: TTLCache[str, list[float]] = TTLCache(maxsize=maxsize, ttl=window,
+                                                             timer=timer)
+
+    def retry_after(self, address: str) -> int | None:
+        """Seconds until `address` may try again, or None when it may now."""
+        entry = self._windows.get(address)
+        if entry is None or entry[1] < self.limit:
+            return None
+        return max(1, math.ceil(entry[0] + self.window - self.timer()))
+
+    def failed(self, address: str) -> None:
+        entry = self._windows.get(address)
+        if entry is None:
+            self._windows[address] = [self.timer(), 1.0]
+        else:
+            entry[1] += 1
+
+
 class Authenticator:
     def __init__(self, users: dict[str, bytes], secret: bytes, token_lifetime: float) -> None:
         self.users = users
         self.secret = secret
         self.token_lifetime = token_lifetime
-        # bcrypt is slow on purpose; remember good credentials briefly, keyed by their hash.
-        self._verified: TTLCache[str, str] = TTLCache(maxsize=1024, ttl=300)
+        # bcrypt is slow on purpose (tens of ms): it runs in a small thread pool, equal
+        # concurrent attempts share one check, and verdicts are remembered briefly, keyed by
+        # an HMAC of user and password (never the password itself).
+        self._verdicts: TTLCache[str, bool] = TTLCache(maxsize=4096, ttl=VERDICT_SECONDS)
+        self._pending: dict[str, asyncio.Future[bool]] = {}
+        self._pool = ThreadPoolExecutor(max_workers=BCRYPT_THREADS,
+                                        thread_name_prefix="bcrypt")
 
-    def check_password(self, user: str, password: str) -> bool:
-        key = hashlib.sha256(f"{user}\0{password}".encode()).hexdigest()
-        if self._verified.get(key) == user:
-            return True
+    async def check_password(self, user: str, password: str) -> bool:
+        key = hmac.new(self.secret, f"{user}\0{password}".encode(), hashlib.sha256).hexdigest()
+        verdict = self._verdicts.get(key)
+        if verdict is not None:
+            return verdict
+        pending = self._pending.get(key)
+        if pending is None:
+            loop = asyncio.get_running_loop()
+            pending = loop.run_in_executor(self._pool, self._bcrypt, user, password)
+            self._pending[key] = pending
+            pending.add_done_callback(lambda f: self._settle(key, f))
+        return await asyncio.shield(pending)
+
+    def _bcrypt(self, user: str, password: str) -> bool:
         hashed = self.users.get(user)
-        if hashed is None or not bcrypt.checkpw(password.encode(), hashed):
-            return False
-        self._verified[key] = user
-        return True
+        return hashed is not None and bcrypt.checkpw(password.encode(), hashed)
+
+    def _settle(self, key: str, future: asyncio.Future[bool]) -> None:
+        self._pending.pop(key, None)
+        if not future.cancelled() and future.exception() is None:
+            self._verdicts[key] = future.result()
 
     def issue(self, user: str, now: float | None = None) -> str:
         now = time.time() if now is None else now
@@ -102,7 +155,7 @@ class Authenticator:
             return None
         return Identity(user) if exp > (time.time() if now is None else now) else None
 
-    def identify(self, authorization: str | None) -> Identity | None:
+    async def identify(self, authorization: str | None) -> Identity | None:
         """The identity a request's Authorization header proves, or None."""
         if not authorization:
             return None
@@ -110,6 +163,9 @@ class Authenticator:
         if scheme.lower() == "bearer":
             return self.verify_token(value.strip())
         pair = parse_basic(authorization)
-        if pair is not None and self.check_password(*pair):
+        if pair is not None and await self.check_password(*pair):
             return Identity(pair[0])
         return None
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)

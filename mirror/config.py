@@ -72,6 +72,7 @@ class CacheConfig:
 class AuthConfig:
     htpasswd: Path | None = None  # client access control is off without it
     token_lifetime: float = 300.0
+    status: str = "authenticated"  # who may read / and /metrics with [auth] on
 
 
 @dataclass(frozen=True)
@@ -121,12 +122,12 @@ def parse_url(value: object) -> str:
     if not isinstance(value, str):
         raise ValueError(f"expected a URL, got {value!r}")
     parts = urlsplit(value)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
     if "@" in parts.netloc:  # never echo the value: it holds a secret
         raise ValueError("credentials in the URL are refused (they would show in logs, error "
                          "messages and the status page): remove the 'user:password@' part and "
                          "set username with password, password_file or credential_helper in "
                          "this [[upstream]] table instead")
+    if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(f"invalid URL {value!r}: expected http(s)://host[:port]")
     try:
         parts.port  # noqa: B018  (raises on a bad port)
@@ -176,8 +177,8 @@ def _server(path: str, table: object) -> ServerConfig:
     tls_cert = s.get("tls_cert", None, kind=str)
     tls_key = s.get("tls_key", None, kind=str)
     shutdown_timeout = s.get("shutdown_timeout", 30.0, parse_duration)
-    s.finish()
     limits = _connection_limits(path, s)
+    s.finish()
     if bool(tls_cert) != bool(tls_key):
         raise ConfigError(path, "server.tls_cert", "tls_cert and tls_key go together")
     return ServerConfig(host, port, workers, tls_cert, tls_key, shutdown_timeout, **limits)
@@ -278,7 +279,10 @@ def _auth(path: str, table: object) -> AuthConfig:
     config = AuthConfig(
         htpasswd=Path(htpasswd) if htpasswd else None,
         token_lifetime=s.get("token_lifetime", 300.0, parse_duration),
+        status=s.get("status", "authenticated", kind=str),
     )
+    if config.status not in ("public", "authenticated"):
+        raise ConfigError(path, "auth.status", "expected public or authenticated")
     s.finish()
     if config.htpasswd is not None and not config.htpasswd.is_file():
         raise ConfigError(path, "auth.htpasswd", f"{config.htpasswd} is not a file")

@@ -1,4 +1,7 @@
-"""Registry errors: the spec's error codes, their HTTP statuses and the JSON body."""
+"""Registry errors: the spec's error codes, their HTTP statuses and the JSON body.
+
+Codes clients see are the OCI distribution spec's (BLOB_UNKNOWN … TOOMANYREQUESTS) plus
+UNKNOWN, RANGE_INVALID and the UPSTREAM_* codes of a mirror's own failures."""
 
 from __future__ import annotations
 
@@ -11,7 +14,6 @@ STATUS_BY_CODE: dict[str, int] = {
     "MANIFEST_UNKNOWN": 404,
     "NAME_UNKNOWN": 404,
     "NAME_INVALID": 400,
-    "TAG_INVALID": 400,
     "DIGEST_INVALID": 400,
     "MANIFEST_INVALID": 400,
     "RANGE_INVALID": 416,
@@ -37,6 +39,7 @@ class RegistryError(Exception):
         status: int | None = None,
         detail: Any = None,
         headers: dict[str, str] | None = None,
+        challenges: tuple[str, ...] = (),
     ) -> None:
         super().__init__(message)
         self.code = code
@@ -44,6 +47,7 @@ class RegistryError(Exception):
         self.status = status if status is not None else STATUS_BY_CODE.get(code, 500)
         self.detail = detail
         self.headers = headers or {}
+        self.challenges = challenges  # WWW-Authenticate values, one header line each
 
     def body(self) -> bytes:
         entry: dict[str, Any] = {"code": self.code, "message": self.message}

@@ -2,7 +2,7 @@
 
 `/healthz`: the process answers. `/readyz`: the cache directory is writable and the index
 opens; each upstream's reachability is reported but not required (a mirror whose upstream is
-down still serves what it has cached).
+down still serves what it has cached). With `offline = true` upstreams are never probed.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mirror.proxy import Proxy
-from mirror.upstream import Upstream
+from mirror.upstream import Upstream, redact_url
 
 PROBE_AFTER = 30.0  # seconds without news from an upstream before it is probed again
 PROBE_TIMEOUT = 3.0
@@ -50,8 +50,11 @@ def check_index(proxy: Proxy) -> Check:
     return Check(True, "open")
 
 
-async def refresh_upstreams(upstreams: list[Upstream]) -> None:
-    """Probe the upstreams nothing was heard from lately (concurrently, briefly)."""
+async def refresh_upstreams(upstreams: list[Upstream], offline: bool) -> None:
+    """Probe the upstreams nothing was heard from lately (concurrently, briefly). Offline,
+    nothing is sent (nor looked up in DNS)."""
+    if offline:
+        return
     now = time.time()
     stale = [u for u in upstreams
              if max(u.last_answer or 0.0, u.last_failure or 0.0) < now - PROBE_AFTER]
@@ -60,11 +63,12 @@ async def refresh_upstreams(upstreams: list[Upstream]) -> None:
             await asyncio.wait_for(asyncio.gather(*(u.probe() for u in stale)), PROBE_TIMEOUT)
 
 
-def upstream_report(u: Upstream) -> dict[str, Any]:
+def upstream_report(u: Upstream, offline: bool) -> dict[str, Any]:
     return {
-        "url": u.config.url,
-        "reachable": u.reachable,
-        "last_error": u.last_error if u.reachable is False else None,
+        "url": redact_url(u.config.url),
+        "offline": offline,
+        "reachable": None if offline else u.reachable,
+        "last_error": u.last_error if u.reachable is False and not offline else None,
         "ratelimit_remaining": u.ratelimit_remaining,
         "ratelimit_limit": u.ratelimit_limit,
     }
@@ -72,10 +76,11 @@ def upstream_report(u: Upstream) -> dict[str, Any]:
 
 async def readiness(proxy: Proxy) -> tuple[bool, dict[str, Any]]:
     checks = {"cache_writable": check_cache_writable(proxy), "index": check_index(proxy)}
-    await refresh_upstreams(list(proxy.upstreams.values()))
+    await refresh_upstreams(list(proxy.upstreams.values()), proxy.offline)
     ready = all(c.ok for c in checks.values())
     return ready, {
         "status": "ready" if ready else "not ready",
         "checks": {name: {"ok": c.ok, "detail": c.detail} for name, c in checks.items()},
-        "upstreams": {name: upstream_report(u) for name, u in proxy.upstreams.items()},
+        "upstreams": {name: upstream_report(u, proxy.offline)
+                      for name, u in proxy.upstreams.items()},
     }

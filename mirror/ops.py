@@ -21,7 +21,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from mirror import health, metrics, statuspage
+from mirror import access, health, metrics, statuspage
 from mirror.activity import Activity, in_flight, merged_top
 from mirror.config import Config
 from mirror.proxy import Proxy
@@ -60,6 +60,7 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def metrics_page(request: web.Request) -> web.Response:
+    await access.check_status(request, _proxy(request).config.auth)
     request.app[ACTIVITY].refresh()
     body = await asyncio.to_thread(metrics.exposition)
     return web.Response(body=body, headers={"Content-Type": metrics.CONTENT_TYPE,
@@ -68,8 +69,9 @@ async def metrics_page(request: web.Request) -> web.Response:
 
 async def status_page(request: web.Request) -> web.Response:
     proxy = _proxy(request)
+    await access.check_status(request, proxy.config.auth)
     activity = request.app[ACTIVITY]
-    await health.refresh_upstreams(list(proxy.upstreams.values()))
+    await health.refresh_upstreams(list(proxy.upstreams.values()), proxy.offline)
     activity.refresh()
     snapshot = await asyncio.to_thread(metrics.samples)
     upstreams = []
@@ -82,7 +84,8 @@ async def status_page(request: web.Request) -> web.Response:
         upstreams.append(statuspage.UpstreamView(
             name, u.config.url, u.reachable, u.last_error,
             remaining if has_limit else None, limit if has_limit else None,
-            metrics.total(snapshot, "mirror_upstream_requests_total", upstream=name)))
+            metrics.total(snapshot, "mirror_upstream_requests_total", upstream=name),
+            offline=proxy.offline))
     view = statuspage.StatusView(
         **statuspage.counts_from(snapshot),
         downloads=in_flight(proxy),

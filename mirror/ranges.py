@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-# More ranges than this in one request are answered with the whole body (RFC 9110 allows
-# it): a range list is no way to make the server do unbounded work.
-MAX_RANGES = 64
+# More ranges than this after merging are answered with the whole body (200), as nginx's
+# max_ranges does: RFC 9110 lets a server ignore Range, and a list of ranges is no way to make
+# the server do unbounded work. Headers listing more specs than MAX_SPECS are not even parsed.
+MAX_RANGES = 100
+MAX_SPECS = 1000
 
 
 class RangeNotSatisfiable(Exception):
@@ -50,17 +52,20 @@ def _parse_spec(spec: str, size: int) -> ByteRange | None:
 
 
 def parse_ranges(header: str | None, size: int) -> list[ByteRange] | None:
-    """The byte ranges a `Range` header asks for, in order, or None to serve the whole body
-    (no header, another unit, a malformed spec, too many ranges). Ranges naming no byte are
-    dropped; RangeNotSatisfiable when that leaves none."""
+    """The byte ranges a `Range` header asks for, merged where they overlap or touch and in
+    ascending order (RFC 9110 allows both), or None to serve the whole body (no header, another
+    unit, a malformed spec, too many ranges). Ranges naming no byte are dropped;
+    RangeNotSatisfiable when that leaves none.
+
+    Merged ranges are disjoint, so a multipart answer never carries more than the body plus
+    each part's few header bytes: `bytes=0-,0-,0-…` is one range, not N copies of the blob."""
     if not header:
         return None
     unit, _, specs = header.partition("=")
-    parts = specs.split(",")
-    if unit.strip().lower() != "bytes" or len(parts) > MAX_RANGES:
+    if unit.strip().lower() != "bytes" or specs.count(",") >= MAX_SPECS:
         return None
     ranges: list[ByteRange] = []
-    for spec in parts:
+    for spec in specs.split(","):
         try:
             parsed = _parse_spec(spec, size)
         except RangeNotSatisfiable:
@@ -70,7 +75,20 @@ def parse_ranges(header: str | None, size: int) -> list[ByteRange] | None:
         ranges.append(parsed)
     if not ranges:
         raise RangeNotSatisfiable(header)
-    return ranges
+    merged = merge(ranges)
+    return merged if len(merged) <= MAX_RANGES else None
+
+
+def merge(ranges: list[ByteRange]) -> list[ByteRange]:
+    """Sorted, with overlapping and adjacent ranges joined."""
+    out: list[ByteRange] = []
+    for r in sorted(ranges, key=lambda r: r.start):
+        if out and r.start <= out[-1].end + 1:
+            if r.end > out[-1].end:
+                out[-1] = ByteRange(out[-1].start, r.end)
+        else:
+            out.append(r)
+    return out
 
 
 @dataclass(frozen=True)

@@ -12,21 +12,28 @@ import os
 import secrets
 import time
 from collections.abc import Awaitable, Callable
+from typing import NoReturn
 from urllib.parse import urlencode
 
-from aiohttp import web
+from aiohttp import web, web_protocol
 
 from mirror import access, activity
+from mirror.clientauth import FailureLimiter
 from mirror.config import Config
 from mirror.errors import RegistryError
 from mirror.logs import ACCESS_LOG
 from mirror.mediatypes import parse_accept
+from mirror.notices import warn_unconfigured_registry
 from mirror.ops import ACTIVITY
 from mirror.ops import install as install_ops
-from mirror.notices import warn_unconfigured_registry
 from mirror.proxy import Proxy, StoredBlob, UpstreamBlobHead
 from mirror.ranges import ByteRange, Multipart, RangeNotSatisfiable, multipart_layout, parse_ranges
-from mirror.reference import Digest, parse_digest, parse_reference
+from mirror.reference import (
+    Digest,
+    manifest_reference_for_read,
+    parse_digest,
+    parse_reference,
+)
 from mirror.responses import API_VERSION, content_headers, etag, etag_matches
 from mirror.routes import Kind, Route, parse_v2_path
 from mirror.routing import select_upstream
@@ -47,10 +54,31 @@ ROUTE = web.RequestKey("route", str)  # a routes.Kind value or a page name, for 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
+def _eof_received(self: web_protocol.RequestHandler) -> bool | None:
+    """A client may shut down its sending side once its request is out (`shutdown(SHUT_WR)`,
+    `curl` over some proxies, health checkers). aiohttp's handler returns None here, so the
+    event loop (asyncio and uvloop alike) closes the transport and the response is lost.
+    Keep it open for writing while a request is queued or being handled, and close the
+    connection after that response instead of keeping it alive."""
+    waiting = self._waiter is not None and not self._waiter.done()
+    if self._messages or (not waiting and self._request_count > 0):
+        self._close = True
+        return True
+    return None
+
+
+if all(hasattr(web_protocol.RequestHandler, a) for a in ("_waiter", "_messages", "_close",
+                                                         "_request_count")):
+    web_protocol.RequestHandler.eof_received = _eof_received  # type: ignore[method-assign,assignment]
+
+
 def error_response(exc: RegistryError) -> web.Response:
-    return web.Response(status=exc.status, body=exc.body(),
-                        headers={**API_VERSION, **exc.headers,
-                                 "Content-Type": "application/json"})
+    response = web.Response(status=exc.status, body=exc.body(),
+                            headers={**API_VERSION, **exc.headers,
+                                     "Content-Type": "application/json"})
+    for challenge in exc.challenges:
+        response.headers.add("WWW-Authenticate", challenge)
+    return response
 
 
 @web.middleware
@@ -59,6 +87,7 @@ async def errors_and_access_log(request: web.Request, handler: Handler) -> web.S
     request[CACHE] = "-"
     request[BYTES] = 0
     status = 500
+    response: web.StreamResponse | None = None
     try:
         response = await handler(request)
         status = response.status
@@ -66,47 +95,60 @@ async def errors_and_access_log(request: web.Request, handler: Handler) -> web.S
     except RegistryError as exc:
         status = exc.status
         request[ERROR] = exc.message
-        return error_response(exc)
+        response = error_response(exc)
+        return response
     except web.HTTPException as exc:
         status = exc.status
         code = "UNSUPPORTED" if exc.status == 405 else "NAME_UNKNOWN"
-        return error_response(RegistryError(code, exc.reason, status=exc.status))
+        response = error_response(RegistryError(code, exc.reason, status=exc.status))
+        return response
     except ConnectionError as exc:  # the client went away before a response started
         status = 499
         request[ERROR] = f"client went away: {exc}"
         raise
     except Exception:
         log.exception("unhandled error", extra={"path": request.path})
-        return error_response(RegistryError("UNKNOWN", "internal error; the mirror's log has "
-                                            "the details"))
+        response = error_response(RegistryError("UNKNOWN", "internal error; the mirror's log "
+                                                "has the details"))
+        return response
     finally:
-        fields = {
-            "method": request.method, "path": request.path_qs, "status": status,
-            "bytes": request[BYTES], "cache": request[CACHE],
-            "duration_ms": round((time.perf_counter() - started) * 1000, 2),
-        }
-        if UPSTREAM in request:
-            fields["upstream"] = request[UPSTREAM]
-        if ERROR in request:
-            fields["error"] = request[ERROR]
-        ACCESS_LOG.emit(fields)
-        activity.observe(request.get(ROUTE) or activity.ROUTE_NAMES.get(request.path, "other"),
-                         request.method, status, request[CACHE], request[BYTES],
-                         time.perf_counter() - started)
+        if not request[BYTES] and isinstance(response, web.Response) \
+                and request.method != "HEAD" and isinstance(response.body, bytes):
+            request[BYTES] = len(response.body)  # pages, probes and error bodies
+        _access_log(request, status, started)
+
+
+def _access_log(request: web.Request, status: int, started: float) -> None:
+    seconds = time.perf_counter() - started
+    fields: dict[str, object] = {
+        "method": request.method, "path": request.path_qs, "status": status,
+        "bytes": request[BYTES], "cache": request[CACHE],
+        "duration_ms": round(seconds * 1000, 2),
+        "client": request.remote or "-",
+        "user_agent": request.headers.get("User-Agent", "-"),
+    }
+    if UPSTREAM in request:
+        fields["upstream"] = request[UPSTREAM]
+    if ERROR in request:
+        fields["error"] = request[ERROR]
+    ACCESS_LOG.emit(fields)
+    activity.observe(request.get(ROUTE) or activity.ROUTE_NAMES.get(request.path, "other"),
+                     request.method, status, request[CACHE], request[BYTES], seconds)
 
 
 async def base(request: web.Request) -> web.Response:
-    access.check_base(request)
+    if request.method not in ("GET", "HEAD"):
+        raise RegistryError("UNSUPPORTED", "this mirror is read-only", status=405)
+    await access.check_base(request)
     return web.Response(body=b"{}", headers={**API_VERSION, "Content-Type": "application/json"})
 
 
 async def v2(request: web.Request) -> web.StreamResponse:
-    if request.method not in ("GET", "HEAD"):
-        raise RegistryError("UNSUPPORTED", "this mirror is read-only: push to the upstream "
-                            "registry instead", status=405)
     request[ROUTE] = "invalid"
     route = parse_v2_path(request.match_info["tail"])
     request[ROUTE] = route.kind.value
+    if request.method not in ("GET", "HEAD"):
+        _refuse_write(request, route)
     if route.kind is Kind.BASE:
         return await base(request)
     if route.kind in (Kind.CATALOG, Kind.UPLOAD):
@@ -115,8 +157,9 @@ async def v2(request: web.Request) -> web.StreamResponse:
     proxy = request.app[PROXY]
     upstream_name, repository = select_upstream(route.name, request.query.get("ns"),
                                                 list(proxy.upstreams))
+    warn_unconfigured_registry(route.name, request.query.get("ns"), proxy.upstreams)
     upstream = proxy.upstreams[upstream_name]
-    access.check_upstream(request, upstream.config, repository)
+    await access.check_upstream(request, upstream.config, repository)
     request[UPSTREAM] = upstream_name
     if route.kind is Kind.MANIFEST:
         return await manifest(request, proxy, upstream, repository, route)
@@ -125,9 +168,24 @@ async def v2(request: web.Request) -> web.StreamResponse:
     return await relay(request, proxy, upstream, repository, route)
 
 
+def _refuse_write(request: web.Request, route: Route) -> NoReturn:
+    """A mirror is read-only (405), but a malformed write is malformed first (400), as the
+    spec's conformance tests expect: NAME_INVALID, DIGEST_INVALID, MANIFEST_INVALID."""
+    if route.kind is not Kind.BASE and route.kind is not Kind.CATALOG:
+        select_upstream(route.name, request.query.get("ns"), list(request.app[PROXY].upstreams))
+    if route.kind is Kind.MANIFEST:
+        parse_reference(route.reference)
+    elif route.kind in (Kind.BLOB, Kind.REFERRERS):
+        parse_digest(route.reference)
+    elif route.kind is Kind.UPLOAD and "digest" in request.query:
+        parse_digest(request.query["digest"])
+    raise RegistryError("UNSUPPORTED", "this mirror is read-only: push to the upstream "
+                        "registry instead", status=405)
+
+
 async def manifest(request: web.Request, proxy: Proxy, upstream: Upstream, repository: str,
                    route: Route) -> web.StreamResponse:
-    reference = parse_reference(route.reference)
+    reference = manifest_reference_for_read(route.reference)
     accept = parse_accept(request.headers.getall("Accept", []))
     head = request.method == "HEAD"
     m = await proxy.manifest(upstream, repository, reference, accept, head)
@@ -157,7 +215,6 @@ async def _head(request: web.Request, headers: dict[str, str]) -> web.StreamResp
     return response
 
 
-    warn_unconfigured_registry(route.name, request.query.get("ns"), proxy.upstreams)
 async def blob(request: web.Request, proxy: Proxy, upstream: Upstream, repository: str,
                digest: Digest) -> web.StreamResponse:
     if etag_matches(request.headers.get("If-None-Match"), digest):
@@ -236,10 +293,11 @@ async def _send_blob(request: web.Request, digest: Digest, size: int | None, fd:
                     await sender.send(fd, start, length)
                 else:
                     await _send_multipart(sender, fd, multipart)
-    except (ClientAbort, ConnectionError) as exc:
+    except (ClientAbort, OSError) as exc:
         # The headers are gone already: the only honest signal left is to cut the
         # connection, so the client sees a broken body rather than a short one.
-        request[ERROR] = f"aborted: {exc}"
+        request[ERROR] = (f"client went away: {exc}" if isinstance(exc, ConnectionError)
+                          else f"aborted: {exc}")
         if request.transport is not None:
             request.transport.abort()
         return response
@@ -297,6 +355,7 @@ def build_app(config: Config) -> web.Application:
     app.router.add_route("*", "/v2", base)
     app.router.add_route("*", "/v2/{tail:.*}", v2)
     app[access.AUTHENTICATOR] = access.build_authenticator(config)
+    app[access.LIMITER] = FailureLimiter()
     app.router.add_get("/token", access.token)
     install_ops(app, config)  # the operator's pages: /, /metrics, /healthz, /readyz
     app.router.add_route("*", "/{tail:.*}", not_found)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from mirror import __version__, metrics
 from mirror.activity import InFlight
+from mirror.upstream import redact_url
 
 REFRESH_SECONDS = 5
 FROM_CACHE = ("hit", "revalidated", "stale")
@@ -28,6 +29,7 @@ class UpstreamView:
     ratelimit_remaining: float | None
     ratelimit_limit: float | None
     requests: float
+    offline: bool = False  # `offline = true`: never contacted
 
 
 @dataclass(frozen=True)
@@ -126,7 +128,9 @@ def _downloads(view: StatusView) -> str:
 def _upstreams(view: StatusView) -> str:
     rows = []
     for u in view.upstreams:
-        if u.reachable is None:
+        if u.offline:
+            state, cls = "offline", "unknown"
+        elif u.reachable is None:
             state, cls = "not contacted yet", "unknown"
         elif u.reachable:
             state, cls = "reachable", "ok"
@@ -139,7 +143,7 @@ def _upstreams(view: StatusView) -> str:
                 f" of {u.ratelimit_limit:g}" if u.ratelimit_limit is not None else "")
         rows.append(
             f'<tr class="upstream" data-name="{html.escape(u.name)}">'
-            f'<td>{html.escape(u.name)}</td><td class="url">{html.escape(u.url)}</td>'
+            f'<td>{html.escape(u.name)}</td><td class="url">{html.escape(redact_url(u.url))}</td>'
             f'<td class="{cls}">{html.escape(state)}</td>'
             f'<td class="ratelimit" data-value="'
             f'{"" if u.ratelimit_remaining is None else f"{u.ratelimit_remaining:g}"}">'

@@ -35,7 +35,9 @@ def _token_expiry(_key: str, token: Token, now: float) -> float:
 
 
 class TokenError(Exception):
-    pass
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status  # the token service's HTTP status, when it answered
 
 
 async def run_credential_helper(name: str, server: str) -> tuple[str, str]:
@@ -145,7 +147,8 @@ class Credentials:
                                allow_redirects=False) as resp:
             body = await resp.read()
             if resp.status != 200:
-                raise TokenError(f"token service {challenge.realm} answered {resp.status}")
+                raise TokenError(f"token service {challenge.realm} answered {resp.status}",
+                                 resp.status)
         try:
             doc = json.loads(body)
             value = doc.get("token") or doc.get("access_token")

@@ -12,7 +12,7 @@ import logging
 import math
 import time
 from collections.abc import Mapping
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import urljoin, urlsplit, urlunsplit
 
 import aiohttp
 
@@ -26,6 +26,17 @@ log = logging.getLogger("mirror.upstream")
 
 MAX_REDIRECTS = 5
 CHUNK = 1 << 20
+
+
+def redact_url(url: str) -> str:
+    """The URL without its user:password@ part, for pages, logs and error messages."""
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+
+
+CREDENTIAL_KEYS = "username and password (or password_file), or credential_helper"
 
 
 def _origin(url: str) -> tuple[str, str | None, int | None]:
@@ -98,7 +109,8 @@ class Upstream:
             self._note_failure(method, started, str(exc))
             raise RegistryError(
                 "UPSTREAM_UNREACHABLE",
-                f"upstream {self.name} ({self.config.url}) is unreachable: {exc}",
+                f"upstream {self.name} ({redact_url(self.config.url)}) is unreachable: "
+                f"{_redacted(str(exc), self.config.url)}",
                 status=502,
             ) from None
         except RegistryError:  # a token service refusal or a redirect loop: not reachability
@@ -184,13 +196,34 @@ class Upstream:
                 header = await self.credentials.authorize(self.session, challenge, scope)
             except (TokenError, aiohttp.ClientError, TimeoutError) as exc:
                 log.warning("token fetch failed", extra={"upstream": self.name, "error": str(exc)})
-                raise RegistryError(
-                    "UNAUTHORIZED", f"upstream {self.name}: could not get a token: {exc}",
-                    status=401,
-                ) from None
+                raise self._token_error(exc) from None
             if header is not None:
                 return header
         return None
+
+    def _token_error(self, exc: Exception) -> RegistryError:
+        """DENIED (403) when the token service refused or the mirror's own credentials failed
+        (a credential helper): a 401 would send the client to log in to the mirror, which
+        cannot help. An absent or failing token service is a 502/504 like the registry."""
+        if isinstance(exc, TokenError) and exc.status in (401, 403):
+            return RegistryError("DENIED", self.denied_message())
+        if isinstance(exc, TokenError) and exc.status is None:
+            return RegistryError("DENIED", f"upstream {self.name}: could not get a token: {exc}")
+        if isinstance(exc, TimeoutError):
+            return RegistryError("UPSTREAM_TIMEOUT", f"upstream {self.name}: the token "
+                                 "service did not answer in time", status=504)
+        return RegistryError("UPSTREAM_UNREACHABLE", f"upstream {self.name}: could not get a "
+                             f"token: {exc}", status=502)
+
+    def denied_message(self) -> str:
+        """Why the upstream said no, as far as the mirror's configuration explains it."""
+        if not self.credentials.configured:
+            return (f"upstream {self.name} wants credentials (or the repository does not "
+                    f"exist there) and the mirror has no credentials configured for it: set "
+                    f"{CREDENTIAL_KEYS} in the [[upstream]] table named {self.name!r}")
+        return (f"upstream {self.name} refused the credentials configured for it (the "
+                f"[[upstream]] table named {self.name!r}): check them, and that they may pull "
+                "this repository")
 
     def _refuse_while_rate_limited(self) -> None:
         """After a 429, ask nothing more until its Retry-After has passed: retrying into a
@@ -215,6 +248,10 @@ class Upstream:
                 number = ratelimit_number(value)
                 if number is not None:
                     gauge.labels(self.name).set(number)
+
+
+def _redacted(text: str, url: str) -> str:
+    return text.replace(url, redact_url(url)) if "@" in url else text
 
 
 def retry_after_seconds(value: str | None, default: float = 30.0,
@@ -258,10 +295,10 @@ async def error_from_response(
             headers["Retry-After"] = resp.headers["Retry-After"]
         return RegistryError("TOOMANYREQUESTS", f"upstream {upstream.name} is rate limiting: "
                              f"{message}", headers=headers)
-    if status == 401:
-        return RegistryError("UNAUTHORIZED", f"upstream {upstream.name} refused the credentials")
-    if status == 403:
-        return RegistryError("DENIED", f"upstream {upstream.name} denied access")
+    if status in (401, 403):
+        # DENIED, never a bare 401: a 401 must carry a challenge, and answering the mirror's
+        # would have docker and containerd log in to the mirror, which changes nothing here.
+        return RegistryError("DENIED", upstream.denied_message())
     if status == 404:
         return RegistryError(fallback_code, f"not found on upstream {upstream.name}")
     if status >= 500:

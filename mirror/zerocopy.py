@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import socket
 from collections.abc import Iterator
@@ -40,7 +41,10 @@ class Sender:
         self._fd: int | None = None
         self._sock = transport.get_extra_info("socket")
         if self._sock is not None and transport.get_extra_info("sslcontext") is None:
-            self._fd = os.dup(self._sock.fileno())
+            try:
+                self._fd = os.dup(self._sock.fileno())  # fileno() is -1 once it closed
+            except (OSError, ValueError) as exc:
+                raise ConnectionResetError(f"client went away: {exc}") from None
 
     @contextlib.contextmanager
     def corked(self) -> Iterator[None]:
@@ -58,7 +62,9 @@ class Sender:
             self._cork(0)  # sends what is left
 
     def _cork(self, on: int) -> None:
-        with contextlib.suppress(OSError):
+        # Once the client left and the transport closed, uvloop's socket object raises
+        # ValueError ("negative file descriptor") where asyncio's raises OSError (EBADF).
+        with contextlib.suppress(OSError, ValueError):
             self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, on)
 
     async def flush(self) -> None:
@@ -90,6 +96,10 @@ class Sender:
             except BlockingIOError:
                 await self._writable(loop)
                 continue
+            except OSError as exc:
+                if exc.errno in (errno.ENOTCONN, errno.ESHUTDOWN):
+                    raise ConnectionResetError(f"client went away: {exc}") from exc
+                raise
             if n == 0:
                 raise ConnectionResetError("file ended early while sending")
             offset += n

@@ -90,6 +90,6 @@ async def test_missing_credential_helper_is_a_clear_error(
     digest = upstream.add_blob(random_bytes(10))
     base = await start_mirror(upstream_extra={"credential_helper": "nonexistent-xyz"})
     async with client.get(f"{base}/v2/r/blobs/{digest}") as resp:
-        assert resp.status == 401
+        assert resp.status == 403  # DENIED: never a 401 the client could not answer
         message = (await resp.json())["errors"][0]["message"]
         assert "docker-credential-nonexistent-xyz is not on PATH" in message

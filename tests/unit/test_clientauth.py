@@ -38,11 +38,11 @@ def test_basic_parsing() -> None:
     assert parse_basic("Basic " + base64.b64encode(b"nocolon").decode()) is None
 
 
-def test_identify(auth: Authenticator) -> None:
-    assert auth.identify(basic("alice", "secret")) is not None
-    assert auth.identify(basic("alice", "wrong")) is None
-    assert auth.identify(basic("mallory", "secret")) is None
-    assert auth.identify(None) is None
+async def test_identify(auth: Authenticator) -> None:
+    assert await auth.identify(basic("alice", "secret")) is not None
+    assert await auth.identify(basic("alice", "wrong")) is None
+    assert await auth.identify(basic("mallory", "secret")) is None
+    assert await auth.identify(None) is None
 
 
 def test_tokens_sign_expire_and_resist_tampering(auth: Authenticator) -> None:
