@@ -47,3 +47,16 @@ async def exclusive(path: str, give_up_after: float) -> AsyncIterator[bool]:
         yield True
     finally:
         os.close(fd)
+
+
+def hold_for_life(path: str) -> int | None:
+    """Takes the lock and keeps it for as long as this process (and the children it forks,
+    which share the open file) lives: returns the fd to keep open, or None when another
+    process holds it. OSError when the lock file cannot be opened."""
+    fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd

@@ -6,7 +6,14 @@ port (SO_REUSEPORT: the kernel spreads connections over them), all sharing the c
 (single-flight across processes goes through flocks on tmp/*.partial, see singleflight.py).
 The supervisor cleans tmp/ once before forking, tells systemd READY=1 when every worker
 listens, forwards SIGTERM/SIGINT (stop) and SIGHUP (reload the TLS certificate), and restarts
-a worker that dies.
+a worker that dies. A worker dies with its supervisor (PR_SET_PDEATHSIG), so a supervisor killed
+with -9 leaves nothing serving.
+
+One instance per cache dir: `serve` holds a flock on locks/serve.lock for its whole life (its
+workers share the open file, so the lock outlives a killed supervisor until its last worker is
+gone); a second `serve` on the same dir refuses to start. The listen address is tried before
+anything starts, so a busy port is one line and exit status 1 (with SO_REUSEPORT the kernel
+would otherwise let a second same-user mirror share the port).
 
 Metrics with several workers: PROMETHEUS_MULTIPROC_DIR is pointed at a fresh directory before
 prometheus_client is first imported (so mirror.server is imported lazily here).
@@ -19,11 +26,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import errno
 import logging
 import os
 import selectors
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 import time
@@ -33,7 +43,7 @@ from types import FrameType
 
 import uvloop
 
-from mirror import tls
+from mirror import locks, tls
 from mirror.config import Config
 from mirror.logs import ACCESS_LOG, setup_logging
 from mirror.notify import notify
@@ -42,13 +52,59 @@ from mirror.store import BlobStore
 log = logging.getLogger("mirror")
 
 RESTART_BACKOFF = 1.0  # seconds between restarts of a worker that keeps dying
+LISTEN_FAILED = 3  # a worker's exit status when it could not bind the listen address
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 RUNTIME_DIR_ENV = "MIRROR_RUNTIME_DIR"  # also read by activity.py
+
+
+class ListenError(Exception):
+    """The listen address cannot be bound; the message names it and why."""
+
+
+def listen_address(config: Config) -> str:
+    host = config.server.host
+    return f"[{host}]:{config.server.port}" if ":" in host else f"{host}:{config.server.port}"
+
+
+def _listen_error(config: Config, exc: OSError) -> ListenError:
+    reason = exc.strerror or str(exc)
+    if exc.errno == errno.EADDRINUSE:
+        reason += " (another process listens there: stop it, or change [server] listen)"
+    return ListenError(f"cannot listen on {listen_address(config)}: {reason}")
+
+
+def check_listen(config: Config) -> None:
+    """Bind each address once without SO_REUSEPORT: fails while anything listens there, even
+    a same-user process that would let our SO_REUSEPORT sockets join it."""
+    try:
+        infos = socket.getaddrinfo(config.server.host, config.server.port,
+                                   type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        for family, kind, proto, _name, address in infos:
+            with socket.socket(family, kind, proto) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                probe.bind(address)
+    except OSError as exc:
+        raise _listen_error(config, exc) from None
+
+
+def _claim_cache_dir(config: Config, store: BlobStore) -> int | None:
+    """The fd of the instance lock, held for this process's life (-1: the lock file cannot be
+    made, go on unguarded); None when another mirror serves from this cache dir."""
+    path = store.lock_path("serve")
+    try:
+        fd = locks.hold_for_life(str(path))
+    except OSError as exc:
+        log.warning("cannot take the instance lock: a second mirror on this cache dir would not "
+                    "be noticed", extra={"lock": str(path), "error": exc.strerror})
+        return -1
+    return fd
 
 
 def serve(config: Config) -> int:
     setup_logging()
     workers = config.server.workers
-    runtime = _prepare_runtime_dir() if workers > 1 else None
     if config.server.tls_cert and config.server.tls_key:
         try:
             tls.server_context(config.server.tls_cert, config.server.tls_key)
@@ -56,6 +112,17 @@ def serve(config: Config) -> int:
             print(f"mirror: {config.path}: server.tls_cert: {exc}", file=sys.stderr)
             return 2
     store = BlobStore(config.cache.dir)
+    if _claim_cache_dir(config, store) is None:
+        print(f"mirror: serve: another mirror is already serving from {config.cache.dir} (it "
+              f"holds {store.lock_path('serve')}): stop it first, or give this one another "
+              "[cache] dir", file=sys.stderr)
+        return 1
+    try:
+        check_listen(config)
+    except ListenError as exc:
+        print(f"mirror: serve: {exc}", file=sys.stderr)
+        return 1
+    runtime = _prepare_runtime_dir() if workers > 1 else None
     removed = store.clean_temporaries()
     scheme = "https" if config.server.tls_cert else "http"
     log.info("starting", extra={
@@ -71,6 +138,9 @@ def serve(config: Config) -> int:
             return run_worker(config, reuse_port=False, on_ready=_notify_ready(config),
                               on_stopping=lambda: notify("STOPPING=1"))
         return Supervisor(config, workers).run()
+    except ListenError as exc:  # the port was taken between the check and the bind
+        print(f"mirror: serve: {exc}", file=sys.stderr)
+        return 1
     finally:
         if runtime is not None:
             shutil.rmtree(runtime, ignore_errors=True)
@@ -138,7 +208,10 @@ async def _serve_until_stopped(config: Config, reuse_port: bool, on_ready: Calla
     else:
         loop.add_signal_handler(signal.SIGHUP, lambda: log.info("SIGHUP: nothing to reload"))
     try:
-        await site.start()
+        try:
+            await site.start()
+        except OSError as exc:
+            raise _listen_error(config, exc) from None
         on_ready()
         await stop.wait()
         log.info("stopping", extra={"pid": os.getpid()})
@@ -175,16 +248,21 @@ class Supervisor:
         return status
 
     def _spawn(self, slot: int) -> None:
+        supervisor = os.getpid()
         pid = os.fork()
         if pid == 0:  # the worker
             code = 1
             try:
                 for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                     signal.signal(sig, signal.SIG_DFL)
+                _die_with(supervisor)
                 os.close(self.ready_r)
                 code = run_worker(self.config, reuse_port=True,
                                   on_ready=lambda: os.write(self.ready_w, b"r"),
                                   on_stopping=lambda: None)
+            except ListenError as exc:
+                log.error("worker cannot listen", extra={"pid": os.getpid(), "error": str(exc)})
+                code = LISTEN_FAILED
             except BaseException:
                 log.exception("worker failed", extra={"pid": os.getpid()})
             finally:
@@ -215,9 +293,15 @@ class Supervisor:
                     notify("STOPPING=1")
                     log.info("stopping", extra={"signal": signal.Signals(signum).name})
                     return 0
-            for pid, code in self._reap():
-                slot = self.workers.pop(pid)
+            dead = self._reap()
+            slots = [self.workers.pop(pid) for pid, _code in dead]  # before any return
+            for pid, _code in dead:
                 _mark_dead(pid)
+            for (pid, code), slot in zip(dead, slots, strict=True):
+                if code == LISTEN_FAILED:
+                    print(f"mirror: serve: cannot listen on {listen_address(self.config)}: a "
+                          "worker could not bind it (the log says why)", file=sys.stderr)
+                    return 1
                 if ready < self.count:
                     log.error("a worker failed to start: giving up",
                               extra={"pid": pid, "status": code})
@@ -255,6 +339,9 @@ class Supervisor:
             for pid, _code in self._reap():
                 self.workers.pop(pid, None)
                 _mark_dead(pid)
+            if self.signals:  # asked again while stopping: don't wait any longer
+                self.signals.clear()
+                break
             time.sleep(0.05)
         if self.workers:
             log.error("workers did not stop in time: killing them",
@@ -264,6 +351,18 @@ class Supervisor:
                 with contextlib.suppress(ChildProcessError):
                     os.waitpid(pid, 0)
         log.info("stopped")
+
+
+def _die_with(supervisor: int) -> None:
+    """Have the kernel send this worker SIGTERM (its graceful stop) when the supervisor dies,
+    even by SIGKILL. Linux only; elsewhere the worker outlives a killed supervisor."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+            log.warning("prctl(PR_SET_PDEATHSIG) failed: this worker will outlive a killed "
+                        "supervisor", extra={"errno": ctypes.get_errno()})
+    if os.getppid() != supervisor:  # it died before the prctl took effect
+        os._exit(0)
 
 
 def _mark_dead(pid: int) -> None:
