@@ -73,19 +73,19 @@ async def identity(request: web.Request) -> Identity | None:
     header = request.headers.get("Authorization")
     if auth is None or not header:
         return None
-    basic = parse_basic(header) is not None
-    limiter = request.app[LIMITER]
-    if basic:
-        wait = limiter.retry_after(_client(request))
-        if wait is not None:
-            raise RegistryError("TOOMANYREQUESTS", f"too many failed logins from "
-                                f"{_client(request)}: try again in {wait}s",
-                                headers={"Retry-After": str(wait)})
+    pair = parse_basic(header)
+    if pair is None:
+        return await auth.identify(header)
+    limiter, client = request.app[LIMITER], _client(request)
+    wait = limiter.attempt(client)
+    if wait is not None:
+        raise RegistryError("TOOMANYREQUESTS", f"too many failed logins from {client}: try "
+                            f"again in {wait}s", headers={"Retry-After": str(wait)})
     who = await auth.identify(header)
-    if who is None and basic:
-        limiter.failed(_client(request))
-        log.info("failed login", extra={"client": _client(request),
-                                        "user": parse_basic(header)[0]})  # type: ignore[index]
+    if who is None:
+        log.info("failed login", extra={"client": client, "user": pair[0]})
+    else:
+        limiter.succeeded(client)
     return who
 
 

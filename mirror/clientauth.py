@@ -73,8 +73,9 @@ class Identity:
 
 
 class FailureLimiter:
-    """Failed logins per client address in fixed windows: after `limit` failures an address is
-    refused until its window ends. Bounded memory (the least recent addresses go first)."""
+    """Failed logins per client address in fixed windows: after `limit` failures (attempts in
+    progress included) an address is refused until its window ends. Bounded memory (the least
+    recent addresses go first)."""
 
     def __init__(self, limit: int = FAILED_LOGINS_PER_WINDOW, window: float = FAILURE_WINDOW,
                  timer: Callable[[], float] = time.monotonic, maxsize: int = 65536) -> None:
@@ -85,19 +86,23 @@ class FailureLimiter:
         self._windows: TTLCache[str, list[float]] = TTLCache(maxsize=maxsize, ttl=window,
                                                              timer=timer)
 
-    def retry_after(self, address: str) -> int | None:
-        """Seconds until `address` may try again, or None when it may now."""
-        entry = self._windows.get(address)
-        if entry is None or entry[1] < self.limit:
-            return None
-        return max(1, math.ceil(entry[0] + self.window - self.timer()))
-
-    def failed(self, address: str) -> None:
+    def attempt(self, address: str) -> int | None:
+        """Count an attempt before checking it (so that concurrent attempts count too):
+        None when it may go ahead, else the seconds until the address may try again."""
         entry = self._windows.get(address)
         if entry is None:
             self._windows[address] = [self.timer(), 1.0]
-        else:
-            entry[1] += 1
+            return None
+        if entry[1] >= self.limit:
+            return max(1, math.ceil(entry[0] + self.window - self.timer()))
+        entry[1] += 1
+        return None
+
+    def succeeded(self, address: str) -> None:
+        """A good password does not count against its address."""
+        entry = self._windows.get(address)
+        if entry is not None and entry[1] > 0:
+            entry[1] -= 1
 
 
 class Authenticator:

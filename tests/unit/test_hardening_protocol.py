@@ -99,15 +99,16 @@ def test_a_malformed_reference_is_a_spec_error_code(reference: str, code: str) -
 def test_failure_limiter_blocks_an_address_for_the_rest_of_its_window() -> None:
     now = [1000.0]
     limiter = FailureLimiter(limit=3, window=60.0, timer=lambda: now[0])
-    for _ in range(3):
-        assert limiter.retry_after("10.0.0.1") is None
-        limiter.failed("10.0.0.1")
-    assert limiter.retry_after("10.0.0.1") == 60
-    assert limiter.retry_after("10.0.0.2") is None  # per address
+    assert limiter.attempt("10.0.0.1") is None
+    limiter.succeeded("10.0.0.1")  # a good password is refunded
+    for _ in range(3):  # attempts count before their verdict: concurrent ones too
+        assert limiter.attempt("10.0.0.1") is None
+    assert limiter.attempt("10.0.0.1") == 60
+    assert limiter.attempt("10.0.0.2") is None  # per address
     now[0] += 45.5
-    assert limiter.retry_after("10.0.0.1") == 15
+    assert limiter.attempt("10.0.0.1") == 15
     now[0] += 15
-    assert limiter.retry_after("10.0.0.1") is None
+    assert limiter.attempt("10.0.0.1") is None
 
 
 def _authenticator() -> Authenticator:
