@@ -1,13 +1,15 @@
 """Issue 10, pure protocol pieces: range merging and its bounds (13), manifest references and
 writes as the distribution spec's conformance tests expect them (18), the failed-login limiter
 and cached password checks (5), the status page's offline state and hidden URL credentials
-(17, 4)."""
+(17, 4), a client gone while its body is sent (20)."""
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import socket
 import time
+from types import SimpleNamespace
 
 import bcrypt
 import pytest
@@ -20,6 +22,7 @@ from mirror.errors import RegistryError
 from mirror.ranges import MAX_RANGES, ByteRange, multipart_layout, parse_ranges
 from mirror.reference import manifest_reference_for_read, parse_reference
 from mirror.upstream import redact_url
+from mirror.zerocopy import Sender
 
 # --- 13: range amplification ----------------------------------------------------------------
 
@@ -176,3 +179,45 @@ def test_url_credentials_are_never_shown() -> None:
     page = statuspage.render(_view(statuspage.UpstreamView(
         "up", "https://user:secret@up.test", False, "boom", None, None, 0.0)))
     assert "secret" not in page and "up.test" in page
+
+
+# --- 20: a client gone while its body is sent ----------------------------------------------
+
+class _ClosedSocket:
+    """uvloop's socket object once the client left and the transport closed."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def setsockopt(self, *args: object) -> None:
+        raise ValueError("negative file descriptor")
+
+
+class _Transport:
+    def __init__(self, sock: object) -> None:
+        self.sock = sock
+
+    def get_extra_info(self, name: str) -> object:
+        return self.sock if name == "socket" else None
+
+
+def _sender(sock: object) -> Sender:
+    request = SimpleNamespace(transport=_Transport(sock))
+    return Sender(request, None, None)  # type: ignore[arg-type]
+
+
+def test_uncorking_a_closed_socket_is_no_error() -> None:
+    a, b = socket.socketpair()
+    with a, b:
+        sender = _sender(_ClosedSocket(a.fileno()))
+        with sender.corked():
+            pass  # uvloop's ValueError here was a 500 "unhandled error"
+        sender.close()
+
+
+def test_a_socket_already_closed_is_a_client_gone() -> None:
+    with pytest.raises(ConnectionResetError, match="client went away"):
+        _sender(_ClosedSocket(-1))
