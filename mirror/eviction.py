@@ -85,7 +85,12 @@ def evict(store: BlobStore, index: Index, target: int, pinned: set[Digest],
         if entry.digest in pinned:
             skipped += 1
             continue
-        size = store.delete(entry.digest)
+        try:
+            size = store.delete(entry.digest)
+        except OSError as exc:  # a read-only cache dir: nothing can be evicted now
+            log.error("eviction stopped: cannot delete from the cache dir", extra={
+                "digest": str(entry.digest), "error": str(exc)})
+            break
         index.remove_entry(entry.digest)
         if on_evict is not None:
             on_evict(entry.digest)

@@ -38,7 +38,7 @@ def check_cache_writable(proxy: Proxy) -> Check:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
     except OSError as exc:
-        return Check(False, f"cannot write to {proxy.store.tmp_dir}: {exc.strerror}")
+        return Check(False, proxy.store.write_problem(exc))
     return Check(True, str(proxy.store.root))
 
 

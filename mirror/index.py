@@ -18,13 +18,16 @@ import contextlib
 import logging
 import shutil
 import sqlite3
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import diskcache
 
+from mirror import metrics
 from mirror.mediatypes import sniff_media_type
 from mirror.reference import Digest, parse_digest
 
@@ -53,9 +56,72 @@ class Entry:
     kind: str  # "blob" or "manifest"
 
 
+# What a full disk or a read-only cache dir raises from SQLite ("database or disk is full",
+# "attempt to write a readonly database") or diskcache (files, lock timeouts).
+WRITE_ERRORS = (sqlite3.Error, OSError, diskcache.Timeout)
+WRITE_FAILURE_LOG_SECONDS = 10.0
+_last_write_failure_log = 0.0
+
+
+def _write_failed(operation: str, exc: BaseException) -> None:
+    global _last_write_failure_log
+    metrics.INDEX_WRITE_FAILURES.labels(operation).inc()
+    now = time.monotonic()
+    if now - _last_write_failure_log >= WRITE_FAILURE_LOG_SECONDS:  # not once per request
+        _last_write_failure_log = now
+        log.error("index write failed: serving anyway; free space in the cache dir or make it "
+                  "writable", extra={"operation": operation, "error": str(exc)})
+
+
+class _GuardedCache(diskcache.Cache):  # type: ignore[misc]
+    """A diskcache whose writes never fail a request: a lost write costs a tag, an access
+    time or a counter, which are asked or counted again; failures are logged and counted
+    (mirror_index_write_failures_total). Writes inside a transaction fail with it, whole."""
+
+    def _guard(self, name: str, default: Any, *args: Any, **kwargs: Any) -> Any:
+        write = getattr(diskcache.Cache, name)
+        if self._txn_id == threading.get_ident():
+            return write(self, *args, **kwargs)  # the enclosing transaction answers for it
+        try:
+            return write(self, *args, **kwargs)
+        except WRITE_ERRORS as exc:
+            _write_failed(name, exc)
+            return default
+
+    def set(self, *args: Any, **kwargs: Any) -> Any:
+        return self._guard("set", False, *args, **kwargs)
+
+    def add(self, *args: Any, **kwargs: Any) -> Any:
+        return self._guard("add", False, *args, **kwargs)
+
+    def delete(self, *args: Any, **kwargs: Any) -> Any:
+        return self._guard("delete", False, *args, **kwargs)
+
+    def incr(self, *args: Any, **kwargs: Any) -> Any:
+        return self._guard("incr", 0, *args, **kwargs)
+
+    def decr(self, *args: Any, **kwargs: Any) -> Any:
+        return self._guard("decr", 0, *args, **kwargs)
+
+    def touch(self, *args: Any, **kwargs: Any) -> Any:
+        return self._guard("touch", False, *args, **kwargs)
+
+    @contextlib.contextmanager
+    def transact(self, retry: bool = False) -> Iterator[None]:
+        if self._txn_id == threading.get_ident():
+            with super().transact(retry):
+                yield
+            return
+        try:
+            with super().transact(retry):
+                yield
+        except WRITE_ERRORS as exc:
+            _write_failed("transaction", exc)
+
+
 def _open(directory: Path) -> diskcache.Cache:
-    return diskcache.Cache(str(directory), eviction_policy="none", size_limit=2**62,
-                           statistics=False)
+    return _GuardedCache(str(directory), eviction_policy="none", size_limit=2**62,
+                         statistics=False)
 
 
 class Index:

@@ -13,10 +13,23 @@ from collections.abc import AsyncIterator, Iterator
 POLL_SECONDS = 0.005
 
 
+def _open(path: str) -> int | None:
+    """The lock file, opened read-only (flock needs no more, and an existing lock file still
+    opens on a read-only cache dir); None when it cannot be had (a full or read-only disk):
+    the caller goes on without coordination rather than failing a request."""
+    try:
+        return os.open(path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError:
+        return None
+
+
 @contextlib.contextmanager
 def try_exclusive(path: str) -> Iterator[bool]:
     """Yields whether this process got the lock at once (another may hold it)."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    fd = _open(path)
+    if fd is None:
+        yield False
+        return
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -31,8 +44,12 @@ def try_exclusive(path: str) -> Iterator[bool]:
 @contextlib.asynccontextmanager
 async def exclusive(path: str, give_up_after: float) -> AsyncIterator[bool]:
     """Waits (without blocking the event loop) for the lock; yields False when
-    `give_up_after` seconds passed first, and the caller goes on without it."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    `give_up_after` seconds passed first (or the lock file cannot be made), and the caller
+    goes on without it."""
+    fd = _open(path)
+    if fd is None:
+        yield False
+        return
     deadline = time.monotonic() + give_up_after
     try:
         while True:

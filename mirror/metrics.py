@@ -84,6 +84,14 @@ DIGEST_MISMATCHES = Counter(
 EVICTIONS = Counter("mirror_evictions_total", "Entries evicted from the cache", ["kind"])
 EVICTED_BYTES = Counter("mirror_evicted_bytes_total", "Bytes evicted from the cache")
 DISK_FULL = Counter("mirror_disk_full_total", "Downloads that hit ENOSPC while caching")
+UNCACHED_RELAYS = Counter(
+    "mirror_uncached_relays_total",
+    "Blob bodies (or their rest) a client got straight from the upstream because the cache "
+    "could not hold them (a full or read-only disk)", ["reason"])
+INDEX_WRITE_FAILURES = Counter(
+    "mirror_index_write_failures_total",
+    "Index writes that failed (a full or read-only disk); the request was served anyway",
+    ["operation"])
 STALE_ANSWERS = Counter(
     "mirror_stale_answers_total", "Answers served from cache because the upstream failed",
     ["kind"])

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import errno
 import functools
 import hashlib
 import logging
@@ -90,9 +91,11 @@ class Proxy:
         self.upstreams = upstreams
         self.downloads = downloads
         self.offline = config.cache.offline
-        # Hot manifests (bytes, media type) and fresh tags, so hits touch no disk or SQLite.
-        self._memory: LRUCache[Digest, tuple[bytes, str]] = LRUCache(
+        # Hot manifests (bytes, media type, store path) and fresh tags, so hits read no file
+        # and touch no SQLite (a memory hit costs one stat: see _cached_manifest).
+        self._memory: LRUCache[Digest, tuple[bytes, str, str]] = LRUCache(
             MEMORY_MANIFEST_BYTES, getsizeof=lambda v: len(v[0]))
+        self._restore_failure_logged = 0.0
         ttl = config.cache.tag_ttl
         self._tags: TLRUCache[tuple[str, str, str], TagEntry] = TLRUCache(
             maxsize=65536, ttu=lambda _k, e, now: now + ttl - e.age(), timer=time.monotonic)
@@ -131,12 +134,38 @@ class Proxy:
     # manifests ----------------------------------------------------------------------------
     def _cached_manifest(self, digest: Digest) -> tuple[bytes, str] | None:
         hit = self._memory.get(digest)
-        if hit is None:
-            data = self.store.read_bytes(digest)
-            if data is None:
-                return None
-            hit = self._memory[digest] = (data, self.index.media_type(digest, data))
-        return hit
+        if hit is not None:
+            data, media_type, path = hit
+            # Any worker may have evicted it: what is answered from memory must stay on disk
+            # (or a restart with the upstream down loses the hottest manifests). A stat per
+            # hit is the cheapest check that needs no message between worker processes.
+            if not os.path.exists(path):
+                self._restore(digest, data, media_type)
+            return data, media_type
+        stored = self.store.read_bytes(digest)
+        if stored is None:
+            return None
+        media_type = self.index.media_type(digest, stored)
+        self._remember(digest, stored, media_type)
+        return stored, media_type
+
+    def _remember(self, digest: Digest, data: bytes, media_type: str) -> None:
+        self._memory[digest] = (data, media_type, str(self.store.path(digest)))
+
+    def _restore(self, digest: Digest, data: bytes, media_type: str) -> None:
+        """Store a manifest again that was evicted while still served (it is the most
+        recently used entry now); a full or read-only disk leaves it answered from memory."""
+        try:
+            self.store.put_bytes(digest, data)
+        except OSError as exc:
+            now = time.monotonic()
+            if now - self._restore_failure_logged >= 10.0:  # not once per hit
+                self._restore_failure_logged = now
+                log.error("could not store again a manifest served from memory", extra={
+                    "digest": str(digest), "error": str(exc)})
+            return
+        self.index.set_media_type(digest, media_type)
+        log.info("manifest evicted while in use: stored again", extra={"digest": str(digest)})
 
     def _from_cache(self, digest: Digest, cache: str, max_age: float | None = None
                     ) -> Manifest | None:
@@ -277,12 +306,13 @@ class Proxy:
             self.store.put_bytes(digest, data)
         except DigestMismatch as exc:  # pragma: no cover - verified just above
             raise RegistryError("DIGEST_INVALID", str(exc), status=502) from None
-        except OSError as exc:  # disk full: serve it anyway, uncached
+        except OSError as exc:  # a full or read-only disk: serve it anyway, uncached
             log.error("could not cache a manifest", extra={"digest": str(digest),
                                                            "error": str(exc)})
-            metrics.DISK_FULL.inc()
-            self.request_eviction()
-        self._memory[digest] = (data, media_type)
+            if exc.errno == errno.ENOSPC:
+                metrics.DISK_FULL.inc()
+                self.request_eviction()
+        self._remember(digest, data, media_type)
         self.index.set_media_type(digest, media_type)
         self.index.count("manifest_miss")
         self._served_by(upstream, repository, digest)

@@ -59,15 +59,29 @@ class ClientAbort(Exception):
     """The body a client is streaming cannot be completed: abort its connection."""
 
 
+class _UpstreamBroke(Exception):
+    def __init__(self, pos: int, error: BaseException) -> None:
+        super().__init__(repr(error))
+        self.pos = pos
+
+
+class _RelayEnded(Exception):
+    """Nobody is reading an uncached relay: it stops (a reader arriving later fetches its own
+    bytes from the upstream)."""
+
+
 class Download:
-    def __init__(self, digest: Digest, store: BlobStore, fd: int, leader: bool,
-                 upstream: str = "") -> None:
+    def __init__(self, digest: Digest, store: BlobStore, fd: int | None, leader: bool,
+                 upstream: str = "", fetch: Fetch | None = None, attempts: int = 1) -> None:
         self.digest = digest
         self.upstream = upstream  # for the metrics
         self.store = store
         self.partial = store.partial_path(digest)
-        self.fd = fd
+        self.fd = fd  # None: no partial file could be created (a full or read-only disk)
         self.leader = leader
+        self.owns_partial = leader and fd is not None  # ours to unlink or commit
+        self.fetch = fetch
+        self.attempts = attempts
         self.size: int | None = None
         self.written = 0
         self.state = State.STARTING
@@ -81,8 +95,11 @@ class Download:
         # worker. Set by the proxy, which decides whether joining needs a confirmation.
         self.origin: tuple[str, str] | None = None
         self._waiters: list[asyncio.Future[None]] = []
-        # After ENOSPC: bytes from disk_end on are relayed from memory, never cached.
-        self.disk_end: int | None = None
+        # Uncached (the disk filled, or no file could be made): bytes from disk_end on are
+        # relayed from memory, never cached.
+        self.disk_end: int | None = None if fd is not None else 0
+        # The shared relay ended without every byte: readers fetch theirs from the upstream.
+        self.relay_gone = False
         self.on_disk_full: Callable[[], None] | None = None
         self._spill: collections.deque[tuple[int, bytes]] = collections.deque()
         self._spill_bytes = 0
@@ -100,16 +117,17 @@ class Download:
         self._waiters.append(fut)
         await fut
 
-    async def _wait_past(self, *states: State) -> None:
+    async def _wait_past(self, *states: State, relay_gone_ok: bool = False) -> None:
         while self.state in states:
             await self._changed()
-        if self.state is State.FAILED:
+        if self.state is State.FAILED and not (relay_gone_ok and self.relay_gone):
             assert self.error is not None
             raise self.error
 
     async def wait_headers(self) -> int | None:
-        """The blob's size once the upstream answered; raises the upstream's error."""
-        await self._wait_past(State.STARTING)
+        """The blob's size once the upstream answered; raises the upstream's error (a relay
+        that ended for want of space is no error: its readers fetch the bytes themselves)."""
+        await self._wait_past(State.STARTING, relay_gone_ok=True)
         return self.size
 
     async def wait_done(self) -> None:
@@ -120,63 +138,196 @@ class Download:
     async def stream(self, sender: BodySender, start: int, length: int) -> None:
         """Send bytes [start, start+length) as they land. The final byte of the blob is held
         back until the whole body verified, so no client ever receives a complete wrong blob.
+        Bytes the cache could not keep come from the memory window of an uncached relay, or,
+        once gone from it, from the upstream directly.
         """
-        fd = os.dup(self.fd)
+        fd = self._reader_fd()
         reader = object()
         self.readers += 1
         self.had_readers = True
+        self._positions[reader] = start
+        pos, end = start, start + length
         try:
-            pos, end = start, start + length
             while pos < end:
-                if self.state is State.FAILED:
+                if self.state is State.FAILED and not self.relay_gone:
                     raise ClientAbort(str(self.error))
                 available = min(self.written, end)
                 if self.state is not State.VERIFIED and self.size is not None:
                     available = min(available, self.size - 1)
-                if available <= pos:
-                    await self._changed()
-                elif self.disk_end is None or pos < self.disk_end:
-                    upto = available if self.disk_end is None else min(available, self.disk_end)
-                    await sender.send(fd, pos, upto - pos)
-                    pos = upto
-                else:
-                    piece = self._spilled(pos, available)
+                on_disk = available if self.disk_end is None else min(available, self.disk_end)
+                piece = None
+                if pos < on_disk and fd is not None:
+                    await sender.send(fd, pos, on_disk - pos)
+                    pos = on_disk
+                elif self.disk_end is not None and pos < available and (
+                        piece := self._spilled(pos, available)) is not None:
                     await sender.send_bytes(piece)
                     pos += len(piece)
+                elif pos < available or self.relay_gone or (fd is None and pos < on_disk):
+                    # Gone from memory (or never kept): this reader's own upstream request.
+                    self._leave(reader)
+                    reader = None
+                    await self._stream_direct(sender, fd, pos, end)
+                    return
+                else:
+                    await self._changed()
+                    continue
+                self._positions[reader] = pos
                 if self.disk_end is not None:
-                    self._positions[reader] = pos
                     self._notify()  # the leader may be waiting to drop spilled chunks
         finally:
-            os.close(fd)
-            self._positions.pop(reader, None)
-            self.readers -= 1
-            if self.readers == 0:
-                self._notify()  # lets the abandon check run
+            if fd is not None:
+                os.close(fd)
+            if reader is not None:
+                self._leave(reader)
+            if self.readers == 0 and self.task is not None and self.task.done():
+                self._close_fd()
 
-    def _spilled(self, pos: int, available: int) -> memoryview:
+    def _reader_fd(self) -> int | None:
+        if self.fd is not None:
+            return os.dup(self.fd)
+        if self.state is State.VERIFIED and self.disk_end is None:
+            return self.store.open_fd(self.digest)  # committed, and our fd closed meanwhile
+        return None
+
+    def _leave(self, reader: object) -> None:
+        self._positions.pop(reader, None)
+        self.readers -= 1
+        self._notify()  # lets the relay drop chunks and the abandon check run
+
+    def _spilled(self, pos: int, available: int) -> memoryview | None:
         for offset, chunk in self._spill:
             if offset <= pos < offset + len(chunk):
                 return memoryview(chunk)[pos - offset: available - offset]
-        raise ClientAbort("joined too late: the disk is full and those bytes are gone")
+        return None
+
+    async def _stream_direct(self, sender: BodySender, fd: int | None, pos: int,
+                             end: int) -> None:
+        """Send [pos, end) from the upstream with this reader's own Range request, uncached.
+        When the bytes before `pos` are in `fd` (the partial file as far as it got), the whole
+        blob is hashed and its final byte held back until it matched; a range starting past
+        them cannot be verified (like any range of a blob still downloading)."""
+        if self.fetch is None:
+            raise ClientAbort(f"the bytes from {pos} of {self.digest} are no longer available")
+        metrics.UNCACHED_RELAYS.labels("direct").inc()
+        log.info("relaying a client's rest straight from the upstream", extra={
+            "digest": str(self.digest), "offset": pos, "end": end})
+        hasher = await asyncio.to_thread(self._hash_prefix, fd, pos)
+        attempts = self.attempts
+        while True:
+            try:
+                pos = await self._send_from_upstream(sender, pos, end, hasher)
+                return
+            except _UpstreamBroke as exc:
+                attempts -= 1
+                if attempts <= 0:
+                    raise ClientAbort(f"upstream body of {self.digest} kept breaking: "
+                                      f"{exc}") from None
+                pos = exc.pos
+
+    def _hash_prefix(self, fd: int | None, pos: int) -> hashlib._Hash | None:
+        """The hash of bytes [0, pos) read from `fd`, or None when they are not all there."""
+        if fd is None or os.fstat(fd).st_size < pos:
+            return None if pos else self.digest.hasher()
+        hasher = self.digest.hasher()
+        done = 0
+        while done < pos:
+            chunk = os.pread(fd, min(1 << 20, pos - done), done)
+            if not chunk:
+                return None
+            hasher.update(chunk)
+            done += len(chunk)
+        return hasher
+
+    async def _send_from_upstream(self, sender: BodySender, pos: int, end: int,
+                                  hasher: hashlib._Hash | None) -> int:
+        assert self.fetch is not None
+        try:
+            resp = await self.fetch(pos)
+        except RegistryError as exc:
+            raise ClientAbort(exc.message) from None
+        except (aiohttp.ClientError, TimeoutError, ConnectionError) as exc:
+            raise _UpstreamBroke(pos, exc) from None
+        try:
+            size = self._check_direct(resp, pos)
+            if resp.status == 200 and pos:
+                try:
+                    await _discard(resp, pos)
+                except (aiohttp.ClientError, TimeoutError, ConnectionError) as exc:
+                    raise _UpstreamBroke(pos, exc) from None
+            last = size - 1 if hasher is not None and end == size else None
+            read, held = pos, b""
+            while read < end:
+                try:
+                    chunk = await resp.content.readany()
+                except (aiohttp.ClientError, TimeoutError, ConnectionError) as exc:
+                    raise _UpstreamBroke(read, exc) from None
+                if not chunk:
+                    raise _UpstreamBroke(read, ConnectionError("upstream body ended early"))
+                chunk = chunk[: end - read]
+                if hasher is not None:
+                    hasher.update(chunk)
+                read += len(chunk)
+                if last is not None and read > last:
+                    chunk, held = chunk[:-1], chunk[-1:]  # the final byte waits for the digest
+                if chunk:
+                    await sender.send_bytes(chunk)
+            if held:
+                assert hasher is not None
+                if hasher.hexdigest() != self.digest.hex:
+                    metrics.DIGEST_MISMATCHES.labels("blob").inc()
+                    raise ClientAbort(f"upstream sent content that does not match {self.digest}")
+                await sender.send_bytes(held)
+            return read
+        finally:
+            resp.close()
+
+    def _check_direct(self, resp: aiohttp.ClientResponse, pos: int) -> int:
+        total = _total_size(resp)  # a 200 that ignored Range still says the whole size
+        if resp.status == 206 and not _range_starts_at(resp, pos):
+            raise ClientAbort(f"upstream sent the wrong range for {self.digest}")
+        size = total if total is not None else self.size
+        if size is None or (self.size is not None and size != self.size):
+            raise ClientAbort(f"upstream changed or did not say the size of {self.digest}")
+        return size
 
     # leading ------------------------------------------------------------------------------
+    def _meta_path(self) -> Path:
+        return self.partial.with_name(self.partial.name + ".meta")
+
     def _write_meta(self) -> None:
-        """The expected size, for followers in other worker processes."""
-        meta = self.partial.with_name(self.partial.name + ".meta")
+        """The expected size, for followers in other worker processes. Without it they could
+        not answer their clients' headers: a failed write drops the partial file, so they
+        fetch for themselves, and this download relays uncached."""
+        meta = self._meta_path()
         tmp = meta.with_name(meta.name + f".{os.getpid()}")
         try:
             tmp.write_text(json.dumps({"size": self.size}))
             os.replace(tmp, meta)
-        except OSError as exc:  # a full disk: followers elsewhere will fail, ours stream on
-            log.warning("could not write download metadata", extra={
-                "digest": str(self.digest), "error": str(exc)})
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            self._disk_full(exc)
 
-    def _fail(self, error: RegistryError) -> None:
+    def _drop_partial(self) -> None:
+        """Unlink our partial file and its metadata (followers elsewhere see st_nlink 0)."""
+        if not self.owns_partial:
+            return
+        self.owns_partial = False
+        for path in (self.partial, self._meta_path()):
+            with contextlib.suppress(OSError):
+                path.unlink()
+
+    def _fail(self, error: RegistryError, fallback: bool = False) -> None:
+        """`fallback`: the failure is ours, not the upstream's: readers fetch the bytes they
+        still need from the upstream themselves."""
         self.error = error
+        if fallback:
+            self.relay_gone = True
+            if self.disk_end is None:
+                self.disk_end = self.written
         self.state = State.FAILED
-        if self.leader:
-            with contextlib.suppress(FileNotFoundError):
-                self.partial.unlink()
+        self._drop_partial()
         self._notify()
 
     async def lead(self, fetch: Fetch, attempts: int) -> None:
@@ -187,7 +338,8 @@ class Download:
         try:
             resp = await self._open(fetch, self.written)
             self.state = State.STREAMING
-            self._write_meta()
+            if self.owns_partial:
+                self._write_meta()
             self._notify()
             while True:
                 try:
@@ -216,27 +368,52 @@ class Download:
             # Stored before the last byte is released, so a client that has the whole body
             # finds the blob in the store on its next request.
             if self.disk_end is None:
-                await asyncio.to_thread(os.fdatasync, self.fd)
-                self.store.commit(self.partial, self.digest)
+                await self._commit()
             self.state = State.VERIFIED
             self._notify()
         except RegistryError as exc:
             self._fail(exc)
+        except _RelayEnded:
+            self._fail(RegistryError("UNKNOWN", f"{self.digest} could not be cached and nobody "
+                                     "was reading it", status=507), fallback=True)
         except asyncio.CancelledError:
-            self._fail(RegistryError("UNKNOWN", "download cancelled"))
+            self._fail(RegistryError("UNKNOWN", "download cancelled"))  # shutting down
             raise
         except OSError as exc:
             log.error("cache write failed", extra={"digest": str(self.digest), "error": str(exc)})
             self._fail(RegistryError("UNKNOWN", f"could not write {self.digest} to the cache: "
-                                     f"{exc.strerror}", status=507 if exc.errno == 28 else 500))
+                                     f"{exc.strerror}", status=507), fallback=True)
         finally:
             if resp is not None:
                 resp.close()
-            with contextlib.suppress(FileNotFoundError):
-                self.partial.with_name(self.partial.name + ".meta").unlink()
+            self._drop_partial()
+
+    async def _commit(self) -> None:
+        """Into the store; when the disk refuses (full, read-only), the verified bytes stay
+        readable through our fd and are served uncached."""
+        assert self.fd is not None
+        try:
+            await asyncio.to_thread(os.fdatasync, self.fd)
+            self.store.commit(self.partial, self.digest)
+            self.owns_partial = False
+            with contextlib.suppress(OSError):
+                self._meta_path().unlink()
+        except OSError as exc:
+            log.error("could not store a verified blob: served uncached", extra={
+                "digest": str(self.digest), "error": str(exc)})
+            self._cache_failed(exc)
+
+    def _cache_failed(self, exc: OSError) -> None:
+        if exc.errno == errno.ENOSPC:
+            metrics.DISK_FULL.inc()
+        self._drop_partial()
+        if self.on_disk_full is not None:
+            self.on_disk_full()
 
     def _rehash_existing(self, hasher: hashlib._Hash) -> int:
         """Bytes a dead worker already wrote are kept: hash them and resume after them."""
+        if self.fd is None:
+            return 0
         size = os.fstat(self.fd).st_size
         pos = 0
         while pos < size:
@@ -249,37 +426,33 @@ class Download:
         return pos
 
     def _write(self, chunk: bytes) -> None:
+        assert self.fd is not None
         view = memoryview(chunk)
         try:
             while view:
                 n = os.write(self.fd, view)
                 view = view[n:]
-        except OSError as exc:
-            if exc.errno != errno.ENOSPC:
-                raise
-            self._disk_full()
+        except OSError as exc:  # full, read-only now, quota, I/O error: stop caching
+            self._disk_full(exc)
 
-    def _disk_full(self) -> None:
-        """The disk filled: drop the partial file and keep relaying the upstream's bytes to
-        the clients from memory; nothing of this download will be cached."""
+    def _disk_full(self, exc: OSError) -> None:
+        """The disk refused a write: drop the partial file and keep relaying the upstream's
+        bytes to the clients from memory; nothing of this download will be cached."""
         self.disk_end = self.written
         log.error("disk full: relaying without caching", extra={
-            "digest": str(self.digest), "offset": self.written})
-        metrics.DISK_FULL.inc()
-        with contextlib.suppress(FileNotFoundError):
-            self.partial.unlink()
-        if self.on_disk_full is not None:
-            self.on_disk_full()
+            "digest": str(self.digest), "offset": self.written, "error": exc.strerror})
+        metrics.UNCACHED_RELAYS.labels("write_failed").inc()
+        self._cache_failed(exc)
 
     async def _relay(self, chunk: bytes) -> None:
         """Keep `chunk` in memory for the readers, holding at most SPILL_BYTES: the download
         waits for the slowest reader rather than buffering without bound."""
         if not self.readers:
-            raise RegistryError("UNKNOWN", f"disk full while caching {self.digest}", status=507)
+            raise _RelayEnded
         self._spill.append((self.written, chunk))
         self._spill_bytes += len(chunk)
         while self._spill:
-            slowest = min(self._positions.values(), default=self.disk_end or 0)
+            slowest = min(self._positions.values(), default=self.written)
             offset, oldest = self._spill[0]
             if slowest >= offset + len(oldest):
                 self._spill.popleft()
@@ -329,10 +502,17 @@ class Download:
         if self.size is None:
             self.size = self.written
 
+    def _close_fd(self) -> None:
+        if self.fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self.fd)  # also releases the flock
+            self.fd = None
+
     # following another process ------------------------------------------------------------
     async def follow(self, take_over: Callable[[Download], Awaitable[None]]) -> None:
         """Track a download led by another worker through the filesystem."""
-        meta = self.partial.with_name(self.partial.name + ".meta")
+        assert self.fd is not None
+        meta = self._meta_path()
         final = self.store.path(self.digest)
         while True:
             st = os.fstat(self.fd)
@@ -349,8 +529,7 @@ class Download:
                 self._notify()
                 return
             if st.st_nlink == 0:
-                self._fail(RegistryError("UPSTREAM_UNAVAILABLE",
-                                         f"the download of {self.digest} failed", status=502))
+                await self._lead_uncached(st.st_size)
                 return
             if _try_lock(self.fd):
                 await take_over(self)
@@ -359,6 +538,16 @@ class Download:
                 self._notify()
             await asyncio.sleep(REMOTE_POLL_SECONDS)
 
+    async def _lead_uncached(self, on_disk: int) -> None:
+        """The leader dropped its file (its disk filled, or it failed): fetch the rest for
+        our own readers, uncached, resuming after the bytes it wrote (hashed first, so the
+        whole blob is verified). An upstream that fails fails us too, with its own error."""
+        assert self.fetch is not None
+        log.warning("the leading worker dropped its download: relaying the rest uncached",
+                    extra={"digest": str(self.digest), "offset": on_disk})
+        metrics.UNCACHED_RELAYS.labels("leader_dropped").inc()
+        self.leader, self.owns_partial, self.disk_end = True, False, on_disk
+        await self.lead(self.fetch, self.attempts)
 
 def _try_lock(fd: int) -> bool:
     try:
@@ -412,12 +601,12 @@ class Downloads:
         if claimed is None:
             return None
         fd, leader = claimed
-        download = Download(digest, self.store, fd, leader, upstream)
+        download = Download(digest, self.store, fd, leader, upstream, fetch, attempts)
         download.on_disk_full = self.on_disk_full
         self.active[digest] = download
 
         async def take_over(d: Download) -> None:
-            d.leader = True
+            d.leader = d.owns_partial = True
             log.warning("taking over an orphaned download", extra={"digest": str(digest)})
             await d.lead(fetch, attempts)
 
@@ -432,8 +621,8 @@ class Downloads:
     def _finished(self, download: Download) -> None:
         if self.active.get(download.digest) is download:
             del self.active[download.digest]
-        with contextlib.suppress(OSError):
-            os.close(download.fd)  # also releases the flock
+        if download.readers == 0:
+            download._close_fd()  # else the last reader closes it
 
     async def _cancel_when_abandoned(self, download: Download) -> None:
         while download.state in (State.STARTING, State.STREAMING):
@@ -444,14 +633,21 @@ class Downloads:
                 return
             await download._changed()
 
-    def _claim(self, digest: Digest) -> tuple[int, bool] | None:
+    def _claim(self, digest: Digest) -> tuple[int | None, bool] | None:
         """Open the partial file: (fd, True) when we lead, (fd, False) when another process
-        does, None when the blob is in the store already."""
+        does, (None, True) when no file can be made (we lead, relaying uncached), None when
+        the blob is in the store already."""
         path = self.store.partial_path(digest)
         for _ in range(100):
             if self.store.size(digest) is not None:
                 return None
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            except OSError as exc:  # a full or read-only disk: cost the caching, not the client
+                log.warning("cannot create a download file: relaying uncached", extra={
+                    "digest": str(digest), "error": exc.strerror})
+                metrics.UNCACHED_RELAYS.labels("create_failed").inc()
+                return None, True
             if not _try_lock(fd):
                 return fd, False
             if _same_file(path, fd):

@@ -12,12 +12,12 @@ any moment leaves `blobs/` holding only verified files; `tmp/` is emptied at sta
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from mirror.errors import RegistryError
 from mirror.reference import HEX_LENGTH, Digest
 
 PARTIAL_SUFFIX = ".partial"
@@ -102,10 +102,11 @@ class BlobStore:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
         try:
             if os.write(fd, data) != len(data):
-                raise OSError(28, "short write")
+                raise OSError(errno.ENOSPC, "short write")
             os.fdatasync(fd)
         except OSError:
-            tmp.unlink()
+            with contextlib.suppress(OSError):
+                tmp.unlink()
             raise
         finally:
             os.close(fd)
@@ -134,16 +135,17 @@ class BlobStore:
         return size
 
     def commit(self, tmp: Path, digest: Digest, kind: str = "blob") -> None:
-        """Atomically move verified content from tmp/ into place."""
+        """Atomically move verified content from tmp/ into place. Raises the OSError of a full
+        or read-only disk, with `tmp` removed."""
         final = self.path(digest)
-        final.parent.mkdir(parents=True, exist_ok=True)
         try:
+            final.parent.mkdir(parents=True, exist_ok=True)
             os.replace(tmp, final)
             size = final.stat().st_size
-        except OSError as exc:
-            with contextlib.suppress(FileNotFoundError):
+        except OSError:
+            with contextlib.suppress(OSError):
                 tmp.unlink()
-            raise RegistryError("UNKNOWN", f"could not store {digest}: {exc}") from exc
+            raise
         if self.on_commit is not None:
             self.on_commit(digest, size, kind)
 
@@ -167,15 +169,25 @@ class BlobStore:
         removed = 0
         for lock in self.locks_dir.iterdir():
             if not is_locked(lock):
-                lock.unlink(missing_ok=True)
+                with contextlib.suppress(OSError):  # a read-only cache dir keeps its files
+                    lock.unlink(missing_ok=True)
         for entry in self.tmp_dir.iterdir():
+            # <digest>.partial, .partial.meta and .partial.meta.<pid> of a live download stay
             partial = entry.name.split(PARTIAL_SUFFIX)[0] + PARTIAL_SUFFIX
             if PARTIAL_SUFFIX in entry.name and is_locked(self.tmp_dir / partial):
                 continue
-            with contextlib.suppress(FileNotFoundError):
+            with contextlib.suppress(OSError):
                 entry.unlink()
                 removed += 1
         return removed
+
+    def write_problem(self, exc: OSError) -> str:
+        """Why the cache dir cannot be written, in an operator's words."""
+        if exc.errno == errno.EROFS:
+            return f"cache directory is read-only: {self.root}"
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return f"cache directory is full: {self.root} ({exc.strerror})"
+        return f"cannot write to {self.tmp_dir}: {exc.strerror}"
 
     def iter_stored(self) -> Iterator[tuple[Digest, int, float]]:
         """Every stored file as (digest, size, mtime); skips anything not named like content."""

@@ -1,0 +1,189 @@
+"""A full disk, a read-only cache dir and eviction cost caching, never a client (issue 10,
+items 10-12): every client gets the whole body, no 5xx, no leftovers in tmp/, and whatever is
+answered from memory is still on disk."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import json
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from mirror import mediatypes as mt
+from mirror.eviction import evict
+from mirror.index import Index
+from mirror.reference import parse_digest
+from mirror.store import BlobStore
+from tests.inprocess.conftest import (
+    Behaviour,
+    FaultUpstream,
+    MirrorFactory,
+    assert_store_verified,
+    random_bytes,
+    sha256,
+    stored_files,
+)
+
+pytestmark = pytest.mark.timeout(60)
+MB = 1024 * 1024
+
+
+def image(*blobs: str) -> bytes:
+    return json.dumps({"schemaVersion": 2, "mediaType": mt.OCI_MANIFEST,
+                       "config": {"mediaType": "x", "digest": blobs[0], "size": 1},
+                       "layers": [{"mediaType": "y", "digest": b, "size": 1}
+                                  for b in blobs[1:]]}).encode()
+
+
+@pytest.fixture
+def tiny_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 6 MiB tmpfs as the cache dir (needs root, as CI has)."""
+    mount = tmp_path / "tiny"
+    mount.mkdir()
+    if shutil.which("mount") is None:
+        pytest.fail("mount(8) is needed for the disk tests")
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(mount)], check=True)
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def fill(disk: Path) -> None:
+    """Take every free byte of `disk`."""
+    fd = os.open(disk / "filler", os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    chunk = b"\0" * 65536
+    try:
+        for _ in range(10_000):
+            try:
+                os.write(fd, chunk)
+            except OSError as exc:
+                assert exc.errno == errno.ENOSPC
+                if len(chunk) == 1:
+                    return
+                chunk = chunk[: len(chunk) // 2]
+        raise AssertionError(f"{disk} did not fill up")
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def read_only(path: Path) -> Iterator[None]:
+    """`path` read-only under the running mirror: a read-only bind mount over it (a tmpfs
+    with files open for writing cannot be remounted read-only)."""
+    subprocess.run(["mount", "--bind", "-o", "ro", str(path), str(path)], check=True)
+    try:
+        yield
+    finally:
+        subprocess.run(["umount", str(path)], check=False)
+
+
+def leftovers(cache: Path) -> list[str]:
+    return sorted(p.name for p in (cache / "tmp").iterdir() if not p.name.startswith(".ready"))
+
+
+async def get(client: aiohttp.ClientSession, url: str) -> tuple[int, bytes]:
+    async with client.get(url) as resp:
+        return resp.status, await resp.read()
+
+
+async def test_full_disk_late_joiner_after_the_memory_window_gets_the_whole_body(
+        upstream: FaultUpstream, start_mirror: MirrorFactory, client: aiohttp.ClientSession,
+        tiny_disk: Path) -> None:
+    big = random_bytes(20 * MB)
+    digest = upstream.add_blob(big, Behaviour(gate_after=12 * MB))
+    base = await start_mirror(cache={"dir": str(tiny_disk), "max_size": "5MiB",
+                                     "prefetch": False})
+    url = f"{base}/v2/r/blobs/{digest}"
+    async with client.get(url) as first:
+        assert first.status == 200
+        head = await first.content.readexactly(12 * MB)  # past the disk, into the relay
+        # Joins after the first client consumed (and the relay dropped) the bytes past the disk.
+        late = asyncio.ensure_future(get(client, url))
+        await asyncio.sleep(0)
+        upstream.gate.set()
+        rest = await first.read()
+    assert head + rest == big
+    assert await late == (200, big)
+    assert digest not in stored_files(tiny_disk)
+    assert leftovers(tiny_disk) == []
+
+
+async def test_full_disk_cold_blob_and_manifest_are_relayed_whole(
+        upstream: FaultUpstream, start_mirror: MirrorFactory, client: aiohttp.ClientSession,
+        tiny_disk: Path) -> None:
+    blob = random_bytes(3 * MB)
+    blob_digest = upstream.add_blob(blob)
+    data = image(blob_digest)
+    upstream.add_manifest("app", "v1", data, mt.OCI_MANIFEST)
+    base = await start_mirror(cache={"dir": str(tiny_disk), "prefetch": False})
+    assert (await get(client, f"{base}/v2/")) [0] == 200
+    fill(tiny_disk)
+    answers = await asyncio.gather(
+        *(get(client, f"{base}/v2/app/blobs/{blob_digest}") for _ in range(4)),
+        *(get(client, f"{base}/v2/app/manifests/v1") for _ in range(2)))
+    assert answers == [(200, blob)] * 4 + [(200, data)] * 2
+    assert stored_files(tiny_disk) == {}
+    assert leftovers(tiny_disk) == []
+    (tiny_disk / "filler").unlink()  # space again: the mirror caches again
+    assert await get(client, f"{base}/v2/app/blobs/{blob_digest}") == (200, blob)
+    assert blob_digest in stored_files(tiny_disk)
+    assert_store_verified(tiny_disk)
+
+
+async def test_read_only_cache_dir_relays_uncached_and_says_why(
+        upstream: FaultUpstream, start_mirror: MirrorFactory, client: aiohttp.ClientSession,
+        tiny_disk: Path) -> None:
+    cached = random_bytes(MB)
+    cached_digest = upstream.add_blob(cached)
+    cold = random_bytes(3 * MB)
+    cold_digest = upstream.add_blob(cold)
+    data = image(cold_digest)
+    upstream.add_manifest("app", "v1", data, mt.OCI_MANIFEST)
+    base = await start_mirror(cache={"dir": str(tiny_disk), "prefetch": False})
+    assert await get(client, f"{base}/v2/app/blobs/{cached_digest}") == (200, cached)
+    with read_only(tiny_disk):
+        answers = await asyncio.gather(
+            get(client, f"{base}/v2/app/blobs/{cached_digest}"),
+            *(get(client, f"{base}/v2/app/blobs/{cold_digest}") for _ in range(3)),
+            get(client, f"{base}/v2/app/manifests/v1"))
+        assert answers == [(200, cached)] + [(200, cold)] * 3 + [(200, data)]
+        async with client.get(f"{base}/readyz") as resp:
+            assert resp.status == 503
+            detail = (await resp.json())["checks"]["cache_writable"]["detail"]
+        assert detail == f"cache directory is read-only: {tiny_disk}"
+    assert cold_digest not in stored_files(tiny_disk)
+    assert leftovers(tiny_disk) == []
+
+
+async def test_a_manifest_answered_from_memory_is_still_on_disk(
+        upstream: FaultUpstream, start_mirror: MirrorFactory, client: aiohttp.ClientSession,
+        tmp_path: Path) -> None:
+    data = image(sha256(b"config"))
+    digest = upstream.add_manifest("app", "v1", data, mt.OCI_MANIFEST)
+    base = await start_mirror(cache={"prefetch": False})
+    assert await get(client, f"{base}/v2/app/manifests/v1") == (200, data)
+    # Another worker process evicts it (its own store and index over the same cache dir).
+    cache = tmp_path / "cache"
+    store, index = BlobStore(cache), Index(cache / "index")
+    try:
+        evict(store, index, 0, set())
+    finally:
+        index.close()
+    assert sha256(data) not in stored_files(cache)
+    for ref in ("v1", digest):
+        assert await get(client, f"{base}/v2/app/manifests/{ref}") == (200, data)
+    assert stored_files(cache).get(digest) == data
+    index = Index(cache / "index")
+    try:
+        assert any(e.digest == parse_digest(digest) for e in index.entries())
+    finally:
+        index.close()
