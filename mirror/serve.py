@@ -18,6 +18,9 @@ would otherwise let a second same-user mirror share the port).
 Metrics with several workers: PROMETHEUS_MULTIPROC_DIR is pointed at a fresh directory before
 prometheus_client is first imported (so mirror.server is imported lazily here).
 
+Connections go through connections.py: a deadline on receiving a request's headers, the
+keep-alive idle timeout, and bounds per worker and per client address (`[server]` keys).
+
 Stopping (SIGTERM): the listening socket closes, downloads in flight get `shutdown_timeout`
 to finish, the rest are cancelled and their partial files removed (ops.py).
 """
@@ -128,7 +131,10 @@ def serve(config: Config) -> int:
     log.info("starting", extra={
         "listen": f"{scheme}://{config.server.host}:{config.server.port}",
         "cache_dir": str(config.cache.dir), "workers": workers,
-        "upstreams": [u.name for u in config.upstreams], "temporaries_removed": removed})
+        "upstreams": [u.name for u in config.upstreams], "temporaries_removed": removed,
+        "max_connections": config.server.max_connections,
+        "header_timeout": config.server.header_timeout,
+        "keepalive_timeout": config.server.keepalive_timeout})
     default = config.upstreams[0]
     log.info("names without a registry (e.g. /v2/library/nginx/...) go to the default "
              "upstream, the first [[upstream]]", extra={
@@ -187,6 +193,7 @@ async def _serve_until_stopped(config: Config, reuse_port: bool, on_ready: Calla
                                on_stopping: Callable[[], object]) -> None:
     from aiohttp import web
 
+    from mirror.connections import GuardedRunner, Limits, fit_file_limit
     from mirror.ops import shutdown_timeout
     from mirror.server import build_app
 
@@ -194,8 +201,8 @@ async def _serve_until_stopped(config: Config, reuse_port: bool, on_ready: Calla
     cert, key = config.server.tls_cert, config.server.tls_key
     if cert and key:
         ssl_context = tls.server_context(cert, key)
-    runner = web.AppRunner(build_app(config), access_log=None, handle_signals=False,
-                           shutdown_timeout=shutdown_timeout(config))
+    runner = GuardedRunner(build_app(config), fit_file_limit(Limits.of(config.server)),
+                           access_log=None, shutdown_timeout=shutdown_timeout(config))
     await runner.setup()
     site = web.TCPSite(runner, config.server.host, config.server.port, ssl_context=ssl_context,
                        reuse_port=reuse_port or None, backlog=1024)

@@ -100,6 +100,23 @@ def test_second_serve_on_the_same_cache_dir_refuses(mirror_factory: MirrorFactor
     assert first.running
 
 
+# --- item 9, wired into the serving process --------------------------------------------
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_serving_process_closes_connections_without_a_request(
+        mirror_factory: MirrorFactory, workers: int) -> None:
+    m = mirror_factory(server_extra={"workers": workers, "header_timeout": "1s"})
+    idle = [socket.create_connection((HOST, m.port), timeout=10) for _ in range(10)]
+    started = time.monotonic()
+    for s in idle:
+        s.sendall(b"GET /v2/ HTTP/1.1\r\nHost: m\r\n")  # and never the rest
+        assert s.recv(1024) == b""  # closed by the mirror (the timeout above would raise)
+        s.close()
+    assert time.monotonic() - started < 8
+    assert httpx.get(f"{m.url}/v2/", timeout=5, trust_env=False).status_code == 200
+
+
 # --- item 16 ------------------------------------------------------------------------------
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -137,3 +138,29 @@ def test_warm_refuses_an_unconfigured_registry_with_one_line(tmp_path: Path) -> 
     assert proc.stderr.strip().count("\n") == 0, proc.stderr
     assert "quay.io" in proc.stderr and "not a configured upstream" in proc.stderr
     assert "configured: docker.io" in proc.stderr
+
+
+def test_documented_connection_keys_parse() -> None:
+    """The commented [server] keys of the shipped mirror.toml, uncommented, are valid."""
+    text = (Path(__file__).parents[2] / "mirror.toml").read_text()
+    keys = ("header_timeout", "keepalive_timeout", "max_connections")
+    lines = [line[2:] if line.startswith(tuple(f"# {k}" for k in keys)) else line
+             for line in text.splitlines()]
+    server = parse_config(tomllib.loads("\n".join(lines))).server
+    assert (server.header_timeout, server.keepalive_timeout) == (10.0, 75.0)
+    assert (server.max_connections, server.max_connections_per_client) == (10_000, 256)
+
+
+def test_connection_limit_fits_the_open_files_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    from mirror import connections
+
+    def refuse(*_args: object) -> None:
+        raise ValueError("not allowed")
+
+    monkeypatch.setattr(connections.resource, "getrlimit", lambda _which: (1024, 1024))
+    monkeypatch.setattr(connections.resource, "setrlimit", refuse)
+    limits = connections.fit_file_limit(connections.Limits(10, 75, 10_000, 256))
+    assert limits.max_connections == 1024 - connections.FD_RESERVE
+    assert limits.max_connections_per_client == 256
+    small = connections.Limits(10, 75, 100, 50)
+    assert connections.fit_file_limit(small) == small
