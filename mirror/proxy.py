@@ -52,6 +52,7 @@ MAX_RELAYED_BYTES = 8 * 1024 * 1024  # a tags list or referrers index (thousands
 MEMORY_MANIFEST_BYTES = 64 * 1024 * 1024
 PREFETCH_AHEAD = 2  # prefetched downloads running at once (beyond what clients asked for)
 PREFETCH_QUEUE = 10_000
+CONFIRMATIONS_IN_MEMORY = 65536  # provenance and access answers kept off SQLite
 WORKER_LOCK_WAIT = 30.0  # seconds a worker waits for another's manifest fetch
 # Answers from the upstream that stale-if-error covers (it is down, failing or rate limiting).
 STALE_CODES = frozenset({"UPSTREAM_UNREACHABLE", "UPSTREAM_UNAVAILABLE", "UPSTREAM_TIMEOUT",
@@ -104,6 +105,9 @@ class Proxy:
             collections.deque(maxlen=PREFETCH_QUEUE))
         self._prefetching: set[Digest] = set()
         self._any_private = any(self._private_upstream(u) for u in upstreams.values())
+        self._public: LRUCache[Digest, bool] = LRUCache(CONFIRMATIONS_IN_MEMORY)
+        self._confirmed: LRUCache[tuple[str, str, Digest], bool] = LRUCache(
+            CONFIRMATIONS_IN_MEMORY)
 
     # background maintenance (maintenance.py) ----------------------------------------------
     async def start(self) -> None:
@@ -435,9 +439,14 @@ class Proxy:
         return upstream.credentials.configured or upstream.config.access == "authenticated"
 
     def _is_private(self, digest: Digest) -> bool:
+        if digest in self._public:  # public is final: kept in memory, off the hot path
+            return False
         provenance = self.index.provenance(digest)
         # Unknown (an index lost or older than provenance): private if anything can be.
-        return provenance == "private" or (provenance is None and self._any_private)
+        private = provenance == "private" or (provenance is None and self._any_private)
+        if not private:
+            self._public[digest] = True
+        return private
 
     def _entering(self, upstream: Upstream, digest: Digest) -> None:
         """Before bytes from `upstream` can reach the store (or another worker)."""
@@ -454,8 +463,11 @@ class Proxy:
     async def _confirm_access(self, upstream: Upstream, repository: str, digest: Digest,
                               endpoint: str) -> None:
         """Nobody reads a private layer by asking for its digest under another name."""
-        if not self._is_private(digest) or self.index.has_access(
-                upstream.name, repository, digest):
+        key = (upstream.name, repository, digest)
+        if not self._is_private(digest) or key in self._confirmed:
+            return
+        if self.index.has_access(*key):
+            self._confirmed[key] = True  # confirmations are never withdrawn
             return
         code = "BLOB_UNKNOWN" if endpoint == "blobs" else "MANIFEST_UNKNOWN"
         self._require_online(code, f"{repository}@{digest} (access not yet confirmed)")
