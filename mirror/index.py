@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import shutil
 import sqlite3
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -124,8 +126,33 @@ def _open(directory: Path) -> diskcache.Cache:
                          statistics=False)
 
 
+READ_ONLY_COPY_LIMIT = 256 * 1024 * 1024  # bytes of a read-only index copied to a temp dir
+
+
+def _writable(directory: Path) -> bool:
+    return os.access(directory if directory.exists() else directory.parent, os.W_OK)
+
+
+def _temporary_copy(directory: Path) -> Path:
+    """SQLite cannot open an index on a read-only cache dir (it writes even to read): this
+    process works on a copy in a temporary directory (tags and media types kept, nothing
+    written back); an index too big to copy starts empty."""
+    copy = Path(tempfile.mkdtemp(prefix="mirror-index-"))
+    with contextlib.suppress(OSError):
+        files = [f for f in directory.iterdir() if f.is_file()]
+        if sum(f.stat().st_size for f in files) <= READ_ONLY_COPY_LIMIT:
+            for f in files:
+                shutil.copy2(f, copy / f.name)
+    log.warning("cache directory is read-only: the index is a temporary copy for this "
+                "process", extra={"index": str(directory), "copy": str(copy)})
+    return copy
+
+
 class Index:
     def __init__(self, directory: Path) -> None:
+        self._temporary: Path | None = None
+        if not _writable(directory):
+            directory = self._temporary = _temporary_copy(directory)
         try:
             self.db = _open(directory)
             self.db.get(ENTRIES_COMPLETE)
@@ -295,3 +322,5 @@ class Index:
         with contextlib.suppress(Exception):
             self.flush()
         self.db.close()
+        if self._temporary is not None:
+            shutil.rmtree(self._temporary, ignore_errors=True)

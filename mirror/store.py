@@ -57,7 +57,8 @@ class BlobStore:
         self.index_dir = root / "index"
         self.locks_dir = root / "locks"
         for d in (self.blobs_dir, self.tmp_dir, self.locks_dir):
-            d.mkdir(parents=True, exist_ok=True)
+            with contextlib.suppress(OSError):  # a read-only cache dir still serves its content
+                d.mkdir(parents=True, exist_ok=True)
 
     # paths -------------------------------------------------------------------------------
     def path(self, digest: Digest) -> Path:
@@ -167,6 +168,8 @@ class BlobStore:
         and is kept.
         """
         removed = 0
+        if not self.tmp_dir.is_dir() or not self.locks_dir.is_dir():
+            return 0
         for lock in self.locks_dir.iterdir():
             if not is_locked(lock):
                 with contextlib.suppress(OSError):  # a read-only cache dir keeps its files

@@ -230,3 +230,30 @@ def test_two_workers_memory_hits_reach_the_index_and_keep_a_manifest_from_evicti
     wait_until(lambda: first.digest not in m.cached_digests(), 15, what="eviction")
     assert small.manifest.digest in m.cached_digests()
     assert big.digest in m.cached_digests()
+
+
+def test_two_workers_start_on_a_read_only_cache_dir(
+        mirror_factory: Any, upstream: UpstreamRegistry, blackhole: ClosedPort,
+        test_images: oci.ImageSet, tiny_disk: Path) -> None:
+    cached, cold = layer(test_images, 1 * MB), test_images.small.layers[1]
+    m = two_workers(mirror_factory, upstream.url, blackhole.host, tiny_disk)
+    accept = {"Accept": OCI_MANIFEST}
+    manifest_url = f"{m.url}/v2/test/small/manifests/v1"
+    assert pull(manifest_url, None, 0, accept)[0] == 200
+    assert pull(f"{m.url}/v2/test/big/blobs/{cached.digest}")[0] == 200
+    m.wait_cached({cached.digest, test_images.small.manifest.digest})
+    m.stop()
+    # Read-only from the start (as after a reboot with the filesystem still read-only).
+    subprocess.run(["mount", "--bind", "-o", "ro", str(tiny_disk), str(tiny_disk)], check=True)
+    m.start()
+    assert pull(f"{m.url}/v2/test/big/blobs/{cached.digest}") == (200, cached.path.read_bytes())
+    assert pull(f"{m.url}/v2/test/small/blobs/{cold.digest}") == (200, cold.path.read_bytes())
+    resp = httpx.get(f"{m.url}/readyz", trust_env=False)
+    assert resp.status_code == 503
+    assert resp.json()["checks"]["cache_writable"]["detail"] == \
+        f"cache directory is read-only: {tiny_disk}"
+    # The tag is still known (the index was copied), so with the upstream down it is served.
+    m.stop()
+    m.upstreams = [Upstream(name=blackhole.host, url=f"http://{blackhole.host}")]
+    m.start()
+    assert pull(manifest_url, None, 0, accept) == (200, test_images.small.manifest_bytes)
