@@ -139,10 +139,9 @@ def _temporary_copy(directory: Path) -> Path:
     written back); an index too big to copy starts empty."""
     copy = Path(tempfile.mkdtemp(prefix="mirror-index-"))
     with contextlib.suppress(OSError):
-        files = [f for f in directory.iterdir() if f.is_file()]
-        if sum(f.stat().st_size for f in files) <= READ_ONLY_COPY_LIMIT:
-            for f in files:
-                shutil.copy2(f, copy / f.name)
+        size = sum(f.stat().st_size for f in directory.rglob("*") if f.is_file())
+        if size <= READ_ONLY_COPY_LIMIT:
+            shutil.copytree(directory, copy, dirs_exist_ok=True)
     log.warning("cache directory is read-only: the index is a temporary copy for this "
                 "process", extra={"index": str(directory), "copy": str(copy)})
     return copy
