@@ -111,7 +111,9 @@ def test_serving_process_closes_connections_without_a_request(
     started = time.monotonic()
     for s in idle:
         s.sendall(b"GET /v2/ HTTP/1.1\r\nHost: m\r\n")  # and never the rest
-        assert s.recv(1024) == b""  # closed by the mirror (the timeout above would raise)
+    for s in idle:
+        with contextlib.suppress(ConnectionResetError):
+            assert s.recv(1024) == b""  # closed by the mirror (the timeout above would raise)
         s.close()
     assert time.monotonic() - started < 8
     assert httpx.get(f"{m.url}/v2/", timeout=5, trust_env=False).status_code == 200
