@@ -626,7 +626,10 @@ class Downloads:
 
     async def _cancel_when_abandoned(self, download: Download) -> None:
         while download.state in (State.STARTING, State.STREAMING):
-            if download.had_readers and download.readers == 0 and download.task:
+            # An uncached relay ends by itself at its next chunk without readers, as a relay
+            # that ran out of them (a reader arriving meanwhile fetches for itself).
+            if download.had_readers and download.readers == 0 and download.task and \
+                    download.disk_end is None:
                 log.info("download abandoned by every client: cancelling",
                          extra={"digest": str(download.digest)})
                 download.task.cancel()
