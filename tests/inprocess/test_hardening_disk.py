@@ -187,3 +187,18 @@ async def test_a_manifest_answered_from_memory_is_still_on_disk(
         assert any(e.digest == parse_digest(digest) for e in index.entries())
     finally:
         index.close()
+
+
+async def test_full_disk_relay_still_withholds_a_wrong_blob(
+        upstream: FaultUpstream, start_mirror: MirrorFactory, client: aiohttp.ClientSession,
+        tiny_disk: Path) -> None:
+    digest = upstream.add_blob(random_bytes(2 * MB), Behaviour(corrupt=True))
+    base = await start_mirror(cache={"dir": str(tiny_disk), "prefetch": False})
+    assert (await get(client, f"{base}/v2/"))[0] == 200
+    fill(tiny_disk)
+    answers = await asyncio.gather(
+        *(get(client, f"{base}/v2/r/blobs/{digest}") for _ in range(3)), return_exceptions=True)
+    for answer in answers:  # a cut body or an error status: never the whole wrong blob
+        assert isinstance(answer, aiohttp.ClientPayloadError) or answer[0] == 502, answer
+    assert stored_files(tiny_disk) == {}
+    assert leftovers(tiny_disk) == []
