@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
-# More ranges than this after merging are answered with the whole body (200), as nginx's
-# max_ranges does: RFC 9110 lets a server ignore Range, and a list of ranges is no way to make
-# the server do unbounded work. Headers listing more specs than MAX_SPECS are not even parsed.
+# More ranges than this (after merging overlaps) are answered with the whole body (200), as
+# nginx's max_ranges does: RFC 9110 lets a server ignore Range, and a list of ranges is no way
+# to make the server do unbounded work. Headers with more specs than MAX_SPECS are not parsed.
 MAX_RANGES = 100
 MAX_SPECS = 1000
 
@@ -52,13 +53,14 @@ def _parse_spec(spec: str, size: int) -> ByteRange | None:
 
 
 def parse_ranges(header: str | None, size: int) -> list[ByteRange] | None:
-    """The byte ranges a `Range` header asks for, merged where they overlap or touch and in
-    ascending order (RFC 9110 allows both), or None to serve the whole body (no header, another
-    unit, a malformed spec, too many ranges). Ranges naming no byte are dropped;
+    """The byte ranges a `Range` header asks for, or None to serve the whole body (no header,
+    another unit, a malformed spec, too many ranges). Ranges naming no byte are dropped;
     RangeNotSatisfiable when that leaves none.
 
-    Merged ranges are disjoint, so a multipart answer never carries more than the body plus
-    each part's few header bytes: `bytes=0-,0-,0-…` is one range, not N copies of the blob."""
+    Disjoint ranges are kept as asked, in their order and number: podman's partial pulls
+    match the parts of the answer to their chunks one by one, adjacent chunks included. When
+    any overlap, they are merged and sorted (RFC 9110 allows both), so an answer never
+    carries a byte twice: `bytes=0-,0-,0-…` is one range, not N copies of the blob."""
     if not header:
         return None
     unit, _, specs = header.partition("=")
@@ -75,8 +77,14 @@ def parse_ranges(header: str | None, size: int) -> list[ByteRange] | None:
         ranges.append(parsed)
     if not ranges:
         raise RangeNotSatisfiable(header)
-    merged = merge(ranges)
-    return merged if len(merged) <= MAX_RANGES else None
+    if _overlapping(ranges):
+        ranges = merge(ranges)
+    return ranges if len(ranges) <= MAX_RANGES else None
+
+
+def _overlapping(ranges: list[ByteRange]) -> bool:
+    ordered = sorted(ranges, key=lambda r: r.start)
+    return any(b.start <= a.end for a, b in itertools.pairwise(ordered))
 
 
 def merge(ranges: list[ByteRange]) -> list[ByteRange]:
