@@ -1,0 +1,151 @@
+"""The fault matrix, disk side: a full disk (a small tmpfs filled to the last byte), a cache
+directory that turns read-only, a damaged index (the diskcache SQLite files overwritten);
+each with one or two workers, for a cold blob and manifest, a download in flight and cached
+content. A disk fault costs caching, never a client: every client gets the exact bytes.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import MirrorFactory
+from tests.support.mirror import MirrorProcess
+
+from .conftest import Act, Outcome, Upstreams, check_outcome, fetch
+from .matrix import (
+    SIZE,
+    STATES,
+    WORKERS,
+    Content,
+    check_rows,
+    inflight,
+    make_content,
+    start_mirror,
+)
+
+pytestmark = [pytest.mark.timeout(120), pytest.mark.root]
+
+DISK_FAULTS = ["disk_full", "read_only", "index_damaged"]
+TMPFS_SIZE = "24m"
+
+
+@pytest.fixture
+def tmpfs(tmp_path: Path) -> Iterator[Callable[[], Path]]:
+    """mount() -> a fresh tmpfs of TMPFS_SIZE under tmp_path; unmounted at teardown (after
+    the mirrors, which mirror_factory stops first when this fixture is requested first)."""
+    mounts: list[Path] = []
+
+    def mount() -> Path:
+        d = tmp_path / f"disk{len(mounts)}"
+        d.mkdir()
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={TMPFS_SIZE}", "tmpfs", str(d)],
+                       check=True, timeout=30)
+        mounts.append(d)
+        return d
+
+    yield mount
+    for d in reversed(mounts):
+        subprocess.run(["umount", "-l", str(d)], check=False, timeout=30)
+
+
+def fill(disk: Path) -> None:
+    """Fill the filesystem to the last byte (bounded by its size)."""
+    piece = b"\0" * (1 << 20)
+    with open(disk / "filler", "wb", buffering=0) as f:
+        for size in (1 << 20, 4096, 1):
+            for _ in range(64 << 20 // size):
+                try:
+                    f.write(piece[:size])
+                except OSError as exc:
+                    assert exc.errno == errno.ENOSPC, exc
+                    break
+    st = os.statvfs(disk)
+    assert st.f_bavail == 0, f"{disk} still has {st.f_bavail} blocks free"
+
+
+def damage_index(cache: Path) -> list[str]:
+    """Overwrite the first 4 KiB (the SQLite header page) of every file in index/."""
+    damaged = []
+    for p in sorted((cache / "index").rglob("*")):
+        if p.is_file():
+            with open(p, "r+b") as f:
+                f.write(os.urandom(min(4096, max(p.stat().st_size, 100))))
+            damaged.append(p.name)
+    assert damaged, f"no index files under {cache / 'index'}"
+    return damaged
+
+
+def client_fetches(m: MirrorProcess, c: Content) -> list[Outcome]:
+    return [fetch(m.host, p, headers=c.headers) for p in c.paths]
+
+
+@pytest.mark.parametrize("state", STATES)
+@pytest.mark.parametrize("workers", WORKERS, ids=lambda w: f"w{w}")
+@pytest.mark.parametrize("fault", DISK_FAULTS)
+def test_disk_fault(fault: str, workers: int, state: str, tmpfs: Callable[[], Path],
+                    mirror_factory: MirrorFactory, upstreams: Upstreams) -> None:
+    priv = upstreams.private
+    blob, manifest = make_content(priv, "blob"), make_content(priv, "manifest")
+    disk = tmpfs() if fault in ("disk_full", "read_only") else None
+    kwargs = {"cache_dir": disk / "cache"} if disk is not None else {}
+    m = start_mirror(mirror_factory, upstreams, workers, **kwargs)
+    if state == "cached":
+        for c in (blob, manifest):
+            for out in client_fetches(m, c):
+                ok = check_outcome(out, c.good, "priming")
+                assert ok, out
+            m.wait_cached(c.stored)
+
+    def inject() -> None:
+        if fault == "disk_full":
+            assert disk is not None
+            fill(disk)
+        elif fault == "read_only":
+            # a mount with files open for writing cannot turn read-only: restart on it
+            m.stop()
+            subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True, timeout=30)
+            m.start()
+        elif fault == "index_damaged" and state != "inflight":
+            m.stop()
+            damage_index(m.cache_dir)
+            m.start()
+        else:
+            damage_index(m.cache_dir)
+
+    intruders: list[Outcome] = []
+    if state == "inflight":
+        if fault == "read_only":  # read-only from the start; the clients share a download
+            inject()
+        reached = priv.set_actions(blob.key, [Act("ok", SIZE // 2, gate=True)])
+        # the fault strikes while the first client's download waits at the gate
+        blob_outs, intruders = inflight(
+            m, upstreams, blob, reached,
+            before_release=None if fault == "read_only" else inject)
+    else:
+        inject()
+        blob_outs = client_fetches(m, blob)
+    manifest_outs = client_fetches(m, manifest)
+    for c, outs in ((blob, blob_outs), (manifest, manifest_outs)):
+        for out in outs:
+            ok = check_outcome(out, c.good, fault)
+            assert ok, f"{fault} cost a client its content (it must cost only caching): {out}"
+    if fault == "read_only":
+        ready = fetch(m.host, "/readyz")
+        assert ready.status not in (200, 500), ready
+        assert b"read-only" in ready.body.lower() or b"read only" in ready.body.lower(), (
+            f"/readyz does not say the cache is read-only: {ready.body[:500]!r}")
+    # the fault repaired: the cache works again, and the row's promises hold
+    if fault == "disk_full":
+        assert disk is not None
+        (disk / "filler").unlink()
+    elif fault == "read_only":
+        m.stop()
+        subprocess.run(["mount", "-o", "remount,rw", str(disk)], check=True, timeout=30)
+        m.start()
+    check_rows(m, upstreams, [(blob, blob_outs, intruders), (manifest, manifest_outs, [])])
