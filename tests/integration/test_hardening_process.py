@@ -150,6 +150,31 @@ def test_busy_port_exits_at_once_with_one_line(tmp_path: Path, busy_port: int,
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_worker_failing_to_bind_stops_everything_at_once(tmp_path: Path,
+                                                           workers: int) -> None:
+    """The port taken between the start-up check and the workers' bind (the check is
+    skipped here): the supervisor stops at once, not after its 65 s stop deadline."""
+    holder = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    holder.bind((HOST, 0))
+    holder.listen()
+    busy_port = int(holder.getsockname()[1])
+    m = MirrorProcess(tmp_path / "m", [Upstream(name="up.test", url=f"http://{HOST}:1")],
+                      port=busy_port, server_extra={"workers": workers})
+    m.write_config()
+    code = ("import sys, mirror.serve as s; s.check_listen = lambda config: None; "
+            "from mirror.cli import main; sys.exit(main(sys.argv[1:]))")
+    started = time.monotonic()
+    proc = subprocess.run([m.command()[0], "-c", code, *m.command()[3:]], capture_output=True,
+                          text=True, timeout=30, cwd=m.workdir, env=_env())
+    assert proc.returncode == 1, proc.stderr
+    assert time.monotonic() - started < 10
+    lines = _plain_lines(proc.stderr)
+    assert len(lines) == 1 and f"{HOST}:{busy_port}" in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+    holder.close()
+
+
 # --- item 21 ------------------------------------------------------------------------------
 
 
