@@ -92,7 +92,7 @@ def check_listen(config: Config) -> None:
         raise _listen_error(config, exc) from None
 
 
-def _claim_cache_dir(config: Config, store: BlobStore) -> int | None:
+def _claim_cache_dir(store: BlobStore) -> int | None:
     """The fd of the instance lock, held for this process's life (-1: the lock file cannot be
     made, go on unguarded); None when another mirror serves from this cache dir."""
     path = store.lock_path("serve")
@@ -115,7 +115,7 @@ def serve(config: Config) -> int:
             print(f"mirror: {config.path}: server.tls_cert: {exc}", file=sys.stderr)
             return 2
     store = BlobStore(config.cache.dir)
-    if _claim_cache_dir(config, store) is None:
+    if _claim_cache_dir(store) is None:
         print(f"mirror: serve: another mirror is already serving from {config.cache.dir} (it "
               f"holds {store.lock_path('serve')}): stop it first, or give this one another "
               "[cache] dir", file=sys.stderr)
