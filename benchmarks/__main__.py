@@ -14,13 +14,19 @@ from pathlib import Path
 
 from .harness import log, sigterm_as_exit, stop_all
 from .report import render_table, write_results
-from .scenarios import GROUPS, Ctx, Options
+from .scenarios import GROUPS as BENCH_GROUPS
+from .scenarios import Ctx, Options
+from .soak import bench_soak
+
+GROUPS = {**BENCH_GROUPS, "soak": bench_soak}  # the soak last: it runs longest
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results.json"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    p.add_argument("groups", nargs="*", metavar="GROUP",
+                   help="groups to run, like --only (e.g. `python -m benchmarks soak`)")
     p.add_argument("--only", default="",
                    help=f"comma-separated groups to run (default all): {','.join(GROUPS)}")
     p.add_argument("--quick", action="store_true",
@@ -33,19 +39,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="per-request upstream latency of the second prefetch run (0: skip)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results JSON path")
     p.add_argument("--keep-temp", action="store_true", help="keep the temp dir (logs)")
+    p.add_argument("--soak-seconds", type=float, default=None,
+                   help="length of the soak's load (default 600, 120 with --quick; also "
+                        "MIRROR_SOAK_SECONDS)")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    groups = [g.strip() for g in args.only.split(",") if g.strip()] or list(GROUPS)
+    selected = [g.strip() for g in args.only.split(",") if g.strip()] + list(args.groups)
+    groups = selected or list(GROUPS)
+    if args.soak_seconds is not None:
+        os.environ["MIRROR_SOAK_SECONDS"] = str(args.soak_seconds)
     unknown = [g for g in groups if g not in GROUPS]
     if unknown:
         print(f"unknown group(s) {unknown}; choose from {list(GROUPS)}", file=sys.stderr)
         return 2
     needs_root = {"fanin", "prefetch", "ttfb"}
     if os.geteuid() != 0 and needs_root & set(groups):
-        if args.only:
+        if selected:
             print("fanin/prefetch/ttfb need root (network namespace + tc)", file=sys.stderr)
             return 2
         log("not root: skipping fanin, prefetch and ttfb (network namespace + tc)")
