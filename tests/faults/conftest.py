@@ -481,6 +481,9 @@ def check_outcome(out: Outcome, good: bytes | set[bytes], what: str = "") -> boo
     exact bytes."""
     goods = good if isinstance(good, set) else {good}
     assert out.status != 500, f"{what}: 500 {out.body[:300]!r}"
+    # a broken connection is an answer; silence until the client gives up is not
+    assert not (out.error or "").startswith(("TimeoutError", "timeout")), (
+        f"{what}: the client hung for {out.seconds:.0f}s: {out}")
     if out.status is None or not out.complete:
         return False  # a broken connection: the client knows it failed
     if out.status in (200, 206):

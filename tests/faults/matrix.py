@@ -56,13 +56,34 @@ def start_mirror(mirror_factory: MirrorFactory, ups: Upstreams, workers: int,
             mp.setattr(MirrorProcess, "command", limited)
             return start_mirror(mirror_factory, ups, workers, server_extra=server_extra,
                                 **kwargs)
-    return mirror_factory(
+    m = mirror_factory(
         upstreams=[
             Upstream(name="pub.test", url=ups.public.url),
             Upstream(name="priv.test", url=ups.private.url, username=USER, password=PASSWORD,
                      extra={"read_timeout": "500ms", "resume_attempts": 3}),
         ],
         server_extra={"workers": workers, **(server_extra or {})}, tag_ttl="0s", **kwargs)
+    wait_listening(m, workers)
+    return m
+
+
+def listening_sockets(port: int) -> int:
+    """LISTEN sockets on 127.0.0.1:`port` (/proc/net/tcp): one per ready worker, since
+    each binds its own with SO_REUSEPORT after its start-up (index, store) succeeded."""
+    count = 0
+    with open("/proc/net/tcp") as f:
+        for line in f.readlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                count += 1
+    return count
+
+
+def wait_listening(m: MirrorProcess, workers: int, timeout: float = 20.0) -> None:
+    """MirrorProcess.start returns when one worker answers: wait for all of them, so that
+    a row's requests can land on every worker and a fault hits none mid-start."""
+    wait_until(lambda: listening_sockets(m.port) >= workers, timeout,
+               what=f"{workers} workers listening on {m.host}")
 
 
 @dataclass

@@ -8,14 +8,18 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
 import subprocess
+import threading
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import MirrorFactory
 from tests.support.mirror import MirrorProcess
+from tests.support.registry import wait_until
 
 from .conftest import Act, Outcome, Upstreams, check_outcome, fetch
 from .matrix import (
@@ -25,6 +29,7 @@ from .matrix import (
     Content,
     check_rows,
     inflight,
+    listening_sockets,
     make_content,
     start_mirror,
 )
@@ -149,3 +154,74 @@ def test_disk_fault(fault: str, workers: int, state: str, tmpfs: Callable[[], Pa
         subprocess.run(["mount", "-o", "remount,rw", str(disk)], check=True, timeout=30)
         m.start()
     check_rows(m, upstreams, [(blob, blob_outs, intruders), (manifest, manifest_outs, [])])
+
+
+SLOW_SIZE = 8 << 20
+SLOW_RATE = 2 << 20  # bytes/s: ~4 s for the blob
+
+
+@pytest.mark.parametrize("workers", WORKERS, ids=lambda w: f"w{w}")
+def test_slow_client_on_a_full_disk(workers: int, tmpfs: Callable[[], Path],
+                                    mirror_factory: MirrorFactory,
+                                    upstreams: Upstreams) -> None:
+    """On a full disk a download is relayed from memory, not from a file: a slow reader
+    of the same blob must not hold the others back (nor make them fail)."""
+    priv = upstreams.private
+    blob = make_content(priv, "blob", size=SLOW_SIZE)
+    disk = tmpfs()
+    m = start_mirror(mirror_factory, upstreams, workers, cache_dir=disk / "cache")
+    fill(disk)
+    reached = priv.set_actions(blob.key, [Act("ok", SLOW_SIZE // 8, gate=True)])
+    path = blob.paths[0]
+    with ThreadPoolExecutor(3) as pool:
+        slow = pool.submit(fetch, m.host, path, rate=SLOW_RATE, rcvbuf=32 * 1024, timeout=60)
+        assert reached.wait(15), "the upstream never reached its gate"
+        sent = [threading.Event() for _ in range(2)]
+        fast = [pool.submit(fetch, m.host, path, sent=s) for s in sent]
+        assert all(s.wait(15) for s in sent)
+        upstreams.release(priv, blob.key)
+        fast_outs, slow_out = [f.result(60) for f in fast], slow.result(90)
+    for out in [*fast_outs, slow_out]:
+        ok = check_outcome(out, blob.good, "full disk")
+        assert ok, f"a full disk cost a client its content: {out}"
+    for out in fast_outs:
+        assert out.ended < slow_out.ended, (
+            f"a fast client finished only after the slow one ({out.seconds:.1f}s vs "
+            f"{slow_out.seconds:.1f}s): the slowest reader paces everyone on a full disk")
+    (disk / "filler").unlink()
+    check_rows(m, upstreams, [(blob, [*fast_outs, slow_out], [])])
+
+
+@pytest.mark.parametrize("state", ["cold", "cached"])
+def test_worker_restart_on_a_full_disk(state: str, tmpfs: Callable[[], Path],
+                                       mirror_factory: MirrorFactory,
+                                       upstreams: Upstreams) -> None:
+    """A worker that dies while the disk is full is replaced, and its replacement starts
+    on the full disk: the mirror keeps serving (two workers), the index survives."""
+    priv = upstreams.private
+    blob, manifest = make_content(priv, "blob"), make_content(priv, "manifest")
+    disk = tmpfs()
+    m = start_mirror(mirror_factory, upstreams, 2, cache_dir=disk / "cache")
+    if state == "cached":
+        for c in (blob, manifest):
+            for out in client_fetches(m, c):
+                ok = check_outcome(out, c.good, "priming")
+                assert ok, out
+            m.wait_cached(c.stored)
+    fill(disk)
+    assert m.proc is not None
+    children = Path(f"/proc/{m.proc.pid}/task/{m.proc.pid}/children").read_text().split()
+    assert len(children) == 2, children
+    os.kill(int(children[0]), signal.SIGKILL)
+    # the supervisor replaces it (bounded): two workers listening again, the mirror alive
+    wait_until(lambda: not m.running or listening_sockets(m.port) >= 2, 30,
+               what="a replacement worker listening")
+    assert m.running, f"the mirror exited after a worker restart on a full disk:\n" \
+                      f"{m.stderr_tail(1500)}"
+    for c in (blob, manifest):
+        for _ in range(4):  # both workers
+            for out in client_fetches(m, c):
+                ok = check_outcome(out, c.good, "after a worker restart on a full disk")
+                assert ok, out
+    (disk / "filler").unlink()
+    check_rows(m, upstreams, [(blob, [], []), (manifest, [], [])])

@@ -89,6 +89,7 @@ def test_upstream_fault(fault: str, target: str, workers: int, state: str,
         m.wait_cached(c.stored)
     size = len(c.good)
     reached = priv.set_actions(c.key, fault_actions(fault, size, gated=state == "inflight"))
+    hops = priv.loop_hops
     intruders: list[Outcome] = []
     if state == "inflight":
         outs, intruders = inflight(m, upstreams, c, reached)
@@ -97,6 +98,9 @@ def test_upstream_fault(fault: str, target: str, workers: int, state: str,
         if target == "blob":
             rng = [("Range", f"bytes={size // 3}-")]
             outs.append(fetch(m.host, c.paths[0], headers=rng))
+    # redirects are followed a bounded number of times (a few per request)
+    assert priv.loop_hops - hops <= 10 * (len(outs) + len(intruders) + 4), (
+        f"{priv.loop_hops - hops} redirect-loop hops for {len(outs)} requests")
     check_row(m, upstreams, c, outs, intruders)
 
 
