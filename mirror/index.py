@@ -58,27 +58,30 @@ class Entry:
     kind: str  # "blob" or "manifest"
 
 
-# What a full disk or a read-only cache dir raises from SQLite ("database or disk is full",
-# "attempt to write a readonly database") or diskcache (files, lock timeouts).
-WRITE_ERRORS = (sqlite3.Error, OSError, diskcache.Timeout)
-WRITE_FAILURE_LOG_SECONDS = 10.0
-_last_write_failure_log = 0.0
+# What a full disk, a read-only cache dir or a damaged index raises from SQLite ("database or
+# disk is full", "attempt to write a readonly database", "database disk image is malformed")
+# or diskcache (its files, lock timeouts).
+INDEX_ERRORS = (sqlite3.Error, OSError, diskcache.Timeout)
+FAILURE_LOG_SECONDS = 10.0
+_last_failure_log = 0.0
 
 
-def _write_failed(operation: str, exc: BaseException) -> None:
-    global _last_write_failure_log
-    metrics.INDEX_WRITE_FAILURES.labels(operation).inc()
+def _failed(operation: str, exc: BaseException) -> None:
+    global _last_failure_log
+    metrics.INDEX_FAILURES.labels(operation).inc()
     now = time.monotonic()
-    if now - _last_write_failure_log >= WRITE_FAILURE_LOG_SECONDS:  # not once per request
-        _last_write_failure_log = now
-        log.error("index write failed: serving anyway; free space in the cache dir or make it "
-                  "writable", extra={"operation": operation, "error": str(exc)})
+    if now - _last_failure_log >= FAILURE_LOG_SECONDS:  # not once per request
+        _last_failure_log = now
+        log.error("index operation failed: serving anyway; free space in the cache dir or make "
+                  "it writable (a damaged index is replaced at the next start)",
+                  extra={"operation": operation, "error": str(exc)})
 
 
 class _GuardedCache(diskcache.Cache):  # type: ignore[misc]
-    """A diskcache whose writes never fail a request: a lost write costs a tag, an access
-    time or a counter, which are asked or counted again; failures are logged and counted
-    (mirror_index_write_failures_total). Writes inside a transaction fail with it, whole."""
+    """A diskcache that never fails a request: a lost write costs a tag, an access time or a
+    counter, which are asked or counted again; a failed read answers the default (unknown:
+    asked upstream, or private until confirmed). Failures are logged and counted
+    (mirror_index_failures_total). Operations inside a transaction fail with it, whole."""
 
     def _guard(self, name: str, default: Any, *args: Any, **kwargs: Any) -> Any:
         write = getattr(diskcache.Cache, name)
@@ -86,9 +89,12 @@ class _GuardedCache(diskcache.Cache):  # type: ignore[misc]
             return write(self, *args, **kwargs)  # the enclosing transaction answers for it
         try:
             return write(self, *args, **kwargs)
-        except WRITE_ERRORS as exc:
-            _write_failed(name, exc)
+        except INDEX_ERRORS as exc:
+            _failed(name, exc)
             return default
+
+    def get(self, key: Any, default: Any = None, *args: Any, **kwargs: Any) -> Any:
+        return self._guard("get", default, key, default, *args, **kwargs)
 
     def set(self, *args: Any, **kwargs: Any) -> Any:
         return self._guard("set", False, *args, **kwargs)
@@ -114,11 +120,26 @@ class _GuardedCache(diskcache.Cache):  # type: ignore[misc]
             with super().transact(retry):
                 yield
             return
+        txn = super().transact(retry)
         try:
-            with super().transact(retry):
-                yield
-        except WRITE_ERRORS as exc:
-            _write_failed("transaction", exc)
+            txn.__enter__()
+        except INDEX_ERRORS as exc:
+            _failed("transaction", exc)
+            yield  # without a transaction: each operation is guarded on its own
+            return
+        try:
+            yield
+        except BaseException as exc:
+            with contextlib.suppress(*INDEX_ERRORS):
+                txn.__exit__(type(exc), exc, exc.__traceback__)  # rolls back
+            if not isinstance(exc, INDEX_ERRORS):
+                raise
+            _failed("transaction", exc)
+            return
+        try:
+            txn.__exit__(None, None, None)  # commits
+        except INDEX_ERRORS as exc:
+            _failed("transaction", exc)
 
 
 def _open(directory: Path) -> diskcache.Cache:
@@ -154,8 +175,17 @@ class Index:
             directory = self._temporary = _temporary_copy(directory)
         try:
             self.db = _open(directory)
-            self.db.get(ENTRIES_COMPLETE)
-        except (sqlite3.DatabaseError, OSError) as exc:
+            diskcache.Cache.get(self.db, ENTRIES_COMPLETE)  # unguarded: does it read at all?
+        except (sqlite3.OperationalError, OSError) as exc:
+            if self._temporary is not None:
+                raise
+            # Full, read-only or locked: not damaged, so not to be deleted (a worker started
+            # on a full disk must not take the index with it).
+            log.error("index cannot be opened in place: using a temporary copy", extra={
+                "error": str(exc)})
+            directory = self._temporary = _temporary_copy(directory)
+            self.db = _open(directory)
+        except sqlite3.DatabaseError as exc:
             log.warning("index damaged: starting a new one", extra={"error": str(exc)})
             shutil.rmtree(directory, ignore_errors=True)
             self.db = _open(directory)

@@ -88,10 +88,10 @@ UNCACHED_RELAYS = Counter(
     "mirror_uncached_relays_total",
     "Blob bodies (or their rest) a client got straight from the upstream because the cache "
     "could not hold them (a full or read-only disk)", ["reason"])
-INDEX_WRITE_FAILURES = Counter(
-    "mirror_index_write_failures_total",
-    "Index writes that failed (a full or read-only disk); the request was served anyway",
-    ["operation"])
+INDEX_FAILURES = Counter(
+    "mirror_index_failures_total",
+    "Index operations that failed (a full, read-only or damaged index); the request was "
+    "served anyway", ["operation"])
 STALE_ANSWERS = Counter(
     "mirror_stale_answers_total", "Answers served from cache because the upstream failed",
     ["kind"])

@@ -383,6 +383,10 @@ class Download:
             log.error("cache write failed", extra={"digest": str(self.digest), "error": str(exc)})
             self._fail(RegistryError("UNKNOWN", f"could not write {self.digest} to the cache: "
                                      f"{exc.strerror}", status=507), fallback=True)
+        except Exception as exc:  # never leave readers waiting for a download that died
+            log.exception("download failed", extra={"digest": str(self.digest)})
+            self._fail(RegistryError("UNKNOWN", f"download of {self.digest} failed: {exc!r}"),
+                       fallback=True)
         finally:
             if resp is not None:
                 resp.close()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import logging
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,6 +22,8 @@ from pathlib import Path
 from mirror.reference import HEX_LENGTH, Digest
 
 PARTIAL_SUFFIX = ".partial"
+
+log = logging.getLogger("mirror.store")
 
 
 def is_locked(path: Path) -> bool:
@@ -148,7 +151,10 @@ class BlobStore:
                 tmp.unlink()
             raise
         if self.on_commit is not None:
-            self.on_commit(digest, size, kind)
+            try:
+                self.on_commit(digest, size, kind)
+            except Exception:  # the content is stored; only its bookkeeping is missing
+                log.exception("recording stored content failed", extra={"digest": str(digest)})
 
     def delete(self, digest: Digest) -> int:
         """Remove stored content; returns the bytes freed."""

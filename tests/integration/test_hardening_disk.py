@@ -257,3 +257,23 @@ def test_two_workers_start_on_a_read_only_cache_dir(
     m.upstreams = [Upstream(name=blackhole.host, url=f"http://{blackhole.host}")]
     m.start()
     assert pull(manifest_url, None, 0, accept) == (200, test_images.small.manifest_bytes)
+
+
+def test_two_workers_restart_on_a_full_disk_keep_the_index(
+        mirror_factory: Any, upstream: UpstreamRegistry, blackhole: ClosedPort,
+        test_images: oci.ImageSet, tiny_disk: Path) -> None:
+    m = two_workers(mirror_factory, upstream.url, blackhole.host, tiny_disk)
+    url, accept = f"{m.url}/v2/test/small/manifests/v1", {"Accept": OCI_MANIFEST}
+    manifest = test_images.small.manifest_bytes
+    assert pull(url, None, 0, accept) == (200, manifest)
+    m.wait_cached({test_images.small.manifest.digest})
+    m.stop()
+    fill(tiny_disk)
+    # SQLite cannot even open the index on a full disk: the workers start anyway, and the
+    # index is not mistaken for a damaged one (deleted): the tag is still known.
+    m.upstreams = [Upstream(name=blackhole.host, url=f"http://{blackhole.host}")]
+    m.start()
+    for _ in range(4):
+        assert pull(url, None, 0, accept) == (200, manifest)
+    assert not any(e.get("msg") in ("worker failed", "index damaged: starting a new one")
+                   for e in m.log_entries())
