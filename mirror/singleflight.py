@@ -155,7 +155,6 @@ class Download:
                 if self.state is not State.VERIFIED and self.size is not None:
                     available = min(available, self.size - 1)
                 on_disk = available if self.disk_end is None else min(available, self.disk_end)
-                piece = None
                 if pos < on_disk and fd is not None:
                     await sender.send(fd, pos, on_disk - pos)
                     pos = on_disk
@@ -163,7 +162,7 @@ class Download:
                         piece := self._spilled(pos, available)) is not None:
                     await sender.send_bytes(piece)
                     pos += len(piece)
-                elif pos < available or self.relay_gone or (fd is None and pos < on_disk):
+                elif pos < available or self.relay_gone:
                     # Gone from memory (or never kept): this reader's own upstream request.
                     self._leave(reader)
                     reader = None
@@ -193,7 +192,8 @@ class Download:
     def _leave(self, reader: object) -> None:
         self._positions.pop(reader, None)
         self.readers -= 1
-        self._notify()  # lets the relay drop chunks and the abandon check run
+        if self.disk_end is not None or self.readers == 0:
+            self._notify()  # lets the relay drop chunks and the abandon check run
 
     def _spilled(self, pos: int, available: int) -> memoryview | None:
         for offset, chunk in self._spill:
