@@ -336,28 +336,10 @@ class Download:
         self.written = self._rehash_existing(hasher)
         resp = None
         try:
-            resp = await self._open(fetch, self.written)
-            self.state = State.STREAMING
-            if self.owns_partial:
-                self._write_meta()
-            self._notify()
-            while True:
-                try:
-                    await self._copy_body(resp, hasher)
-                    break
-                except (aiohttp.ClientError, TimeoutError, ConnectionError) as exc:
-                    resp.close()
-                    attempts -= 1
-                    log.warning("upstream body broke, resuming", extra={
-                        "digest": str(self.digest), "offset": self.written, "error": repr(exc),
-                        "attempts_left": attempts})
-                    if attempts <= 0:
-                        raise RegistryError("UPSTREAM_UNAVAILABLE",
-                                            f"download of {self.digest} kept breaking: {exc}",
-                                            status=502) from None
-                    self.resumed += 1
-                    metrics.DOWNLOADS_RESUMED.inc()
-                    resp = await self._open(fetch, self.written)
+            if self.written and hasher.copy().hexdigest() == self.digest.hex:
+                self.size = self.written  # complete: its leader died before the rename
+            else:
+                resp = await self._fetch_rest(fetch, attempts, hasher)
             if hasher.hexdigest() != self.digest.hex:
                 metrics.DIGEST_MISMATCHES.labels("blob").inc()
                 log.error("digest mismatch: discarding", extra={
@@ -391,6 +373,37 @@ class Download:
             if resp is not None:
                 resp.close()
             self._drop_partial()
+
+    async def _fetch_rest(self, fetch: Fetch, attempts: int, hasher: hashlib._Hash
+                          ) -> aiohttp.ClientResponse:
+        """Everything after `written` into the partial file, resuming with Range after breaks;
+        returns the last response, for the caller to close."""
+        resp = await self._open(fetch, self.written)
+        try:
+            self.state = State.STREAMING
+            if self.owns_partial:
+                self._write_meta()
+            self._notify()
+            while True:
+                try:
+                    await self._copy_body(resp, hasher)
+                    return resp
+                except (aiohttp.ClientError, TimeoutError, ConnectionError) as exc:
+                    resp.close()
+                    attempts -= 1
+                    log.warning("upstream body broke, resuming", extra={
+                        "digest": str(self.digest), "offset": self.written,
+                        "error": repr(exc), "attempts_left": attempts})
+                    if attempts <= 0:
+                        raise RegistryError("UPSTREAM_UNAVAILABLE",
+                                            f"download of {self.digest} kept breaking: {exc}",
+                                            status=502) from None
+                    self.resumed += 1
+                    metrics.DOWNLOADS_RESUMED.inc()
+                    resp = await self._open(fetch, self.written)
+        except BaseException:
+            resp.close()
+            raise
 
     async def _commit(self) -> None:
         """Into the store; when the disk refuses (full, read-only), the verified bytes stay
@@ -519,6 +532,11 @@ class Download:
         meta = self._meta_path()
         final = self.store.path(self.digest)
         while True:
+            # Locked first, inspected after: once we hold the lock its holder is gone, and
+            # whether it renamed the file into the store (or dropped it) is final. (Checked
+            # the other way round, a leader committing in between looked like an orphan, and
+            # the take-over asked the upstream for the range after the last byte: a 416.)
+            locked = _try_lock(self.fd)
             st = os.fstat(self.fd)
             if self.size is None and meta.exists():
                 with contextlib.suppress(ValueError, OSError):
@@ -535,7 +553,7 @@ class Download:
             if st.st_nlink == 0:
                 await self._lead_uncached(st.st_size)
                 return
-            if _try_lock(self.fd):
+            if locked:
                 await take_over(self)
                 return
             if changed:
