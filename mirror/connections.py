@@ -19,7 +19,7 @@ import json
 import logging
 import resource
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
@@ -127,8 +127,8 @@ class GuardedHandler(RequestHandler):
         client = _client_address(transport)
         refusal = self._admission.admit(client)
         if refusal is not None:
-            assert isinstance(transport, asyncio.WriteTransport)
-            transport.write(refusal)
+            # uvloop's TCP transport is no asyncio.WriteTransport subclass; both can write.
+            cast(asyncio.WriteTransport, transport).write(refusal)
             transport.close()
             return
         self._client = client

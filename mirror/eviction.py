@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from mirror import metrics
 from mirror.config import Config
 from mirror.errors import RegistryError
-from mirror.index import Index
+from mirror.index import ACCESS_FLUSH_SECONDS, Index
 from mirror.locks import try_exclusive
 from mirror.mediatypes import referenced_blobs
 from mirror.reference import Digest, parse_digest
@@ -72,8 +73,10 @@ def pinned_digests(pins: Iterable[str], upstreams: list[str], store: BlobStore,
 
 
 def evict(store: BlobStore, index: Index, target: int, pinned: set[Digest],
-          on_evict: Callable[[Digest], None] | None = None) -> EvictionResult:
-    """Delete least-recently-used entries until the store holds at most `target` bytes."""
+          on_evict: Callable[[Digest], None] | None = None,
+          in_use_since: float | None = None) -> EvictionResult:
+    """Delete least-recently-used entries until the store holds at most `target` bytes,
+    sparing pins and whatever was accessed since `in_use_since` (wall-clock seconds)."""
     index.flush()
     total = index.total_bytes()
     evicted = freed = skipped = 0
@@ -81,6 +84,10 @@ def evict(store: BlobStore, index: Index, target: int, pinned: set[Digest],
         return EvictionResult(0, 0, total, 0)
     for entry in sorted(index.entries(), key=lambda e: e.last_access):
         if total <= target:
+            break
+        if in_use_since is not None and entry.last_access >= in_use_since:
+            log.warning("eviction stopped short: everything left is in use", extra={
+                "total": total, "target": target})
             break
         if entry.digest in pinned:
             skipped += 1
@@ -114,4 +121,7 @@ def evict_to_watermark(config: Config, store: BlobStore, index: Index,
             return None
         pinned = pinned_digests(config.cache.pin, [u.name for u in config.upstreams], store,
                                 index)
-        return evict(store, index, config.cache.low_watermark, pinned, on_evict)
+        # Every worker writes its access times to the index at least every ACCESS_FLUSH_SECONDS, so
+        # an entry any worker served lately has a last access within twice that: in use.
+        in_use_since = time.time() - 2 * ACCESS_FLUSH_SECONDS
+        return evict(store, index, config.cache.low_watermark, pinned, on_evict, in_use_since)

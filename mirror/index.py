@@ -35,6 +35,8 @@ from mirror.reference import Digest, parse_digest
 
 log = logging.getLogger("mirror.index")
 
+# How often a serving process writes its batched access times (maintenance.py does).
+ACCESS_FLUSH_SECONDS = 2.0
 TOTAL = "total_bytes"
 COUNT = "entry_count"
 ENTRIES_COMPLETE = "entries_complete"

@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 from mirror.config import Config
 from mirror.eviction import evict_to_watermark
-from mirror.index import Index
+from mirror.index import ACCESS_FLUSH_SECONDS, Index
 from mirror.locks import try_exclusive
 from mirror.reference import Digest
 from mirror.store import BlobStore
@@ -19,7 +19,6 @@ from mirror.upstream import Upstream
 
 log = logging.getLogger("mirror.maintenance")
 
-FLUSH_SECONDS = 2.0
 
 
 class Maintenance:
@@ -59,7 +58,7 @@ class Maintenance:
             await asyncio.to_thread(self._rebuild_index)
         while True:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), FLUSH_SECONDS)
+                await asyncio.wait_for(self._wake.wait(), ACCESS_FLUSH_SECONDS)
             self._wake.clear()
             try:
                 self._publish_rate_limits()
