@@ -14,9 +14,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from mirror.index import Index
-from mirror.reference import digest_of
-from mirror.store import BlobStore
+from mirror.cache.index import Index
+from mirror.cache.store import BlobStore
+from mirror.oci.reference import digest_of
 
 
 def main() -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from mirror import __version__
 from mirror.config import Config, ConfigError, load_config
-from mirror.errors import RegistryError
+from mirror.oci.errors import RegistryError
 
 Command = Callable[[Config, argparse.Namespace], int]
 
@@ -22,14 +22,14 @@ def _config_path(value: str | None) -> str:
 
 
 def cmd_serve(config: Config, args: argparse.Namespace) -> int:
-    from mirror.serve import serve
+    from mirror.process.serve import serve
 
     return serve(config)
 
 
 def cmd_verify(config: Config, args: argparse.Namespace) -> int:
+    from mirror.commands.verify import verify
     from mirror.runtime import open_cache
-    from mirror.verify import verify
 
     with open_cache(config) as (store, index):
         report = verify(store, index)
@@ -40,8 +40,8 @@ def cmd_verify(config: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_status(config: Config, args: argparse.Namespace) -> int:
+    from mirror.commands.status import status_lines
     from mirror.runtime import open_cache
-    from mirror.status import status_lines
 
     with open_cache(config) as (_, index):
         print("\n".join(status_lines(config, index)))
@@ -49,9 +49,9 @@ def cmd_status(config: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_gc(config: Config, args: argparse.Namespace) -> int:
-    from mirror.eviction import evict_to_watermark
+    from mirror.cache.eviction import evict_to_watermark
+    from mirror.commands.status import human
     from mirror.runtime import open_cache
-    from mirror.status import human
 
     with open_cache(config) as (store, index):
         result = evict_to_watermark(config, store, index)
@@ -65,14 +65,14 @@ def cmd_gc(config: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_warm(config: Config, args: argparse.Namespace) -> int:
-    from mirror.warm import default_platform, warm
+    from mirror.commands.warm import default_platform, warm
 
     platforms = None if args.all_platforms else (args.platform or [default_platform()])
     return 1 if asyncio.run(warm(config, args.images, platforms)) else 0
 
 
 def cmd_export(config: Config, args: argparse.Namespace) -> int:
-    from mirror.archive import export
+    from mirror.commands.archive import export
     from mirror.runtime import open_cache
 
     with open_cache(config) as (store, index):
@@ -83,7 +83,7 @@ def cmd_export(config: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_import(config: Config, args: argparse.Namespace) -> int:
-    from mirror.archive import import_archive
+    from mirror.commands.archive import import_archive
     from mirror.runtime import open_cache
 
     with open_cache(config) as (store, index):

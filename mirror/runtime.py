@@ -7,12 +7,12 @@ from contextlib import asynccontextmanager, contextmanager
 
 import aiohttp
 
+from mirror.cache.index import Index
+from mirror.cache.store import BlobStore
 from mirror.config import Config
-from mirror.index import Index
-from mirror.proxy import Proxy
-from mirror.singleflight import Downloads
-from mirror.store import BlobStore
-from mirror.upstream import Upstream
+from mirror.pull.downloads import Downloads
+from mirror.pull.proxy import Proxy
+from mirror.upstream.client import Upstream
 
 
 @contextmanager

@@ -29,7 +29,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mirror.config import parse_config
-from mirror.server import build_app
+from mirror.http.app import build_app
 from tests.inprocess.conftest import assert_store_verified, sha256
 from tests.support.registry import HOST, free_port
 

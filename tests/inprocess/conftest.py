@@ -19,7 +19,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from mirror.config import parse_config
-from mirror.server import build_app
+from mirror.http.app import build_app
 
 
 def sha256(data: bytes) -> str:

@@ -22,8 +22,8 @@ import pytest
 from aiohttp import web
 
 from mirror.config import parse_config
-from mirror.connections import GuardedRunner, Limits
-from mirror.server import build_app
+from mirror.http.app import build_app
+from mirror.http.connections import GuardedRunner, Limits
 from tests.inprocess.conftest import FaultUpstream, random_bytes, sha256
 
 pytestmark = pytest.mark.timeout(60)

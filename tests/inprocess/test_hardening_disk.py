@@ -17,11 +17,11 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from mirror import mediatypes as mt
-from mirror.eviction import evict
-from mirror.index import Index
-from mirror.reference import parse_digest
-from mirror.store import BlobStore
+from mirror.cache.eviction import evict
+from mirror.cache.index import Index
+from mirror.cache.store import BlobStore
+from mirror.oci import mediatypes as mt
+from mirror.oci.reference import parse_digest
 from tests.inprocess.conftest import (
     Behaviour,
     FaultUpstream,

@@ -20,7 +20,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from mirror.config import parse_config
-from mirror.server import build_app
+from mirror.http.app import build_app
 from tests.inprocess.conftest import assert_store_verified
 
 pytestmark = pytest.mark.timeout(120)

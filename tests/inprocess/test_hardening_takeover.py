@@ -10,8 +10,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from mirror.reference import parse_digest
-from mirror.store import BlobStore
+from mirror.cache.store import BlobStore
+from mirror.oci.reference import parse_digest
 from tests.inprocess.conftest import FaultUpstream, MirrorFactory, random_bytes, stored_files
 
 pytestmark = pytest.mark.timeout(60)

@@ -9,7 +9,7 @@ import aiohttp
 import pytest
 from yarl import URL
 
-from mirror import mediatypes as mt
+from mirror.oci import mediatypes as mt
 from tests.inprocess.conftest import FaultUpstream, MirrorFactory, random_bytes, sha256
 
 pytestmark = pytest.mark.timeout(60)

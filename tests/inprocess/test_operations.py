@@ -17,10 +17,10 @@ import pytest
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
-from mirror import mediatypes as mt
-from mirror import notify, tls
-from mirror.activity import TopCounter
-from mirror.statuspage import human_bytes
+from mirror.http.activity import TopCounter
+from mirror.http.statuspage import human_bytes
+from mirror.oci import mediatypes as mt
+from mirror.process import notify, tls
 from tests.inprocess.conftest import Behaviour, FaultUpstream, MirrorFactory, random_bytes, sha256
 
 pytestmark = pytest.mark.timeout(60)

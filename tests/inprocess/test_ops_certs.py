@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from mirror import tls
+from mirror.process import tls
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -18,11 +18,11 @@ from typing import Any
 import httpx
 import pytest
 
-from mirror.eviction import evict
-from mirror.index import Index
-from mirror.mediatypes import OCI_MANIFEST
-from mirror.reference import parse_digest
-from mirror.store import BlobStore
+from mirror.cache.eviction import evict
+from mirror.cache.index import Index
+from mirror.cache.store import BlobStore
+from mirror.oci.mediatypes import OCI_MANIFEST
+from mirror.oci.reference import parse_digest
 from tests.support import oci
 from tests.support.clients import UpstreamRegistry
 from tests.support.mirror import MirrorProcess, Upstream

@@ -1,4 +1,4 @@
-from mirror.challenge import Challenge, parse_all, parse_www_authenticate
+from mirror.oci.challenge import Challenge, parse_all, parse_www_authenticate
 
 
 def test_docker_hub_bearer() -> None:
@@ -33,7 +33,7 @@ def test_whitespace_case_and_garbage() -> None:
 
 
 def test_retry_after() -> None:
-    from mirror.upstream import retry_after_seconds
+    from mirror.upstream.client import retry_after_seconds
 
     assert retry_after_seconds("120") == 120
     assert retry_after_seconds(None) == 30

@@ -4,7 +4,7 @@ from pathlib import Path
 import bcrypt
 import pytest
 
-from mirror.clientauth import (
+from mirror.http.clientauth import (
     Authenticator,
     bearer_challenge,
     load_htpasswd,

@@ -8,10 +8,10 @@ import hashlib
 import time
 from pathlib import Path
 
-from mirror.eviction import evict
-from mirror.index import ACCESS_FLUSH_SECONDS, Index
-from mirror.reference import parse_digest
-from mirror.store import BlobStore
+from mirror.cache.eviction import evict
+from mirror.cache.index import ACCESS_FLUSH_SECONDS, Index
+from mirror.cache.store import BlobStore
+from mirror.oci.reference import parse_digest
 
 
 def _put(store: BlobStore, index: Index, data: bytes, last_access: float) -> str:

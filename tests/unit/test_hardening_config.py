@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from mirror.config import ConfigError, parse_config
-from mirror.errors import RegistryError
-from mirror.routing import looks_like_host, parse_image, unconfigured_registry
+from mirror.oci.errors import RegistryError
+from mirror.oci.routing import looks_like_host, parse_image, unconfigured_registry
 
 UP = {"upstream": [{"name": "docker.io", "url": "https://registry-1.docker.io"}]}
 UPSTREAMS = ["docker.io", "ghcr.io", "127.0.0.1:5000"]
@@ -152,7 +152,7 @@ def test_documented_connection_keys_parse() -> None:
 
 
 def test_connection_limit_fits_the_open_files_limit(monkeypatch: pytest.MonkeyPatch) -> None:
-    from mirror import connections
+    from mirror.http import connections
 
     def refuse(*_args: object) -> None:
         raise ValueError("not allowed")

@@ -16,13 +16,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mirror import statuspage
-from mirror.clientauth import Authenticator, FailureLimiter
-from mirror.errors import RegistryError
-from mirror.ranges import MAX_RANGES, ByteRange, multipart_layout, parse_ranges
-from mirror.reference import manifest_reference_for_read, parse_reference
-from mirror.upstream import redact_url
-from mirror.zerocopy import Sender
+from mirror.http import statuspage
+from mirror.http.clientauth import Authenticator, FailureLimiter
+from mirror.http.ranges import MAX_RANGES, ByteRange, multipart_layout, parse_ranges
+from mirror.http.zerocopy import Sender
+from mirror.oci.errors import RegistryError
+from mirror.oci.reference import manifest_reference_for_read, parse_reference
+from mirror.upstream.client import redact_url
 
 # --- 13: range amplification ----------------------------------------------------------------
 

@@ -6,13 +6,13 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mirror.challenge import parse_www_authenticate
-from mirror.errors import RegistryError
-from mirror.mediatypes import parse_accept, referenced_blobs, sniff_media_type
-from mirror.ranges import RangeNotSatisfiable, parse_ranges
-from mirror.reference import parse_digest, parse_reference, validate_name
-from mirror.routes import parse_v2_path
-from mirror.routing import parse_image, select_upstream
+from mirror.http.ranges import RangeNotSatisfiable, parse_ranges
+from mirror.oci.challenge import parse_www_authenticate
+from mirror.oci.errors import RegistryError
+from mirror.oci.mediatypes import parse_accept, referenced_blobs, sniff_media_type
+from mirror.oci.reference import parse_digest, parse_reference, validate_name
+from mirror.oci.routes import parse_v2_path
+from mirror.oci.routing import parse_image, select_upstream
 
 UPSTREAMS = ["docker.io", "ghcr.io", "127.0.0.1:5000"]
 texty = st.text(st.characters(codec="utf-8"), max_size=300)

@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from mirror import mediatypes as mt
-from mirror.ranges import ByteRange, RangeNotSatisfiable, multipart_layout, parse_ranges
+from mirror.http.ranges import ByteRange, RangeNotSatisfiable, multipart_layout, parse_ranges
+from mirror.oci import mediatypes as mt
 
 
 def test_accept_reads_every_header_line_and_drops_parameters() -> None:

@@ -1,7 +1,7 @@
 import pytest
 
-from mirror.errors import RegistryError
-from mirror.reference import Digest, digest_of, parse_digest, parse_reference, validate_name
+from mirror.oci.errors import RegistryError
+from mirror.oci.reference import Digest, digest_of, parse_digest, parse_reference, validate_name
 
 HEX = "a" * 64
 

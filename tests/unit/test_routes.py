@@ -1,8 +1,8 @@
 import pytest
 
-from mirror.errors import RegistryError
-from mirror.routes import Kind, Route, parse_v2_path
-from mirror.routing import select_upstream
+from mirror.oci.errors import RegistryError
+from mirror.oci.routes import Kind, Route, parse_v2_path
+from mirror.oci.routing import select_upstream
 
 D = "sha256:" + "a" * 64
 

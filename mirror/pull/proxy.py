@@ -25,12 +25,13 @@ import aiohttp
 from cachetools import LRUCache, TLRUCache
 
 from mirror import metrics
+from mirror.cache.index import Index, TagEntry
+from mirror.cache.locks import exclusive
+from mirror.cache.maintenance import Maintenance
+from mirror.cache.store import BlobStore, DigestMismatch
 from mirror.config import Config
-from mirror.errors import RegistryError
-from mirror.index import Index, TagEntry
-from mirror.locks import exclusive
-from mirror.maintenance import Maintenance
-from mirror.mediatypes import (
+from mirror.oci.errors import RegistryError
+from mirror.oci.mediatypes import (
     IMAGE_TYPES,
     SCHEMA1_TYPES,
     ManifestInvalid,
@@ -39,10 +40,9 @@ from mirror.mediatypes import (
     referenced_blobs,
     upstream_accept,
 )
-from mirror.reference import Digest, digest_of, parse_digest
-from mirror.singleflight import Download, Downloads, Fetch
-from mirror.store import BlobStore, DigestMismatch
-from mirror.upstream import Upstream, error_from_response
+from mirror.oci.reference import Digest, digest_of, parse_digest
+from mirror.pull.downloads import Download, Downloads, Fetch
+from mirror.upstream.client import Upstream, error_from_response
 
 log = logging.getLogger("mirror.proxy")
 

@@ -17,10 +17,10 @@ from urllib.parse import urljoin, urlsplit, urlunsplit
 import aiohttp
 
 from mirror import metrics
-from mirror.challenge import parse_all, pull_scope
 from mirror.config import UpstreamConfig
-from mirror.errors import RegistryError
-from mirror.tokens import Credentials, TokenError
+from mirror.oci.challenge import parse_all, pull_scope
+from mirror.oci.errors import RegistryError
+from mirror.upstream.tokens import Credentials, TokenError
 
 log = logging.getLogger("mirror.upstream")
 

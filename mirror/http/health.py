@@ -14,8 +14,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from mirror.proxy import Proxy
-from mirror.upstream import Upstream, redact_url
+from mirror.pull.proxy import Proxy
+from mirror.upstream.client import Upstream, redact_url
 
 PROBE_AFTER = 30.0  # seconds without news from an upstream before it is probed again
 PROBE_TIMEOUT = 3.0

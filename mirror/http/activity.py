@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from mirror import metrics
-from mirror.proxy import Proxy
-from mirror.store import PARTIAL_SUFFIX
+from mirror.cache.store import PARTIAL_SUFFIX
+from mirror.pull.proxy import Proxy
 
 log = logging.getLogger("mirror.activity")
 
@@ -122,7 +122,7 @@ class Activity:
 
     def __init__(self, proxy: Proxy) -> None:
         self.proxy = proxy
-        self.top = TopCounter()  # pulls per repository (server.py counts them)
+        self.top = TopCounter()  # pulls per repository (http/app.py counts them)
         self.started = time.time()
         self._task: asyncio.Task[None] | None = None
 
@@ -158,7 +158,7 @@ class Activity:
         _write_top(self.top)
 
 
-# --- per-request metrics (called by server.py's middleware) -------------------------------
+# --- per-request metrics (called by http/app.py's middleware) -------------------------------
 ROUTE_NAMES = {"/": "status", "/metrics": "metrics", "/healthz": "health", "/readyz": "health",
                "/token": "token"}
 FROM_CACHE = frozenset({"hit", "revalidated", "stale"})

@@ -7,9 +7,9 @@ from dataclasses import dataclass, field
 
 from tqdm import tqdm
 
-from mirror.index import Index
-from mirror.reference import Digest
-from mirror.store import BlobStore
+from mirror.cache.index import Index
+from mirror.cache.store import BlobStore
+from mirror.oci.reference import Digest
 
 CHUNK = 1 << 20
 

@@ -11,15 +11,15 @@ from collections.abc import Sequence
 
 from tqdm import tqdm
 
-from mirror import mediatypes as mt
 from mirror.config import Config
-from mirror.errors import RegistryError
-from mirror.proxy import Proxy, StoredBlob
-from mirror.reference import Digest, parse_digest
-from mirror.routing import ImageRef, parse_image
+from mirror.oci import mediatypes as mt
+from mirror.oci.errors import RegistryError
+from mirror.oci.reference import Digest, parse_digest
+from mirror.oci.routing import ImageRef, parse_image
+from mirror.pull.downloads import Download
+from mirror.pull.proxy import Proxy, StoredBlob
 from mirror.runtime import open_proxy
-from mirror.singleflight import Download
-from mirror.upstream import Upstream
+from mirror.upstream.client import Upstream
 
 ACCEPT_ALL = mt.ALL_MANIFEST_TYPES
 PARALLEL_BLOBS = 4

@@ -17,8 +17,8 @@ import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from mirror.errors import RegistryError
-from mirror.reference import Digest, parse_digest, validate_name, validate_tag
+from mirror.oci.errors import RegistryError
+from mirror.oci.reference import Digest, parse_digest, validate_name, validate_tag
 
 DOCKER_HUB = "docker.io"
 DOCKER_HUB_ALIASES = ("docker.io", "registry-1.docker.io", "index.docker.io")

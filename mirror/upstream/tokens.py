@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import aiohttp
 from cachetools import TLRUCache, TTLCache
 
-from mirror.challenge import Challenge
+from mirror.oci.challenge import Challenge
 
 DEFAULT_TOKEN_LIFETIME = 60.0
 HELPER_TIMEOUT = 30.0

@@ -13,8 +13,8 @@ import time
 from dataclasses import dataclass, field
 
 from mirror import __version__, metrics
-from mirror.activity import InFlight
-from mirror.upstream import redact_url
+from mirror.http.activity import InFlight
+from mirror.upstream.client import redact_url
 
 REFRESH_SECONDS = 5
 FROM_CACHE = ("hit", "revalidated", "stale")

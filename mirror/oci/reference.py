@@ -11,7 +11,7 @@ import hashlib
 import re
 from dataclasses import dataclass
 
-from mirror.errors import RegistryError
+from mirror.oci.errors import RegistryError
 
 _COMPONENT = r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*"
 _NAME_RE = re.compile(rf"{_COMPONENT}(?:/{_COMPONENT})*")

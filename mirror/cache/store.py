@@ -2,7 +2,7 @@
 
 Layout under the cache dir:
     blobs/<algorithm>/<first two hex>/<hex>   verified content (blobs and manifests alike)
-    tmp/<algorithm>-<hex>.partial             a download in progress (see singleflight.py)
+    tmp/<algorithm>-<hex>.partial             a download in progress (see pull/downloads.py)
     index/                                     the diskcache index (see index.py)
 
 Content enters `blobs/` only by an atomic rename after its digest was verified, so a crash at
@@ -19,7 +19,7 @@ import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from mirror.reference import HEX_LENGTH, Digest
+from mirror.oci.reference import HEX_LENGTH, Digest
 
 PARTIAL_SUFFIX = ".partial"
 

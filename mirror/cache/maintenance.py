@@ -9,13 +9,13 @@ import contextlib
 import logging
 from collections.abc import Callable
 
+from mirror.cache.eviction import evict_to_watermark
+from mirror.cache.index import ACCESS_FLUSH_SECONDS, Index
+from mirror.cache.locks import try_exclusive
+from mirror.cache.store import BlobStore
 from mirror.config import Config
-from mirror.eviction import evict_to_watermark
-from mirror.index import ACCESS_FLUSH_SECONDS, Index
-from mirror.locks import try_exclusive
-from mirror.reference import Digest
-from mirror.store import BlobStore
-from mirror.upstream import Upstream
+from mirror.oci.reference import Digest
+from mirror.upstream.client import Upstream
 
 log = logging.getLogger("mirror.maintenance")
 

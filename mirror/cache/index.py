@@ -30,8 +30,8 @@ from typing import Any
 import diskcache
 
 from mirror import metrics
-from mirror.mediatypes import sniff_media_type
-from mirror.reference import Digest, parse_digest
+from mirror.oci.mediatypes import sniff_media_type
+from mirror.oci.reference import Digest, parse_digest
 
 log = logging.getLogger("mirror.index")
 

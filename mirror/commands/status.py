@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import time
 
+from mirror.cache.index import Index
 from mirror.config import Config
-from mirror.index import Index
-from mirror.routing import parse_image
+from mirror.oci.routing import parse_image
 
 
 def human(n: float) -> str:

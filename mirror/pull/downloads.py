@@ -28,9 +28,9 @@ from typing import Protocol
 import aiohttp
 
 from mirror import metrics
-from mirror.errors import RegistryError
-from mirror.reference import Digest
-from mirror.store import BlobStore
+from mirror.cache.store import BlobStore
+from mirror.oci.errors import RegistryError
+from mirror.oci.reference import Digest
 
 log = logging.getLogger("mirror.download")
 

@@ -10,7 +10,7 @@ import functools
 from dataclasses import dataclass
 from enum import Enum
 
-from mirror.errors import RegistryError
+from mirror.oci.errors import RegistryError
 
 
 class Kind(Enum):

@@ -21,11 +21,12 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from mirror import access, health, metrics, statuspage
-from mirror.activity import Activity, in_flight, merged_top
+from mirror import metrics
 from mirror.config import Config
-from mirror.proxy import Proxy
-from mirror.upstream import ratelimit_number
+from mirror.http import access, health, statuspage
+from mirror.http.activity import Activity, in_flight, merged_top
+from mirror.pull.proxy import Proxy
+from mirror.upstream.client import ratelimit_number
 
 log = logging.getLogger("mirror.ops")
 
@@ -40,7 +41,7 @@ def shutdown_timeout(config: Config) -> float:
 
 
 def _proxy(request: web.Request) -> Proxy:
-    from mirror.server import PROXY
+    from mirror.http.app import PROXY
 
     return request.app[PROXY]
 
@@ -99,7 +100,7 @@ async def status_page(request: web.Request) -> web.Response:
 
 
 async def _start(app: web.Application) -> None:
-    from mirror.server import PROXY
+    from mirror.http.app import PROXY
 
     activity = Activity(app[PROXY])
     app[ACTIVITY] = activity
@@ -110,7 +111,7 @@ def _drain(config: Config) -> Callable[[web.Application], Awaitable[None]]:
     async def drain(app: web.Application) -> None:
         """Let downloads in flight finish (for `shutdown_timeout`), then cancel the rest and wait
         for them to clean up their partial files."""
-        from mirror.server import PROXY
+        from mirror.http.app import PROXY
 
         proxy = app[PROXY]
         tasks = [d.task for d in proxy.downloads.active.values()

@@ -20,13 +20,13 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from mirror import mediatypes as mt
-from mirror.errors import RegistryError
-from mirror.eviction import image_digests
-from mirror.index import Index
-from mirror.reference import Digest, parse_digest
-from mirror.routing import ImageRef, parse_image
-from mirror.store import BlobStore, DigestMismatch
+from mirror.cache.eviction import image_digests
+from mirror.cache.index import Index
+from mirror.cache.store import BlobStore, DigestMismatch
+from mirror.oci import mediatypes as mt
+from mirror.oci.errors import RegistryError
+from mirror.oci.reference import Digest, parse_digest
+from mirror.oci.routing import ImageRef, parse_image
 
 REF_ANNOTATION = "io.github.registry-mirror.ref"
 OCI_REF_NAME = "org.opencontainers.image.ref.name"

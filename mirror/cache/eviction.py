@@ -15,14 +15,14 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from mirror import metrics
+from mirror.cache.index import ACCESS_FLUSH_SECONDS, Index
+from mirror.cache.locks import try_exclusive
+from mirror.cache.store import BlobStore
 from mirror.config import Config
-from mirror.errors import RegistryError
-from mirror.index import ACCESS_FLUSH_SECONDS, Index
-from mirror.locks import try_exclusive
-from mirror.mediatypes import referenced_blobs
-from mirror.reference import Digest, parse_digest
-from mirror.routing import parse_image
-from mirror.store import BlobStore
+from mirror.oci.errors import RegistryError
+from mirror.oci.mediatypes import referenced_blobs
+from mirror.oci.reference import Digest, parse_digest
+from mirror.oci.routing import parse_image
 
 log = logging.getLogger("mirror.eviction")
 

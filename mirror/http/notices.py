@@ -7,7 +7,7 @@ import logging
 import time
 from collections.abc import Iterable
 
-from mirror.routing import unconfigured_registry
+from mirror.oci.routing import unconfigured_registry
 
 log = logging.getLogger("mirror.notices")
 

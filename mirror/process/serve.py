@@ -3,7 +3,7 @@
 `[server] workers = 1`: this process serves. `workers = N > 1`: this process supervises N
 forked workers, each with its own uvloop event loop and its own listening socket on the same
 port (SO_REUSEPORT: the kernel spreads connections over them), all sharing the cache dir
-(single-flight across processes goes through flocks on tmp/*.partial, see singleflight.py).
+(single-flight across processes goes through flocks on tmp/*.partial, see pull/downloads.py).
 The supervisor cleans tmp/ once before forking, tells systemd READY=1 when every worker
 listens, forwards SIGTERM/SIGINT (stop) and SIGHUP (reload the TLS certificate), and restarts
 a worker that dies. A worker dies with its supervisor (PR_SET_PDEATHSIG), so a supervisor killed
@@ -46,11 +46,12 @@ from types import FrameType
 
 import uvloop
 
-from mirror import locks, tls
+from mirror.cache import locks
+from mirror.cache.store import BlobStore
 from mirror.config import Config
 from mirror.logs import ACCESS_LOG, setup_logging
-from mirror.notify import notify
-from mirror.store import BlobStore
+from mirror.process import tls
+from mirror.process.notify import notify
 
 log = logging.getLogger("mirror")
 
@@ -193,9 +194,9 @@ async def _serve_until_stopped(config: Config, reuse_port: bool, on_ready: Calla
                                on_stopping: Callable[[], object]) -> None:
     from aiohttp import web
 
-    from mirror.connections import GuardedRunner, Limits, fit_file_limit
-    from mirror.ops import shutdown_timeout
-    from mirror.server import build_app
+    from mirror.http.app import build_app
+    from mirror.http.connections import GuardedRunner, Limits, fit_file_limit
+    from mirror.http.ops import shutdown_timeout
 
     ssl_context = None
     cert, key = config.server.tls_cert, config.server.tls_key
@@ -338,7 +339,7 @@ class Supervisor:
                 os.kill(pid, signum)
 
     def _stop_all(self) -> None:
-        from mirror.ops import shutdown_timeout
+        from mirror.http.ops import shutdown_timeout
 
         self._signal_all(signal.SIGTERM)
         deadline = time.monotonic() + 2 * shutdown_timeout(self.config) + 5

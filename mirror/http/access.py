@@ -12,7 +12,8 @@ from pathlib import Path
 
 from aiohttp import web
 
-from mirror.clientauth import (
+from mirror.config import AuthConfig, Config, UpstreamConfig
+from mirror.http.clientauth import (
     ANONYMOUS,
     SERVICE,
     Authenticator,
@@ -22,8 +23,7 @@ from mirror.clientauth import (
     load_htpasswd,
     parse_basic,
 )
-from mirror.config import AuthConfig, Config, UpstreamConfig
-from mirror.errors import RegistryError
+from mirror.oci.errors import RegistryError
 
 AUTHENTICATOR: web.AppKey[Authenticator | None] = web.AppKey("authenticator")
 LIMITER: web.AppKey[FailureLimiter] = web.AppKey("limiter", FailureLimiter)

@@ -25,7 +25,7 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
 from mirror.config import ServerConfig
-from mirror.notices import Throttle
+from mirror.http.notices import Throttle
 
 log = logging.getLogger("mirror.connections")
 

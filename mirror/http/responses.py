@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from mirror.reference import Digest
+from mirror.oci.reference import Digest
 
 IMMUTABLE = "public, max-age=31536000, immutable"
 API_VERSION = {"Docker-Distribution-API-Version": "registry/2.0"}

@@ -17,30 +17,36 @@ from urllib.parse import urlencode
 
 from aiohttp import web, web_protocol
 
-from mirror import access, activity
-from mirror.clientauth import FailureLimiter
 from mirror.config import Config
-from mirror.errors import RegistryError
+from mirror.http import access, activity
+from mirror.http.clientauth import FailureLimiter
+from mirror.http.notices import warn_unconfigured_registry
+from mirror.http.ops import ACTIVITY
+from mirror.http.ops import install as install_ops
+from mirror.http.ranges import (
+    ByteRange,
+    Multipart,
+    RangeNotSatisfiable,
+    multipart_layout,
+    parse_ranges,
+)
+from mirror.http.responses import API_VERSION, content_headers, etag, etag_matches
+from mirror.http.zerocopy import Sender
 from mirror.logs import ACCESS_LOG
-from mirror.mediatypes import parse_accept
-from mirror.notices import warn_unconfigured_registry
-from mirror.ops import ACTIVITY
-from mirror.ops import install as install_ops
-from mirror.proxy import Proxy, StoredBlob, UpstreamBlobHead
-from mirror.ranges import ByteRange, Multipart, RangeNotSatisfiable, multipart_layout, parse_ranges
-from mirror.reference import (
+from mirror.oci.errors import RegistryError
+from mirror.oci.mediatypes import parse_accept
+from mirror.oci.reference import (
     Digest,
     manifest_reference_for_read,
     parse_digest,
     parse_reference,
 )
-from mirror.responses import API_VERSION, content_headers, etag, etag_matches
-from mirror.routes import Kind, Route, parse_v2_path
-from mirror.routing import select_upstream
+from mirror.oci.routes import Kind, Route, parse_v2_path
+from mirror.oci.routing import select_upstream
+from mirror.pull.downloads import ClientAbort, Download
+from mirror.pull.proxy import Proxy, StoredBlob, UpstreamBlobHead
 from mirror.runtime import open_proxy
-from mirror.singleflight import ClientAbort, Download
-from mirror.upstream import Upstream
-from mirror.zerocopy import Sender
+from mirror.upstream.client import Upstream
 
 log = logging.getLogger("mirror.server")
 

@@ -1,0 +1,1 @@
+"""The local cache: content store, index, locks, eviction, background maintenance."""

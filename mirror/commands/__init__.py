@@ -1,0 +1,1 @@
+"""The operator commands: warm, verify, status, export/import."""

@@ -1,0 +1,1 @@
+"""Running it: workers, signals, TLS reload, systemd notification."""

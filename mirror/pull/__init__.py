@@ -1,0 +1,1 @@
+"""The pull-through policy (proxy) and the single-flight downloads it starts."""

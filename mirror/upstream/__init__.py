@@ -1,0 +1,2 @@
+"""Upstream registries: the HTTP client (all wire details), credentials and
+tokens."""
