@@ -6,26 +6,62 @@ UNKNOWN, RANGE_INVALID and the UPSTREAM_* codes of a mirror's own failures."""
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
+from enum import StrEnum
 from typing import Any
 
-STATUS_BY_CODE: dict[str, int] = {
-    "BLOB_UNKNOWN": 404,
-    "BLOB_UPLOAD_UNKNOWN": 404,
-    "MANIFEST_UNKNOWN": 404,
-    "NAME_UNKNOWN": 404,
-    "NAME_INVALID": 400,
-    "DIGEST_INVALID": 400,
-    "MANIFEST_INVALID": 400,
-    "RANGE_INVALID": 416,
-    "UNAUTHORIZED": 401,
-    "DENIED": 403,
-    "UNSUPPORTED": 405,
-    "TOOMANYREQUESTS": 429,
-    "UNKNOWN": 500,
-    "UPSTREAM_UNREACHABLE": 502,
-    "UPSTREAM_UNAVAILABLE": 503,
-    "UPSTREAM_TIMEOUT": 504,
+
+class ErrorCode(StrEnum):
+    """Every code a client can see; a StrEnum, so it is its own JSON string."""
+
+    BLOB_UNKNOWN = "BLOB_UNKNOWN"
+    BLOB_UPLOAD_UNKNOWN = "BLOB_UPLOAD_UNKNOWN"
+    MANIFEST_UNKNOWN = "MANIFEST_UNKNOWN"
+    NAME_UNKNOWN = "NAME_UNKNOWN"
+    NAME_INVALID = "NAME_INVALID"
+    DIGEST_INVALID = "DIGEST_INVALID"
+    MANIFEST_INVALID = "MANIFEST_INVALID"
+    RANGE_INVALID = "RANGE_INVALID"
+    UNAUTHORIZED = "UNAUTHORIZED"
+    DENIED = "DENIED"
+    UNSUPPORTED = "UNSUPPORTED"
+    TOOMANYREQUESTS = "TOOMANYREQUESTS"
+    UNKNOWN = "UNKNOWN"
+    UPSTREAM_UNREACHABLE = "UPSTREAM_UNREACHABLE"
+    UPSTREAM_UNAVAILABLE = "UPSTREAM_UNAVAILABLE"
+    UPSTREAM_TIMEOUT = "UPSTREAM_TIMEOUT"
+
+    @property
+    def status(self) -> int:
+        """The HTTP status a client gets for this code unless the raiser says otherwise."""
+        return STATUS_BY_CODE[self]
+
+
+STATUS_BY_CODE: Mapping[ErrorCode, int] = {
+    ErrorCode.BLOB_UNKNOWN: 404,
+    ErrorCode.BLOB_UPLOAD_UNKNOWN: 404,
+    ErrorCode.MANIFEST_UNKNOWN: 404,
+    ErrorCode.NAME_UNKNOWN: 404,
+    ErrorCode.NAME_INVALID: 400,
+    ErrorCode.DIGEST_INVALID: 400,
+    ErrorCode.MANIFEST_INVALID: 400,
+    ErrorCode.RANGE_INVALID: 416,
+    ErrorCode.UNAUTHORIZED: 401,
+    ErrorCode.DENIED: 403,
+    ErrorCode.UNSUPPORTED: 405,
+    ErrorCode.TOOMANYREQUESTS: 429,
+    ErrorCode.UNKNOWN: 500,
+    ErrorCode.UPSTREAM_UNREACHABLE: 502,
+    ErrorCode.UPSTREAM_UNAVAILABLE: 503,
+    ErrorCode.UPSTREAM_TIMEOUT: 504,
 }
+
+
+def _default_status(code: ErrorCode | str) -> int:
+    try:
+        return ErrorCode(code).status
+    except ValueError:  # a plain-str code not in the enum (only until every raiser uses it)
+        return 500
 
 
 class RegistryError(Exception):
@@ -33,7 +69,7 @@ class RegistryError(Exception):
 
     def __init__(
         self,
-        code: str,
+        code: ErrorCode | str,
         message: str,
         *,
         status: int | None = None,
@@ -44,10 +80,14 @@ class RegistryError(Exception):
         super().__init__(message)
         self.code = code
         self.message = message
-        self.status = status if status is not None else STATUS_BY_CODE.get(code, 500)
+        self.status = status if status is not None else self._status_for(code)
         self.detail = detail
         self.headers = headers or {}
         self.challenges = challenges  # WWW-Authenticate values, one header line each
+
+    @staticmethod
+    def _status_for(code: ErrorCode | str) -> int:
+        return _default_status(code)
 
     def body(self) -> bytes:
         entry: dict[str, Any] = {"code": self.code, "message": self.message}
@@ -55,3 +95,15 @@ class RegistryError(Exception):
             entry["detail"] = self.detail
         return json.dumps({"errors": [entry]}).encode()
 
+
+class UpstreamError(RegistryError):
+    """The upstream answered something the mirror refuses, or broke off: a gateway error.
+
+    The code says what was wrong (DIGEST_INVALID: the upstream's bytes do not match); the
+    status is the code's own when that is a gateway status (502/503/504), else 502 — the
+    client's request was fine, the upstream's answer was not."""
+
+    @staticmethod
+    def _status_for(code: ErrorCode | str) -> int:
+        status = _default_status(code)
+        return status if status in (502, 503, 504) else 502
