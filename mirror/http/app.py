@@ -20,8 +20,8 @@ from aiohttp import web, web_protocol
 from mirror.config import Config
 from mirror.http import access, activity
 from mirror.http.clientauth import FailureLimiter
+from mirror.http.keys import ACTIVITY, PROXY
 from mirror.http.notices import warn_unconfigured_registry
-from mirror.http.ops import ACTIVITY
 from mirror.http.ops import install as install_ops
 from mirror.http.ranges import (
     ByteRange,
@@ -33,7 +33,7 @@ from mirror.http.ranges import (
 from mirror.http.responses import API_VERSION, content_headers, etag, etag_matches
 from mirror.http.zerocopy import Sender
 from mirror.logs import ACCESS_LOG
-from mirror.oci.errors import RegistryError
+from mirror.oci.errors import ErrorCode, RegistryError
 from mirror.oci.mediatypes import parse_accept
 from mirror.oci.reference import (
     Digest,
@@ -50,7 +50,6 @@ from mirror.upstream.client import Upstream
 
 log = logging.getLogger("mirror.server")
 
-PROXY: web.AppKey[Proxy] = web.AppKey("proxy", Proxy)
 # Per-request facts for the access log line.
 CACHE = web.RequestKey("cache", str)
 BYTES = web.RequestKey("bytes", int)
@@ -114,7 +113,7 @@ async def errors_and_access_log(request: web.Request, handler: Handler) -> web.S
         raise
     except Exception:
         log.exception("unhandled error", extra={"path": request.path})
-        response = error_response(RegistryError("UNKNOWN", "internal error; the mirror's log "
+        response = error_response(RegistryError(ErrorCode.UNKNOWN, "internal error; the mirror's log "
                                                 "has the details"))
         return response
     finally:
@@ -144,7 +143,7 @@ def _access_log(request: web.Request, status: int, started: float) -> None:
 
 async def base(request: web.Request) -> web.Response:
     if request.method not in ("GET", "HEAD"):
-        raise RegistryError("UNSUPPORTED", "this mirror is read-only", status=405)
+        raise RegistryError(ErrorCode.UNSUPPORTED, "this mirror is read-only")
     await access.check_base(request)
     return web.Response(body=b"{}", headers={**API_VERSION, "Content-Type": "application/json"})
 
@@ -158,8 +157,10 @@ async def v2(request: web.Request) -> web.StreamResponse:
     if route.kind is Kind.BASE:
         return await base(request)
     if route.kind in (Kind.CATALOG, Kind.UPLOAD):
-        raise RegistryError("UNSUPPORTED", "a pull-through mirror has no catalog or uploads",
-                            status=405 if route.kind is Kind.UPLOAD else 404)
+        # No catalog is a missing endpoint (404, as registries without one answer); an upload
+        # is a write, refused as read-only.
+        raise RegistryError(ErrorCode.UNSUPPORTED, "a pull-through mirror has no catalog or "
+                            "uploads", status=404 if route.kind is Kind.CATALOG else None)
     proxy = request.app[PROXY]
     upstream_name, repository = select_upstream(route.name, request.query.get("ns"),
                                                 list(proxy.upstreams))
@@ -185,8 +186,8 @@ def _refuse_write(request: web.Request, route: Route) -> NoReturn:
         parse_digest(route.reference)
     elif route.kind is Kind.UPLOAD and "digest" in request.query:
         parse_digest(request.query["digest"])
-    raise RegistryError("UNSUPPORTED", "this mirror is read-only: push to the upstream "
-                        "registry instead", status=405)
+    raise RegistryError(ErrorCode.UNSUPPORTED, "this mirror is read-only: push to the upstream "
+                        "registry instead")
 
 
 async def manifest(request: web.Request, proxy: Proxy, upstream: Upstream, repository: str,
@@ -255,8 +256,8 @@ def _ranges(request: web.Request, digest: Digest, size: int | None) -> list[Byte
     try:
         return parse_ranges(request.headers.get("Range"), size)
     except RangeNotSatisfiable:
-        raise RegistryError("RANGE_INVALID", f"range not satisfiable for a {size}-byte blob",
-                            status=416, headers={"Content-Range": f"bytes */{size}"}) from None
+        raise RegistryError(ErrorCode.RANGE_INVALID, f"range not satisfiable for a {size}-byte "
+                            "blob", headers={"Content-Range": f"bytes */{size}"}) from None
 
 
 async def _send_blob(request: web.Request, digest: Digest, size: int | None, fd: int | None,
@@ -352,8 +353,8 @@ async def relay(request: web.Request, proxy: Proxy, upstream: Upstream, reposito
 
 
 async def not_found(request: web.Request) -> web.Response:
-    raise RegistryError("NAME_UNKNOWN", f"nothing at {request.path}: this is a registry mirror; "
-                        "the API is under /v2/", status=404)
+    raise RegistryError(ErrorCode.NAME_UNKNOWN, f"nothing at {request.path}: this is a "
+                        "registry mirror; the API is under /v2/")
 
 
 def build_app(config: Config) -> web.Application:

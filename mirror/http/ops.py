@@ -25,12 +25,12 @@ from mirror import metrics
 from mirror.config import Config
 from mirror.http import access, health, statuspage
 from mirror.http.activity import Activity, in_flight, merged_top
+from mirror.http.keys import ACTIVITY, PROXY
 from mirror.pull.proxy import Proxy
 from mirror.upstream.client import ratelimit_number
 
 log = logging.getLogger("mirror.ops")
 
-ACTIVITY: web.AppKey[Activity] = web.AppKey("activity", Activity)
 TOP_SHOWN = 15
 
 
@@ -41,8 +41,6 @@ def shutdown_timeout(config: Config) -> float:
 
 
 def _proxy(request: web.Request) -> Proxy:
-    from mirror.http.app import PROXY
-
     return request.app[PROXY]
 
 
@@ -100,8 +98,6 @@ async def status_page(request: web.Request) -> web.Response:
 
 
 async def _start(app: web.Application) -> None:
-    from mirror.http.app import PROXY
-
     activity = Activity(app[PROXY])
     app[ACTIVITY] = activity
     activity.start()
@@ -111,8 +107,6 @@ def _drain(config: Config) -> Callable[[web.Application], Awaitable[None]]:
     async def drain(app: web.Application) -> None:
         """Let downloads in flight finish (for `shutdown_timeout`), then cancel the rest and wait
         for them to clean up their partial files."""
-        from mirror.http.app import PROXY
-
         proxy = app[PROXY]
         tasks = [d.task for d in proxy.downloads.active.values()
                  if d.task is not None and not d.task.done()]

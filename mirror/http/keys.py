@@ -1,0 +1,12 @@
+"""The application's keys, in a module of their own so that app.py (which builds the app) and
+ops.py (the operator's routes it installs) both read them without importing each other."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from mirror.http.activity import Activity
+from mirror.pull.proxy import Proxy
+
+PROXY: web.AppKey[Proxy] = web.AppKey("proxy", Proxy)
+ACTIVITY: web.AppKey[Activity] = web.AppKey("activity", Activity)
