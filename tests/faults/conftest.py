@@ -7,7 +7,7 @@ outcome, and the checks every row makes.
     out = fetch(mirror.host, f"/v2/priv.test/team/app/blobs/{digest}")
     check_outcome(out, data)                  # exact bytes, a clean error, or a broken body
 
-`MatrixUpstream` extends tests/inprocess/conftest.py's FaultUpstream: instead of one
+`MatrixUpstream` extends tests/support/faultupstream.py's FaultUpstream: instead of one
 Behaviour per blob it takes a list of actions per digest (blob or manifest), one consumed by
 each request (GETs for blobs, GETs and HEADs for manifests), each optionally paused at a
 gate mid-body so concurrent clients can join a download in flight. It also serves a redirect
@@ -32,9 +32,11 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from tests.inprocess.conftest import FaultUpstream, _close, _serve, sha256
+from tests.support.faultupstream import FaultUpstream, close_upstream, serve_upstream
 from tests.support.mirror import MirrorProcess
+from tests.support.oci import sha256_digest
 from tests.support.registry import HOST, stop_loop_thread, wait_until
+from tests.support.store import assert_store_verified
 
 USER, PASSWORD = "user", "pass"  # what FaultUpstream's Basic challenge accepts
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -145,7 +147,7 @@ class MatrixUpstream(FaultUpstream):
         if entry is None:
             return web.json_response({"errors": [{"code": "MANIFEST_UNKNOWN"}]}, status=404)
         data, media_type = entry
-        digest = sha256(data)
+        digest = sha256_digest(data)
         headers = {"Content-Type": media_type}
         if self.manifest_digest_header:
             headers["Docker-Content-Digest"] = digest
@@ -291,12 +293,12 @@ def upstreams() -> Iterator[Upstreams]:
     lt = LoopThread()
     public, private = MatrixUpstream(), MatrixUpstream()
     private.auth = "basic"
-    lt.run(_serve(public))
-    lt.run(_serve(private))
+    lt.run(serve_upstream(public))
+    lt.run(serve_upstream(private))
     yield Upstreams(lt, public, private)
     for up in (public, private):
         with contextlib.suppress(Exception):
-            lt.run(_close(up))
+            lt.run(close_upstream(up))
     lt.stop()
 
 
@@ -490,14 +492,14 @@ def check_outcome(out: Outcome, good: bytes | set[bytes], what: str = "") -> boo
         if out.status == 200:
             assert out.body in goods, (
                 f"{what}: a complete 200 with wrong bytes: {len(out.body)} bytes, sha256 "
-                f"{sha256(out.body)}, expected one of {[sha256(g) for g in goods]}")
+                f"{sha256_digest(out.body)}, expected one of {[sha256_digest(g) for g in goods]}")
         else:
             rng = out.headers.get("content-range", "")
             first, _, last = rng.removeprefix("bytes ").partition("/")[0].partition("-")
             assert any(out.body == g[int(first):int(last) + 1] for g in goods), (
                 f"{what}: a complete 206 ({rng}) with wrong bytes")
         if "docker-content-digest" in out.headers and out.status == 200:
-            assert out.headers["docker-content-digest"] == sha256(out.body), (
+            assert out.headers["docker-content-digest"] == sha256_digest(out.body), (
                 f"{what}: Docker-Content-Digest does not match the body")
         return True
     assert 400 <= out.status < 600, f"{what}: unexpected status {out}"
@@ -525,8 +527,6 @@ def assert_no_500_logged(m: MirrorProcess) -> None:
 
 def assert_store_clean(cache: Path) -> None:
     """Nothing wrong cached: every file in blobs/ hashes to its name."""
-    from tests.inprocess.conftest import assert_store_verified
-
     assert_store_verified(cache)
 
 

@@ -30,8 +30,9 @@ from hypothesis import strategies as st
 
 from mirror.config import parse_config
 from mirror.http.app import build_app
-from tests.inprocess.conftest import assert_store_verified, sha256
+from tests.support.oci import sha256_digest
 from tests.support.registry import HOST, free_port
+from tests.support.store import assert_store_verified
 
 from .conftest import OCI_MANIFEST, PASSWORD, USER, LoopThread, Upstreams, image_manifest
 
@@ -39,13 +40,14 @@ pytestmark = pytest.mark.timeout(300)
 
 EXAMPLES = 150  # per app (open and with [auth]): 300 in all
 CANARY = b"CANARY-" + os.urandom(16).hex().encode()
-CACHE_TOP = {"blobs", "tmp", "index", "locks", "auth.secret"}  # access.py SECRET_FILE
+CACHE_TOP = {"blobs", "tmp", "index", "locks", "auth.secret"}  # cache/store.py SECRET_FILE
 CLIENT_USER, CLIENT_PASSWORD = "alice", "secret"
 BLOB = os.urandom(5000)
-BLOB_DIGEST = sha256(BLOB)
+BLOB_DIGEST = sha256_digest(BLOB)
 CONFIG_BLOB = os.urandom(300)
-MANIFEST = image_manifest((sha256(CONFIG_BLOB), len(CONFIG_BLOB)), [(BLOB_DIGEST, len(BLOB))])
-MANIFEST_DIGEST = sha256(MANIFEST)
+MANIFEST = image_manifest((sha256_digest(CONFIG_BLOB), len(CONFIG_BLOB)),
+                          [(BLOB_DIGEST, len(BLOB))])
+MANIFEST_DIGEST = sha256_digest(MANIFEST)
 
 
 @dataclass

@@ -9,8 +9,9 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.inprocess.conftest import FaultUpstream, MirrorFactory, random_bytes
+from tests.support.appmirror import MirrorFactory
 from tests.support.credhelper import write_credential_helper
+from tests.support.faultupstream import FaultUpstream, random_bytes
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -10,7 +10,8 @@ import aiohttp
 import bcrypt
 import pytest
 
-from tests.inprocess.conftest import FaultUpstream, MirrorFactory, random_bytes
+from tests.support.appmirror import MirrorFactory
+from tests.support.faultupstream import FaultUpstream, random_bytes
 
 pytestmark = pytest.mark.timeout(60)
 

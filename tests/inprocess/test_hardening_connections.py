@@ -24,7 +24,8 @@ from aiohttp import web
 from mirror.config import parse_config
 from mirror.http.app import build_app
 from mirror.http.connections import GuardedRunner, Limits
-from tests.inprocess.conftest import FaultUpstream, random_bytes, sha256
+from tests.support.faultupstream import FaultUpstream, random_bytes
+from tests.support.oci import sha256_digest
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -225,7 +226,7 @@ async def test_long_blob_to_a_slow_reader_is_not_cut(guarded: Start,
         assert status == 200, attempt
         body = await read_slowly(reader, int(headers["content-length"]), 256 * 1024, 0.02)
         elapsed = time.monotonic() - started
-        assert len(body) == len(data) and sha256(body) == digest, attempt
+        assert len(body) == len(data) and sha256_digest(body) == digest, attempt
         assert elapsed > 1.5, f"{attempt}: too fast ({elapsed:.1f}s) to test the timeouts"
         writer.close()
     assert hashlib.sha256(data).hexdigest() in digest

@@ -22,15 +22,10 @@ from mirror.cache.index import Index
 from mirror.cache.store import BlobStore
 from mirror.oci import mediatypes as mt
 from mirror.oci.reference import parse_digest
-from tests.inprocess.conftest import (
-    Behaviour,
-    FaultUpstream,
-    MirrorFactory,
-    assert_store_verified,
-    random_bytes,
-    sha256,
-    stored_files,
-)
+from tests.support.appmirror import MirrorFactory
+from tests.support.faultupstream import Behaviour, FaultUpstream, random_bytes
+from tests.support.oci import sha256_digest
+from tests.support.store import assert_store_verified, stored_files
 
 pytestmark = pytest.mark.timeout(60)
 MB = 1024 * 1024
@@ -167,7 +162,7 @@ async def test_read_only_cache_dir_relays_uncached_and_says_why(
 async def test_a_manifest_answered_from_memory_is_still_on_disk(
         upstream: FaultUpstream, start_mirror: MirrorFactory, client: aiohttp.ClientSession,
         tmp_path: Path) -> None:
-    data = image(sha256(b"config"))
+    data = image(sha256_digest(b"config"))
     digest = upstream.add_manifest("app", "v1", data, mt.OCI_MANIFEST)
     base = await start_mirror(cache={"prefetch": False})
     assert await get(client, f"{base}/v2/app/manifests/v1") == (200, data)
@@ -178,7 +173,7 @@ async def test_a_manifest_answered_from_memory_is_still_on_disk(
         evict(store, index, 0, set())
     finally:
         index.close()
-    assert sha256(data) not in stored_files(cache)
+    assert sha256_digest(data) not in stored_files(cache)
     for ref in ("v1", digest):
         assert await get(client, f"{base}/v2/app/manifests/{ref}") == (200, data)
     assert stored_files(cache).get(digest) == data

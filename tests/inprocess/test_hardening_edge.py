@@ -23,7 +23,8 @@ from aiohttp.test_utils import TestServer
 from yarl import URL
 
 from mirror.logs import ACCESS_LOG
-from tests.inprocess.conftest import FaultUpstream, MirrorFactory, random_bytes
+from tests.support.appmirror import MirrorFactory
+from tests.support.faultupstream import FaultUpstream, random_bytes
 
 pytestmark = [pytest.mark.timeout(60), pytest.mark.filterwarnings(
     "ignore:Overriding the \"event_loop_policy\" fixture:DeprecationWarning")]

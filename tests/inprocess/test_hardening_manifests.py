@@ -21,7 +21,7 @@ from aiohttp.test_utils import TestServer
 
 from mirror.config import parse_config
 from mirror.http.app import build_app
-from tests.inprocess.conftest import assert_store_verified
+from tests.support.store import assert_store_verified
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -17,7 +17,8 @@ import aiohttp
 import bcrypt
 import pytest
 
-from tests.inprocess.conftest import Behaviour, FaultUpstream, MirrorFactory, random_bytes
+from tests.support.appmirror import MirrorFactory
+from tests.support.faultupstream import Behaviour, FaultUpstream, random_bytes
 
 pytestmark = pytest.mark.timeout(60)
 

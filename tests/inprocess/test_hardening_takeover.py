@@ -12,7 +12,9 @@ import pytest
 
 from mirror.cache.store import BlobStore
 from mirror.oci.reference import parse_digest
-from tests.inprocess.conftest import FaultUpstream, MirrorFactory, random_bytes, stored_files
+from tests.support.appmirror import MirrorFactory
+from tests.support.faultupstream import FaultUpstream, random_bytes
+from tests.support.store import stored_files
 
 pytestmark = pytest.mark.timeout(60)
 

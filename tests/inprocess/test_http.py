@@ -10,7 +10,9 @@ import pytest
 from yarl import URL
 
 from mirror.oci import mediatypes as mt
-from tests.inprocess.conftest import FaultUpstream, MirrorFactory, random_bytes, sha256
+from tests.support.appmirror import MirrorFactory
+from tests.support.faultupstream import FaultUpstream, random_bytes
+from tests.support.oci import sha256_digest
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -35,7 +37,7 @@ async def test_base_endpoint(start_mirror: MirrorFactory, client: aiohttp.Client
 async def test_writes_are_unsupported(method: str, start_mirror: MirrorFactory,
                                       client: aiohttp.ClientSession) -> None:
     base = await start_mirror()
-    for path in ("/v2/a/manifests/v1", "/v2/a/blobs/uploads/", f"/v2/a/blobs/{sha256(b'')}"):
+    for path in ("/v2/a/manifests/v1", "/v2/a/blobs/uploads/", f"/v2/a/blobs/{sha256_digest(b'')}"):
         async with client.request(method, base + path) as resp:
             assert resp.status == 405 and await error_of(resp) == "UNSUPPORTED"
 
@@ -161,7 +163,7 @@ async def test_referrers_pass_through_and_404_without_the_api(
         client: aiohttp.ClientSession) -> None:
     from aiohttp import web
 
-    subject = sha256(b"subject")
+    subject = sha256_digest(b"subject")
     seen: list[str] = []
 
     async def referrers(request: web.Request) -> web.Response:

@@ -17,15 +17,10 @@ from mirror.cache.index import Index
 from mirror.cache.store import BlobStore
 from mirror.oci import mediatypes as mt
 from mirror.oci.reference import parse_digest
-from tests.inprocess.conftest import (
-    Behaviour,
-    FaultUpstream,
-    MirrorFactory,
-    assert_store_verified,
-    random_bytes,
-    sha256,
-    stored_files,
-)
+from tests.support.appmirror import MirrorFactory
+from tests.support.faultupstream import Behaviour, FaultUpstream, random_bytes
+from tests.support.oci import sha256_digest
+from tests.support.store import assert_store_verified, stored_files
 
 pytestmark = pytest.mark.timeout(60)
 MB = 1024 * 1024
@@ -78,7 +73,7 @@ async def test_store_stays_under_max_size_evicting_least_recently_used(
     assert_store_verified(cache)
     # an evicted blob is fetched again on demand
     data = await pull(client, f"{base}/v2/r/blobs/{digests[1]}")
-    assert sha256(data) == digests[1]
+    assert sha256_digest(data) == digests[1]
 
 
 async def test_pinned_images_survive_eviction(
@@ -95,7 +90,7 @@ async def test_pinned_images_survive_eviction(
     await wait_evicted(tmp_path / "cache", 4 * MB)
     stored = stored_files(tmp_path / "cache")
     assert all(d in stored for d in pinned_blobs)
-    assert sha256(image(*pinned_blobs)) in stored
+    assert sha256_digest(image(*pinned_blobs)) in stored
 
 
 @pytest.fixture
@@ -129,7 +124,7 @@ async def test_disk_full_relays_to_clients_without_caching(
     assert list((tiny_disk / "tmp").glob("*.partial")) == []
     # the mirror is still healthy and caches what fits
     small = upstream.add_blob(random_bytes(1000))
-    assert sha256(await pull(client, f"{base}/v2/r/blobs/{small}")) == small
+    assert sha256_digest(await pull(client, f"{base}/v2/r/blobs/{small}")) == small
     assert small in stored_files(tiny_disk)
 
 
@@ -147,7 +142,7 @@ async def test_offline_serves_the_cache_and_nothing_else(
     assert await pull(client, f"{offline}/v2/app/manifests/v1") == data  # even past its TTL
     await pull(client, f"{offline}/v2/app/blobs/{blob}")
     for path, code in [("/v2/app/manifests/v2", "MANIFEST_UNKNOWN"),
-                       (f"/v2/app/blobs/{sha256(b'new')}", "BLOB_UNKNOWN")]:
+                       (f"/v2/app/blobs/{sha256_digest(b'new')}", "BLOB_UNKNOWN")]:
         async with client.get(offline + path) as resp:
             assert resp.status == 404
             assert (await resp.json())["errors"][0]["code"] == code
@@ -167,14 +162,14 @@ async def test_upstream_down_serves_every_cached_image(
     await upstream.server.close()
     for ref in ("v1", digest):
         assert await pull(client, f"{base}/v2/app/manifests/{ref}") == data
-    assert sha256(await pull(client, f"{base}/v2/app/blobs/{blob}")) == blob
+    assert sha256_digest(await pull(client, f"{base}/v2/app/blobs/{blob}")) == blob
 
 
 def test_index_rebuilt_from_the_store(tmp_path: Path) -> None:
     store = BlobStore(tmp_path)
     contents = [random_bytes(100 + i) for i in range(50)]
     for c in contents:
-        store.put_bytes(parse_digest(sha256(c)), c)
+        store.put_bytes(parse_digest(sha256_digest(c)), c)
     shutil.rmtree(store.index_dir, ignore_errors=True)
     index = Index(store.index_dir)
     assert not index.entries_complete()

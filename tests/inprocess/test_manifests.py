@@ -10,7 +10,9 @@ import aiohttp
 import pytest
 
 from mirror.oci import mediatypes as mt
-from tests.inprocess.conftest import Behaviour, FaultUpstream, MirrorFactory, random_bytes, sha256
+from tests.support.appmirror import MirrorFactory
+from tests.support.faultupstream import Behaviour, FaultUpstream, random_bytes
+from tests.support.oci import sha256_digest
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -34,7 +36,7 @@ def index_manifest(child: str) -> bytes:
 async def test_exact_bytes_and_headers_for_get_and_head(
         upstream: FaultUpstream, start_mirror: MirrorFactory,
         client: aiohttp.ClientSession) -> None:
-    data = image_manifest(sha256(b"c"), sha256(b"l"))
+    data = image_manifest(sha256_digest(b"c"), sha256_digest(b"l"))
     digest = upstream.add_manifest("app", "v1", data, mt.OCI_MANIFEST)
     base = await start_mirror(cache={"prefetch": False})
     accept = {"Accept": mt.OCI_MANIFEST}
@@ -63,7 +65,7 @@ async def test_exact_bytes_and_headers_for_get_and_head(
 async def test_head_never_becomes_an_upstream_get(
         upstream: FaultUpstream, start_mirror: MirrorFactory,
         client: aiohttp.ClientSession) -> None:
-    data = image_manifest(sha256(b"c"))
+    data = image_manifest(sha256_digest(b"c"))
     upstream.add_manifest("app", "v1", data, mt.OCI_MANIFEST)
     blob = upstream.add_blob(random_bytes(1000))
     base = await start_mirror()
@@ -77,7 +79,7 @@ async def test_head_never_becomes_an_upstream_get(
 async def test_tag_trusted_for_ttl_then_revalidated_with_head(
         upstream: FaultUpstream, start_mirror: MirrorFactory,
         client: aiohttp.ClientSession) -> None:
-    v1 = image_manifest(sha256(b"one"))
+    v1 = image_manifest(sha256_digest(b"one"))
     upstream.add_manifest("app", "latest", v1, mt.OCI_MANIFEST)
     base = await start_mirror(cache={"tag_ttl": "0s", "prefetch": False})
     url = f"{base}/v2/app/manifests/latest"
@@ -86,7 +88,7 @@ async def test_tag_trusted_for_ttl_then_revalidated_with_head(
     async with client.get(url) as resp:  # expired at once: revalidated with a HEAD
         assert await resp.read() == v1 and resp.headers["X-Mirror-Cache"] == "revalidated"
     assert [s.method for s in upstream.seen] == ["GET", "HEAD"]
-    v2 = image_manifest(sha256(b"two"))
+    v2 = image_manifest(sha256_digest(b"two"))
     upstream.add_manifest("app", "latest", v2, mt.OCI_MANIFEST)  # the tag moved
     async with client.get(url) as resp:
         assert await resp.read() == v2
@@ -96,7 +98,7 @@ async def test_tag_trusted_for_ttl_then_revalidated_with_head(
 async def test_tag_within_ttl_never_contacts_upstream(
         upstream: FaultUpstream, start_mirror: MirrorFactory,
         client: aiohttp.ClientSession) -> None:
-    upstream.add_manifest("app", "v1", image_manifest(sha256(b"c")), mt.OCI_MANIFEST)
+    upstream.add_manifest("app", "v1", image_manifest(sha256_digest(b"c")), mt.OCI_MANIFEST)
     base = await start_mirror(cache={"tag_ttl": "1h", "prefetch": False})
     for _ in range(5):
         async with client.get(f"{base}/v2/app/manifests/v1") as resp:
@@ -107,7 +109,7 @@ async def test_tag_within_ttl_never_contacts_upstream(
 async def test_stale_tag_served_when_upstream_fails(
         upstream: FaultUpstream, start_mirror: MirrorFactory,
         client: aiohttp.ClientSession) -> None:
-    data = image_manifest(sha256(b"c"))
+    data = image_manifest(sha256_digest(b"c"))
     upstream.add_manifest("app", "v1", data, mt.OCI_MANIFEST)
     base = await start_mirror(cache={"tag_ttl": "0s", "prefetch": False})
     async with client.get(f"{base}/v2/app/manifests/v1") as resp:
@@ -122,7 +124,7 @@ async def test_stale_tag_served_when_upstream_fails(
 async def test_concurrent_manifest_misses_coalesce(
         upstream: FaultUpstream, start_mirror: MirrorFactory,
         client: aiohttp.ClientSession) -> None:
-    upstream.add_manifest("app", "v1", image_manifest(sha256(b"c")), mt.OCI_MANIFEST)
+    upstream.add_manifest("app", "v1", image_manifest(sha256_digest(b"c")), mt.OCI_MANIFEST)
     upstream.manifest_delay = asyncio.Event()
     base = await start_mirror(cache={"prefetch": False})
 
@@ -140,8 +142,8 @@ async def test_concurrent_manifest_misses_coalesce(
 async def test_cached_index_not_served_to_a_client_that_cannot_parse_it(
         upstream: FaultUpstream, start_mirror: MirrorFactory,
         client: aiohttp.ClientSession) -> None:
-    child = image_manifest(sha256(b"c"))
-    index = index_manifest(sha256(child))
+    child = image_manifest(sha256_digest(b"c"))
+    index = index_manifest(sha256_digest(child))
     upstream.add_manifest("app", "v1", index, mt.OCI_INDEX)
     base = await start_mirror(cache={"prefetch": False})
     async with client.get(f"{base}/v2/app/manifests/v1",
@@ -158,9 +160,9 @@ async def test_cached_index_not_served_to_a_client_that_cannot_parse_it(
 async def test_manifest_digest_mismatch_is_not_cached(
         upstream: FaultUpstream, start_mirror: MirrorFactory,
         client: aiohttp.ClientSession, tmp_path: Path) -> None:
-    data = image_manifest(sha256(b"c"))
+    data = image_manifest(sha256_digest(b"c"))
     upstream.add_manifest("app", "v1", data, mt.OCI_MANIFEST)
-    wrong = sha256(b"something else")
+    wrong = sha256_digest(b"something else")
     upstream.manifests[("app", wrong)] = (data, mt.OCI_MANIFEST)
     base = await start_mirror(cache={"prefetch": False})
     async with client.get(f"{base}/v2/app/manifests/{wrong}") as resp:
@@ -179,7 +181,7 @@ async def test_prefetch_starts_layer_downloads_on_a_manifest_miss(
         assert resp.status == 200
     for b in blobs:
         async with client.get(f"{base}/v2/app/blobs/{b}") as resp:
-            assert sha256(await resp.read()) == b
+            assert sha256_digest(await resp.read()) == b
             # joined the prefetch's download (or found it finished): never started one
             assert resp.headers["X-Mirror-Cache"] in ("inflight", "hit")
     assert upstream.count("GET", "/blobs/") == len(blobs)
@@ -203,7 +205,7 @@ async def test_prefetch_keeps_only_a_few_downloads_ahead(
     upstream.gate.set()
     for b in blobs:  # the rest follow as the first ones finish
         async with client.get(f"{base}/v2/app/blobs/{b}") as resp:
-            assert sha256(await resp.read()) == b
+            assert sha256_digest(await resp.read()) == b
     assert upstream.count("GET", "/blobs/") == len(blobs)
 
 
@@ -225,8 +227,8 @@ async def test_index_alone_triggers_no_prefetch(
         client: aiohttp.ClientSession) -> None:
     blob = upstream.add_blob(random_bytes(1000))
     child = image_manifest(blob)
-    upstream.add_manifest("app", sha256(child), child, mt.OCI_MANIFEST)
-    upstream.add_manifest("app", "v1", index_manifest(sha256(child)), mt.OCI_INDEX)
+    upstream.add_manifest("app", sha256_digest(child), child, mt.OCI_MANIFEST)
+    upstream.add_manifest("app", "v1", index_manifest(sha256_digest(child)), mt.OCI_INDEX)
     base = await start_mirror()
     async with client.get(f"{base}/v2/app/manifests/v1") as resp:
         assert resp.status == 200

@@ -21,7 +21,9 @@ from mirror.http.activity import TopCounter
 from mirror.http.statuspage import human_bytes
 from mirror.oci import mediatypes as mt
 from mirror.process import notify, tls
-from tests.inprocess.conftest import Behaviour, FaultUpstream, MirrorFactory, random_bytes, sha256
+from tests.support.appmirror import MirrorFactory
+from tests.support.faultupstream import Behaviour, FaultUpstream, random_bytes
+from tests.support.oci import sha256_digest
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -101,7 +103,7 @@ async def test_metrics_move_with_pulls(upstream: FaultUpstream, start_mirror: Mi
     for _ in range(3):  # one miss, then hits
         async with client.get(f"{base}/v2/team/app/blobs/{layer_digest}") as resp:
             assert await resp.read() == layer
-    async with client.get(f"{base}/v2/team/app/blobs/{sha256(b'nope')}") as resp:
+    async with client.get(f"{base}/v2/team/app/blobs/{sha256_digest(b'nope')}") as resp:
         assert resp.status == 404
     await asyncio.sleep(0)
     after = await scrape(client, base)

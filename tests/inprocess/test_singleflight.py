@@ -8,15 +8,10 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.inprocess.conftest import (
-    Behaviour,
-    FaultUpstream,
-    MirrorFactory,
-    assert_store_verified,
-    random_bytes,
-    sha256,
-    stored_files,
-)
+from tests.support.appmirror import MirrorFactory
+from tests.support.faultupstream import Behaviour, FaultUpstream, random_bytes
+from tests.support.oci import sha256_digest
+from tests.support.store import assert_store_verified, stored_files
 
 pytestmark = pytest.mark.timeout(60)
 SIZE = 4 * 1024 * 1024
@@ -243,7 +238,7 @@ async def test_missing_blob_is_blob_unknown(
         upstream: FaultUpstream, start_mirror: MirrorFactory, client: aiohttp.ClientSession
 ) -> None:
     base = await start_mirror()
-    async with client.get(f"{base}/v2/r/blobs/{sha256(b'missing')}") as resp:
+    async with client.get(f"{base}/v2/r/blobs/{sha256_digest(b'missing')}") as resp:
         assert resp.status == 404
         assert (await resp.json())["errors"][0]["code"] == "BLOB_UNKNOWN"
 
@@ -273,7 +268,7 @@ async def test_a_429_is_relayed_and_not_retried_into(
 async def test_unreachable_upstream_is_a_502_json(
         start_mirror: MirrorFactory, client: aiohttp.ClientSession) -> None:
     base = await start_mirror(upstreams=[{"name": "dead", "url": "http://127.0.0.1:9"}])
-    async with client.get(f"{base}/v2/r/blobs/{sha256(b'x')}") as resp:
+    async with client.get(f"{base}/v2/r/blobs/{sha256_digest(b'x')}") as resp:
         assert resp.status == 502
         body = await resp.json()
         assert body["errors"][0]["code"] == "UPSTREAM_UNREACHABLE"
