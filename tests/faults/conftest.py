@@ -34,9 +34,12 @@ from aiohttp import web
 
 from tests.support.faultupstream import FaultUpstream, close_upstream, serve_upstream
 from tests.support.mirror import MirrorProcess
+from tests.support.mirrorfixtures import blackhole, mirror_factory
 from tests.support.oci import sha256_digest
 from tests.support.registry import HOST, stop_loop_thread, wait_until
 from tests.support.store import assert_store_verified
+
+__all__ = ["blackhole", "mirror_factory"]  # fixtures shared with tests/integration
 
 USER, PASSWORD = "user", "pass"  # what FaultUpstream's Basic challenge accepts
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -304,8 +307,8 @@ def upstreams() -> Iterator[Upstreams]:
 
 @pytest.fixture(scope="session")
 def upstream(upstreams: Upstreams) -> MatrixUpstream:
-    """Overrides tests/conftest.py's docker-registry `upstream` (mirror_factory's default):
-    nothing here needs the real registry or its 100 MB test images."""
+    """mirror_factory's default upstream: nothing here needs the integration tests'
+    docker-registry or its 100 MB test images."""
     return upstreams.public
 
 

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from tests.conftest import MirrorFactory
 from tests.support.mirror import MirrorProcess, Upstream
+from tests.support.mirrorfixtures import MirrorFactory
 from tests.support.registry import wait_until
 
 from .conftest import (

@@ -14,8 +14,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from tests.conftest import MirrorFactory
 from tests.support.mirror import MirrorProcess
+from tests.support.mirrorfixtures import MirrorFactory
 from tests.support.registry import wait_until
 
 from .conftest import Act, Outcome, Upstreams, check_outcome, fetch

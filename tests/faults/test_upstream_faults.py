@@ -13,7 +13,7 @@ import os
 
 import pytest
 
-from tests.conftest import MirrorFactory
+from tests.support.mirrorfixtures import MirrorFactory
 
 from .conftest import (
     OCI_MANIFEST,

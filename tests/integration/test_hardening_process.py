@@ -16,8 +16,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import MirrorFactory
 from tests.support.mirror import MirrorProcess, Upstream
+from tests.support.mirrorfixtures import MirrorFactory
 from tests.support.registry import HOST, env_without_proxies, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]

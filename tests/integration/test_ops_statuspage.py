@@ -15,9 +15,9 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import MirrorFactory
 from tests.support import clients, oci
 from tests.support.mirror import MirrorProcess
+from tests.support.mirrorfixtures import MirrorFactory
 from tests.support.registry import ClosedPort, env_without_proxies, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
