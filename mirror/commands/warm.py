@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from mirror.config import Config
 from mirror.oci import mediatypes as mt
-from mirror.oci.errors import RegistryError
+from mirror.oci.errors import ErrorCode, RegistryError
 from mirror.oci.reference import Digest, parse_digest
 from mirror.oci.routing import ImageRef, parse_image
 from mirror.pull.downloads import Download
@@ -69,7 +69,7 @@ async def warm_image(proxy: Proxy, ref: ImageRef, platforms: Sequence[str] | Non
                 assert m.data is not None
                 images.append(m.data)
         if not images:
-            raise RegistryError("MANIFEST_UNKNOWN", f"{ref} has no image for {platforms}")
+            raise RegistryError(ErrorCode.MANIFEST_UNKNOWN, f"{ref} has no image for {platforms}")
     digests = {parse_digest(d) for data in images for d in mt.referenced_blobs(data)[0]}
     bar.total = (bar.total or 0) + len(digests)
     slots = asyncio.Semaphore(PARALLEL_BLOBS)

@@ -23,7 +23,7 @@ from mirror.http.clientauth import (
     load_htpasswd,
     parse_basic,
 )
-from mirror.oci.errors import RegistryError
+from mirror.oci.errors import ErrorCode, RegistryError
 
 AUTHENTICATOR: web.AppKey[Authenticator | None] = web.AppKey("authenticator")
 LIMITER: web.AppKey[FailureLimiter] = web.AppKey("limiter", FailureLimiter)
@@ -58,7 +58,7 @@ def _realm(request: web.Request) -> str:
 
 def unauthorized(request: web.Request, message: str, scope: str | None = None
                  ) -> RegistryError:
-    return RegistryError("UNAUTHORIZED", message, headers={
+    return RegistryError(ErrorCode.UNAUTHORIZED, message, headers={
         "WWW-Authenticate": bearer_challenge(_realm(request), scope)})
 
 
@@ -79,7 +79,7 @@ async def identity(request: web.Request) -> Identity | None:
     limiter, client = request.app[LIMITER], _client(request)
     wait = limiter.attempt(client)
     if wait is not None:
-        raise RegistryError("TOOMANYREQUESTS", f"too many failed logins from {client}: try "
+        raise RegistryError(ErrorCode.TOOMANYREQUESTS, f"too many failed logins from {client}: try "
                             f"again in {wait}s", headers={"Retry-After": str(wait)})
     who = await auth.identify(header)
     if who is None:
@@ -104,7 +104,7 @@ async def check_status(request: web.Request, config: AuthConfig) -> None:
         return
     who = await identity(request)
     if who is None or who.anonymous:
-        raise RegistryError("UNAUTHORIZED", "the status page and /metrics need a user from "
+        raise RegistryError(ErrorCode.UNAUTHORIZED, "the status page and /metrics need a user from "
                             "[auth] htpasswd (or set [auth] status = \"public\")", challenges=(
                                 f'Basic realm="{SERVICE}", charset="UTF-8"',
                                 bearer_challenge(_realm(request))))
@@ -124,13 +124,15 @@ async def token(request: web.Request) -> web.Response:
     """Docker's token endpoint: Basic credentials from htpasswd, or none for anonymous."""
     auth = request.app[AUTHENTICATOR]
     if auth is None:
-        raise RegistryError("UNSUPPORTED", "access control is off: no token needed", status=404)
+        # 404: with access control off the token endpoint does not exist.
+        raise RegistryError(ErrorCode.UNSUPPORTED, "access control is off: no token needed",
+                            status=404)
     header = request.headers.get("Authorization")
     user = ANONYMOUS
     if header:
         who = await identity(request)
         if who is None:
-            raise RegistryError("UNAUTHORIZED", "wrong user name or password",
+            raise RegistryError(ErrorCode.UNAUTHORIZED, "wrong user name or password",
                                 headers={"WWW-Authenticate": f'Basic realm="{SERVICE}"'})
         user = who.user
     value = auth.issue(user)

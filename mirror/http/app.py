@@ -31,6 +31,7 @@ from mirror.http.ranges import (
     parse_ranges,
 )
 from mirror.http.responses import API_VERSION, content_headers, etag, etag_matches
+from mirror.http.wire import wire_error
 from mirror.http.zerocopy import Sender
 from mirror.logs import ACCESS_LOG
 from mirror.oci.errors import ErrorCode, RegistryError
@@ -97,24 +98,20 @@ async def errors_and_access_log(request: web.Request, handler: Handler) -> web.S
         response = await handler(request)
         status = response.status
         return response
-    except RegistryError as exc:
-        status = exc.status
-        request[ERROR] = exc.message
-        response = error_response(exc)
-        return response
-    except web.HTTPException as exc:
-        status = exc.status
-        code = "UNSUPPORTED" if exc.status == 405 else "NAME_UNKNOWN"
-        response = error_response(RegistryError(code, exc.reason, status=exc.status))
-        return response
     except ConnectionError as exc:  # the client went away before a response started
         status = 499
         request[ERROR] = f"client went away: {exc}"
         raise
-    except Exception:
-        log.exception("unhandled error", extra={"path": request.path})
-        response = error_response(RegistryError(ErrorCode.UNKNOWN, "internal error; the mirror's log "
-                                                "has the details"))
+    except Exception as exc:
+        error = wire_error(exc)
+        if error is None:
+            log.exception("unhandled error", extra={"path": request.path})
+            error = RegistryError(ErrorCode.UNKNOWN, "internal error; the mirror's log has "
+                                  "the details")
+        elif not isinstance(exc, web.HTTPException):
+            request[ERROR] = error.message
+        status = error.status
+        response = error_response(error)
         return response
     finally:
         if not request[BYTES] and isinstance(response, web.Response) \

@@ -11,7 +11,7 @@ import hashlib
 import re
 from dataclasses import dataclass
 
-from mirror.oci.errors import RegistryError
+from mirror.oci.errors import ErrorCode, RegistryError
 
 _COMPONENT = r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*"
 _NAME_RE = re.compile(rf"{_COMPONENT}(?:/{_COMPONENT})*")
@@ -42,16 +42,18 @@ class Digest:
 def parse_digest(value: str) -> Digest:
     algorithm, sep, encoded = value.partition(":")
     if not sep or not _ALGORITHM_RE.fullmatch(algorithm):
-        raise RegistryError("DIGEST_INVALID", f"invalid digest {value!r}: expected algorithm:hex")
+        raise RegistryError(ErrorCode.DIGEST_INVALID,
+                            f"invalid digest {value!r}: expected algorithm:hex")
     length = HEX_LENGTH.get(algorithm)
     if length is None:
         raise RegistryError(
-            "DIGEST_INVALID",
+            ErrorCode.DIGEST_INVALID,
             f"unsupported digest algorithm {algorithm!r}: use sha256 or sha512",
         )
     if len(encoded) != length or not re.fullmatch(r"[a-f0-9]+", encoded):
         raise RegistryError(
-            "DIGEST_INVALID", f"invalid digest {value!r}: {algorithm} needs {length} lowercase hex"
+            ErrorCode.DIGEST_INVALID,
+            f"invalid digest {value!r}: {algorithm} needs {length} lowercase hex",
         )
     return Digest(algorithm, encoded)
 
@@ -63,7 +65,7 @@ def digest_of(data: bytes, algorithm: str = "sha256") -> Digest:
 def validate_name(name: str) -> str:
     if len(name) > MAX_NAME_LENGTH or not _NAME_RE.fullmatch(name):
         raise RegistryError(
-            "NAME_INVALID",
+            ErrorCode.NAME_INVALID,
             f"invalid repository name {name!r}: lowercase components [a-z0-9] joined by . _ __ -"
             " separated by /",
         )
@@ -74,7 +76,7 @@ def validate_tag(tag: str) -> str:
     # The spec's error codes have no TAG_INVALID (conformance tests refuse codes outside
     # them): a reference that is neither a tag nor a digest is MANIFEST_INVALID.
     if not _TAG_RE.fullmatch(tag):
-        raise RegistryError("MANIFEST_INVALID", f"invalid reference {tag!r}: a tag is "
+        raise RegistryError(ErrorCode.MANIFEST_INVALID, f"invalid reference {tag!r}: a tag is "
                             "[A-Za-z0-9_][A-Za-z0-9._-]{0,127}, a digest algorithm:hex")
     return tag
 
@@ -97,6 +99,6 @@ def manifest_reference_for_read(reference: str) -> Digest | str:
     if is_digest_reference(reference):
         return parse_digest(reference)
     if not _TAG_RE.fullmatch(reference):
-        raise RegistryError("MANIFEST_UNKNOWN", f"no manifest {reference!r}: not a valid tag "
-                            "([A-Za-z0-9_][A-Za-z0-9._-]{0,127}) nor a digest")
+        raise RegistryError(ErrorCode.MANIFEST_UNKNOWN, f"no manifest {reference!r}: not a "
+                            "valid tag ([A-Za-z0-9_][A-Za-z0-9._-]{0,127}) nor a digest")
     return reference

@@ -10,7 +10,7 @@ import functools
 from dataclasses import dataclass
 from enum import Enum
 
-from mirror.oci.errors import RegistryError
+from mirror.oci.errors import ErrorCode, RegistryError
 
 
 class Kind(Enum):
@@ -49,4 +49,4 @@ def parse_v2_path(tail: str) -> Route:
         kind = _BY_SECOND_LAST.get(parts[-2])
         if kind is not None and parts[-1]:
             return Route(kind, "/".join(parts[:-2]), parts[-1])
-    raise RegistryError("NAME_UNKNOWN", f"no registry API endpoint at /v2/{tail}", status=404)
+    raise RegistryError(ErrorCode.NAME_UNKNOWN, f"no registry API endpoint at /v2/{tail}")

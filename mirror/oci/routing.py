@@ -17,7 +17,7 @@ import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from mirror.oci.errors import RegistryError
+from mirror.oci.errors import ErrorCode, RegistryError
 from mirror.oci.reference import Digest, parse_digest, validate_name, validate_tag
 
 DOCKER_HUB = "docker.io"
@@ -68,7 +68,7 @@ def parse_image(ref: str, upstreams: Sequence[str], *, strict: bool = False) -> 
     host = unconfigured_registry(name, None, upstreams) if strict else None
     if host is not None:
         raise RegistryError(
-            "NAME_INVALID",
+            ErrorCode.NAME_INVALID,
             f"{ref}: {host} is not a configured upstream (configured: {', '.join(upstreams)}); "
             f"add an [[upstream]] for it, or name the image without a registry to use "
             f"{upstreams[0]}")
@@ -88,7 +88,7 @@ def _select(raw_name: str, ns: str | None, upstreams: tuple[str, ...]) -> tuple[
         chosen = by_canonical.get(_canonical(ns))
         if chosen is None:
             raise RegistryError(
-                "NAME_UNKNOWN",
+                ErrorCode.NAME_UNKNOWN,
                 f"no upstream named {ns!r} is configured (ns parameter); configured: "
                 + ", ".join(upstreams),
             )

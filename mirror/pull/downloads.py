@@ -29,7 +29,7 @@ import aiohttp
 
 from mirror import metrics
 from mirror.cache.store import BlobStore
-from mirror.oci.errors import RegistryError
+from mirror.oci.errors import ErrorCode, RegistryError, UpstreamError
 from mirror.oci.reference import Digest
 
 log = logging.getLogger("mirror.download")
@@ -344,9 +344,8 @@ class Download:
                 metrics.DIGEST_MISMATCHES.labels("blob").inc()
                 log.error("digest mismatch: discarding", extra={
                     "digest": str(self.digest), "actual": hasher.hexdigest()})
-                raise RegistryError("DIGEST_INVALID",
-                                    f"upstream sent content that does not match {self.digest}",
-                                    status=502)
+                raise UpstreamError(ErrorCode.DIGEST_INVALID,
+                                    f"upstream sent content that does not match {self.digest}")
             # Stored before the last byte is released, so a client that has the whole body
             # finds the blob in the store on its next request.
             if self.disk_end is None:
@@ -355,20 +354,21 @@ class Download:
             self._notify()
         except RegistryError as exc:
             self._fail(exc)
+        # 507 Insufficient Storage below: the mirror's own disk failed, not the upstream.
         except _RelayEnded:
-            self._fail(RegistryError("UNKNOWN", f"{self.digest} could not be cached and nobody "
-                                     "was reading it", status=507), fallback=True)
+            self._fail(RegistryError(ErrorCode.UNKNOWN, f"{self.digest} could not be cached "
+                                     "and nobody was reading it", status=507), fallback=True)
         except asyncio.CancelledError:
-            self._fail(RegistryError("UNKNOWN", "download cancelled"))  # shutting down
+            self._fail(RegistryError(ErrorCode.UNKNOWN, "download cancelled"))  # shutting down
             raise
         except OSError as exc:
             log.error("cache write failed", extra={"digest": str(self.digest), "error": str(exc)})
-            self._fail(RegistryError("UNKNOWN", f"could not write {self.digest} to the cache: "
-                                     f"{exc.strerror}", status=507), fallback=True)
+            self._fail(RegistryError(ErrorCode.UNKNOWN, f"could not write {self.digest} to the "
+                                     f"cache: {exc.strerror}", status=507), fallback=True)
         except Exception as exc:  # never leave readers waiting for a download that died
             log.exception("download failed", extra={"digest": str(self.digest)})
-            self._fail(RegistryError("UNKNOWN", f"download of {self.digest} failed: {exc!r}"),
-                       fallback=True)
+            self._fail(RegistryError(ErrorCode.UNKNOWN,
+                                     f"download of {self.digest} failed: {exc!r}"), fallback=True)
         finally:
             if resp is not None:
                 resp.close()
@@ -395,9 +395,9 @@ class Download:
                         "digest": str(self.digest), "offset": self.written,
                         "error": repr(exc), "attempts_left": attempts})
                     if attempts <= 0:
-                        raise RegistryError("UPSTREAM_UNAVAILABLE",
-                                            f"download of {self.digest} kept breaking: {exc}",
-                                            status=502) from None
+                        raise UpstreamError(ErrorCode.UPSTREAM_UNAVAILABLE,
+                                            f"download of {self.digest} kept breaking: {exc}"
+                                            ) from None
                     self.resumed += 1
                     metrics.DOWNLOADS_RESUMED.inc()
                     resp = await self._open(fetch, self.written)
@@ -487,13 +487,13 @@ class Download:
             if total is not None:
                 if self.size is not None and total != self.size:
                     resp.close()
-                    raise RegistryError("UPSTREAM_UNAVAILABLE",
-                                        f"upstream changed the size of {self.digest}", status=502)
+                    raise UpstreamError(ErrorCode.UPSTREAM_UNAVAILABLE,
+                                        f"upstream changed the size of {self.digest}")
                 self.size = total
             if resp.status == 206 and not _range_starts_at(resp, offset):
                 resp.close()
-                raise RegistryError("UPSTREAM_UNAVAILABLE",
-                                    f"upstream sent the wrong range for {self.digest}", status=502)
+                raise UpstreamError(ErrorCode.UPSTREAM_UNAVAILABLE,
+                                    f"upstream sent the wrong range for {self.digest}")
             return resp
         # The upstream ignored Range and sent the whole body: skip what we already have.
         await _discard(resp, offset)
@@ -502,9 +502,8 @@ class Download:
     async def _copy_body(self, resp: aiohttp.ClientResponse, hasher: hashlib._Hash) -> None:
         async for chunk in resp.content.iter_any():
             if self.size is not None and self.written + len(chunk) > self.size:
-                raise RegistryError("DIGEST_INVALID",
-                                    f"upstream sent more than {self.size} bytes for {self.digest}",
-                                    status=502)
+                raise UpstreamError(ErrorCode.DIGEST_INVALID,
+                                    f"upstream sent more than {self.size} bytes for {self.digest}")
             if self.disk_end is None:
                 self._write(chunk)
             hasher.update(chunk)
@@ -682,7 +681,7 @@ class Downloads:
                     return None
                 return fd, True
             os.close(fd)  # the previous holder renamed it away between open and lock: retry
-        raise RegistryError("UNKNOWN", f"could not claim a download of {digest}")
+        raise RegistryError(ErrorCode.UNKNOWN, f"could not claim a download of {digest}")
 
 
 def _same_file(path: Path, fd: int) -> bool:
