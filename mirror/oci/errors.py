@@ -1,7 +1,33 @@
 """Registry errors: the spec's error codes, their HTTP statuses and the JSON body.
 
 Codes clients see are the OCI distribution spec's (BLOB_UNKNOWN … TOOMANYREQUESTS) plus
-UNKNOWN, RANGE_INVALID and the UPSTREAM_* codes of a mirror's own failures."""
+UNKNOWN, RANGE_INVALID and the UPSTREAM_* codes of a mirror's own failures.
+
+The exceptions, who raises them, and where they become a wire error::
+
+    RegistryError(code: ErrorCode, message)  the client's request is refused; a status
+    │                                        defaults to the code's (STATUS_BY_CODE)
+    │     raised by oci/ (a bad name, tag, digest or route), http/ (access, read-only,
+    │     Range), upstream/client and pull/ (an upstream's refusal passed on: DENIED,
+    │     MANIFEST_UNKNOWN, TOOMANYREQUESTS …), commands/warm (no image for a platform)
+    └── UpstreamError                         the upstream answered something the mirror
+                                              refuses, or broke off: 502 (504 for a timeout)
+          raised by upstream/client (unreachable, timed out, a 5xx), pull/proxy and
+          pull/downloads (a wrong digest, size or range; a body that broke off)
+
+    Domain errors, which know nothing of HTTP:
+      cache.store.DigestMismatch   bytes offered to the store do not match their digest
+      mediatypes.ManifestInvalid   a manifest the mirror refuses (pull/proxy wraps it)
+      http.ranges.RangeNotSatisfiable    (http/app wraps it: RANGE_INVALID + Content-Range)
+      pull.downloads.ClientAbort   a body already under way cannot be completed
+      OSError                      the disk (full, read-only) or the client's socket
+
+    All of them become a response in one place, http/app's middleware, through
+    http/wire.py's `wire_error`: a RegistryError as it is, a domain error mapped to its
+    code, anything else UNKNOWN 500 (logged). A ClientAbort or an OSError after the
+    headers were sent cannot become a response: the connection is cut (http/app's
+    `_send_blob`). The CLI (cli.py, commands/) prints a RegistryError's message.
+"""
 
 from __future__ import annotations
 
@@ -97,13 +123,11 @@ class RegistryError(Exception):
 
 
 class UpstreamError(RegistryError):
-    """The upstream answered something the mirror refuses, or broke off: a gateway error.
-
-    The code says what was wrong (DIGEST_INVALID: the upstream's bytes do not match); the
-    status is the code's own when that is a gateway status (502/503/504), else 502 — the
-    client's request was fine, the upstream's answer was not."""
+    """The upstream answered something the mirror refuses, or broke off: 502 Bad Gateway
+    (504 Gateway Timeout for UPSTREAM_TIMEOUT) whatever the code — the client's request was
+    fine, the upstream's answer was not. The code says what was wrong (DIGEST_INVALID: the
+    upstream's bytes do not match their digest; UPSTREAM_UNAVAILABLE: its body broke off)."""
 
     @staticmethod
     def _status_for(code: ErrorCode | str) -> int:
-        status = _default_status(code)
-        return status if status in (502, 503, 504) else 502
+        return 504 if code == ErrorCode.UPSTREAM_TIMEOUT else 502
