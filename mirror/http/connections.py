@@ -26,6 +26,7 @@ from aiohttp.web_protocol import RequestHandler
 
 from mirror.config import ServerConfig
 from mirror.http.notices import Throttle
+from mirror.oci.errors import ErrorCode
 
 log = logging.getLogger("mirror.connections")
 
@@ -46,7 +47,8 @@ class Limits:
 
 
 def _refusal(status: int, reason: str, message: str) -> bytes:
-    body = json.dumps({"errors": [{"code": "TOOMANYREQUESTS", "message": message}]}).encode()
+    error = {"code": ErrorCode.TOOMANYREQUESTS, "message": message}
+    body = json.dumps({"errors": [error]}).encode()
     return (f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\n"
             f"Content-Length: {len(body)}\r\nRetry-After: 1\r\nConnection: close\r\n\r\n"
             ).encode() + body
