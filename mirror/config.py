@@ -1,7 +1,8 @@
 """Loading and validating `mirror.toml` (stdlib tomllib). Pure apart from reading the file.
 
 Every problem becomes a ConfigError naming the file, the key and what is wrong; the CLI turns
-it into one line and exit status 2.
+it into one line and exit status 2. Each key's default is stated once, on its dataclass field
+below; the parsers read it from there (mirror.toml documents the same values).
 """
 
 from __future__ import annotations
@@ -21,6 +22,10 @@ _SIZE_UNITS = {
     "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4,
 }  # fmt: skip
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def _cores() -> int:
+    return os.cpu_count() or 1
 
 
 class ConfigError(Exception):
@@ -46,7 +51,7 @@ class UpstreamConfig:
 class ServerConfig:
     host: str = "0.0.0.0"
     port: int = 5000
-    workers: int = 1
+    workers: int = field(default_factory=_cores)
     tls_cert: str | None = None
     tls_key: str | None = None
     shutdown_timeout: float = 30.0
@@ -56,11 +61,15 @@ class ServerConfig:
     max_connections_per_client: int = 256  # per client address, per worker process
 
 
+MAX_SIZE = 20 * 1024**3
+LOW_WATERMARK = "90%"  # of max_size, whatever max_size is set to
+
+
 @dataclass(frozen=True)
 class CacheConfig:
     dir: Path = Path("./cache")
-    max_size: int = 20 * 1024**3
-    low_watermark: int = 18 * 1024**3
+    max_size: int = MAX_SIZE
+    low_watermark: int = MAX_SIZE * 9 // 10  # LOW_WATERMARK of the default max_size
     tag_ttl: float = 60.0
     finish_abandoned: bool = True
     prefetch: bool = True
@@ -171,13 +180,13 @@ def _positive_int(value: object) -> int:
 
 
 def _server(path: str, table: object) -> ServerConfig:
-    s = _Section(path, "server", table)
-    host, port = s.get("listen", "0.0.0.0:5000", parse_listen)
-    workers = s.get("workers", os.cpu_count() or 1, _positive_int)
-    tls_cert = s.get("tls_cert", None, kind=str)
-    tls_key = s.get("tls_key", None, kind=str)
-    shutdown_timeout = s.get("shutdown_timeout", 30.0, parse_duration)
-    limits = _connection_limits(path, s)
+    s, d = _Section(path, "server", table), ServerConfig()
+    host, port = s.get("listen", f"{d.host}:{d.port}", parse_listen)
+    workers = s.get("workers", d.workers, _positive_int)
+    tls_cert = s.get("tls_cert", d.tls_cert, kind=str)
+    tls_key = s.get("tls_key", d.tls_key, kind=str)
+    shutdown_timeout = s.get("shutdown_timeout", d.shutdown_timeout, parse_duration)
+    limits = _connection_limits(path, s, d)
     s.finish()
     if bool(tls_cert) != bool(tls_key):
         raise ConfigError(path, "server.tls_cert", "tls_cert and tls_key go together")
@@ -191,16 +200,18 @@ def _positive_duration(value: object) -> float:
     return seconds
 
 
-def _connection_limits(path: str, s: _Section) -> dict[str, Any]:
-    max_connections = s.get("max_connections", 10_000, _positive_int)
+def _connection_limits(path: str, s: _Section, d: ServerConfig) -> dict[str, Any]:
+    max_connections = s.get("max_connections", d.max_connections, _positive_int)
     explicit = "max_connections_per_client" in s.table
-    per_client = s.get("max_connections_per_client", 256, _positive_int)
+    per_client = s.get("max_connections_per_client", d.max_connections_per_client,
+                       _positive_int)
     if explicit and per_client > max_connections:
         raise ConfigError(path, "server.max_connections_per_client",
                           f"{per_client} is above max_connections ({max_connections})")
     return {
-        "header_timeout": s.get("header_timeout", 10.0, _positive_duration),
-        "keepalive_timeout": s.get("keepalive_timeout", 75.0, _positive_duration),
+        "header_timeout": s.get("header_timeout", d.header_timeout, _positive_duration),
+        "keepalive_timeout": s.get("keepalive_timeout", d.keepalive_timeout,
+                                   _positive_duration),
         "max_connections": max_connections,
         "max_connections_per_client": min(per_client, max_connections),
     }
@@ -219,26 +230,26 @@ def _watermark(value: object, max_size: int) -> int:
 
 
 def _cache(path: str, table: object, base: Path) -> CacheConfig:
-    s = _Section(path, "cache", table)
-    directory = Path(s.get("dir", "./cache", kind=str))
-    max_size = s.get("max_size", "20GiB", parse_size)
-    low = s.get("low_watermark", "90%", lambda v: _watermark(v, max_size))
+    s, d = _Section(path, "cache", table), CacheConfig()
+    directory = Path(s.get("dir", str(d.dir), kind=str))
+    max_size = s.get("max_size", d.max_size, parse_size)
+    low = s.get("low_watermark", LOW_WATERMARK, lambda v: _watermark(v, max_size))
     config = CacheConfig(
         dir=directory if directory.is_absolute() else base / directory,
         max_size=max_size,
         low_watermark=low,
-        tag_ttl=s.get("tag_ttl", 60.0, parse_duration),
-        finish_abandoned=s.get("finish_abandoned", True, kind=bool),
-        prefetch=s.get("prefetch", True, kind=bool),
-        offline=s.get("offline", False, kind=bool),
-        pin=tuple(s.get("pin", [], kind=list)),
+        tag_ttl=s.get("tag_ttl", d.tag_ttl, parse_duration),
+        finish_abandoned=s.get("finish_abandoned", d.finish_abandoned, kind=bool),
+        prefetch=s.get("prefetch", d.prefetch, kind=bool),
+        offline=s.get("offline", d.offline, kind=bool),
+        pin=tuple(s.get("pin", list(d.pin), kind=list)),
     )
     s.finish()
     return config
 
 
 def _upstream(path: str, index: int, table: object) -> UpstreamConfig:
-    s = _Section(path, f"upstream[{index}]", table)
+    s, d = _Section(path, f"upstream[{index}]", table), UpstreamConfig(name="", url="")
     name = s.get("name", None, kind=str)
     url = s.get("url", None, parse_url)
     if not name:
@@ -254,19 +265,19 @@ def _upstream(path: str, index: int, table: object) -> UpstreamConfig:
             password = Path(password_file).read_text().strip()
         except OSError as exc:
             raise ConfigError(path, f"upstream[{index}].password_file", str(exc)) from None
-    access = s.get("access", "public", kind=str)
+    access = s.get("access", d.access, kind=str)
     if access not in ("public", "authenticated"):
         raise ConfigError(path, f"upstream[{index}].access", "expected public or authenticated")
     config = UpstreamConfig(
         name=name,
         url=url,
-        username=s.get("username", None, kind=str),
+        username=s.get("username", d.username, kind=str),
         password=password,
-        credential_helper=s.get("credential_helper", None, kind=str),
-        read_timeout=s.get("read_timeout", 30.0, parse_duration),
-        connect_timeout=s.get("connect_timeout", 10.0, parse_duration),
-        max_connections=s.get("max_connections", 16, _positive_int),
-        resume_attempts=s.get("resume_attempts", 5, _positive_int),
+        credential_helper=s.get("credential_helper", d.credential_helper, kind=str),
+        read_timeout=s.get("read_timeout", d.read_timeout, parse_duration),
+        connect_timeout=s.get("connect_timeout", d.connect_timeout, parse_duration),
+        max_connections=s.get("max_connections", d.max_connections, _positive_int),
+        resume_attempts=s.get("resume_attempts", d.resume_attempts, _positive_int),
         access=access,
     )
     s.finish()
@@ -274,12 +285,12 @@ def _upstream(path: str, index: int, table: object) -> UpstreamConfig:
 
 
 def _auth(path: str, table: object) -> AuthConfig:
-    s = _Section(path, "auth", table)
+    s, d = _Section(path, "auth", table), AuthConfig()
     htpasswd = s.get("htpasswd", None, kind=str)
     config = AuthConfig(
-        htpasswd=Path(htpasswd) if htpasswd else None,
-        token_lifetime=s.get("token_lifetime", 300.0, parse_duration),
-        status=s.get("status", "authenticated", kind=str),
+        htpasswd=Path(htpasswd) if htpasswd else d.htpasswd,
+        token_lifetime=s.get("token_lifetime", d.token_lifetime, parse_duration),
+        status=s.get("status", d.status, kind=str),
     )
     if config.status not in ("public", "authenticated"):
         raise ConfigError(path, "auth.status", "expected public or authenticated")
