@@ -4,7 +4,6 @@ single-flight downloads a client pull uses (so it cooperates with a running serv
 from __future__ import annotations
 
 import asyncio
-import os
 import platform as host_platform
 import sys
 from collections.abc import Sequence
@@ -16,8 +15,7 @@ from mirror.oci import mediatypes as mt
 from mirror.oci.errors import ErrorCode, RegistryError
 from mirror.oci.reference import Digest, parse_digest
 from mirror.oci.routing import ImageRef, parse_image
-from mirror.pull.downloads import Download
-from mirror.pull.proxy import Proxy, StoredBlob
+from mirror.pull.proxy import Proxy
 from mirror.runtime import open_proxy
 from mirror.upstream.client import Upstream
 
@@ -45,11 +43,11 @@ def platform_matches(descriptor: dict[str, object], wanted: Sequence[str] | None
 
 
 async def _blob(proxy: Proxy, upstream: Upstream, repository: str, digest: Digest) -> None:
-    source, _ = await proxy.blob(upstream, repository, digest, head=False)
-    if isinstance(source, StoredBlob):
-        os.close(source.fd)
-    elif isinstance(source, Download):
-        await source.wait_done()
+    body, _ = await proxy.blob(upstream, repository, digest, head=False)
+    try:
+        await body.stored()
+    finally:
+        body.close()
 
 
 async def warm_image(proxy: Proxy, ref: ImageRef, platforms: Sequence[str] | None,

@@ -8,7 +8,6 @@ single-flight fetch) → response written here, blobs with zero-copy sendfile (z
 from __future__ import annotations
 
 import logging
-import os
 import secrets
 import time
 from collections.abc import Awaitable, Callable
@@ -44,8 +43,9 @@ from mirror.oci.reference import (
 )
 from mirror.oci.routes import Kind, Route, parse_v2_path
 from mirror.oci.routing import select_upstream
-from mirror.pull.downloads import ClientAbort, Download
-from mirror.pull.proxy import Proxy, StoredBlob, UpstreamBlobHead
+from mirror.pull.body import BlobBody, Piece
+from mirror.pull.downloads import ClientAbort
+from mirror.pull.proxy import Proxy
 from mirror.runtime import open_proxy
 from mirror.upstream.client import Upstream
 
@@ -226,22 +226,20 @@ async def blob(request: web.Request, proxy: Proxy, upstream: Upstream, repositor
         # blob, whether or not it is cached here.
         headers = content_headers(digest, "application/octet-stream", None)
         return web.Response(status=304, headers={**headers, "Accept-Ranges": "bytes"})
-    source, request[CACHE] = await proxy.blob(upstream, repository, digest,
-                                              request.method == "HEAD")
-    if isinstance(source, StoredBlob):
-        try:
-            return await _send_blob(request, digest, source.size, source.fd, None)
-        finally:
-            os.close(source.fd)
-    if isinstance(source, UpstreamBlobHead):
+    body, request[CACHE] = await proxy.blob(upstream, repository, digest,
+                                            request.method == "HEAD")
+    try:
+        if body.sendable:
+            return await _send_blob(request, digest, body)
         headers = content_headers(digest, "application/octet-stream", None)
         headers["Accept-Ranges"] = "bytes"
         headers["X-Mirror-Cache"] = request[CACHE]
-        if source.size is None:
+        if body.size is None:
             return web.Response(status=200, headers=headers)
-        headers["Content-Length"] = str(source.size)
+        headers["Content-Length"] = str(body.size)
         return await _head(request, headers)
-    return await _send_blob(request, digest, source.size, None, source)
+    finally:
+        body.close()
 
 
 def _ranges(request: web.Request, digest: Digest, size: int | None) -> list[ByteRange] | None:
@@ -257,10 +255,11 @@ def _ranges(request: web.Request, digest: Digest, size: int | None) -> list[Byte
                             "blob", headers={"Content-Range": f"bytes */{size}"}) from None
 
 
-async def _send_blob(request: web.Request, digest: Digest, size: int | None, fd: int | None,
-                     download: Download | None) -> web.StreamResponse:
+async def _send_blob(request: web.Request, digest: Digest, body: BlobBody
+                     ) -> web.StreamResponse:
+    size = body.size
     ranges = _ranges(request, digest, size)
-    if ranges is not None and len(ranges) > 1 and download is not None:
+    if ranges is not None and len(ranges) > 1 and not body.seekable:
         ranges = None  # several ranges of a blob still downloading: the whole body
     response = web.StreamResponse(status=206 if ranges else 200)
     response.headers.update(content_headers(digest, "application/octet-stream", None))
@@ -287,16 +286,9 @@ async def _send_blob(request: web.Request, digest: Digest, size: int | None, fd:
         return response
     sender = Sender(request, response, writer)
     try:
-        if download is not None:
-            assert length is not None
-            await download.stream(sender, start, length)
-        else:
-            assert fd is not None and length is not None
-            with sender.corked():
-                if multipart is None:
-                    await sender.send(fd, start, length)
-                else:
-                    await _send_multipart(sender, fd, multipart)
+        assert length is not None
+        await body.send(sender, [(start, length)] if multipart is None
+                        else _multipart_pieces(multipart))
     except (ClientAbort, OSError) as exc:
         # The headers are gone already: the only honest signal left is to cut the
         # connection, so the client sees a broken body rather than a short one.
@@ -312,17 +304,16 @@ async def _send_blob(request: web.Request, digest: Digest, size: int | None, fd:
     return response
 
 
-async def _send_multipart(sender: Sender, fd: int, multipart: Multipart) -> None:
+def _multipart_pieces(multipart: Multipart) -> list[Piece]:
+    pieces: list[Piece] = []
     for head, part in multipart.parts:
-        await sender.send_bytes(head)
-        await sender.send(fd, part.start, part.length)
-        await sender.send_bytes(b"\r\n")
-    await sender.send_bytes(multipart.closing)
+        pieces += [head, (part.start, part.length), b"\r\n"]
+    return [*pieces, multipart.closing]
 
 
 RELAYED = {  # route kind -> (upstream path, query parameters passed on, code when unknown)
-    Kind.TAGS: ("tags/list", ("n", "last"), "NAME_UNKNOWN"),
-    Kind.REFERRERS: ("referrers/{reference}", ("artifactType",), "MANIFEST_UNKNOWN"),
+    Kind.TAGS: ("tags/list", ("n", "last"), ErrorCode.NAME_UNKNOWN),
+    Kind.REFERRERS: ("referrers/{reference}", ("artifactType",), ErrorCode.MANIFEST_UNKNOWN),
 }
 
 
@@ -334,7 +325,8 @@ async def relay(request: web.Request, proxy: Proxy, upstream: Upstream, reposito
     if route.kind is Kind.REFERRERS:
         suffix = suffix.format(reference=parse_digest(route.reference))
     query = {k: v for k, v in request.query.items() if k in params}
-    status, body, headers = await proxy.relay(upstream, repository, suffix, query, unknown)
+    relayed = await proxy.relay(upstream, repository, suffix, query, unknown)
+    status, body, headers = relayed.status, relayed.body, dict(relayed.headers)
     link = headers.get("Link")
     if link:
         # Keep pagination on the mirror, under the name the client used.

@@ -1,7 +1,9 @@
 """The client for one upstream registry: auth challenges, redirects, timeouts, error mapping.
 
-Redirects are followed by hand so that `Authorization` never leaves for another host (Docker
-Hub sends blob GETs to a CDN whose signed URL is the credential).
+`Upstream` is a `pull.source.Source`: it alone speaks the registry's wire format (paths,
+Accept, Range, status codes) for the proxy and the download engine. Redirects are followed by
+hand so that `Authorization` never leaves for another host (Docker Hub sends blob GETs to a
+CDN whose signed URL is the credential).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import logging
 import math
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from urllib.parse import urljoin, urlsplit, urlunsplit
 
 import aiohttp
@@ -19,13 +22,17 @@ import aiohttp
 from mirror import metrics
 from mirror.config import UpstreamConfig
 from mirror.oci.challenge import parse_all, pull_scope
-from mirror.oci.errors import RegistryError
+from mirror.oci.errors import ErrorCode, RegistryError, UpstreamError
+from mirror.oci.mediatypes import upstream_accept
+from mirror.oci.reference import Digest
 from mirror.upstream.tokens import Credentials, TokenError
 
 log = logging.getLogger("mirror.upstream")
 
 MAX_REDIRECTS = 5
 CHUNK = 1 << 20
+MAX_MANIFEST_BYTES = 4 * 1024 * 1024  # the distribution spec's bound for manifests
+MAX_RELAYED_BYTES = 8 * 1024 * 1024  # a tags list or referrers index (thousands of entries)
 
 
 def redact_url(url: str) -> str:
@@ -102,16 +109,15 @@ class Upstream:
                         self.credentials.rejected()
         except TimeoutError:
             self._note_failure(method, started, "timeout")
-            raise RegistryError(
-                "UPSTREAM_TIMEOUT", f"upstream {self.name} did not answer in time", status=504
+            raise UpstreamError(
+                ErrorCode.UPSTREAM_TIMEOUT, f"upstream {self.name} did not answer in time"
             ) from None
         except aiohttp.ClientError as exc:
             self._note_failure(method, started, str(exc))
-            raise RegistryError(
-                "UPSTREAM_UNREACHABLE",
+            raise UpstreamError(
+                ErrorCode.UPSTREAM_UNREACHABLE,
                 f"upstream {self.name} ({redact_url(self.config.url)}) is unreachable: "
                 f"{_redacted(str(exc), self.config.url)}",
-                status=502,
             ) from None
         except RegistryError:  # a token service refusal or a redirect loop: not reachability
             metrics.UPSTREAM_REQUESTS.labels(self.name, method, "error").inc()
@@ -140,6 +146,87 @@ class Upstream:
         if self.last_answer is None and self.last_failure is None:
             return None
         return (self.last_failure or 0.0) <= (self.last_answer or 0.0)
+
+    # the Source protocol (pull/source.py) ------------------------------------------------
+    @property
+    def private(self) -> bool:
+        """Content from here entered with credentials (its own, or its clients')."""
+        return self.credentials.configured or self.config.access == "authenticated"
+
+    @property
+    def resume_attempts(self) -> int:
+        return self.config.resume_attempts
+
+    async def get_manifest(self, repository: str, reference: str,
+                           accept: tuple[str, ...]) -> UpstreamManifest:
+        resp = await self._manifest_response("GET", repository, reference, accept)
+        try:
+            data = await read_bounded(self, resp, MAX_MANIFEST_BYTES, "a manifest",
+                                      ErrorCode.MANIFEST_INVALID,
+                                      "pull it from the upstream directly")
+        finally:
+            resp.release()
+        return _manifest_reply(resp, data)
+
+    async def head_manifest(self, repository: str, reference: str,
+                            accept: tuple[str, ...]) -> UpstreamManifest:
+        resp = await self._manifest_response("HEAD", repository, reference, accept)
+        resp.release()
+        return _manifest_reply(resp, None)
+
+    async def _manifest_response(self, method: str, repository: str, reference: str,
+                                 accept: tuple[str, ...]) -> aiohttp.ClientResponse:
+        resp = await self.request(method, repository, f"manifests/{reference}",
+                                  headers={"Accept": upstream_accept(accept)})
+        if resp.status != 200:
+            raise await error_from_response(self, resp, ErrorCode.MANIFEST_UNKNOWN)
+        return resp
+
+    async def open_blob(self, repository: str, digest: Digest, offset: int) -> UpstreamBlob:
+        headers = {"Accept-Encoding": "identity"}
+        if offset:
+            headers["Range"] = f"bytes={offset}-"
+        resp = await self.request("GET", repository, f"blobs/{digest}", headers=headers)
+        if resp.status not in (200, 206):
+            raise await error_from_response(self, resp, ErrorCode.BLOB_UNKNOWN)
+        if resp.status == 206 and not _range_starts_at(resp, offset):
+            resp.close()
+            raise UpstreamError(ErrorCode.UPSTREAM_UNAVAILABLE, f"upstream {self.name} sent "
+                                f"the wrong range for {digest}")
+        # A 200 to a Range request: the upstream ignored it; the bytes before are skipped.
+        return UpstreamBlob(resp, _total_size(resp), offset if resp.status == 200 else 0)
+
+    async def head_blob(self, repository: str, digest: Digest) -> int | None:
+        resp = await self.request("HEAD", repository, f"blobs/{digest}")
+        if resp.status != 200:
+            raise await error_from_response(self, resp, ErrorCode.BLOB_UNKNOWN)
+        length = resp.headers.get("Content-Length")
+        resp.release()
+        return int(length) if length and length.isdigit() else None
+
+    async def confirm(self, repository: str, digest: Digest, kind: str) -> None:
+        code = ErrorCode.BLOB_UNKNOWN if kind == "blobs" else ErrorCode.MANIFEST_UNKNOWN
+        resp = await self.request("HEAD", repository, f"{kind}/{digest}",
+                                  headers={"Accept": upstream_accept(())})
+        if resp.status != 200:
+            raise await error_from_response(self, resp, code)
+        resp.release()
+
+    async def relay(self, repository: str, suffix: str, query: Mapping[str, str],
+                    unknown: ErrorCode) -> Relayed:
+        resp = await self.request("GET", repository, suffix, params=query)
+        if resp.status != 200:
+            raise await error_from_response(self, resp, unknown)
+        what = "a tags list" if suffix.startswith("tags/") else "a referrers index"
+        try:
+            body = await read_bounded(self, resp, MAX_RELAYED_BYTES, what,
+                                      ErrorCode.UPSTREAM_UNAVAILABLE,
+                                      "page through it with ?n=")
+        finally:
+            resp.release()
+        headers = {k: resp.headers[k] for k in ("Content-Type", "Link", "OCI-Filters-Applied")
+                   if k in resp.headers}
+        return Relayed(resp.status, body, headers)
 
     def _note_answer(self, method: str, started: float, status: int) -> None:
         metrics.UPSTREAM_REQUESTS.labels(self.name, method, str(status)).inc()
@@ -185,9 +272,8 @@ class Upstream:
             resp.release()
             url = urljoin(url, location)
             params = None  # the Location carries its own query
-        raise RegistryError(
-            "UPSTREAM_UNREACHABLE", f"upstream {self.name}: too many redirects", status=502
-        )
+        raise UpstreamError(ErrorCode.UPSTREAM_UNREACHABLE,
+                            f"upstream {self.name}: too many redirects")
 
     async def _answer_challenge(self, resp: aiohttp.ClientResponse, scope: str) -> str | None:
         challenges = parse_all(resp.headers.getall("WWW-Authenticate", []))
@@ -206,14 +292,15 @@ class Upstream:
         (a credential helper): a 401 would send the client to log in to the mirror, which
         cannot help. An absent or failing token service is a 502/504 like the registry."""
         if isinstance(exc, TokenError) and exc.status in (401, 403):
-            return RegistryError("DENIED", self.denied_message())
+            return RegistryError(ErrorCode.DENIED, self.denied_message())
         if isinstance(exc, TokenError) and exc.status is None:
-            return RegistryError("DENIED", f"upstream {self.name}: could not get a token: {exc}")
+            return RegistryError(ErrorCode.DENIED,
+                                 f"upstream {self.name}: could not get a token: {exc}")
         if isinstance(exc, TimeoutError):
-            return RegistryError("UPSTREAM_TIMEOUT", f"upstream {self.name}: the token "
-                                 "service did not answer in time", status=504)
-        return RegistryError("UPSTREAM_UNREACHABLE", f"upstream {self.name}: could not get a "
-                             f"token: {exc}", status=502)
+            return UpstreamError(ErrorCode.UPSTREAM_TIMEOUT, f"upstream {self.name}: the token "
+                                 "service did not answer in time")
+        return UpstreamError(ErrorCode.UPSTREAM_UNREACHABLE, f"upstream {self.name}: could not "
+                             f"get a token: {exc}")
 
     def denied_message(self) -> str:
         """Why the upstream said no, as far as the mirror's configuration explains it."""
@@ -231,7 +318,7 @@ class Upstream:
         wait = self._rate_limited_until - time.monotonic()
         if wait > 0:
             raise RegistryError(
-                "TOOMANYREQUESTS",
+                ErrorCode.TOOMANYREQUESTS,
                 f"upstream {self.name} is rate limiting; not asking it again for {wait:.0f}s",
                 headers={"Retry-After": str(math.ceil(wait))})
 
@@ -248,6 +335,93 @@ class Upstream:
                 number = ratelimit_number(value)
                 if number is not None:
                     gauge.labels(self.name).set(number)
+
+
+@dataclass(frozen=True)
+class UpstreamManifest:
+    """A manifest answer as the upstream gave it; the proxy verifies it (a pull.source
+    ManifestReply)."""
+
+    digest: str | None  # Docker-Content-Digest, unchecked
+    media_type: str  # Content-Type without parameters
+    size: int | None  # Content-Length
+    data: bytes | None  # None for a HEAD
+
+
+@dataclass(frozen=True)
+class Relayed:
+    status: int
+    body: bytes
+    headers: dict[str, str]
+
+
+def _manifest_reply(resp: aiohttp.ClientResponse, data: bytes | None) -> UpstreamManifest:
+    length = resp.headers.get("Content-Length", "")
+    return UpstreamManifest(resp.headers.get("Docker-Content-Digest") or None,
+                            resp.headers.get("Content-Type", "").split(";")[0].strip(),
+                            int(length) if length.isdigit() else None, data)
+
+
+class UpstreamBlob:
+    """A blob body from the upstream from the offset asked for (a pull.source BlobStream).
+    Network failures reading it are ConnectionErrors, which the download engine resumes."""
+
+    def __init__(self, resp: aiohttp.ClientResponse, total: int | None, skip: int) -> None:
+        self.resp = resp
+        self.total = total
+        self._skip = skip  # bytes before the offset, sent by an upstream that ignored Range
+
+    async def read(self) -> bytes:
+        try:
+            while self._skip > 0:
+                chunk = await self.resp.content.read(min(self._skip, CHUNK))
+                if not chunk:
+                    raise ConnectionError("upstream body ended while skipping")
+                self._skip -= len(chunk)
+            return await self.resp.content.readany()
+        except aiohttp.ClientError as exc:
+            raise ConnectionError(f"{type(exc).__name__}: {exc}") from exc
+
+    def close(self) -> None:
+        self.resp.close()
+
+
+def _total_size(resp: aiohttp.ClientResponse) -> int | None:
+    content_range = resp.headers.get("Content-Range", "")
+    if resp.status == 206 and "/" in content_range:
+        total = content_range.rsplit("/", 1)[1]
+        return int(total) if total.isdigit() else None
+    length = resp.headers.get("Content-Length")
+    return int(length) if length and length.isdigit() else None
+
+
+def _range_starts_at(resp: aiohttp.ClientResponse, offset: int) -> bool:
+    spec = resp.headers.get("Content-Range", "").removeprefix("bytes ").split("/")[0]
+    return spec.split("-")[0] == str(offset)
+
+
+async def read_bounded(upstream: Upstream, resp: aiohttp.ClientResponse, limit: int,
+                       what: str, code: ErrorCode, advice: str) -> bytes:
+    """The whole body, refused beyond `limit` bytes. (`content.read(n)` would return only
+    what happens to be buffered: a large manifest arrived cut at a few tens of KB.)"""
+    too_large = UpstreamError(code, f"upstream {upstream.name} sent {what} larger than "
+                              f"{limit} bytes, more than the mirror relays; {advice}")
+    if resp.content_length is not None and resp.content_length > limit:
+        raise too_large
+    body = bytearray()
+    try:
+        async for chunk in resp.content.iter_any():
+            body += chunk
+            if len(body) > limit:
+                raise too_large
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        raise UpstreamError(ErrorCode.UPSTREAM_UNAVAILABLE,
+                            f"upstream {upstream.name} broke off {what}: {exc}") from None
+    if resp.content_length is not None and len(body) != resp.content_length:
+        raise UpstreamError(ErrorCode.UPSTREAM_UNAVAILABLE, f"upstream {upstream.name} sent "
+                            f"{what} of {len(body)} bytes, not the {resp.content_length} it "
+                            "announced")
+    return bytes(body)
 
 
 def _redacted(text: str, url: str) -> str:
@@ -278,7 +452,7 @@ def ratelimit_number(value: str | None) -> int | None:
 
 
 async def error_from_response(
-    upstream: Upstream, resp: aiohttp.ClientResponse, fallback_code: str
+    upstream: Upstream, resp: aiohttp.ClientResponse, fallback_code: ErrorCode
 ) -> RegistryError:
     """A RegistryError relaying what the upstream said for a non-success answer."""
     status = resp.status
@@ -293,17 +467,18 @@ async def error_from_response(
         headers = {}
         if "Retry-After" in resp.headers:
             headers["Retry-After"] = resp.headers["Retry-After"]
-        return RegistryError("TOOMANYREQUESTS", f"upstream {upstream.name} is rate limiting: "
-                             f"{message}", headers=headers)
+        return RegistryError(ErrorCode.TOOMANYREQUESTS,
+                             f"upstream {upstream.name} is rate limiting: {message}",
+                             headers=headers)
     if status in (401, 403):
         # DENIED, never a bare 401: a 401 must carry a challenge, and answering the mirror's
         # would have docker and containerd log in to the mirror, which changes nothing here.
-        return RegistryError("DENIED", upstream.denied_message())
+        return RegistryError(ErrorCode.DENIED, upstream.denied_message())
     if status == 404:
         return RegistryError(fallback_code, f"not found on upstream {upstream.name}")
     if status >= 500:
-        return RegistryError("UPSTREAM_UNAVAILABLE",
-                             f"upstream {upstream.name} answered {status}", status=503 if
-                             status == 503 else 502)
+        return UpstreamError(ErrorCode.UPSTREAM_UNAVAILABLE,
+                             f"upstream {upstream.name} answered {status}",
+                             status=503 if status == 503 else 502)
     return RegistryError(fallback_code, f"upstream {upstream.name} answered {status}: {message}",
                          status=status if 400 <= status < 500 else 502)

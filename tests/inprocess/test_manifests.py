@@ -191,7 +191,7 @@ async def test_prefetch_keeps_only_a_few_downloads_ahead(
         upstream: FaultUpstream, start_mirror: MirrorFactory,
         client: aiohttp.ClientSession) -> None:
     """Prefetch fills idle time on the link; it never starts every layer at once."""
-    from mirror.pull.proxy import PREFETCH_AHEAD
+    from mirror.pull.prefetch import PREFETCH_AHEAD
 
     blobs = [upstream.add_blob(random_bytes(10_000), Behaviour(gate_after=100))
              for _ in range(6)]

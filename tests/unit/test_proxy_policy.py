@@ -1,0 +1,413 @@
+"""The pull-through policy (pull/proxy.py) against a counting fake Source and a real filesystem
+store, with no HTTP: what the proxy asks its source, and how often (as distribution's proxy
+tests count the calls on both of its stores)."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import time
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mirror.cache.index import Index
+from mirror.cache.store import BlobStore
+from mirror.config import Config, parse_config
+from mirror.oci.errors import ErrorCode, RegistryError, UpstreamError
+from mirror.oci.reference import Digest, digest_of, parse_digest
+from mirror.pull.downloads import Downloads
+from mirror.pull.proxy import Proxy
+from mirror.pull.source import Kind
+
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+ACCEPT = (OCI_MANIFEST,)
+
+
+def image_manifest(*layers: Digest) -> bytes:
+    config = digest_of(b"{}")
+    return json.dumps({
+        "schemaVersion": 2, "mediaType": OCI_MANIFEST,
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                   "digest": str(config), "size": 2},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar",
+                    "digest": str(d), "size": 1} for d in layers],
+    }).encode()
+
+
+@dataclass(frozen=True)
+class Reply:
+    digest: str | None
+    media_type: str
+    size: int | None
+    data: bytes | None
+
+
+@dataclass(frozen=True)
+class Relayed:
+    status: int
+    body: bytes
+    headers: dict[str, str]
+
+
+class FakeBlob:
+    def __init__(self, data: bytes, offset: int, break_at: int | None) -> None:
+        self.total: int | None = len(data)
+        self._data, self._pos, self._break_at = data, offset, break_at
+
+    async def read(self) -> bytes:
+        if self._break_at is not None and self._pos >= self._break_at:
+            raise ConnectionError("the fake body broke off")
+        end = len(self._data) if self._break_at is None else self._break_at
+        chunk, self._pos = self._data[self._pos:end], end
+        return chunk
+
+    def close(self) -> None:
+        pass
+
+
+class FakeSource:
+    """A Source that counts every call; `down` makes it unreachable, `gate` holds calls."""
+
+    def __init__(self, name: str = "fake.test", private: bool = False) -> None:
+        self.name = name
+        self.private = private
+        self.resume_attempts = 3
+        self.manifests: dict[tuple[str, str], tuple[bytes, str]] = {}  # (repo, ref) -> ...
+        self.blobs: dict[Digest, bytes] = {}
+        self.holds: set[tuple[str, Digest]] = set()  # what confirm() says yes to
+        self.calls: collections.Counter[str] = collections.Counter()
+        self.offsets: list[int] = []
+        self.down = False
+        self.break_first_body_at: int | None = None
+        self.gate: asyncio.Event | None = None
+
+    def add_manifest(self, repository: str, tag: str, data: bytes) -> Digest:
+        digest = digest_of(data)
+        self.manifests[(repository, tag)] = self.manifests[(repository, str(digest))] = (
+            data, OCI_MANIFEST)
+        self.holds.add((repository, digest))
+        return digest
+
+    async def _enter(self, call: str) -> None:
+        self.calls[call] += 1
+        if self.gate is not None:
+            await self.gate.wait()
+        if self.down:
+            raise UpstreamError(ErrorCode.UPSTREAM_UNREACHABLE, f"{self.name} is down")
+
+    def _manifest(self, repository: str, reference: str) -> tuple[bytes, str]:
+        found = self.manifests.get((repository, reference))
+        if found is None:
+            raise RegistryError(ErrorCode.MANIFEST_UNKNOWN, "not found")
+        return found
+
+    async def get_manifest(self, repository: str, reference: str,
+                           accept: tuple[str, ...]) -> Reply:
+        await self._enter("get_manifest")
+        data, media_type = self._manifest(repository, reference)
+        return Reply(str(digest_of(data)), media_type, len(data), data)
+
+    async def head_manifest(self, repository: str, reference: str,
+                            accept: tuple[str, ...]) -> Reply:
+        await self._enter("head_manifest")
+        data, media_type = self._manifest(repository, reference)
+        return Reply(str(digest_of(data)), media_type, len(data), None)
+
+    async def open_blob(self, repository: str, digest: Digest, offset: int) -> FakeBlob:
+        await self._enter("open_blob")
+        self.offsets.append(offset)
+        if digest not in self.blobs:
+            raise RegistryError(ErrorCode.BLOB_UNKNOWN, "not found")
+        break_at, self.break_first_body_at = self.break_first_body_at, None
+        return FakeBlob(self.blobs[digest], offset, break_at)
+
+    async def head_blob(self, repository: str, digest: Digest) -> int | None:
+        await self._enter("head_blob")
+        return len(self.blobs[digest])
+
+    async def confirm(self, repository: str, digest: Digest, kind: Kind) -> None:
+        await self._enter("confirm")
+        if (repository, digest) not in self.holds:
+            raise RegistryError(ErrorCode.BLOB_UNKNOWN if kind == "blobs"
+                                else ErrorCode.MANIFEST_UNKNOWN, "not here")
+
+    async def relay(self, repository: str, suffix: str, query: Mapping[str, str],
+                    unknown: ErrorCode) -> Relayed:
+        await self._enter("relay")
+        return Relayed(200, b'{"tags": []}', {"Content-Type": "application/json"})
+
+
+def make_config(cache_dir: Path, **cache: Any) -> Config:
+    return parse_config({
+        "cache": {"dir": str(cache_dir), "prefetch": False, "tag_ttl": "60s", **cache},
+        "upstream": [{"name": "fake.test", "url": "http://fake.invalid"}],
+    })
+
+
+@dataclass
+class World:
+    proxy: Proxy
+    source: FakeSource
+    store: BlobStore
+    index: Index
+
+
+@pytest.fixture
+async def world(tmp_path: Path) -> AsyncIterator[Any]:
+    """make(**cache settings, private=) -> a World over a fresh store in tmp_path."""
+    opened: list[Index] = []
+
+    def make(private: bool = False, **cache: Any) -> World:
+        config = make_config(tmp_path / "cache", **cache)
+        store = BlobStore(config.cache.dir)
+        index = Index(store.index_dir)
+        downloads = Downloads(store, config.cache.finish_abandoned)
+        source = FakeSource(private=private)
+        opened.append(index)
+        proxy = Proxy(config, store, index, {source.name: source},  # type: ignore[dict-item]
+                      downloads)
+        return World(proxy, source, store, index)
+
+    yield make  # every test lets the downloads it started finish
+    for index in opened:
+        index.close()
+
+
+def stored(w: World, data: bytes) -> Digest:
+    digest = digest_of(data)
+    w.store.put_bytes(digest, data)
+    return digest
+
+
+# manifests ----------------------------------------------------------------------------------
+async def test_a_digest_in_the_store_asks_the_source_nothing(world: Any) -> None:
+    w = world()
+    data = image_manifest()
+    digest = stored(w, data)
+    m = await w.proxy.manifest(w.source, "app", digest, ACCEPT, head=False)
+    assert (m.data, m.cache) == (data, "hit")
+    assert sum(w.source.calls.values()) == 0
+
+
+async def test_a_tag_within_its_ttl_asks_nothing_after_it_one_head(world: Any) -> None:
+    w = world()
+    digest = w.source.add_manifest("app", "v1", image_manifest())
+    first = await w.proxy.manifest(w.source, "app", "v1", ACCEPT, head=False)
+    assert (first.digest, first.cache) == (digest, "miss")
+    again = await w.proxy.manifest(w.source, "app", "v1", ACCEPT, head=False)
+    assert again.cache == "hit"
+    assert w.source.calls == {"get_manifest": 1}
+
+    w.index.set_tag("fake.test", "app", "v2", digest, OCI_MANIFEST,
+                    fetched_at=time.time() - 3600)  # a tag older than its TTL
+    w.source.manifests[("app", "v2")] = w.source.manifests[("app", "v1")]
+    revalidated = await w.proxy.manifest(w.source, "app", "v2", ACCEPT, head=False)
+    assert revalidated.cache == "revalidated"
+    assert w.source.calls == {"get_manifest": 1, "head_manifest": 1}
+
+
+async def test_a_tag_moved_upstream_is_fetched_after_its_head(world: Any) -> None:
+    w = world()
+    old = stored(w, image_manifest())
+    w.index.set_tag("fake.test", "app", "v1", old, OCI_MANIFEST, fetched_at=time.time() - 3600)
+    new = w.source.add_manifest("app", "v1", image_manifest(digest_of(b"layer")))
+    m = await w.proxy.manifest(w.source, "app", "v1", ACCEPT, head=False)
+    assert (m.digest, m.cache) == (new, "miss")
+    assert w.source.calls == {"head_manifest": 1, "get_manifest": 1}
+
+
+async def test_stale_if_error_when_the_source_is_down(world: Any) -> None:
+    w = world()
+    data = image_manifest()
+    digest = stored(w, data)
+    w.index.set_tag("fake.test", "app", "v1", digest, OCI_MANIFEST,
+                    fetched_at=time.time() - 3600)
+    w.source.down = True
+    m = await w.proxy.manifest(w.source, "app", "v1", ACCEPT, head=False)
+    assert (m.data, m.cache) == (data, "stale")
+    assert w.source.calls == {"head_manifest": 1}
+
+
+async def test_a_refusal_is_not_covered_by_stale_if_error(world: Any) -> None:
+    w = world()
+    digest = stored(w, image_manifest())
+    w.index.set_tag("fake.test", "app", "v1", digest, OCI_MANIFEST,
+                    fetched_at=time.time() - 3600)
+    with pytest.raises(RegistryError) as caught:  # the tag is gone upstream
+        await w.proxy.manifest(w.source, "app", "v1", ACCEPT, head=False)
+    assert caught.value.code == ErrorCode.MANIFEST_UNKNOWN
+
+
+async def test_offline_asks_nothing(world: Any) -> None:
+    w = world(offline=True)
+    data = image_manifest()
+    digest = stored(w, data)
+    w.index.set_tag("fake.test", "app", "v1", digest, OCI_MANIFEST,
+                    fetched_at=time.time() - 3600)
+    m = await w.proxy.manifest(w.source, "app", "v1", ACCEPT, head=False)
+    assert m.data == data  # however old the tag
+    with pytest.raises(RegistryError) as caught:
+        await w.proxy.manifest(w.source, "app", "other", ACCEPT, head=False)
+    assert caught.value.code == ErrorCode.MANIFEST_UNKNOWN
+    with pytest.raises(RegistryError) as caught:
+        await w.proxy.blob(w.source, "app", digest_of(b"layer"), head=False)
+    assert caught.value.code == ErrorCode.BLOB_UNKNOWN
+    with pytest.raises(RegistryError):
+        await w.proxy.relay(w.source, "app", "tags/list", {}, ErrorCode.NAME_UNKNOWN)
+    assert sum(w.source.calls.values()) == 0
+
+
+async def test_concurrent_requests_for_a_manifest_make_one_get(world: Any) -> None:
+    w = world()
+    data = image_manifest()
+    w.source.add_manifest("app", "v1", data)
+    w.source.gate = asyncio.Event()
+    asks = [asyncio.ensure_future(w.proxy.manifest(w.source, "app", "v1", ACCEPT, head=False))
+            for _ in range(10)]
+    await asyncio.sleep(0.05)
+    w.source.gate.set()
+    answers = await asyncio.gather(*asks)
+    assert {a.data for a in answers} == {data}
+    assert w.source.calls == {"get_manifest": 1}
+
+
+async def test_a_manifest_failing_verification_is_not_cached(world: Any) -> None:
+    w = world()
+    data = image_manifest()
+    wrong = digest_of(b"something else")
+    w.source.manifests[("app", str(wrong))] = (data, OCI_MANIFEST)
+    for _ in range(2):
+        with pytest.raises(UpstreamError) as caught:
+            await w.proxy.manifest(w.source, "app", wrong, ACCEPT, head=False)
+        assert (caught.value.code, caught.value.status) == (ErrorCode.DIGEST_INVALID, 502)
+    assert w.store.size(wrong) is None and w.store.size(digest_of(data)) is None
+    assert w.source.calls == {"get_manifest": 2}  # nothing cached: asked again
+
+
+async def test_an_invalid_manifest_is_not_cached(world: Any) -> None:
+    w = world()
+    w.source.manifests[("app", "v1")] = (b"<html>not a manifest</html>", OCI_MANIFEST)
+    with pytest.raises(UpstreamError) as caught:
+        await w.proxy.manifest(w.source, "app", "v1", ACCEPT, head=False)
+    assert caught.value.code == ErrorCode.MANIFEST_INVALID
+    assert w.index.get_tag("fake.test", "app", "v1") is None
+
+
+# blobs --------------------------------------------------------------------------------------
+async def test_a_stored_blob_asks_nothing(world: Any) -> None:
+    w = world()
+    digest = stored(w, b"layer bytes")
+    body, cache = await w.proxy.blob(w.source, "app", digest, head=False)
+    try:
+        assert (body.size, body.seekable, cache) == (len(b"layer bytes"), True, "hit")
+    finally:
+        body.close()
+    assert sum(w.source.calls.values()) == 0
+
+
+async def test_concurrent_blob_requests_make_one_download(world: Any) -> None:
+    w = world()
+    data = bytes(range(256)) * 1000
+    digest = digest_of(data)
+    w.source.blobs[digest] = data
+    answers = await asyncio.gather(*(w.proxy.blob(w.source, "app", digest, head=False)
+                                     for _ in range(5)))
+    assert sorted(cache for _, cache in answers) == ["inflight"] * 4 + ["miss"]
+    await answers[0][0].stored()
+    assert w.store.read_bytes(digest) == data
+    assert w.source.calls == {"open_blob": 1}
+
+
+async def test_a_broken_blob_body_resumes_from_its_offset(world: Any) -> None:
+    w = world()
+    data = b"x" * 10_000
+    digest = digest_of(data)
+    w.source.blobs[digest] = data
+    w.source.break_first_body_at = 4000
+    body, _ = await w.proxy.blob(w.source, "app", digest, head=False)
+    await body.stored()
+    assert w.store.read_bytes(digest) == data
+    assert w.source.offsets == [0, 4000]
+
+
+async def test_a_blob_head_miss_asks_head_only(world: Any) -> None:
+    w = world()
+    digest = digest_of(b"layer")
+    w.source.blobs[digest] = b"layer"
+    body, cache = await w.proxy.blob(w.source, "app", digest, head=True)
+    assert (body.sendable, body.size, cache) == (False, 5, "miss")
+    assert w.source.calls == {"head_blob": 1}
+
+
+# private content ----------------------------------------------------------------------------
+async def test_private_content_under_another_repository_is_confirmed_once(
+        world: Any) -> None:
+    w = world(private=True)
+    digest = stored(w, b"secret layer")
+    w.index.mark_private(digest)
+    w.index.remember_access("fake.test", "team/a", digest)
+    w.source.holds.add(("team/b", digest))
+    for repository in ("team/a", "team/b", "team/b"):
+        body, _ = await w.proxy.blob(w.source, repository, digest, head=False)
+        body.close()
+    assert w.source.calls == {"confirm": 1}  # team/a was known, team/b asked once
+
+
+async def test_private_content_is_refused_when_the_source_says_no(world: Any) -> None:
+    w = world(private=True)
+    data = image_manifest()
+    digest = stored(w, data)
+    w.index.mark_private(digest)
+    w.index.remember_access("fake.test", "team/a", digest)
+    with pytest.raises(RegistryError) as caught:
+        await w.proxy.manifest(w.source, "other/repo", digest, ACCEPT, head=False)
+    assert caught.value.code == ErrorCode.MANIFEST_UNKNOWN
+    assert w.source.calls == {"confirm": 1}
+
+
+async def test_public_content_needs_no_confirmation(world: Any) -> None:
+    w = world()
+    digest = stored(w, b"public layer")
+    w.index.mark_public(digest)
+    body, _ = await w.proxy.blob(w.source, "any/repo", digest, head=False)
+    body.close()
+    assert sum(w.source.calls.values()) == 0
+
+
+async def test_content_from_a_private_source_enters_as_private(world: Any) -> None:
+    w = world(private=True)
+    digest = w.source.add_manifest("team/a", "v1", image_manifest())
+    await w.proxy.manifest(w.source, "team/a", "v1", ACCEPT, head=False)
+    assert w.index.provenance(digest) == "private"
+    assert w.index.has_access("fake.test", "team/a", digest)
+
+
+# relays, prefetch ---------------------------------------------------------------------------
+async def test_a_relay_is_passed_through_uncached(world: Any) -> None:
+    w = world()
+    for _ in range(2):
+        relayed = await w.proxy.relay(w.source, "app", "tags/list", {},
+                                      ErrorCode.NAME_UNKNOWN)
+        assert relayed.status == 200
+    assert w.source.calls == {"relay": 2}
+
+
+async def test_prefetch_starts_the_layers_of_a_manifest_miss(world: Any) -> None:
+    w = world(prefetch=True)
+    layers = [b"one", b"two"]
+    for layer in layers:
+        w.source.blobs[digest_of(layer)] = layer
+    w.source.blobs[digest_of(b"{}")] = b"{}"
+    w.source.add_manifest("app", "v1", image_manifest(*map(digest_of, layers)))
+    await w.proxy.manifest(w.source, "app", "v1", ACCEPT, head=False)
+    for _ in range(100):
+        if all(w.store.size(digest_of(x)) is not None for x in [b"{}", *layers]):
+            break
+        await asyncio.sleep(0.01)
+    assert w.source.calls == {"get_manifest": 1, "open_blob": 3}
+    assert parse_digest(str(digest_of(b"one"))) in {d for d, _, _ in w.store.iter_stored()}
