@@ -1,13 +1,17 @@
-"""The background work of a serving process: recording what enters the store, writing the
-batched access times and counters, publishing upstream rate limits, rebuilding a lost index,
-and evicting when the store passes `max_size`."""
+"""The background work of a serving process: writing the batched access times and counters,
+publishing upstream rate limits, rebuilding a lost index, and evicting when the store passes
+`max_size`.
+
+It calls nothing above the cache: runtime.py hands it the rate limits to publish and what to
+do with an evicted digest, and calls `committed` and `request_eviction` from the store's and
+the downloads' callbacks."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from mirror.cache.eviction import evict_to_watermark
 from mirror.cache.index import ACCESS_FLUSH_SECONDS, Index
@@ -15,25 +19,26 @@ from mirror.cache.locks import try_exclusive
 from mirror.cache.store import BlobStore
 from mirror.config import Config
 from mirror.oci.reference import Digest
-from mirror.upstream.client import Upstream
 
 log = logging.getLogger("mirror.maintenance")
 
+# (upstream name, its `ratelimit-limit`, its `ratelimit-remaining`) as last seen
+RateLimit = tuple[str, str | None, str]
 
 
 class Maintenance:
     def __init__(self, config: Config, store: BlobStore, index: Index,
-                 upstreams: list[Upstream], forget: Callable[[Digest], None]) -> None:
+                 rate_limits: Callable[[], Iterable[RateLimit]],
+                 on_evict: Callable[[Digest], None]) -> None:
         self.config = config
         self.store = store
         self.index = index
-        self.upstreams = upstreams
-        self.forget = forget  # called for every evicted digest
+        self.rate_limits = rate_limits
+        self.on_evict = on_evict  # called for every evicted digest
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
-        self.store.on_commit = self.committed
         self._task = asyncio.ensure_future(self._run())
 
     async def stop(self) -> None:
@@ -44,7 +49,7 @@ class Maintenance:
         self.index.flush()
 
     def committed(self, digest: Digest, size: int, kind: str) -> None:
-        self.index.add_entry(digest, size, kind)
+        """After the commit's index entry was added: wake up when the store is over size."""
         if self.index.total_bytes() > self.config.cache.max_size:
             self._wake.set()
 
@@ -65,7 +70,7 @@ class Maintenance:
                 self.index.flush()
                 if self.index.total_bytes() > self.config.cache.max_size:
                     await asyncio.to_thread(evict_to_watermark, self.config, self.store,
-                                            self.index, self.forget)
+                                            self.index, self.on_evict)
             except Exception:
                 log.exception("cache maintenance failed")
 
@@ -76,7 +81,5 @@ class Maintenance:
 
     def _publish_rate_limits(self) -> None:
         """For `mirror status`, which reads the index."""
-        for upstream in self.upstreams:
-            if upstream.ratelimit_remaining is not None:
-                self.index.set_ratelimit(upstream.name, upstream.ratelimit_limit,
-                                         upstream.ratelimit_remaining)
+        for upstream, limit, remaining in self.rate_limits():
+            self.index.set_ratelimit(upstream, limit, remaining)
