@@ -1,5 +1,5 @@
 """File locks that coordinate worker processes sharing a cache dir (they die with their
-holder, so a crashed worker never leaves one behind)."""
+holder, so a crashed worker never leaves one behind). The only module that calls flock."""
 
 from __future__ import annotations
 
@@ -9,8 +9,31 @@ import fcntl
 import os
 import time
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 POLL_SECONDS = 0.005
+
+
+def try_lock(fd: int) -> bool:
+    """Take the exclusive lock on an open file if no other open file description holds it;
+    it is released when the last fd sharing this one is closed."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+def is_locked(path: Path) -> bool:
+    """Whether some live process holds the lock on `path` (locks die with their holder)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    try:
+        return not try_lock(fd)
+    finally:
+        os.close(fd)
 
 
 def _open(path: str) -> int | None:
@@ -31,12 +54,7 @@ def try_exclusive(path: str) -> Iterator[bool]:
         yield False
         return
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield False
-            return
-        yield True
+        yield try_lock(fd)
     finally:
         os.close(fd)
 
@@ -52,15 +70,11 @@ async def exclusive(path: str, give_up_after: float) -> AsyncIterator[bool]:
         return
     deadline = time.monotonic() + give_up_after
     try:
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    yield False
-                    return
-                await asyncio.sleep(POLL_SECONDS)
+        while not try_lock(fd):
+            if time.monotonic() > deadline:
+                yield False
+                return
+            await asyncio.sleep(POLL_SECONDS)
         yield True
     finally:
         os.close(fd)
@@ -71,9 +85,7 @@ def hold_for_life(path: str) -> int | None:
     which share the open file) lives: returns the fd to keep open, or None when another
     process holds it. OSError when the lock file cannot be opened."""
     fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    if not try_lock(fd):
         os.close(fd)
         return None
     return fd

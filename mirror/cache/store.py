@@ -2,8 +2,13 @@
 
 Layout under the cache dir:
     blobs/<algorithm>/<first two hex>/<hex>   verified content (blobs and manifests alike)
-    tmp/<algorithm>-<hex>.partial             a download in progress (see pull/downloads.py)
+    tmp/<algorithm>-<hex>.partial             a download in progress (see pull/downloads.py),
+                                               flock-ed by the process writing it
+    tmp/<algorithm>-<hex>.partial.meta        its expected size, for the other workers
+    tmp/.ready-<pid>                           readiness probe (see http/health.py)
     index/                                     the diskcache index (see index.py)
+    locks/<name>.lock                          locks between workers (see locks.py)
+    auth.secret                                the token-signing key (see http/access.py)
 
 Content enters `blobs/` only by an atomic rename after its digest was verified, so a crash at
 any moment leaves `blobs/` holding only verified files; `tmp/` is emptied at start.
@@ -13,32 +18,21 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
+import json
 import logging
 import os
+import secrets
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from mirror.cache.locks import is_locked
 from mirror.oci.reference import HEX_LENGTH, Digest
 
 PARTIAL_SUFFIX = ".partial"
+META_SUFFIX = ".meta"
+SECRET_FILE = "auth.secret"
 
 log = logging.getLogger("mirror.store")
-
-
-def is_locked(path: Path) -> bool:
-    """Whether some live process holds the flock on `path` (locks die with their holder)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
-    return False
 
 
 class DigestMismatch(Exception):
@@ -73,7 +67,17 @@ class BlobStore:
     def partial_path(self, digest: Digest) -> Path:
         return self.tmp_dir / f"{digest.algorithm}-{digest.hex}{PARTIAL_SUFFIX}"
 
+    def partial_meta_path(self, digest: Digest) -> Path:
+        partial = self.partial_path(digest)
+        return partial.with_name(partial.name + META_SUFFIX)
+
+    def secret_path(self) -> Path:
+        return self.root / SECRET_FILE
+
     # reads -------------------------------------------------------------------------------
+    def has(self, digest: Digest) -> bool:
+        return self.size(digest) is not None
+
     def size(self, digest: Digest) -> int | None:
         try:
             return self.path(digest).stat().st_size
@@ -166,6 +170,95 @@ class BlobStore:
             return 0
         return size
 
+    # downloads in progress (pull/downloads.py) --------------------------------------------
+    def open_partial(self, digest: Digest) -> int:
+        """An O_RDWR fd on the partial file of `digest`, created when missing (OSError on a
+        full or read-only disk). Whoever holds its lock (locks.try_lock) writes it."""
+        return os.open(self.partial_path(digest), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+
+    def is_partial(self, digest: Digest, fd: int) -> bool:
+        """Whether `fd` is still the partial file of `digest` (not renamed or dropped)."""
+        try:
+            return os.stat(self.partial_path(digest)).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            return False
+
+    def is_stored_from(self, digest: Digest, fd: int) -> bool:
+        """Whether the partial file open as `fd` was committed as `digest`."""
+        try:
+            return self.path(digest).stat().st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            return False
+
+    def commit_partial(self, digest: Digest) -> None:
+        """Commit the (verified) partial file of `digest`; OSError as `commit`."""
+        self.commit(self.partial_path(digest), digest)
+        with contextlib.suppress(OSError):
+            self.partial_meta_path(digest).unlink()
+
+    def drop_partial(self, digest: Digest) -> None:
+        """Unlink the partial file and its metadata (a process still reading it sees
+        st_nlink 0)."""
+        for path in (self.partial_path(digest), self.partial_meta_path(digest)):
+            with contextlib.suppress(OSError):
+                path.unlink()
+
+    def write_partial_meta(self, digest: Digest, size: int | None) -> None:
+        """The expected size, for the processes following the download; OSError when the
+        disk refuses it (nothing is left behind)."""
+        meta = self.partial_meta_path(digest)
+        tmp = meta.with_name(meta.name + f".{os.getpid()}")
+        try:
+            tmp.write_text(json.dumps({"size": size}))
+            os.replace(tmp, meta)
+        except OSError:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise
+
+    def read_partial_meta(self, digest: Digest) -> int | None:
+        """The expected size written by the download's leader, None when not (yet) known."""
+        return _read_meta(self.partial_meta_path(digest))
+
+    def in_flight_partials(self) -> Iterator[tuple[Digest, int, int | None]]:
+        """Every download in progress on disk, by any process: (digest, written, size)."""
+        try:
+            entries = [e for e in os.scandir(self.tmp_dir) if e.name.endswith(PARTIAL_SUFFIX)]
+        except OSError:
+            return
+        for entry in entries:
+            algorithm, _, hex_ = entry.name.removesuffix(PARTIAL_SUFFIX).partition("-")
+            try:
+                written = entry.stat().st_size
+            except OSError:
+                continue
+            yield Digest(algorithm, hex_), written, _read_meta(Path(entry.path + META_SUFFIX))
+
+    # other files ---------------------------------------------------------------------------
+    def probe_write(self) -> None:
+        """Write and remove a small file in tmp/: OSError when the cache dir refuses writes
+        (see `write_problem`)."""
+        path = self.tmp_dir / f".ready-{os.getpid()}"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, b"ok")
+        finally:
+            os.close(fd)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+
+    def shared_secret(self) -> bytes:
+        """The token-signing key, shared by every worker through the cache dir (created
+        once)."""
+        path = self.secret_path()
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            return path.read_bytes()
+        with os.fdopen(fd, "wb") as f:
+            f.write(secrets.token_bytes(32))
+        return path.read_bytes()
+
     # maintenance -------------------------------------------------------------------------
     def clean_temporaries(self) -> int:
         """Remove leftovers of interrupted downloads (called at start, before serving).
@@ -213,3 +306,10 @@ class BlobStore:
                     with contextlib.suppress(FileNotFoundError):
                         st = f.stat()
                         yield Digest(algo_dir.name, f.name), st.st_size, st.st_mtime
+
+
+def _read_meta(path: Path) -> int | None:
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        size = json.loads(path.read_text())["size"]
+        return int(size) if size is not None else None
+    return None

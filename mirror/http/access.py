@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import secrets
 import time
-from pathlib import Path
 
 from aiohttp import web
 
+from mirror.cache.store import BlobStore
 from mirror.config import AuthConfig, Config, UpstreamConfig
 from mirror.http.clientauth import (
     ANONYMOUS,
@@ -27,29 +25,17 @@ from mirror.oci.errors import ErrorCode, RegistryError
 
 AUTHENTICATOR: web.AppKey[Authenticator | None] = web.AppKey("authenticator")
 LIMITER: web.AppKey[FailureLimiter] = web.AppKey("limiter", FailureLimiter)
-SECRET_FILE = "auth.secret"
 
 log = logging.getLogger("mirror.access")
 
 
-def shared_secret(cache_dir: Path) -> bytes:
-    """The token-signing key, shared by every worker through the cache dir (created once)."""
-    path = cache_dir / SECRET_FILE
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        return path.read_bytes()
-    with os.fdopen(fd, "wb") as f:
-        f.write(secrets.token_bytes(32))
-    return path.read_bytes()
-
-
 def build_authenticator(config: Config) -> Authenticator | None:
+    """The token-signing key is shared by every worker through the cache dir."""
     if config.auth.htpasswd is None:
         return None
     config.cache.dir.mkdir(parents=True, exist_ok=True)
-    return Authenticator(load_htpasswd(config.auth.htpasswd), shared_secret(config.cache.dir),
-                         config.auth.token_lifetime)
+    return Authenticator(load_htpasswd(config.auth.htpasswd),
+                         BlobStore(config.cache.dir).shared_secret(), config.auth.token_lifetime)
 
 
 def _realm(request: web.Request) -> str:

@@ -4,7 +4,7 @@ the most-pulled repositories, the downloads in flight.
 With several workers each process only knows its own requests and downloads. Gauges are
 `livesum` in the multiprocess registry (see metrics.py); the most-pulled counts are written by
 every worker to `$MIRROR_RUNTIME_DIR/top-<pid>.json` and added up by whoever renders the page;
-downloads led by another worker are found through their partial files in tmp/.
+downloads led by another worker are found through the store's partial files.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 from mirror import metrics
-from mirror.cache.store import PARTIAL_SUFFIX
 from mirror.pull.proxy import Proxy
 
 log = logging.getLogger("mirror.activity")
@@ -96,24 +95,14 @@ class InFlight:
 
 
 def in_flight(proxy: Proxy) -> list[InFlight]:
-    """Downloads in progress: this worker's, then other workers' found in tmp/."""
+    """Downloads in progress: this worker's, then other workers' found in the store."""
     now = time.monotonic()
     out = [InFlight(str(d.digest), d.written, d.size, d.readers, now - d.started)
-           for d in proxy.downloads.active.values()]
+           for d in proxy.downloads.in_flight()]
     local = {d.digest for d in out}
-    with contextlib.suppress(OSError):
-        for entry in os.scandir(proxy.store.tmp_dir):
-            if not entry.name.endswith(PARTIAL_SUFFIX):
-                continue
-            algorithm, _, hex_ = entry.name.removesuffix(PARTIAL_SUFFIX).partition("-")
-            digest = f"{algorithm}:{hex_}"
-            if digest in local:
-                continue
-            size = None
-            with contextlib.suppress(OSError, ValueError, KeyError):
-                size = int(json.loads(Path(entry.path + ".meta").read_text())["size"])
-            with contextlib.suppress(OSError):
-                out.append(InFlight(digest, entry.stat().st_size, size, None, None))
+    for digest, written, size in proxy.store.in_flight_partials():
+        if str(digest) not in local:
+            out.append(InFlight(str(digest), written, size, None, None))
     return out
 
 
@@ -128,7 +117,7 @@ class Activity:
 
     def refresh(self) -> None:
         """Set the gauges that describe this process from its live state."""
-        downloads = list(self.proxy.downloads.active.values())
+        downloads = self.proxy.downloads.in_flight()
         metrics.DOWNLOADS_IN_FLIGHT.set(len(downloads))
         metrics.DOWNLOAD_FOLLOWERS.set(sum(d.readers for d in downloads))
         metrics.CACHE_MAX_BYTES.set(self.proxy.config.cache.max_size)

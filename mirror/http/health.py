@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -28,15 +27,8 @@ class Check:
 
 
 def check_cache_writable(proxy: Proxy) -> Check:
-    path = proxy.store.tmp_dir / f".ready-{os.getpid()}"
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        try:
-            os.write(fd, b"ok")
-        finally:
-            os.close(fd)
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
+        proxy.store.probe_write()
     except OSError as exc:
         return Check(False, proxy.store.write_problem(exc))
     return Check(True, str(proxy.store.root))

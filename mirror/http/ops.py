@@ -107,20 +107,7 @@ def _drain(config: Config) -> Callable[[web.Application], Awaitable[None]]:
     async def drain(app: web.Application) -> None:
         """Let downloads in flight finish (for `shutdown_timeout`), then cancel the rest and wait
         for them to clean up their partial files."""
-        proxy = app[PROXY]
-        tasks = [d.task for d in proxy.downloads.active.values()
-                 if d.task is not None and not d.task.done()]
-        timeout = shutdown_timeout(config)
-        if tasks:
-            log.info("shutting down: waiting for downloads in flight",
-                     extra={"downloads": len(tasks), "timeout_s": timeout})
-            _done, pending = await asyncio.wait(tasks, timeout=timeout)
-            if pending:
-                log.warning("shutting down: cancelling unfinished downloads",
-                            extra={"downloads": len(pending)})
-                for task in pending:
-                    task.cancel()
-                await asyncio.gather(*pending, return_exceptions=True)
+        await app[PROXY].downloads.drain(shutdown_timeout(config))
         with contextlib.suppress(KeyError):
             await app[ACTIVITY].stop()
 

@@ -15,30 +15,30 @@ import collections
 import contextlib
 import enum
 import errno
-import fcntl
 import hashlib
-import json
 import logging
 import os
 import time
 from collections.abc import Awaitable, Callable
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Protocol
 
+import aiohttp
+
 from mirror import metrics
-from mirror.cache.store import BlobStore
+from mirror.cache.locks import try_lock
 from mirror.oci.errors import ErrorCode, RegistryError, UpstreamError
 from mirror.oci.reference import Digest
-from mirror.pull.source import BlobStream
+from mirror.pull.content import ContentStore
 
 log = logging.getLogger("mirror.download")
 
 REMOTE_POLL_SECONDS = 0.01
 SPILL_BYTES = 16 * 1024 * 1024
 
-# fetch(offset) -> the blob's body from `offset` (pull/source.py BlobStream: offset > 0 is a
-# resume); a source refusing is a RegistryError, a body breaking off a ConnectionError.
-Fetch = Callable[[int], Awaitable[BlobStream]]
+# fetch(offset) -> the upstream's 200 or 206 response for the body from `offset` (a Range
+# request when offset > 0); any other answer is raised as a RegistryError by the fetch itself.
+Fetch = Callable[[int], Awaitable[aiohttp.ClientResponse]]
 
 
 class BodySender(Protocol):
@@ -70,12 +70,11 @@ class _RelayEnded(Exception):
 
 
 class Download:
-    def __init__(self, digest: Digest, store: BlobStore, fd: int | None, leader: bool,
+    def __init__(self, digest: Digest, store: ContentStore, fd: int | None, leader: bool,
                  upstream: str = "", fetch: Fetch | None = None, attempts: int = 1) -> None:
         self.digest = digest
         self.upstream = upstream  # for the metrics
         self.store = store
-        self.partial = store.partial_path(digest)
         self.fd = fd  # None: no partial file could be created (a full or read-only disk)
         self.leader = leader
         self.owns_partial = leader and fd is not None  # ours to unlink or commit
@@ -242,19 +241,24 @@ class Download:
                                   hasher: hashlib._Hash | None) -> int:
         assert self.fetch is not None
         try:
-            body = await self.fetch(pos)
+            resp = await self.fetch(pos)
         except RegistryError as exc:
             raise ClientAbort(exc.message) from None
-        except (TimeoutError, ConnectionError) as exc:
+        except (aiohttp.ClientError, TimeoutError, ConnectionError) as exc:
             raise _UpstreamBroke(pos, exc) from None
         try:
-            size = self._check_direct(body)
+            size = self._check_direct(resp, pos)
+            if resp.status == 200 and pos:
+                try:
+                    await _discard(resp, pos)
+                except (aiohttp.ClientError, TimeoutError, ConnectionError) as exc:
+                    raise _UpstreamBroke(pos, exc) from None
             last = size - 1 if hasher is not None and end == size else None
             read, held = pos, b""
             while read < end:
                 try:
-                    chunk = await body.read()
-                except (TimeoutError, ConnectionError) as exc:
+                    chunk = await resp.content.readany()
+                except (aiohttp.ClientError, TimeoutError, ConnectionError) as exc:
                     raise _UpstreamBroke(read, exc) from None
                 if not chunk:
                     raise _UpstreamBroke(read, ConnectionError("upstream body ended early"))
@@ -274,30 +278,25 @@ class Download:
                 await sender.send_bytes(held)
             return read
         finally:
-            body.close()
+            resp.close()
 
-    def _check_direct(self, body: BlobStream) -> int:
-        size = body.total if body.total is not None else self.size
+    def _check_direct(self, resp: aiohttp.ClientResponse, pos: int) -> int:
+        total = _total_size(resp)  # a 200 that ignored Range still says the whole size
+        if resp.status == 206 and not _range_starts_at(resp, pos):
+            raise ClientAbort(f"upstream sent the wrong range for {self.digest}")
+        size = total if total is not None else self.size
         if size is None or (self.size is not None and size != self.size):
             raise ClientAbort(f"upstream changed or did not say the size of {self.digest}")
         return size
 
     # leading ------------------------------------------------------------------------------
-    def _meta_path(self) -> Path:
-        return self.partial.with_name(self.partial.name + ".meta")
-
     def _write_meta(self) -> None:
         """The expected size, for followers in other worker processes. Without it they could
         not answer their clients' headers: a failed write drops the partial file, so they
         fetch for themselves, and this download relays uncached."""
-        meta = self._meta_path()
-        tmp = meta.with_name(meta.name + f".{os.getpid()}")
         try:
-            tmp.write_text(json.dumps({"size": self.size}))
-            os.replace(tmp, meta)
+            self.store.write_partial_meta(self.digest, self.size)
         except OSError as exc:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
             self._disk_full(exc)
 
     def _drop_partial(self) -> None:
@@ -305,9 +304,7 @@ class Download:
         if not self.owns_partial:
             return
         self.owns_partial = False
-        for path in (self.partial, self._meta_path()):
-            with contextlib.suppress(OSError):
-                path.unlink()
+        self.store.drop_partial(self.digest)
 
     def _fail(self, error: RegistryError, fallback: bool = False) -> None:
         """`fallback`: the failure is ours, not the upstream's: readers fetch the bytes they
@@ -325,12 +322,12 @@ class Download:
         """Download the blob into the partial file, resuming with Range after breaks."""
         hasher = self.digest.hasher()
         self.written = self._rehash_existing(hasher)
-        body = None
+        resp = None
         try:
             if self.written and hasher.copy().hexdigest() == self.digest.hex:
                 self.size = self.written  # complete: its leader died before the rename
             else:
-                body = await self._fetch_rest(fetch, attempts, hasher)
+                resp = await self._fetch_rest(fetch, attempts, hasher)
             if hasher.hexdigest() != self.digest.hex:
                 metrics.DIGEST_MISMATCHES.labels("blob").inc()
                 log.error("digest mismatch: discarding", extra={
@@ -361,15 +358,15 @@ class Download:
             self._fail(RegistryError(ErrorCode.UNKNOWN,
                                      f"download of {self.digest} failed: {exc!r}"), fallback=True)
         finally:
-            if body is not None:
-                body.close()
+            if resp is not None:
+                resp.close()
             self._drop_partial()
 
     async def _fetch_rest(self, fetch: Fetch, attempts: int, hasher: hashlib._Hash
-                          ) -> BlobStream:
-        """Everything after `written` into the partial file, resuming after breaks; returns
-        the last body, for the caller to close."""
-        body = await self._open(fetch, self.written)
+                          ) -> aiohttp.ClientResponse:
+        """Everything after `written` into the partial file, resuming with Range after breaks;
+        returns the last response, for the caller to close."""
+        resp = await self._open(fetch, self.written)
         try:
             self.state = State.STREAMING
             if self.owns_partial:
@@ -377,10 +374,10 @@ class Download:
             self._notify()
             while True:
                 try:
-                    await self._copy_body(body, hasher)
-                    return body
-                except (TimeoutError, ConnectionError) as exc:
-                    body.close()
+                    await self._copy_body(resp, hasher)
+                    return resp
+                except (aiohttp.ClientError, TimeoutError, ConnectionError) as exc:
+                    resp.close()
                     attempts -= 1
                     log.warning("upstream body broke, resuming", extra={
                         "digest": str(self.digest), "offset": self.written,
@@ -391,9 +388,9 @@ class Download:
                                             ) from None
                     self.resumed += 1
                     metrics.DOWNLOADS_RESUMED.inc()
-                    body = await self._open(fetch, self.written)
+                    resp = await self._open(fetch, self.written)
         except BaseException:
-            body.close()
+            resp.close()
             raise
 
     async def _commit(self) -> None:
@@ -402,10 +399,8 @@ class Download:
         assert self.fd is not None
         try:
             await asyncio.to_thread(os.fdatasync, self.fd)
-            self.store.commit(self.partial, self.digest)
+            self.store.commit_partial(self.digest)
             self.owns_partial = False
-            with contextlib.suppress(OSError):
-                self._meta_path().unlink()
         except OSError as exc:
             log.error("could not store a verified blob: served uncached", extra={
                 "digest": str(self.digest), "error": str(exc)})
@@ -471,18 +466,27 @@ class Download:
             else:
                 break
 
-    async def _open(self, fetch: Fetch, offset: int) -> BlobStream:
-        body = await fetch(offset)  # from `offset`: the source speaks Range, not we
-        if body.total is not None:
-            if self.size is not None and body.total != self.size:
-                body.close()
+    async def _open(self, fetch: Fetch, offset: int) -> aiohttp.ClientResponse:
+        resp = await fetch(offset)
+        if offset == 0 or resp.status == 206:
+            total = _total_size(resp)
+            if total is not None:
+                if self.size is not None and total != self.size:
+                    resp.close()
+                    raise UpstreamError(ErrorCode.UPSTREAM_UNAVAILABLE,
+                                        f"upstream changed the size of {self.digest}")
+                self.size = total
+            if resp.status == 206 and not _range_starts_at(resp, offset):
+                resp.close()
                 raise UpstreamError(ErrorCode.UPSTREAM_UNAVAILABLE,
-                                    f"upstream changed the size of {self.digest}")
-            self.size = body.total
-        return body
+                                    f"upstream sent the wrong range for {self.digest}")
+            return resp
+        # The upstream ignored Range and sent the whole body: skip what we already have.
+        await _discard(resp, offset)
+        return resp
 
-    async def _copy_body(self, body: BlobStream, hasher: hashlib._Hash) -> None:
-        while chunk := await body.read():
+    async def _copy_body(self, resp: aiohttp.ClientResponse, hasher: hashlib._Hash) -> None:
+        async for chunk in resp.content.iter_any():
             if self.size is not None and self.written + len(chunk) > self.size:
                 raise UpstreamError(ErrorCode.DIGEST_INVALID,
                                     f"upstream sent more than {self.size} bytes for {self.digest}")
@@ -495,7 +499,7 @@ class Download:
             metrics.UPSTREAM_BYTES.labels(self.upstream).inc(len(chunk))
             self._notify()
         if self.size is not None and self.written < self.size:
-            raise ConnectionError(
+            raise aiohttp.ClientPayloadError(
                 f"upstream closed the body at {self.written} of {self.size} bytes")
         if self.size is None:
             self.size = self.written
@@ -510,23 +514,20 @@ class Download:
     async def follow(self, take_over: Callable[[Download], Awaitable[None]]) -> None:
         """Track a download led by another worker through the filesystem."""
         assert self.fd is not None
-        meta = self._meta_path()
-        final = self.store.path(self.digest)
         while True:
             # Locked first, inspected after: once we hold the lock its holder is gone, and
             # whether it renamed the file into the store (or dropped it) is final. (Checked
             # the other way round, a leader committing in between looked like an orphan, and
             # the take-over asked the upstream for the range after the last byte: a 416.)
-            locked = _try_lock(self.fd)
+            locked = try_lock(self.fd)
             st = os.fstat(self.fd)
-            if self.size is None and meta.exists():
-                with contextlib.suppress(ValueError, OSError):
-                    self.size = json.loads(meta.read_text())["size"]
+            if self.size is None:
+                self.size = self.store.read_partial_meta(self.digest)
             changed = st.st_size != self.written
             self.written = st.st_size
             if self.size is not None and self.state is State.STARTING:
                 self.state, changed = State.STREAMING, True
-            if final.exists() and final.stat().st_ino == st.st_ino:
+            if self.store.is_stored_from(self.digest, self.fd):
                 self.size = self.size if self.size is not None else st.st_size
                 self.state = State.VERIFIED
                 self._notify()
@@ -552,30 +553,77 @@ class Download:
         self.leader, self.owns_partial, self.disk_end = True, False, on_disk
         await self.lead(self.fetch, self.attempts)
 
-def _try_lock(fd: int) -> bool:
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return False
-    return True
+def _total_size(resp: aiohttp.ClientResponse) -> int | None:
+    content_range = resp.headers.get("Content-Range", "")
+    if resp.status == 206 and "/" in content_range:
+        total = content_range.rsplit("/", 1)[1]
+        return int(total) if total.isdigit() else None
+    length = resp.headers.get("Content-Length")
+    return int(length) if length and length.isdigit() else None
+
+
+def _range_starts_at(resp: aiohttp.ClientResponse, offset: int) -> bool:
+    spec = resp.headers.get("Content-Range", "").removeprefix("bytes ").split("/")[0]
+    return spec.split("-")[0] == str(offset)
+
+
+async def _discard(resp: aiohttp.ClientResponse, count: int) -> None:
+    while count > 0:
+        chunk = await resp.content.read(min(count, 1 << 20))
+        if not chunk:
+            raise aiohttp.ClientPayloadError("upstream body ended while skipping")
+        count -= len(chunk)
+
+
+@dataclass(frozen=True)
+class InFlight:
+    """A download in progress, as the status page and the metrics see it."""
+    digest: Digest
+    size: int | None
+    written: int
+    readers: int
+    upstream: str
+    started: float  # time.monotonic()
 
 
 class Downloads:
     """The downloads in flight in this process, keyed by digest."""
 
-    def __init__(self, store: BlobStore, finish_abandoned: bool) -> None:
+    def __init__(self, store: ContentStore, finish_abandoned: bool) -> None:
         self.store = store
         self.finish_abandoned = finish_abandoned
-        self.active: dict[Digest, Download] = {}
+        self._active: dict[Digest, Download] = {}
         self.on_disk_full: Callable[[], None] | None = None
 
     def get(self, digest: Digest) -> Download | None:
-        return self.active.get(digest)
+        return self._active.get(digest)
+
+    def in_flight(self) -> list[InFlight]:
+        """A snapshot of this process's downloads (read-only)."""
+        return [InFlight(d.digest, d.size, d.written, d.readers, d.upstream, d.started)
+                for d in self._active.values()]
+
+    async def drain(self, grace: float) -> None:
+        """Let the downloads in flight finish for `grace` seconds (shutdown_timeout), then
+        cancel the rest and wait for them to clean up their partial files."""
+        tasks = [d.task for d in self._active.values() if d.task is not None and not d.task.done()]
+        if not tasks:
+            return
+        if grace > 0:
+            log.info("shutting down: waiting for downloads in flight",
+                     extra={"downloads": len(tasks), "timeout_s": grace})
+        _done, pending = await asyncio.wait(tasks, timeout=grace)
+        if pending:
+            log.warning("shutting down: cancelling unfinished downloads",
+                        extra={"downloads": len(pending)})
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
 
     def start(self, digest: Digest, fetch: Fetch, attempts: int, upstream: str = ""
               ) -> Download | None:
         """Join or start the download of `digest`; None when it is already stored."""
-        existing = self.active.get(digest)
+        existing = self._active.get(digest)
         if existing is not None:
             return existing
         claimed = self._claim(digest)
@@ -584,7 +632,7 @@ class Downloads:
         fd, leader = claimed
         download = Download(digest, self.store, fd, leader, upstream, fetch, attempts)
         download.on_disk_full = self.on_disk_full
-        self.active[digest] = download
+        self._active[digest] = download
 
         async def take_over(d: Download) -> None:
             d.leader = d.owns_partial = True
@@ -600,8 +648,8 @@ class Downloads:
         return download
 
     def _finished(self, download: Download) -> None:
-        if self.active.get(download.digest) is download:
-            del self.active[download.digest]
+        if self._active.get(download.digest) is download:
+            del self._active[download.digest]
         if download.readers == 0:
             download._close_fd()  # else the last reader closes it
 
@@ -621,31 +669,23 @@ class Downloads:
         """Open the partial file: (fd, True) when we lead, (fd, False) when another process
         does, (None, True) when no file can be made (we lead, relaying uncached), None when
         the blob is in the store already."""
-        path = self.store.partial_path(digest)
         for _ in range(100):
-            if self.store.size(digest) is not None:
+            if self.store.has(digest):
                 return None
             try:
-                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+                fd = self.store.open_partial(digest)
             except OSError as exc:  # a full or read-only disk: cost the caching, not the client
                 log.warning("cannot create a download file: relaying uncached", extra={
                     "digest": str(digest), "error": exc.strerror})
                 metrics.UNCACHED_RELAYS.labels("create_failed").inc()
                 return None, True
-            if not _try_lock(fd):
+            if not try_lock(fd):
                 return fd, False
-            if _same_file(path, fd):
-                if self.store.size(digest) is not None:
-                    path.unlink()
+            if self.store.is_partial(digest, fd):
+                if self.store.has(digest):
+                    self.store.drop_partial(digest)
                     os.close(fd)
                     return None
                 return fd, True
             os.close(fd)  # the previous holder renamed it away between open and lock: retry
         raise RegistryError(ErrorCode.UNKNOWN, f"could not claim a download of {digest}")
-
-
-def _same_file(path: Path, fd: int) -> bool:
-    try:
-        return os.stat(path).st_ino == os.fstat(fd).st_ino
-    except FileNotFoundError:
-        return False
