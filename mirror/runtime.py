@@ -1,15 +1,19 @@
-"""Assembling the pieces over one cache dir: for the server and for the operator commands."""
+"""The composition root: the only place that builds the pieces over one cache dir (store,
+index, upstream clients, downloads, maintenance, proxy) and wires their callbacks. The server
+(http/app.py) and the operator commands share it."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
 
 import aiohttp
 
 from mirror.cache.index import Index
-from mirror.cache.store import BlobStore
-from mirror.config import Config
+from mirror.cache.maintenance import Maintenance, RateLimit
+from mirror.cache.store import BlobStore, OnCommit
+from mirror.config import Config, UpstreamConfig
+from mirror.oci.reference import Digest
 from mirror.pull.downloads import Downloads
 from mirror.pull.proxy import Proxy
 from mirror.upstream.client import Upstream
@@ -18,9 +22,39 @@ from mirror.upstream.client import Upstream
 @contextmanager
 def open_cache(config: Config) -> Iterator[tuple[BlobStore, Index]]:
     """The store and its index, with every commit recorded as an index entry."""
+    with _store_and_index(config) as (store, index):
+        store.on_commit = index.add_entry
+        yield store, index
+
+
+@asynccontextmanager
+async def open_proxy(config: Config) -> AsyncIterator[Proxy]:
+    """A Proxy with one HTTP session per upstream and the cache's maintenance running; all
+    closed on exit."""
+    async with AsyncExitStack() as stack:
+        store, index = stack.enter_context(_store_and_index(config))
+        upstreams = {uc.name: Upstream(uc, await stack.enter_async_context(_session(uc)))
+                     for uc in config.upstreams}
+        downloads = Downloads(store, config.cache.finish_abandoned)
+        proxy = Proxy(config, store, index, upstreams, downloads)
+        maintenance = Maintenance(config, store, index, lambda: _rate_limits(upstreams),
+                                  on_evict=proxy.forget)
+        # Every callback between the pieces, set once, here.
+        store.on_commit = _in_turn(index.add_entry, maintenance.committed)
+        downloads.on_disk_full = maintenance.request_eviction
+        proxy.on_disk_full = maintenance.request_eviction
+        maintenance.start()
+        try:
+            yield proxy
+        finally:
+            await maintenance.stop()
+            await downloads.drain(0)
+
+
+@contextmanager
+def _store_and_index(config: Config) -> Iterator[tuple[BlobStore, Index]]:
     store = BlobStore(config.cache.dir)
     index = Index(store.index_dir)
-    store.on_commit = lambda digest, size, kind: index.add_entry(digest, size, kind)
     try:
         yield store, index
     finally:
@@ -28,24 +62,23 @@ def open_cache(config: Config) -> Iterator[tuple[BlobStore, Index]]:
 
 
 @asynccontextmanager
-async def open_proxy(config: Config) -> AsyncIterator[Proxy]:
-    """A running Proxy with one HTTP session per upstream; closed on exit."""
-    with open_cache(config) as (store, index):
-        sessions: list[aiohttp.ClientSession] = []
-        upstreams: dict[str, Upstream] = {}
-        for uc in config.upstreams:
-            connector = aiohttp.TCPConnector(limit=uc.max_connections, ttl_dns_cache=60)
-            session = aiohttp.ClientSession(connector=connector, auto_decompress=False,
-                                            headers={"User-Agent": "registry-mirror"})
-            sessions.append(session)
-            upstreams[uc.name] = Upstream(uc, session)
-        downloads = Downloads(store, config.cache.finish_abandoned)
-        proxy = Proxy(config, store, index, upstreams, downloads)
-        await proxy.start()
-        try:
-            yield proxy
-        finally:
-            await proxy.stop()
-            await downloads.drain(0)
-            for session in sessions:
-                await session.close()
+async def _session(uc: UpstreamConfig) -> AsyncIterator[aiohttp.ClientSession]:
+    connector = aiohttp.TCPConnector(limit=uc.max_connections, ttl_dns_cache=60)
+    async with aiohttp.ClientSession(connector=connector, auto_decompress=False,
+                                     headers={"User-Agent": "registry-mirror"}) as session:
+        yield session
+
+
+def _in_turn(*listeners: OnCommit) -> OnCommit:
+    """One commit callback calling each listener in order (the index entry first, so the
+    maintenance sees the new total)."""
+    def committed(digest: Digest, size: int, kind: str) -> None:
+        for listener in listeners:
+            listener(digest, size, kind)
+    return committed
+
+
+def _rate_limits(upstreams: dict[str, Upstream]) -> list[RateLimit]:
+    """The upstreams' last seen rate limits, for the maintenance to publish to `status`."""
+    return [(u.name, u.ratelimit_limit, u.ratelimit_remaining) for u in upstreams.values()
+            if u.ratelimit_remaining is not None]

@@ -23,22 +23,21 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-import aiohttp
-
 from mirror import metrics
 from mirror.cache.locks import try_lock
 from mirror.oci.errors import ErrorCode, RegistryError, UpstreamError
 from mirror.oci.reference import Digest
 from mirror.pull.content import ContentStore
+from mirror.pull.source import BlobStream
 
 log = logging.getLogger("mirror.download")
 
 REMOTE_POLL_SECONDS = 0.01
 SPILL_BYTES = 16 * 1024 * 1024
 
-# fetch(offset) -> the upstream's 200 or 206 response for the body from `offset` (a Range
-# request when offset > 0); any other answer is raised as a RegistryError by the fetch itself.
-Fetch = Callable[[int], Awaitable[aiohttp.ClientResponse]]
+# fetch(offset) -> the blob's body from `offset` (pull/source.py BlobStream: offset > 0 is a
+# resume); a source refusing is a RegistryError, a body breaking off a ConnectionError.
+Fetch = Callable[[int], Awaitable[BlobStream]]
 
 
 class BodySender(Protocol):
@@ -241,24 +240,19 @@ class Download:
                                   hasher: hashlib._Hash | None) -> int:
         assert self.fetch is not None
         try:
-            resp = await self.fetch(pos)
+            body = await self.fetch(pos)
         except RegistryError as exc:
             raise ClientAbort(exc.message) from None
-        except (aiohttp.ClientError, TimeoutError, ConnectionError) as exc:
+        except (TimeoutError, ConnectionError) as exc:
             raise _UpstreamBroke(pos, exc) from None
         try:
-            size = self._check_direct(resp, pos)
-            if resp.status == 200 and pos:
-                try:
-                    await _discard(resp, pos)
-                except (aiohttp.ClientError, TimeoutError, ConnectionError) as exc:
-                    raise _UpstreamBroke(pos, exc) from None
+            size = self._check_direct(body)
             last = size - 1 if hasher is not None and end == size else None
             read, held = pos, b""
             while read < end:
                 try:
-                    chunk = await resp.content.readany()
-                except (aiohttp.ClientError, TimeoutError, ConnectionError) as exc:
+                    chunk = await body.read()
+                except (TimeoutError, ConnectionError) as exc:
                     raise _UpstreamBroke(read, exc) from None
                 if not chunk:
                     raise _UpstreamBroke(read, ConnectionError("upstream body ended early"))
@@ -278,13 +272,10 @@ class Download:
                 await sender.send_bytes(held)
             return read
         finally:
-            resp.close()
+            body.close()
 
-    def _check_direct(self, resp: aiohttp.ClientResponse, pos: int) -> int:
-        total = _total_size(resp)  # a 200 that ignored Range still says the whole size
-        if resp.status == 206 and not _range_starts_at(resp, pos):
-            raise ClientAbort(f"upstream sent the wrong range for {self.digest}")
-        size = total if total is not None else self.size
+    def _check_direct(self, body: BlobStream) -> int:
+        size = body.total if body.total is not None else self.size
         if size is None or (self.size is not None and size != self.size):
             raise ClientAbort(f"upstream changed or did not say the size of {self.digest}")
         return size
@@ -322,12 +313,12 @@ class Download:
         """Download the blob into the partial file, resuming with Range after breaks."""
         hasher = self.digest.hasher()
         self.written = self._rehash_existing(hasher)
-        resp = None
+        body = None
         try:
             if self.written and hasher.copy().hexdigest() == self.digest.hex:
                 self.size = self.written  # complete: its leader died before the rename
             else:
-                resp = await self._fetch_rest(fetch, attempts, hasher)
+                body = await self._fetch_rest(fetch, attempts, hasher)
             if hasher.hexdigest() != self.digest.hex:
                 metrics.DIGEST_MISMATCHES.labels("blob").inc()
                 log.error("digest mismatch: discarding", extra={
@@ -358,15 +349,15 @@ class Download:
             self._fail(RegistryError(ErrorCode.UNKNOWN,
                                      f"download of {self.digest} failed: {exc!r}"), fallback=True)
         finally:
-            if resp is not None:
-                resp.close()
+            if body is not None:
+                body.close()
             self._drop_partial()
 
     async def _fetch_rest(self, fetch: Fetch, attempts: int, hasher: hashlib._Hash
-                          ) -> aiohttp.ClientResponse:
-        """Everything after `written` into the partial file, resuming with Range after breaks;
-        returns the last response, for the caller to close."""
-        resp = await self._open(fetch, self.written)
+                          ) -> BlobStream:
+        """Everything after `written` into the partial file, resuming after breaks; returns
+        the last body, for the caller to close."""
+        body = await self._open(fetch, self.written)
         try:
             self.state = State.STREAMING
             if self.owns_partial:
@@ -374,10 +365,10 @@ class Download:
             self._notify()
             while True:
                 try:
-                    await self._copy_body(resp, hasher)
-                    return resp
-                except (aiohttp.ClientError, TimeoutError, ConnectionError) as exc:
-                    resp.close()
+                    await self._copy_body(body, hasher)
+                    return body
+                except (TimeoutError, ConnectionError) as exc:
+                    body.close()
                     attempts -= 1
                     log.warning("upstream body broke, resuming", extra={
                         "digest": str(self.digest), "offset": self.written,
@@ -388,9 +379,9 @@ class Download:
                                             ) from None
                     self.resumed += 1
                     metrics.DOWNLOADS_RESUMED.inc()
-                    resp = await self._open(fetch, self.written)
+                    body = await self._open(fetch, self.written)
         except BaseException:
-            resp.close()
+            body.close()
             raise
 
     async def _commit(self) -> None:
@@ -466,27 +457,18 @@ class Download:
             else:
                 break
 
-    async def _open(self, fetch: Fetch, offset: int) -> aiohttp.ClientResponse:
-        resp = await fetch(offset)
-        if offset == 0 or resp.status == 206:
-            total = _total_size(resp)
-            if total is not None:
-                if self.size is not None and total != self.size:
-                    resp.close()
-                    raise UpstreamError(ErrorCode.UPSTREAM_UNAVAILABLE,
-                                        f"upstream changed the size of {self.digest}")
-                self.size = total
-            if resp.status == 206 and not _range_starts_at(resp, offset):
-                resp.close()
+    async def _open(self, fetch: Fetch, offset: int) -> BlobStream:
+        body = await fetch(offset)  # from `offset`: the source speaks Range, not we
+        if body.total is not None:
+            if self.size is not None and body.total != self.size:
+                body.close()
                 raise UpstreamError(ErrorCode.UPSTREAM_UNAVAILABLE,
-                                    f"upstream sent the wrong range for {self.digest}")
-            return resp
-        # The upstream ignored Range and sent the whole body: skip what we already have.
-        await _discard(resp, offset)
-        return resp
+                                    f"upstream changed the size of {self.digest}")
+            self.size = body.total
+        return body
 
-    async def _copy_body(self, resp: aiohttp.ClientResponse, hasher: hashlib._Hash) -> None:
-        async for chunk in resp.content.iter_any():
+    async def _copy_body(self, body: BlobStream, hasher: hashlib._Hash) -> None:
+        while chunk := await body.read():
             if self.size is not None and self.written + len(chunk) > self.size:
                 raise UpstreamError(ErrorCode.DIGEST_INVALID,
                                     f"upstream sent more than {self.size} bytes for {self.digest}")
@@ -499,7 +481,7 @@ class Download:
             metrics.UPSTREAM_BYTES.labels(self.upstream).inc(len(chunk))
             self._notify()
         if self.size is not None and self.written < self.size:
-            raise aiohttp.ClientPayloadError(
+            raise ConnectionError(
                 f"upstream closed the body at {self.written} of {self.size} bytes")
         if self.size is None:
             self.size = self.written
@@ -552,28 +534,6 @@ class Download:
         metrics.UNCACHED_RELAYS.labels("leader_dropped").inc()
         self.leader, self.owns_partial, self.disk_end = True, False, on_disk
         await self.lead(self.fetch, self.attempts)
-
-def _total_size(resp: aiohttp.ClientResponse) -> int | None:
-    content_range = resp.headers.get("Content-Range", "")
-    if resp.status == 206 and "/" in content_range:
-        total = content_range.rsplit("/", 1)[1]
-        return int(total) if total.isdigit() else None
-    length = resp.headers.get("Content-Length")
-    return int(length) if length and length.isdigit() else None
-
-
-def _range_starts_at(resp: aiohttp.ClientResponse, offset: int) -> bool:
-    spec = resp.headers.get("Content-Range", "").removeprefix("bytes ").split("/")[0]
-    return spec.split("-")[0] == str(offset)
-
-
-async def _discard(resp: aiohttp.ClientResponse, count: int) -> None:
-    while count > 0:
-        chunk = await resp.content.read(min(count, 1 << 20))
-        if not chunk:
-            raise aiohttp.ClientPayloadError("upstream body ended while skipping")
-        count -= len(chunk)
-
 
 @dataclass(frozen=True)
 class InFlight:
