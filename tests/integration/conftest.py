@@ -39,7 +39,7 @@ from tests.support.registry import (
     Registry,
     htpasswd_auth,
 )
-from tests.support.tokenserver import TokenServer
+from tests.support.tokenserver import TOKEN_USERS, TokenServer
 
 __all__ = ["blackhole", "mirror_factory"]  # fixtures shared with tests/faults
 
@@ -87,12 +87,6 @@ def upstream(
         yield up
     finally:
         reg.stop()
-
-
-TOKEN_USERS: dict[str, tuple[str, list[str]]] = {
-    "admin": ("adminpw", ["pull", "push"]),
-    "reader": ("readerpw", ["pull"]),
-}
 
 
 @pytest.fixture(scope="session")

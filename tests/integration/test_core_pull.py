@@ -23,6 +23,7 @@ from tests.support.clients import (
     Containerd,
     RawResponse,
     UpstreamRegistry,
+    assert_pulled,
     http_request,
     skopeo_copy,
     skopeo_copy_async,
@@ -93,9 +94,7 @@ def test_upstream_fixture_serves_pushed_images(
         assert r.header("Docker-Content-Digest") == art.manifest.digest
     out = tmp_path / "direct"
     skopeo_copy(f"docker://{upstream.host}/test/small:v1", f"dir:{out}")
-    pulled = verify_dir(out)
-    assert pulled.manifest == test_images.small.manifest_bytes
-    assert pulled.blobs == digests(test_images.small.blobs)
+    assert_pulled(verify_dir(out), test_images.small)
 
 
 # --- basics -------------------------------------------------------------------------------
@@ -129,23 +128,41 @@ def test_request_log_lines(mirror: MirrorProcess, test_images: oci.ImageSet) -> 
 # --- skopeo -------------------------------------------------------------------------------
 
 
+# (repo, the image set's attribute, None or the arch picked from it, skopeo --all)
+PULLS = {
+    "single-arch": ("test/big", "big", None, False),
+    "multi-arch-all": ("test/multi", "multi", None, True),
+    "multi-arch-default": ("test/multi", "multi", "amd64", False),  # this machine's platform
+    "docker-schema2": ("test/docker", "docker", None, False),
+    "docker-manifest-list-all": ("test/dockerlist", "docker_list", None, True),
+}
+
+
 @pytest.mark.timeout(180)
-def test_skopeo_pull_single_arch(
+@pytest.mark.parametrize("row", PULLS.values(), ids=PULLS.keys())
+def test_skopeo_pull(
     mirror: MirrorProcess,
     registries_conf: Path,
     blackhole: ClosedPort,
     test_images: oci.ImageSet,
     tmp_path: Path,
+    row: tuple[str, str, str | None, bool],
 ) -> None:
-    big = test_images.big
-    pulled = skopeo_pull(registries_conf, blackhole.host, "test/big", "v1", tmp_path / "out")
-    assert pulled.manifest == big.manifest_bytes
-    assert pulled.blobs == digests(big.blobs)
-    for b in big.blobs:
+    """A cold pull through the mirror: the exact image, each blob fetched once, all of it
+    verified in the cache and nothing left in tmp/."""
+    repo, which, arch, all_platforms = row
+    art: oci.Image | oci.ImageIndex = getattr(test_images, which)
+    if arch is not None:
+        assert isinstance(art, oci.ImageIndex)
+        art = art.image_for(arch)
+    pulled = skopeo_pull(
+        registries_conf, blackhole.host, repo, "v1", tmp_path / "out", all_platforms=all_platforms
+    )
+    assert_pulled(pulled, art)
+    for b in art.blobs:
         assert [e["status"] for e in mirror_blob_gets(mirror, b.digest)] == [200], b
-    mirror.wait_cached(digests(big.blobs))
-    cached = mirror.verify_cache()
-    assert digests(big.all_blobs) <= cached
+    mirror.wait_cached(digests(art.all_blobs))
+    assert digests(art.all_blobs) <= mirror.verify_cache()
     assert mirror.tmp_files() == []
 
 
@@ -168,61 +185,11 @@ def test_second_pull_makes_no_upstream_blob_gets(
 
     mark = upstream.registry.mark()
     pulled = skopeo_pull(registries_conf, blackhole.host, "test/big", "v1", tmp_path / "warm")
-    assert pulled.manifest == big.manifest_bytes
-    assert pulled.blobs == digests(big.blobs)
+    assert_pulled(pulled, big)
     assert upstream.registry.blob_gets(mark) == {}
     for b in big.blobs:
         caches = [e["cache"] for e in mirror_blob_gets(mirror, b.digest, at_least=2)]
         assert caches[-1] == "hit", (b.digest, caches)
-
-
-@pytest.mark.timeout(180)
-def test_skopeo_pull_multi_arch_index(
-    mirror: MirrorProcess,
-    registries_conf: Path,
-    blackhole: ClosedPort,
-    upstream: UpstreamRegistry,
-    test_images: oci.ImageSet,
-    tmp_path: Path,
-) -> None:
-    multi = test_images.multi
-    pulled = skopeo_pull(
-        registries_conf, blackhole.host, "test/multi", "v1", tmp_path / "all", all_platforms=True
-    )
-    assert pulled.manifest == multi.index_bytes
-    assert pulled.blobs == digests(multi.blobs)
-    assert pulled.instance_manifests == {
-        img.manifest.digest: img.manifest_bytes for img in multi.images
-    }
-    # The default: only this machine's platform (amd64), picked from the index.
-    amd64 = multi.image_for("amd64")
-    one = skopeo_pull(registries_conf, blackhole.host, "test/multi", "v1", tmp_path / "one")
-    assert one.manifest == amd64.manifest_bytes
-    assert one.blobs == digests(amd64.blobs)
-    mirror.wait_cached(digests(multi.all_blobs))
-    assert digests(multi.all_blobs) <= mirror.verify_cache()
-
-
-@pytest.mark.timeout(180)
-def test_skopeo_pull_docker_schema2_and_manifest_list(
-    mirror: MirrorProcess,
-    registries_conf: Path,
-    blackhole: ClosedPort,
-    test_images: oci.ImageSet,
-    tmp_path: Path,
-) -> None:
-    docker, dlist = test_images.docker, test_images.docker_list
-    pulled = skopeo_pull(registries_conf, blackhole.host, "test/docker", "v1", tmp_path / "d")
-    assert pulled.manifest == docker.manifest_bytes
-    assert pulled.blobs == digests(docker.blobs)
-    pulled = skopeo_pull(
-        registries_conf, blackhole.host, "test/dockerlist", "v1", tmp_path / "l", all_platforms=True
-    )
-    assert pulled.manifest == dlist.index_bytes
-    assert pulled.blobs == digests(dlist.blobs)
-    assert pulled.instance_manifests == {
-        img.manifest.digest: img.manifest_bytes for img in dlist.images
-    }
 
 
 # --- containerd ---------------------------------------------------------------------------
@@ -325,8 +292,7 @@ def test_kill9_during_cold_pull_then_restart(
         mirror.verify_cache()
 
         pulled = skopeo_pull(conf, blackhole.host, "test/big", "v1", tmp_path / "after")
-        assert pulled.manifest == big.manifest_bytes
-        assert pulled.blobs == digests(big.blobs)
+        assert_pulled(pulled, big)
         mirror.wait_cached(digests(big.all_blobs))
         assert digests(big.all_blobs) <= mirror.verify_cache()
         assert mirror.tmp_files() == []
@@ -676,8 +642,7 @@ def test_registries_conf_mirror_with_upstream_prefix(
         )
         small = test_images.small
         pulled = skopeo_pull(conf, blackhole.host, "test/small", "v1", tmp_path / "out")
-        assert pulled.manifest == small.manifest_bytes
-        assert pulled.blobs == digests(small.blobs)
+        assert_pulled(pulled, small)
         mirror.wait_log(
             lambda log: any(str(e["path"]).startswith("/v2/registry.example/test/small/")
                             for e in log), what="requests under the upstream's path prefix")
@@ -892,8 +857,7 @@ def test_cached_content_served_while_upstream_down(
     pulled = skopeo_pull(
         conf, blackhole.host, "test/small", f"@{small.manifest.digest}", tmp_path / "by-digest"
     )
-    assert pulled.manifest == small.manifest_bytes
-    assert pulled.blobs == digests(small.blobs)
+    assert_pulled(pulled, small)
 
 
 # --- integrity -------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from tests.support import oci
 from tests.support.clients import (
     Result,
     UpstreamRegistry,
+    assert_pulled,
     http_request,
     skopeo_copy,
     verify_dir,
@@ -22,14 +23,9 @@ from tests.support.clients import (
 )
 from tests.support.mirror import MirrorProcess, Upstream
 from tests.support.registry import BASIC_PASSWORD, BASIC_USER, ClosedPort, Registry
-from tests.support.tokenserver import TokenServer
+from tests.support.tokenserver import TOKEN_USERS, TokenServer
 
 pytestmark = pytest.mark.integration
-
-TOKEN_USERS: dict[str, tuple[str, list[str]]] = {
-    "admin": ("adminpw", ["pull", "push"]),
-    "reader": ("readerpw", ["pull"]),
-}
 
 ACCEPT_ALL = [
     ("Accept", t)
@@ -68,6 +64,19 @@ def _pull(
     )
 
 
+def _pull_verified(
+    mirror: MirrorProcess, blackhole: ClosedPort, repo: str, out: Path, image: oci.Image
+) -> None:
+    """A skopeo pull of `repo`:v1 through the mirror got exactly `image`."""
+    _pull(mirror, blackhole, repo, out)
+    assert_pulled(verify_dir(out), image)
+
+
+def _assert_cached(mirror: MirrorProcess, image: oci.Image) -> None:
+    mirror.wait_cached(b.digest for b in image.all_blobs)
+    assert {b.digest for b in image.all_blobs} <= mirror.verify_cache()
+
+
 def _scoped(ts: TokenServer, start: int, repo: str) -> list[tuple[str | None, int]]:
     return [
         (r.user, r.status)
@@ -88,17 +97,13 @@ def test_anonymous_token_pull(
     small = test_images.small
     mirror = _mirror(mirror_factory, token_upstream, blackhole)
     start = len(token_server.requests)
-    _pull(mirror, blackhole, "public/small", tmp_path / "out")
-    pulled = verify_dir(tmp_path / "out")
-    assert pulled.manifest == small.manifest_bytes
-    assert pulled.blobs == {b.digest for b in small.blobs}
+    _pull_verified(mirror, blackhole, "public/small", tmp_path / "out", small)
     tokens = _scoped(token_server, start, "public/small")
     assert tokens, "the mirror never asked the token server"
     assert all(user is None for user, _ in tokens), tokens
     # The token is cached per scope: a handful of requests, not one per upstream request.
     assert len(tokens) <= 2, tokens
-    mirror.wait_cached(b.digest for b in small.all_blobs)
-    assert {b.digest for b in small.all_blobs} <= mirror.verify_cache()
+    _assert_cached(mirror, small)
 
 
 @pytest.mark.timeout(120)
@@ -134,15 +139,11 @@ def test_credentialed_token_pull(
     small = test_images.small
     mirror = _mirror(mirror_factory, token_upstream, blackhole, "reader", "readerpw")
     start = len(token_server.requests)
-    _pull(mirror, blackhole, "private/small", tmp_path / "private")
-    pulled = verify_dir(tmp_path / "private")
-    assert pulled.manifest == small.manifest_bytes
-    assert pulled.blobs == {b.digest for b in small.blobs}
+    _pull_verified(mirror, blackhole, "private/small", tmp_path / "private", small)
     tokens = _scoped(token_server, start, "private/small")
     assert tokens and all(t == ("reader", 200) for t in tokens), tokens
     # Public images work with credentials too.
-    _pull(mirror, blackhole, "public/small", tmp_path / "public")
-    assert verify_dir(tmp_path / "public").manifest == small.manifest_bytes
+    _pull_verified(mirror, blackhole, "public/small", tmp_path / "public", small)
 
 
 @pytest.mark.timeout(120)
@@ -170,8 +171,7 @@ def test_token_pull_second_time_from_cache(
     _pull(mirror, blackhole, "private/small", tmp_path / "one")
     mirror.wait_cached(b.digest for b in test_images.small.all_blobs)
     mark = token_upstream.registry.mark()
-    _pull(mirror, blackhole, "private/small", tmp_path / "two")
-    assert verify_dir(tmp_path / "two").manifest == test_images.small.manifest_bytes
+    _pull_verified(mirror, blackhole, "private/small", tmp_path / "two", test_images.small)
     assert token_upstream.registry.blob_gets(mark) == {}
 
 
@@ -188,12 +188,8 @@ def test_basic_auth_upstream(
 ) -> None:
     small = test_images.small
     mirror = _mirror(mirror_factory, basic_upstream, blackhole, BASIC_USER, BASIC_PASSWORD)
-    _pull(mirror, blackhole, "test/small", tmp_path / "out")
-    pulled = verify_dir(tmp_path / "out")
-    assert pulled.manifest == small.manifest_bytes
-    assert pulled.blobs == {b.digest for b in small.blobs}
-    mirror.wait_cached(b.digest for b in small.all_blobs)
-    assert {b.digest for b in small.all_blobs} <= mirror.verify_cache()
+    _pull_verified(mirror, blackhole, "test/small", tmp_path / "out", small)
+    _assert_cached(mirror, small)
 
 
 @pytest.mark.timeout(120)

@@ -220,6 +220,17 @@ def skopeo_pull(
     return verify_dir(out)
 
 
+def assert_pulled(pulled: PulledDir, art: oci.Image | oci.ImageIndex) -> None:
+    """A pull got exactly `art`: its manifest (an index's own bytes), its configs and
+    layers, and for an index (a `--all` copy) every per-platform manifest."""
+    assert pulled.manifest == art.manifest_bytes
+    assert pulled.blobs == {b.digest for b in art.blobs}
+    if isinstance(art, oci.ImageIndex):
+        assert pulled.instance_manifests == {
+            img.manifest.digest: img.manifest_bytes for img in art.images
+        }
+
+
 def verify_dir(out: Path) -> PulledDir:
     """Check every blob in a skopeo `dir:` destination hashes to its name."""
     manifest = (out / "manifest.json").read_bytes()

@@ -101,6 +101,13 @@ def _default_anonymous_pull(name: str) -> bool:
     return not name.startswith("private/")
 
 
+# The users the integration tests' token servers know: user -> (password, actions)
+TOKEN_USERS: dict[str, tuple[str, list[str]]] = {
+    "admin": ("adminpw", ["pull", "push"]),
+    "reader": ("readerpw", ["pull"]),
+}
+
+
 @dataclass
 class TokenServer:
     workdir: Path
