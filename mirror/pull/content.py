@@ -35,8 +35,6 @@ class ContentStore(Protocol):
     def iter_stored(self) -> Iterator[tuple[Digest, int, float]]: ...
 
     # downloads in progress -----------------------------------------------------------------
-    def partial_path(self, digest: Digest) -> Path: ...  # used by: tests (takeover)
-
     def open_partial(self, digest: Digest) -> int: ...  # used by: Downloads._claim
 
     def is_partial(self, digest: Digest, fd: int) -> bool: ...  # used by: Downloads._claim
