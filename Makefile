@@ -25,10 +25,12 @@ system-deps:
 lint: $(VENV)/.dev-installed
 	$(VENV)/bin/ruff check mirror tests benchmarks
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 
 test: system-deps $(VENV)/.dev-installed
 	$(VENV)/bin/ruff check mirror tests benchmarks
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 	$(VENV)/bin/pytest -ra
 
 bench: system-deps $(VENV)/.dev-installed
