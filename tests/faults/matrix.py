@@ -11,11 +11,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from tests.support.mirror import MirrorProcess, Upstream
-from tests.support.mirrorfixtures import MirrorFactory
-from tests.support.registry import wait_until
-
-from .conftest import (
+from tests.support.faultmatrix import (
     OCI_MANIFEST,
     PASSWORD,
     USER,
@@ -30,6 +26,9 @@ from .conftest import (
     image_manifest,
     tmp_leftovers,
 )
+from tests.support.mirror import MirrorProcess, Upstream
+from tests.support.mirrorfixtures import MirrorFactory
+from tests.support.registry import wait_until
 
 WORKERS = [1, 2]
 STATES = ["cold", "inflight", "cached"]

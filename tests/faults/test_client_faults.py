@@ -14,11 +14,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from tests.support.faultmatrix import Act, Outcome, Upstreams, check_outcome, fetch
 from tests.support.mirror import MirrorProcess
 from tests.support.mirrorfixtures import MirrorFactory
 from tests.support.registry import wait_until
 
-from .conftest import Act, Outcome, Upstreams, check_outcome, fetch
 from .matrix import STATES, WORKERS, Content, check_row, make_content, start_mirror
 
 pytestmark = pytest.mark.timeout(120)

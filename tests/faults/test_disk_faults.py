@@ -18,11 +18,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.faultmatrix import Act, Outcome, Upstreams, check_outcome, fetch
 from tests.support.mirror import MirrorProcess
 from tests.support.mirrorfixtures import MirrorFactory
 from tests.support.registry import wait_until
 
-from .conftest import Act, Outcome, Upstreams, check_outcome, fetch
 from .matrix import (
     SIZE,
     STATES,

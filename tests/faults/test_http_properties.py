@@ -30,11 +30,17 @@ from hypothesis import strategies as st
 
 from mirror.config import parse_config
 from mirror.http.app import build_app
+from tests.support.faultmatrix import (
+    OCI_MANIFEST,
+    PASSWORD,
+    USER,
+    LoopThread,
+    Upstreams,
+    image_manifest,
+)
 from tests.support.oci import sha256_digest
 from tests.support.registry import HOST, free_port
 from tests.support.store import assert_store_verified
-
-from .conftest import OCI_MANIFEST, PASSWORD, USER, LoopThread, Upstreams, image_manifest
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -13,9 +13,7 @@ import os
 
 import pytest
 
-from tests.support.mirrorfixtures import MirrorFactory
-
-from .conftest import (
+from tests.support.faultmatrix import (
     OCI_MANIFEST,
     Act,
     RssPeak,
@@ -28,6 +26,8 @@ from .conftest import (
     image_manifest,
     tmp_leftovers,
 )
+from tests.support.mirrorfixtures import MirrorFactory
+
 from .matrix import (
     ACCEPT,
     INFLIGHT_CLIENTS,

@@ -127,7 +127,7 @@ class FaultUpstream:
         self._record(request)
         return web.Response(body=self.blobs[request.match_info["digest"]])
 
-    async def manifest(self, request: web.Request) -> web.Response:
+    async def manifest(self, request: web.Request) -> web.StreamResponse:
         self._record(request)
         if (challenge := self._challenge(request)) is not None:
             return challenge
