@@ -83,19 +83,12 @@ STATUS_BY_CODE: Mapping[ErrorCode, int] = {
 }
 
 
-def _default_status(code: ErrorCode | str) -> int:
-    try:
-        return ErrorCode(code).status
-    except ValueError:  # a plain-str code not in the enum (only until every raiser uses it)
-        return 500
-
-
 class RegistryError(Exception):
     """An error the client sees as `{"errors": [{"code", "message", "detail"}]}`."""
 
     def __init__(
         self,
-        code: ErrorCode | str,
+        code: ErrorCode,
         message: str,
         *,
         status: int | None = None,
@@ -112,8 +105,8 @@ class RegistryError(Exception):
         self.challenges = challenges  # WWW-Authenticate values, one header line each
 
     @staticmethod
-    def _status_for(code: ErrorCode | str) -> int:
-        return _default_status(code)
+    def _status_for(code: ErrorCode) -> int:
+        return code.status
 
     def body(self) -> bytes:
         entry: dict[str, Any] = {"code": self.code, "message": self.message}
@@ -129,5 +122,5 @@ class UpstreamError(RegistryError):
     upstream's bytes do not match their digest; UPSTREAM_UNAVAILABLE: its body broke off)."""
 
     @staticmethod
-    def _status_for(code: ErrorCode | str) -> int:
-        return 504 if code == ErrorCode.UPSTREAM_TIMEOUT else 502
+    def _status_for(code: ErrorCode) -> int:
+        return 504 if code is ErrorCode.UPSTREAM_TIMEOUT else 502
