@@ -28,6 +28,7 @@ from mirror.oci.reference import Digest
 from mirror.upstream.tokens import Credentials, TokenError
 
 log = logging.getLogger("mirror.upstream")
+STALE_CONNECTION_RETRIES = 4  # pooled connections tried before a fresh timeout counts
 
 MAX_REDIRECTS = 5
 CHUNK = 1 << 20
@@ -262,10 +263,7 @@ class Upstream:
             sent = dict(headers)
             if auth and _origin(url) == origin:
                 sent["Authorization"] = auth
-            resp = await self.session.request(
-                method, url, headers=sent, params=params, allow_redirects=False,
-                timeout=self.timeout, auto_decompress=False,
-            )
+            resp = await self._session_request(method, url, sent, params)
             location = resp.headers.get("Location")
             if resp.status not in (301, 302, 303, 307, 308) or not location:
                 return resp
@@ -274,6 +272,26 @@ class Upstream:
             params = None  # the Location carries its own query
         raise UpstreamError(ErrorCode.UPSTREAM_UNREACHABLE,
                             f"upstream {self.name}: too many redirects")
+
+    async def _session_request(self, method: str, url: str, headers: dict[str, str],
+                               params: Mapping[str, str] | None) -> aiohttp.ClientResponse:
+        """aiohttp re-arms a connection's read timer when a body it already released to the
+        pool is read on after its end was received (a slow reader draining its buffer): the
+        timer then fires on the idle connection, and the next request on it fails at once
+        with a read "timeout". One that fails sooner than `read_timeout` is that stale
+        connection (it is closed), never the upstream: try again on another."""
+        for attempt in range(STALE_CONNECTION_RETRIES, -1, -1):
+            started = time.monotonic()
+            try:
+                return await self.session.request(
+                    method, url, headers=headers, params=params, allow_redirects=False,
+                    timeout=self.timeout, auto_decompress=False)
+            except aiohttp.SocketTimeoutError:
+                if not attempt or time.monotonic() - started >= self.config.read_timeout:
+                    raise
+                log.debug("a pooled upstream connection held a stale read timeout: retrying",
+                          extra={"upstream": self.name})
+        raise AssertionError("unreachable")
 
     async def _answer_challenge(self, resp: aiohttp.ClientResponse, scope: str) -> str | None:
         challenges = parse_all(resp.headers.getall("WWW-Authenticate", []))

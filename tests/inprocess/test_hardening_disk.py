@@ -16,13 +16,16 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 
 from mirror.cache.eviction import evict
 from mirror.cache.index import Index
 from mirror.cache.store import BlobStore
 from mirror.oci import mediatypes as mt
 from mirror.oci.reference import parse_digest
-from tests.support.appmirror import MirrorFactory
+from mirror.upstream.client import Upstream
+from tests.support.appmirror import MirrorFactory, app_config
 from tests.support.faultupstream import Behaviour, FaultUpstream, random_bytes
 from tests.support.oci import sha256_digest
 from tests.support.store import assert_store_verified, stored_files
@@ -214,3 +217,36 @@ async def test_index_damaged_mid_download_costs_no_client_its_blob(
     upstream.gate.set()
     assert await asyncio.wait_for(asyncio.gather(*pulls), 20) == [(200, blob)] * 2
     assert stored_files(tmp_path / "cache").get(digest) == blob
+
+
+async def test_an_upstream_body_read_slowly_leaves_no_stale_timeout_behind(
+        tmp_path: Path) -> None:
+    """The slow-client-on-a-full-disk row of tests/faults: a body read slower than it arrives
+    (a relay paced by its client) re-arms aiohttp's read timer after its connection went back
+    to the pool; the timer fires there, and the next request on that connection failed at
+    once with "did not answer in time" (a 504 the upstream never caused)."""
+    body = random_bytes(8 * MB)
+
+    async def blob(_request: web.Request) -> web.Response:
+        return web.Response(body=body)
+
+    app = web.Application()
+    app.router.add_get("/v2/r/blobs/{digest}", blob)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    config = app_config(tmp_path, str(server.make_url("")).rstrip("/"),
+                        upstream_extra={"read_timeout": "300ms"})
+    try:
+        async with aiohttp.ClientSession(auto_decompress=False) as session:
+            upstream = Upstream(config.upstreams[0], session)
+            for _ in range(2):
+                resp = await upstream.request("GET", "r", "blobs/x")
+                got = b""
+                while chunk := await resp.content.readany():
+                    got += chunk
+                    await asyncio.sleep(0.001)  # slower than loopback delivers
+                resp.release()
+                assert got == body
+                await asyncio.sleep(0.5)  # past read_timeout, idle in the pool
+    finally:
+        await server.close()
