@@ -97,6 +97,11 @@ class Download:
         self.disk_end: int | None = None if fd is not None else 0
         # The shared relay ended without every byte: readers fetch theirs from the upstream.
         self.relay_gone = False
+        # Whether a client arriving now may join. Not once the download failed, nor once it
+        # relays what a dropped leader left (that leader failed or ran out of space, and this
+        # relay fetches under the name of whoever started following): a client arriving
+        # then starts a fresh download under its own name, instead of a body that may be cut.
+        self.takes_joiners = True
         self.on_disk_full: Callable[[], None] | None = None
         self._spill: collections.deque[tuple[int, bytes]] = collections.deque()
         self._spill_bytes = 0
@@ -533,6 +538,7 @@ class Download:
                     extra={"digest": str(self.digest), "offset": on_disk})
         metrics.UNCACHED_RELAYS.labels("leader_dropped").inc()
         self.leader, self.owns_partial, self.disk_end = True, False, on_disk
+        self.takes_joiners = False
         await self.lead(self.fetch, self.attempts)
 
 @dataclass(frozen=True)
@@ -552,21 +558,27 @@ class Downloads:
     def __init__(self, store: ContentStore, finish_abandoned: bool) -> None:
         self.store = store
         self.finish_abandoned = finish_abandoned
-        self._active: dict[Digest, Download] = {}
+        self._active: dict[Digest, Download] = {}  # the one a new client joins
+        self._superseded: set[Download] = set()  # still running for the clients they have
         self.on_disk_full: Callable[[], None] | None = None
 
     def get(self, digest: Digest) -> Download | None:
-        return self._active.get(digest)
+        """The download of `digest` a client arriving now joins, if any."""
+        download = self._active.get(digest)
+        return download if download is not None and _joinable(download) else None
+
+    def _running(self) -> list[Download]:
+        return [*self._active.values(), *self._superseded]
 
     def in_flight(self) -> list[InFlight]:
         """A snapshot of this process's downloads (read-only)."""
         return [InFlight(d.digest, d.size, d.written, d.readers, d.upstream, d.started)
-                for d in self._active.values()]
+                for d in self._running()]
 
     async def drain(self, grace: float) -> None:
         """Let the downloads in flight finish for `grace` seconds (shutdown_timeout), then
         cancel the rest and wait for them to clean up their partial files."""
-        tasks = [d.task for d in self._active.values() if d.task is not None and not d.task.done()]
+        tasks = [d.task for d in self._running() if d.task is not None and not d.task.done()]
         if not tasks:
             return
         if grace > 0:
@@ -585,7 +597,10 @@ class Downloads:
         """Join or start the download of `digest`; None when it is already stored."""
         existing = self._active.get(digest)
         if existing is not None:
-            return existing
+            if _joinable(existing):
+                return existing
+            self._superseded.add(existing)  # its clients keep it; a new one starts afresh
+            del self._active[digest]
         claimed = self._claim(digest)
         if claimed is None:
             return None
@@ -610,6 +625,7 @@ class Downloads:
     def _finished(self, download: Download) -> None:
         if self._active.get(download.digest) is download:
             del self._active[download.digest]
+        self._superseded.discard(download)
         if download.readers == 0:
             download._close_fd()  # else the last reader closes it
 
@@ -649,3 +665,7 @@ class Downloads:
                 return fd, True
             os.close(fd)  # the previous holder renamed it away between open and lock: retry
         raise RegistryError(ErrorCode.UNKNOWN, f"could not claim a download of {digest}")
+
+
+def _joinable(download: Download) -> bool:
+    return download.takes_joiners and download.state is not State.FAILED

@@ -3,13 +3,25 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 from pathlib import Path
 
 import aiohttp
 import pytest
+from aiohttp import web
 
-from tests.support.appmirror import MirrorFactory
-from tests.support.faultupstream import Behaviour, FaultUpstream, random_bytes
+from mirror.cache.locks import try_lock
+from mirror.cache.store import BlobStore
+from mirror.oci.reference import parse_digest
+from tests.support.appmirror import MirrorFactory, app_config, serve_app
+from tests.support.faultupstream import (
+    Behaviour,
+    FaultUpstream,
+    close_upstream,
+    random_bytes,
+    serve_upstream,
+)
 from tests.support.oci import sha256_digest
 from tests.support.store import assert_store_verified, stored_files
 
@@ -311,3 +323,54 @@ async def test_several_ranges_of_a_stored_blob_are_a_multipart_body(
         upstream.gate.set()
         assert len(await resp.read()) == SIZE
     await pending
+
+
+class HeldUpstream(FaultUpstream):
+    """Holds its blob answers under the repository `held` until `release` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.holding = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def blob(self, request: web.Request) -> web.StreamResponse:
+        if request.match_info["name"] == "held":
+            self.holding.set()
+            await self.release.wait()
+        return await super().blob(request)
+
+
+async def test_a_client_arriving_after_the_leader_dropped_its_file_starts_afresh(
+        client: aiohttp.ClientSession, tmp_path: Path) -> None:
+    """tests/faults 5xx-blob-w2-inflight: another worker led and failed (its file dropped);
+    this worker's follower, started by a request under a name the upstream refuses, relays
+    the rest under that name. A client arriving then (after the fault is gone) must not join
+    that relay and be cut when it fails: it gets a download of its own."""
+    up = await serve_upstream(HeldUpstream())
+    data = random_bytes(SIZE)
+    digest = up.add_blob(data)
+    up.private = {"held": set()}  # the follower's name: the upstream holds nothing there
+    store = BlobStore(tmp_path / "cache")
+    d = parse_digest(digest)
+    # Another worker leads: half the blob in its locked partial file, the size beside it.
+    store.partial_path(d).write_bytes(data[: SIZE // 2])
+    store.write_partial_meta(d, SIZE)
+    leader_fd = os.open(store.partial_path(d), os.O_RDONLY)
+    assert try_lock(leader_fd)
+    server, base = await serve_app(app_config(tmp_path / "cache", up.url))
+    try:
+        follower = asyncio.ensure_future(get(client, f"{base}/v2/held/blobs/{digest}"))
+        await asyncio.sleep(0.2)  # following the other worker's file
+        store.drop_partial(d)  # the other worker failed: its file is gone, its lock too
+        os.close(leader_fd)
+        await asyncio.wait_for(up.holding.wait(), 10)  # the follower relays the rest itself
+        late = asyncio.ensure_future(get(client, f"{base}/v2/r/blobs/{digest}"))
+        await asyncio.sleep(0.2)
+        up.release.set()  # the follower's relay fails (404 under its name)
+        assert await asyncio.wait_for(late, 20) == (200, data)
+        with contextlib.suppress(aiohttp.ClientPayloadError):
+            await follower  # cut: its name does not hold the blob
+        assert stored_files(tmp_path / "cache")[digest] == data
+    finally:
+        await server.close()
+        await close_upstream(up)
