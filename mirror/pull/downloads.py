@@ -668,4 +668,11 @@ class Downloads:
 
 
 def _joinable(download: Download) -> bool:
-    return download.takes_joiners and download.state is not State.FAILED
+    if not download.takes_joiners or download.state is State.FAILED:
+        return False
+    if download.leader or download.fd is None:
+        return True
+    try:  # the worker it follows dropped its file: follow() notices at its next poll
+        return os.fstat(download.fd).st_nlink > 0
+    except OSError:
+        return False

@@ -14,6 +14,7 @@ from aiohttp import web
 from mirror.cache.locks import try_lock
 from mirror.cache.store import BlobStore
 from mirror.oci.reference import parse_digest
+from mirror.pull import downloads
 from tests.support.appmirror import MirrorFactory, app_config, serve_app
 from tests.support.faultupstream import (
     Behaviour,
@@ -340,12 +341,15 @@ class HeldUpstream(FaultUpstream):
         return await super().blob(request)
 
 
+@pytest.mark.parametrize("arrives", ["before the follower noticed", "after"])
 async def test_a_client_arriving_after_the_leader_dropped_its_file_starts_afresh(
-        client: aiohttp.ClientSession, tmp_path: Path) -> None:
+        client: aiohttp.ClientSession, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        arrives: str) -> None:
     """tests/faults 5xx-blob-w2-inflight: another worker led and failed (its file dropped);
     this worker's follower, started by a request under a name the upstream refuses, relays
     the rest under that name. A client arriving then (after the fault is gone) must not join
     that relay and be cut when it fails: it gets a download of its own."""
+    monkeypatch.setattr(downloads, "REMOTE_POLL_SECONDS", 0.5)  # the follower polls slowly
     up = await serve_upstream(HeldUpstream())
     data = random_bytes(SIZE)
     digest = up.add_blob(data)
@@ -363,9 +367,11 @@ async def test_a_client_arriving_after_the_leader_dropped_its_file_starts_afresh
         await asyncio.sleep(0.2)  # following the other worker's file
         store.drop_partial(d)  # the other worker failed: its file is gone, its lock too
         os.close(leader_fd)
-        await asyncio.wait_for(up.holding.wait(), 10)  # the follower relays the rest itself
+        if arrives == "after":
+            await asyncio.wait_for(up.holding.wait(), 10)  # the follower relays the rest
         late = asyncio.ensure_future(get(client, f"{base}/v2/r/blobs/{digest}"))
-        await asyncio.sleep(0.2)
+        await asyncio.sleep(0.1)
+        await asyncio.wait_for(up.holding.wait(), 10)
         up.release.set()  # the follower's relay fails (404 under its name)
         assert await asyncio.wait_for(late, 20) == (200, data)
         with contextlib.suppress(aiohttp.ClientPayloadError):
