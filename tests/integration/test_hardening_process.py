@@ -162,7 +162,7 @@ def test_a_worker_failing_to_bind_stops_everything_at_once(tmp_path: Path,
     m = MirrorProcess(tmp_path / "m", [Upstream(name="up.test", url=f"http://{HOST}:1")],
                       port=busy_port, server_extra={"workers": workers})
     m.write_config()
-    code = ("import sys, mirror.serve as s; s.check_listen = lambda config: None; "
+    code = ("import sys, mirror.process.serve as s; s.check_listen = lambda config: None; "
             "from mirror.cli import main; sys.exit(main(sys.argv[1:]))")
     started = time.monotonic()
     proc = subprocess.run([m.command()[0], "-c", code, *m.command()[3:]], capture_output=True,
