@@ -57,13 +57,13 @@ def _manifest(layer: str) -> bytes:
     return json.dumps(doc).encode()
 
 
-@pytest.mark.parametrize("how", ["credentials", "authenticated"])
-@pytest.mark.parametrize("auth_on", [True, False], ids=["auth", "no-auth"])
+@pytest.mark.parametrize(("how", "auth_on"), [
+    ("credentials", True), ("credentials", False),
+    ("authenticated", True),  # access = "authenticated" needs [auth]
+], ids=["credentials-auth", "credentials-no-auth", "authenticated-auth"])
 async def test_private_content_is_not_served_through_the_public_default_upstream(
         upstream: FaultUpstream, other_origin: FaultUpstream, start_mirror: MirrorFactory,
         client: aiohttp.ClientSession, htpasswd: Path, how: str, auth_on: bool) -> None:
-    if how == "authenticated" and not auth_on:
-        pytest.skip("access = authenticated needs [auth]")
     private = other_origin
     if how == "credentials":
         private.auth = "basic"
