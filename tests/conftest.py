@@ -27,6 +27,8 @@ if _REPO_ROOT not in sys.path:
 
 from mirror.logs import ACCESS_LOG  # noqa: E402
 
+pytest_plugins = ["tests.support.disk"]  # tiny_disk, for the full-disk tests of every suite
+
 # --- markers ----------------------------------------------------------------------------
 
 

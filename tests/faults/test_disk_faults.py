@@ -7,7 +7,6 @@ content. A disk fault costs caching, never a client: every client gets the exact
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import signal
 import subprocess
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.disk import fill, mount_tmpfs, unmount
 from tests.support.faultmatrix import Act, Outcome, Upstreams, check_outcome, fetch
 from tests.support.mirror import MirrorProcess
 from tests.support.mirrorfixtures import MirrorFactory
@@ -48,31 +48,12 @@ def tmpfs(tmp_path: Path) -> Iterator[Callable[[], Path]]:
     mounts: list[Path] = []
 
     def mount() -> Path:
-        d = tmp_path / f"disk{len(mounts)}"
-        d.mkdir()
-        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={TMPFS_SIZE}", "tmpfs", str(d)],
-                       check=True, timeout=30)
-        mounts.append(d)
-        return d
+        mounts.append(mount_tmpfs(tmp_path / f"disk{len(mounts)}", TMPFS_SIZE))
+        return mounts[-1]
 
     yield mount
     for d in reversed(mounts):
-        subprocess.run(["umount", "-l", str(d)], check=False, timeout=30)
-
-
-def fill(disk: Path) -> None:
-    """Fill the filesystem to the last byte (bounded by its size)."""
-    piece = b"\0" * (1 << 20)
-    with open(disk / "filler", "wb", buffering=0) as f:
-        for size in (1 << 20, 4096, 1):
-            for _ in range(64 << 20 // size):
-                try:
-                    f.write(piece[:size])
-                except OSError as exc:
-                    assert exc.errno == errno.ENOSPC, exc
-                    break
-    st = os.statvfs(disk)
-    assert st.f_bavail == 0, f"{disk} still has {st.f_bavail} blocks free"
+        unmount(d)
 
 
 def damage_index(cache: Path) -> list[str]:

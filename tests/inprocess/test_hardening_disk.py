@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import json
 import os
-import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,6 +24,7 @@ from mirror.oci import mediatypes as mt
 from mirror.oci.reference import parse_digest
 from mirror.upstream.client import Upstream
 from tests.support.appmirror import MirrorFactory, app_config
+from tests.support.disk import fill
 from tests.support.faultupstream import Behaviour, FaultUpstream, random_bytes
 from tests.support.oci import sha256_digest
 from tests.support.store import assert_store_verified, stored_files
@@ -41,36 +40,6 @@ def image(*blobs: str) -> bytes:
                                   for b in blobs[1:]]}).encode()
 
 
-@pytest.fixture
-def tiny_disk(tmp_path: Path) -> Iterator[Path]:
-    """A 6 MiB tmpfs as the cache dir (needs root, as CI has)."""
-    mount = tmp_path / "tiny"
-    mount.mkdir()
-    if shutil.which("mount") is None:
-        pytest.fail("mount(8) is needed for the disk tests")
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(mount)], check=True)
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
-
-
-def fill(disk: Path) -> None:
-    """Take every free byte of `disk`."""
-    fd = os.open(disk / "filler", os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    chunk = b"\0" * 65536
-    try:
-        for _ in range(10_000):
-            try:
-                os.write(fd, chunk)
-            except OSError as exc:
-                assert exc.errno == errno.ENOSPC
-                if len(chunk) == 1:
-                    return
-                chunk = chunk[: len(chunk) // 2]
-        raise AssertionError(f"{disk} did not fill up")
-    finally:
-        os.close(fd)
 
 
 @contextlib.contextmanager

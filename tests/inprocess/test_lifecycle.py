@@ -6,8 +6,6 @@ import asyncio
 import json
 import logging
 import shutil
-import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
@@ -92,19 +90,6 @@ async def test_pinned_images_survive_eviction(
     assert all(d in stored for d in pinned_blobs)
     assert sha256_digest(image(*pinned_blobs)) in stored
 
-
-@pytest.fixture
-def tiny_disk(tmp_path: Path) -> Iterator[Path]:
-    """A 6 MiB tmpfs as the cache dir (needs root, as CI has)."""
-    mount = tmp_path / "tiny"
-    mount.mkdir()
-    if shutil.which("mount") is None:
-        pytest.fail("mount(8) is needed for the disk-full test")
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(mount)], check=True)
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 async def test_disk_full_relays_to_clients_without_caching(

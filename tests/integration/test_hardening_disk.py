@@ -4,13 +4,9 @@ and a manifest answered from any worker's memory is still on disk after another 
 
 from __future__ import annotations
 
-import errno
-import os
-import shutil
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -25,6 +21,7 @@ from mirror.oci.mediatypes import OCI_MANIFEST
 from mirror.oci.reference import parse_digest
 from tests.support import oci
 from tests.support.clients import UpstreamRegistry
+from tests.support.disk import fill
 from tests.support.mirror import MirrorProcess, Upstream
 from tests.support.registry import ClosedPort, ThrottledProxy, wait_until
 
@@ -33,38 +30,6 @@ MB = 1 << 20
 ROUNDS = 5
 
 
-@pytest.fixture
-def tiny_disk(tmp_path: Path) -> Iterator[Path]:
-    """A 6 MiB tmpfs for the cache dir (needs root, as CI has)."""
-    mount = tmp_path / "tiny"
-    mount.mkdir()
-    if shutil.which("mount") is None:
-        pytest.fail("mount(8) is needed for the disk tests")
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(mount)], check=True)
-    try:
-        yield mount
-    finally:
-        # A read-only bind mount may sit on top of the tmpfs: lift both.
-        for _ in range(2):
-            subprocess.run(["umount", "-l", str(mount)], check=False, capture_output=True)
-
-
-def fill(disk: Path) -> None:
-    """Take every free byte of `disk`."""
-    fd = os.open(disk / "filler", os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    chunk = b"\0" * 65536
-    try:
-        for _ in range(10_000):
-            try:
-                os.write(fd, chunk)
-            except OSError as exc:
-                assert exc.errno == errno.ENOSPC
-                if len(chunk) == 1:
-                    return
-                chunk = chunk[: len(chunk) // 2]
-        raise AssertionError(f"{disk} did not fill up")
-    finally:
-        os.close(fd)
 
 
 def pull(url: str, reached: threading.Event | None = None, at: int = 0,
