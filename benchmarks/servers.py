@@ -222,9 +222,18 @@ url = "{upstream}"
         )
         try:
             wait_http(self.base + "/v2/", READY_TIMEOUT, self.proc)
+            if workers > 1:  # else a load started now lands on the first worker alone
+                self._wait_log("all workers listening", workdir / f"{name}.log")
         except RuntimeError as exc:
             self.proc.stop()
             raise MirrorUnavailable(str(exc)) from exc
+
+    def _wait_log(self, text: str, path: Path) -> None:
+        deadline = time.monotonic() + READY_TIMEOUT
+        while text not in path.read_text(errors="replace"):
+            if time.monotonic() > deadline or not self.proc.alive():
+                raise RuntimeError(f"mirror never logged {text!r}:\n{self.proc.tail()}")
+            time.sleep(0.05)
 
 
 @dataclass
