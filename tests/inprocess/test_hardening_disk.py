@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,18 +24,13 @@ from mirror.upstream.client import Upstream
 from tests.support.appmirror import MirrorFactory, app_config
 from tests.support.disk import fill
 from tests.support.faultupstream import Behaviour, FaultUpstream, random_bytes
+from tests.support.oci import image_manifest_naming as image
 from tests.support.oci import sha256_digest
 from tests.support.store import assert_store_verified, stored_files
 
 pytestmark = pytest.mark.timeout(60)
 MB = 1024 * 1024
 
-
-def image(*blobs: str) -> bytes:
-    return json.dumps({"schemaVersion": 2, "mediaType": mt.OCI_MANIFEST,
-                       "config": {"mediaType": "x", "digest": blobs[0], "size": 1},
-                       "layers": [{"mediaType": "y", "digest": b, "size": 1}
-                                  for b in blobs[1:]]}).encode()
 
 
 

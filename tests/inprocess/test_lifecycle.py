@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import shutil
 from pathlib import Path
@@ -17,18 +16,13 @@ from mirror.oci import mediatypes as mt
 from mirror.oci.reference import parse_digest
 from tests.support.appmirror import MirrorFactory
 from tests.support.faultupstream import Behaviour, FaultUpstream, random_bytes
+from tests.support.oci import image_manifest_naming as image
 from tests.support.oci import sha256_digest
 from tests.support.store import assert_store_verified, stored_files
 
 pytestmark = pytest.mark.timeout(60)
 MB = 1024 * 1024
 
-
-def image(*blobs: str) -> bytes:
-    return json.dumps({"schemaVersion": 2, "mediaType": mt.OCI_MANIFEST,
-                       "config": {"mediaType": "x", "digest": blobs[0], "size": 1},
-                       "layers": [{"mediaType": "y", "digest": b, "size": 1}
-                                  for b in blobs[1:]]}).encode()
 
 
 async def pull(client: aiohttp.ClientSession, url: str) -> bytes:

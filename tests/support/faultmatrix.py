@@ -127,10 +127,7 @@ class MatrixUpstream(FaultUpstream):
         if (challenge := self._challenge(request)) is not None:
             return challenge
         digest = request.match_info["digest"]
-        data = self.blobs.get(digest)
-        holds = self.private.get(request.match_info["name"])
-        if holds is not None and digest not in holds:
-            data = None
+        data = self.held_blob(request)
         if data is None:
             return web.json_response({"errors": [{"code": "BLOB_UNKNOWN"}]}, status=404)
         act = self._take(digest) if request.method == "GET" else Act()

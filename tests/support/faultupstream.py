@@ -144,15 +144,20 @@ class FaultUpstream:
             return web.Response(headers=headers)
         return web.Response(body=data, headers=headers)
 
+    def held_blob(self, request: web.Request) -> bytes | None:
+        """The blob a request names, if the repository it names holds it."""
+        digest = request.match_info["digest"]
+        holds = self.private.get(request.match_info["name"])
+        if holds is not None and digest not in holds:
+            return None
+        return self.blobs.get(digest)
+
     async def blob(self, request: web.Request) -> web.StreamResponse:
         self._record(request)
         if (challenge := self._challenge(request)) is not None:
             return challenge
         digest = request.match_info["digest"]
-        data = self.blobs.get(digest)
-        holds = self.private.get(request.match_info["name"])
-        if holds is not None and digest not in holds:
-            data = None
+        data = self.held_blob(request)
         if data is not None and self.redirect_blobs_to:
             raise web.HTTPTemporaryRedirect(f"{self.redirect_blobs_to}/cdn/{digest}")
         if data is None:

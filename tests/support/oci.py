@@ -329,3 +329,11 @@ class ImageSet:
     small: Image
     docker: Image
     docker_list: ImageIndex
+
+
+def image_manifest_naming(*blobs: str) -> bytes:
+    """A minimal OCI image manifest naming `blobs` (config first, then layers), sizes 1."""
+    return json.dumps({"schemaVersion": 2, "mediaType": OCI_MANIFEST,
+                       "config": {"mediaType": "x", "digest": blobs[0], "size": 1},
+                       "layers": [{"mediaType": "y", "digest": b, "size": 1}
+                                  for b in blobs[1:]]}).encode()
