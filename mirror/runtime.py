@@ -1,14 +1,17 @@
 """The composition root: the only place that builds the pieces over one cache dir (store,
 index, upstream clients, downloads, maintenance, proxy) and wires their callbacks. The server
-(http/app.py) and the operator commands share it."""
+(http/app.py, process/serve.py) and the operator commands share it."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
 
 import aiohttp
 
+from mirror.cache import locks
 from mirror.cache.index import Index
 from mirror.cache.maintenance import Maintenance, RateLimit
 from mirror.cache.store import BlobStore, OnCommit
@@ -16,7 +19,28 @@ from mirror.config import Config, UpstreamConfig
 from mirror.oci.reference import Digest
 from mirror.pull.downloads import Downloads
 from mirror.pull.proxy import Proxy
+from mirror.pull.source import Source
 from mirror.upstream.client import Upstream
+
+
+@dataclass(frozen=True)
+class Mirror:
+    """A running mirror: the proxy, and the pieces the HTTP edge and the commands read."""
+
+    config: Config
+    store: BlobStore
+    index: Index
+    downloads: Downloads
+    proxy: Proxy
+    # By name, in configuration order (the first answers names without a registry): the
+    # clients, for their configuration and health, and the sources the proxy is handed
+    # for each (the client itself on a single node).
+    upstreams: Mapping[str, Upstream]
+    sources: Mapping[str, Source]
+
+    @property
+    def offline(self) -> bool:
+        return self.config.cache.offline
 
 
 @contextmanager
@@ -28,15 +52,16 @@ def open_cache(config: Config) -> Iterator[tuple[BlobStore, Index]]:
 
 
 @asynccontextmanager
-async def open_proxy(config: Config) -> AsyncIterator[Proxy]:
-    """A Proxy with one HTTP session per upstream and the cache's maintenance running; all
+async def open_mirror(config: Config) -> AsyncIterator[Mirror]:
+    """A Mirror with one HTTP session per upstream and the cache's maintenance running; all
     closed on exit."""
     async with AsyncExitStack() as stack:
         store, index = stack.enter_context(_store_and_index(config))
         upstreams = {uc.name: Upstream(uc, await stack.enter_async_context(_session(uc)))
                      for uc in config.upstreams}
         downloads = Downloads(store, config.cache.finish_abandoned)
-        proxy = Proxy(config, store, index, upstreams, downloads)
+        proxy = Proxy(config, store, index, downloads,
+                      any_private=any(u.private for u in upstreams.values()))
         maintenance = Maintenance(config, store, index, lambda: _rate_limits(upstreams),
                                   on_evict=proxy.forget)
         # Every callback between the pieces, set once, here.
@@ -45,10 +70,39 @@ async def open_proxy(config: Config) -> AsyncIterator[Proxy]:
         proxy.on_disk_full = maintenance.request_eviction
         maintenance.start()
         try:
-            yield proxy
+            yield Mirror(config, store, index, downloads, proxy, upstreams, dict(upstreams))
         finally:
             await maintenance.stop()
             await downloads.drain(0)
+
+
+# --- the cache dir, before and beside a running mirror ---------------------------------------
+@dataclass(frozen=True)
+class Claim:
+    held: bool  # False: another mirror serves from this cache dir
+    lock: Path
+    problem: str | None = None  # the lock file could not be made: going on unguarded
+
+
+def claim_cache_dir(config: Config) -> Claim:
+    """Take the instance lock on the cache dir for this process's life (and its workers')."""
+    path = BlobStore(config.cache.dir).lock_path("serve")
+    try:
+        held = locks.hold_for_life(str(path)) is not None
+    except OSError as exc:
+        return Claim(True, path, exc.strerror)
+    return Claim(held, path)
+
+
+def clean_temporaries(config: Config) -> int:
+    """Empty `tmp/` of what no live worker holds; the number of files removed."""
+    return BlobStore(config.cache.dir).clean_temporaries()
+
+
+def token_secret(config: Config) -> bytes:
+    """The key signing the mirror's client tokens, shared by every worker via the cache dir."""
+    config.cache.dir.mkdir(parents=True, exist_ok=True)
+    return BlobStore(config.cache.dir).shared_secret()
 
 
 @contextmanager
@@ -78,7 +132,7 @@ def _in_turn(*listeners: OnCommit) -> OnCommit:
     return committed
 
 
-def _rate_limits(upstreams: dict[str, Upstream]) -> list[RateLimit]:
+def _rate_limits(upstreams: Mapping[str, Upstream]) -> list[RateLimit]:
     """The upstreams' last seen rate limits, for the maintenance to publish to `status`."""
     return [(u.name, u.ratelimit_limit, u.ratelimit_remaining) for u in upstreams.values()
             if u.ratelimit_remaining is not None]

@@ -35,6 +35,11 @@ SECRET_FILE = "auth.secret"
 log = logging.getLogger("mirror.store")
 
 
+class StorageFailed(Exception):
+    """The mirror's own disk could not take content it needed to (full, read-only, an I/O
+    error), and nothing else could serve the client instead."""
+
+
 class DigestMismatch(Exception):
     def __init__(self, expected: Digest, actual: str) -> None:
         super().__init__(f"content does not match {expected}: got {actual}")
@@ -53,13 +58,18 @@ class BlobStore:
         self.tmp_dir = root / "tmp"
         self.index_dir = root / "index"
         self.locks_dir = root / "locks"
+        self._blobs = str(self.blobs_dir)
         for d in (self.blobs_dir, self.tmp_dir, self.locks_dir):
             with contextlib.suppress(OSError):  # a read-only cache dir still serves its content
                 d.mkdir(parents=True, exist_ok=True)
 
     # paths -------------------------------------------------------------------------------
     def path(self, digest: Digest) -> Path:
-        return self.blobs_dir / digest.algorithm / digest.hex[:2] / digest.hex
+        return Path(self._file(digest))
+
+    def _file(self, digest: Digest) -> str:
+        """`path` as a string: the reads on the hot path (a manifest hit) skip pathlib."""
+        return f"{self._blobs}/{digest.algorithm}/{digest.hex[:2]}/{digest.hex}"
 
     def lock_path(self, name: str) -> Path:
         return self.locks_dir / f"{name}.lock"
@@ -76,18 +86,18 @@ class BlobStore:
 
     # reads -------------------------------------------------------------------------------
     def has(self, digest: Digest) -> bool:
-        return self.size(digest) is not None
+        return os.path.exists(self._file(digest))
 
     def size(self, digest: Digest) -> int | None:
         try:
-            return self.path(digest).stat().st_size
+            return os.stat(self._file(digest)).st_size
         except FileNotFoundError:
             return None
 
     def open_fd(self, digest: Digest) -> int | None:
         """An O_RDONLY fd on the stored file, or None. The caller closes it."""
         try:
-            return os.open(self.path(digest), os.O_RDONLY | os.O_CLOEXEC)
+            return os.open(self._file(digest), os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             return None
 

@@ -16,8 +16,8 @@ from mirror.oci.errors import ErrorCode, RegistryError
 from mirror.oci.reference import Digest, parse_digest
 from mirror.oci.routing import ImageRef, parse_image
 from mirror.pull.proxy import Proxy
-from mirror.runtime import open_proxy
-from mirror.upstream.client import Upstream
+from mirror.pull.source import Source
+from mirror.runtime import Mirror, open_mirror
 
 ACCEPT_ALL = mt.ALL_MANIFEST_TYPES
 PARALLEL_BLOBS = 4
@@ -42,7 +42,7 @@ def platform_matches(descriptor: dict[str, object], wanted: Sequence[str] | None
     return name in wanted or full in wanted
 
 
-async def _blob(proxy: Proxy, upstream: Upstream, repository: str, digest: Digest) -> None:
+async def _blob(proxy: Proxy, upstream: Source, repository: str, digest: Digest) -> None:
     body, _ = await proxy.blob(upstream, repository, digest, head=False)
     try:
         await body.stored()
@@ -50,10 +50,10 @@ async def _blob(proxy: Proxy, upstream: Upstream, repository: str, digest: Diges
         body.close()
 
 
-async def warm_image(proxy: Proxy, ref: ImageRef, platforms: Sequence[str] | None,
+async def warm_image(mirror: Mirror, ref: ImageRef, platforms: Sequence[str] | None,
                      bar: tqdm) -> int:  # type: ignore[type-arg]
     """Cache one image's manifests and blobs; returns the number of blobs."""
-    upstream = proxy.upstreams[ref.upstream]
+    proxy, upstream = mirror.proxy, mirror.sources[ref.upstream]
     top = await proxy.manifest(upstream, ref.repository, ref.reference, ACCEPT_ALL, head=False)
     assert top.data is not None
     images = [top.data]
@@ -86,12 +86,12 @@ async def warm(config: Config, images: Sequence[str], platforms: Sequence[str] |
     names = [u.name for u in config.upstreams]
     refs = [parse_image(i, names, strict=True) for i in images]
     failed = 0
-    async with open_proxy(config) as proxy:
+    async with open_mirror(config) as mirror:
         with tqdm(total=0, unit="blob", desc="warming",
                   disable=not sys.stderr.isatty()) as bar:
             for ref in refs:
                 try:
-                    n = await warm_image(proxy, ref, platforms, bar)
+                    n = await warm_image(mirror, ref, platforms, bar)
                     print(f"{ref}: {n} blobs cached")
                 except RegistryError as exc:
                     failed += 1

@@ -9,7 +9,6 @@ import time
 
 from aiohttp import web
 
-from mirror.cache.store import BlobStore
 from mirror.config import AuthConfig, Config, UpstreamConfig
 from mirror.http.clientauth import (
     ANONYMOUS,
@@ -22,6 +21,7 @@ from mirror.http.clientauth import (
     parse_basic,
 )
 from mirror.oci.errors import ErrorCode, RegistryError
+from mirror.runtime import token_secret
 
 AUTHENTICATOR: web.AppKey[Authenticator | None] = web.AppKey("authenticator")
 LIMITER: web.AppKey[FailureLimiter] = web.AppKey("limiter", FailureLimiter)
@@ -33,9 +33,8 @@ def build_authenticator(config: Config) -> Authenticator | None:
     """The token-signing key is shared by every worker through the cache dir."""
     if config.auth.htpasswd is None:
         return None
-    config.cache.dir.mkdir(parents=True, exist_ok=True)
-    return Authenticator(load_htpasswd(config.auth.htpasswd),
-                         BlobStore(config.cache.dir).shared_secret(), config.auth.token_lifetime)
+    return Authenticator(load_htpasswd(config.auth.htpasswd), token_secret(config),
+                         config.auth.token_lifetime)
 
 
 def _realm(request: web.Request) -> str:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from mirror import metrics
-from mirror.pull.proxy import Proxy
+from mirror.runtime import Mirror
 
 log = logging.getLogger("mirror.activity")
 
@@ -94,13 +94,13 @@ class InFlight:
     seconds: float | None
 
 
-def in_flight(proxy: Proxy) -> list[InFlight]:
+def in_flight(mirror: Mirror) -> list[InFlight]:
     """Downloads in progress: this worker's, then other workers' found in the store."""
     now = time.monotonic()
     out = [InFlight(str(d.digest), d.written, d.size, d.readers, now - d.started)
-           for d in proxy.downloads.in_flight()]
+           for d in mirror.downloads.in_flight()]
     local = {d.digest for d in out}
-    for digest, written, size in proxy.store.in_flight_partials():
+    for digest, written, size in mirror.store.in_flight_partials():
         if str(digest) not in local:
             out.append(InFlight(str(digest), written, size, None, None))
     return out
@@ -109,21 +109,21 @@ def in_flight(proxy: Proxy) -> list[InFlight]:
 class Activity:
     """Per-process bookkeeping behind the gauges and the status page."""
 
-    def __init__(self, proxy: Proxy) -> None:
-        self.proxy = proxy
+    def __init__(self, mirror: Mirror) -> None:
+        self.mirror = mirror
         self.top = TopCounter()  # pulls per repository (http/app.py counts them)
         self.started = time.time()
         self._task: asyncio.Task[None] | None = None
 
     def refresh(self) -> None:
         """Set the gauges that describe this process from its live state."""
-        downloads = self.proxy.downloads.in_flight()
+        downloads = self.mirror.downloads.in_flight()
         metrics.DOWNLOADS_IN_FLIGHT.set(len(downloads))
         metrics.DOWNLOAD_FOLLOWERS.set(sum(d.readers for d in downloads))
-        metrics.CACHE_MAX_BYTES.set(self.proxy.config.cache.max_size)
+        metrics.CACHE_MAX_BYTES.set(self.mirror.config.cache.max_size)
         with contextlib.suppress(Exception):  # a busy index never fails a scrape
-            metrics.CACHE_BYTES.set(self.proxy.index.total_bytes())
-            metrics.CACHE_ENTRIES.set(self.proxy.index.entry_count())
+            metrics.CACHE_BYTES.set(self.mirror.index.total_bytes())
+            metrics.CACHE_ENTRIES.set(self.mirror.index.entry_count())
         _write_top(self.top)
 
     async def _loop(self) -> None:

@@ -19,7 +19,7 @@ from aiohttp import web, web_protocol
 from mirror.config import Config
 from mirror.http import access, activity
 from mirror.http.clientauth import FailureLimiter
-from mirror.http.keys import ACTIVITY, PROXY
+from mirror.http.keys import ACTIVITY, MIRROR
 from mirror.http.notices import warn_unconfigured_registry
 from mirror.http.ops import install as install_ops
 from mirror.http.ranges import (
@@ -46,8 +46,8 @@ from mirror.oci.routing import select_upstream
 from mirror.pull.body import BlobBody, Piece
 from mirror.pull.downloads import ClientAbort
 from mirror.pull.proxy import Proxy
-from mirror.runtime import open_proxy
-from mirror.upstream.client import Upstream
+from mirror.pull.source import Source
+from mirror.runtime import open_mirror
 
 log = logging.getLogger("mirror.server")
 
@@ -158,25 +158,25 @@ async def v2(request: web.Request) -> web.StreamResponse:
         # is a write, refused as read-only.
         raise RegistryError(ErrorCode.UNSUPPORTED, "a pull-through mirror has no catalog or "
                             "uploads", status=404 if route.kind is Kind.CATALOG else None)
-    proxy = request.app[PROXY]
+    mirror = request.app[MIRROR]
     upstream_name, repository = select_upstream(route.name, request.query.get("ns"),
-                                                list(proxy.upstreams))
-    warn_unconfigured_registry(route.name, request.query.get("ns"), proxy.upstreams)
-    upstream = proxy.upstreams[upstream_name]
-    await access.check_upstream(request, upstream.config, repository)
+                                                list(mirror.upstreams))
+    warn_unconfigured_registry(route.name, request.query.get("ns"), mirror.upstreams)
+    await access.check_upstream(request, mirror.upstreams[upstream_name].config, repository)
     request[UPSTREAM] = upstream_name
+    proxy, source = mirror.proxy, mirror.sources[upstream_name]
     if route.kind is Kind.MANIFEST:
-        return await manifest(request, proxy, upstream, repository, route)
+        return await manifest(request, proxy, source, repository, route)
     if route.kind is Kind.BLOB:
-        return await blob(request, proxy, upstream, repository, parse_digest(route.reference))
-    return await relay(request, proxy, upstream, repository, route)
+        return await blob(request, proxy, source, repository, parse_digest(route.reference))
+    return await relay(request, proxy, source, repository, route)
 
 
 def _refuse_write(request: web.Request, route: Route) -> NoReturn:
     """A mirror is read-only (405), but a malformed write is malformed first (400), as the
     spec's conformance tests expect: NAME_INVALID, DIGEST_INVALID, MANIFEST_INVALID."""
     if route.kind is not Kind.BASE and route.kind is not Kind.CATALOG:
-        select_upstream(route.name, request.query.get("ns"), list(request.app[PROXY].upstreams))
+        select_upstream(route.name, request.query.get("ns"), list(request.app[MIRROR].upstreams))
     if route.kind is Kind.MANIFEST:
         parse_reference(route.reference)
     elif route.kind in (Kind.BLOB, Kind.REFERRERS):
@@ -187,15 +187,15 @@ def _refuse_write(request: web.Request, route: Route) -> NoReturn:
                         "registry instead")
 
 
-async def manifest(request: web.Request, proxy: Proxy, upstream: Upstream, repository: str,
+async def manifest(request: web.Request, proxy: Proxy, source: Source, repository: str,
                    route: Route) -> web.StreamResponse:
     reference = manifest_reference_for_read(route.reference)
     accept = parse_accept(request.headers.getall("Accept", []))
     head = request.method == "HEAD"
-    m = await proxy.manifest(upstream, repository, reference, accept, head)
+    m = await proxy.manifest(source, repository, reference, accept, head)
     request[CACHE] = m.cache
     if not isinstance(reference, Digest):  # a pull resolves a tag once
-        request.app[ACTIVITY].top.add(f"{upstream.name}/{repository}")
+        request.app[ACTIVITY].top.add(f"{source.name}/{repository}")
     headers = content_headers(m.digest, m.media_type,
                               None if isinstance(reference, Digest) else m.tag_max_age)
     headers["X-Mirror-Cache"] = m.cache
@@ -219,14 +219,14 @@ async def _head(request: web.Request, headers: dict[str, str]) -> web.StreamResp
     return response
 
 
-async def blob(request: web.Request, proxy: Proxy, upstream: Upstream, repository: str,
+async def blob(request: web.Request, proxy: Proxy, source: Source, repository: str,
                digest: Digest) -> web.StreamResponse:
     if etag_matches(request.headers.get("If-None-Match"), digest):
         # Content named by its digest never changes: a client holding that ETag holds the
         # blob, whether or not it is cached here.
         headers = content_headers(digest, "application/octet-stream", None)
         return web.Response(status=304, headers={**headers, "Accept-Ranges": "bytes"})
-    body, request[CACHE] = await proxy.blob(upstream, repository, digest,
+    body, request[CACHE] = await proxy.blob(source, repository, digest,
                                             request.method == "HEAD")
     try:
         if body.sendable:
@@ -317,7 +317,7 @@ RELAYED = {  # route kind -> (upstream path, query parameters passed on, code wh
 }
 
 
-async def relay(request: web.Request, proxy: Proxy, upstream: Upstream, repository: str,
+async def relay(request: web.Request, proxy: Proxy, source: Source, repository: str,
                 route: Route) -> web.Response:
     """Tags lists and the referrers API, passed through uncached. An upstream without the
     referrers API answers 404, and clients fall back to the sha256-<hex> tag schema."""
@@ -325,7 +325,7 @@ async def relay(request: web.Request, proxy: Proxy, upstream: Upstream, reposito
     if route.kind is Kind.REFERRERS:
         suffix = suffix.format(reference=parse_digest(route.reference))
     query = {k: v for k, v in request.query.items() if k in params}
-    relayed = await proxy.relay(upstream, repository, suffix, query, unknown)
+    relayed = await proxy.relay(source, repository, suffix, query, unknown)
     status, body, headers = relayed.status, relayed.body, dict(relayed.headers)
     link = headers.get("Link")
     if link:
@@ -360,6 +360,6 @@ def build_app(config: Config) -> web.Application:
 
 
 async def _lifecycle(app: web.Application, config: Config):  # type: ignore[no-untyped-def]
-    async with open_proxy(config) as proxy:
-        app[PROXY] = proxy
+    async with open_mirror(config) as mirror:
+        app[MIRROR] = mirror
         yield

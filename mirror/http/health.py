@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from mirror.pull.proxy import Proxy
+from mirror.runtime import Mirror
 from mirror.upstream.client import Upstream, redact_url
 
 PROBE_AFTER = 30.0  # seconds without news from an upstream before it is probed again
@@ -26,17 +26,17 @@ class Check:
     detail: str
 
 
-def check_cache_writable(proxy: Proxy) -> Check:
+def check_cache_writable(mirror: Mirror) -> Check:
     try:
-        proxy.store.probe_write()
+        mirror.store.probe_write()
     except OSError as exc:
-        return Check(False, proxy.store.write_problem(exc))
-    return Check(True, str(proxy.store.root))
+        return Check(False, mirror.store.write_problem(exc))
+    return Check(True, str(mirror.store.root))
 
 
-def check_index(proxy: Proxy) -> Check:
+def check_index(mirror: Mirror) -> Check:
     try:
-        proxy.index.db.get("readiness-probe")
+        mirror.index.db.get("readiness-probe")
     except Exception as exc:  # sqlite3 and OS errors alike: the index is not usable
         return Check(False, f"index unusable: {exc}")
     return Check(True, "open")
@@ -66,13 +66,13 @@ def upstream_report(u: Upstream, offline: bool) -> dict[str, Any]:
     }
 
 
-async def readiness(proxy: Proxy) -> tuple[bool, dict[str, Any]]:
-    checks = {"cache_writable": check_cache_writable(proxy), "index": check_index(proxy)}
-    await refresh_upstreams(list(proxy.upstreams.values()), proxy.offline)
+async def readiness(mirror: Mirror) -> tuple[bool, dict[str, Any]]:
+    checks = {"cache_writable": check_cache_writable(mirror), "index": check_index(mirror)}
+    await refresh_upstreams(list(mirror.upstreams.values()), mirror.offline)
     ready = all(c.ok for c in checks.values())
     return ready, {
         "status": "ready" if ready else "not ready",
         "checks": {name: {"ok": c.ok, "detail": c.detail} for name, c in checks.items()},
-        "upstreams": {name: upstream_report(u, proxy.offline)
-                      for name, u in proxy.upstreams.items()},
+        "upstreams": {name: upstream_report(u, mirror.offline)
+                      for name, u in mirror.upstreams.items()},
     }

@@ -6,7 +6,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from mirror.http.activity import Activity
-from mirror.pull.proxy import Proxy
+from mirror.runtime import Mirror
 
-PROXY: web.AppKey[Proxy] = web.AppKey("proxy", Proxy)
+MIRROR: web.AppKey[Mirror] = web.AppKey("mirror", Mirror)
 ACTIVITY: web.AppKey[Activity] = web.AppKey("activity", Activity)

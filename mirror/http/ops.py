@@ -25,8 +25,8 @@ from mirror import metrics
 from mirror.config import Config
 from mirror.http import access, health, statuspage
 from mirror.http.activity import Activity, in_flight, merged_top
-from mirror.http.keys import ACTIVITY, PROXY
-from mirror.pull.proxy import Proxy
+from mirror.http.keys import ACTIVITY, MIRROR
+from mirror.runtime import Mirror
 from mirror.upstream.client import ratelimit_number
 
 log = logging.getLogger("mirror.ops")
@@ -40,8 +40,8 @@ def shutdown_timeout(config: Config) -> float:
     return float(value) if value is not None else config.server.shutdown_timeout
 
 
-def _proxy(request: web.Request) -> Proxy:
-    return request.app[PROXY]
+def _mirror(request: web.Request) -> Mirror:
+    return request.app[MIRROR]
 
 
 def _json(data: object, status: int = 200) -> web.Response:
@@ -54,12 +54,12 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    ready, report = await health.readiness(_proxy(request))
+    ready, report = await health.readiness(_mirror(request))
     return _json(report, 200 if ready else 503)
 
 
 async def metrics_page(request: web.Request) -> web.Response:
-    await access.check_status(request, _proxy(request).config.auth)
+    await access.check_status(request, _mirror(request).config.auth)
     request.app[ACTIVITY].refresh()
     body = await asyncio.to_thread(metrics.exposition)
     return web.Response(body=body, headers={"Content-Type": metrics.CONTENT_TYPE,
@@ -67,14 +67,14 @@ async def metrics_page(request: web.Request) -> web.Response:
 
 
 async def status_page(request: web.Request) -> web.Response:
-    proxy = _proxy(request)
-    await access.check_status(request, proxy.config.auth)
+    mirror = _mirror(request)
+    await access.check_status(request, mirror.config.auth)
     activity = request.app[ACTIVITY]
-    await health.refresh_upstreams(list(proxy.upstreams.values()), proxy.offline)
+    await health.refresh_upstreams(list(mirror.upstreams.values()), mirror.offline)
     activity.refresh()
     snapshot = await asyncio.to_thread(metrics.samples)
     upstreams = []
-    for name, u in proxy.upstreams.items():
+    for name, u in mirror.upstreams.items():
         remaining = metrics.total(snapshot, "mirror_upstream_ratelimit_remaining", upstream=name)
         limit = metrics.total(snapshot, "mirror_upstream_ratelimit_limit", upstream=name)
         has_limit = ratelimit_number(u.ratelimit_limit) is not None or any(
@@ -84,13 +84,13 @@ async def status_page(request: web.Request) -> web.Response:
             name, u.config.url, u.reachable, u.last_error,
             remaining if has_limit else None, limit if has_limit else None,
             metrics.total(snapshot, "mirror_upstream_requests_total", upstream=name),
-            offline=proxy.offline))
+            offline=mirror.offline))
     view = statuspage.StatusView(
         **statuspage.counts_from(snapshot),
-        downloads=in_flight(proxy),
+        downloads=in_flight(mirror),
         upstreams=upstreams,
         top=merged_top(activity.top, TOP_SHOWN),
-        workers=proxy.config.server.workers,
+        workers=mirror.config.server.workers,
         started=activity.started,
     )
     return web.Response(body=statuspage.render(view).encode(), headers={
@@ -98,7 +98,7 @@ async def status_page(request: web.Request) -> web.Response:
 
 
 async def _start(app: web.Application) -> None:
-    activity = Activity(app[PROXY])
+    activity = Activity(app[MIRROR])
     app[ACTIVITY] = activity
     activity.start()
 
@@ -107,7 +107,7 @@ def _drain(config: Config) -> Callable[[web.Application], Awaitable[None]]:
     async def drain(app: web.Application) -> None:
         """Let downloads in flight finish (for `shutdown_timeout`), then cancel the rest and wait
         for them to clean up their partial files."""
-        await app[PROXY].downloads.drain(shutdown_timeout(config))
+        await app[MIRROR].downloads.drain(shutdown_timeout(config))
         with contextlib.suppress(KeyError):
             await app[ACTIVITY].stop()
 

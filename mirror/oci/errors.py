@@ -17,10 +17,12 @@ The exceptions, who raises them, and where they become a wire error::
 
     Domain errors, which know nothing of HTTP:
       cache.store.DigestMismatch   bytes offered to the store do not match their digest
+      cache.store.StorageFailed    the mirror's own disk could not take content and nothing
+                                   else could serve the client (507)
       mediatypes.ManifestInvalid   a manifest the mirror refuses (pull/proxy wraps it)
       http.ranges.RangeNotSatisfiable    (http/app wraps it: RANGE_INVALID + Content-Range)
       pull.downloads.ClientAbort   a body already under way cannot be completed
-      OSError                      the disk (full, read-only) or the client's socket
+      OSError                      the disk (full, read-only, EIO: 507) or the client's socket
 
     All of them become a response in one place, http/app's middleware, through
     http/wire.py's `wire_error`: a RegistryError as it is, a domain error mapped to its

@@ -46,8 +46,7 @@ from types import FrameType
 
 import uvloop
 
-from mirror.cache import locks
-from mirror.cache.store import BlobStore
+from mirror import runtime
 from mirror.config import Config
 from mirror.logs import ACCESS_LOG, setup_logging
 from mirror.process import tls
@@ -93,19 +92,6 @@ def check_listen(config: Config) -> None:
         raise _listen_error(config, exc) from None
 
 
-def _claim_cache_dir(store: BlobStore) -> int | None:
-    """The fd of the instance lock, held for this process's life (-1: the lock file cannot be
-    made, go on unguarded); None when another mirror serves from this cache dir."""
-    path = store.lock_path("serve")
-    try:
-        fd = locks.hold_for_life(str(path))
-    except OSError as exc:
-        log.warning("cannot take the instance lock: a second mirror on this cache dir would not "
-                    "be noticed", extra={"lock": str(path), "error": exc.strerror})
-        return -1
-    return fd
-
-
 def serve(config: Config) -> int:
     setup_logging()
     workers = config.server.workers
@@ -115,19 +101,22 @@ def serve(config: Config) -> int:
         except tls.TLSError as exc:
             print(f"mirror: {config.path}: server.tls_cert: {exc}", file=sys.stderr)
             return 2
-    store = BlobStore(config.cache.dir)
-    if _claim_cache_dir(store) is None:
+    claim = runtime.claim_cache_dir(config)
+    if not claim.held:
         print(f"mirror: serve: another mirror is already serving from {config.cache.dir} (it "
-              f"holds {store.lock_path('serve')}): stop it first, or give this one another "
-              "[cache] dir", file=sys.stderr)
+              f"holds {claim.lock}): stop it first, or give this one another [cache] dir",
+              file=sys.stderr)
         return 1
+    if claim.problem is not None:
+        log.warning("cannot take the instance lock: a second mirror on this cache dir would not "
+                    "be noticed", extra={"lock": str(claim.lock), "error": claim.problem})
     try:
         check_listen(config)
     except ListenError as exc:
         print(f"mirror: serve: {exc}", file=sys.stderr)
         return 1
-    runtime = _prepare_runtime_dir() if workers > 1 else None
-    removed = store.clean_temporaries()
+    metrics_dir = _prepare_runtime_dir() if workers > 1 else None
+    removed = runtime.clean_temporaries(config)
     scheme = "https" if config.server.tls_cert else "http"
     log.info("starting", extra={
         "listen": f"{scheme}://{config.server.host}:{config.server.port}",
@@ -149,8 +138,8 @@ def serve(config: Config) -> int:
         print(f"mirror: serve: {exc}", file=sys.stderr)
         return 1
     finally:
-        if runtime is not None:
-            shutil.rmtree(runtime, ignore_errors=True)
+        if metrics_dir is not None:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
 def _notify_ready(config: Config) -> Callable[[], None]:

@@ -25,6 +25,7 @@ from typing import Protocol
 
 from mirror import metrics
 from mirror.cache.locks import try_lock
+from mirror.cache.store import StorageFailed
 from mirror.oci.errors import ErrorCode, RegistryError, UpstreamError
 from mirror.oci.reference import Digest
 from mirror.pull.content import ContentStore
@@ -82,7 +83,7 @@ class Download:
         self.size: int | None = None
         self.written = 0
         self.state = State.STARTING
-        self.error: RegistryError | None = None
+        self.error: RegistryError | StorageFailed | None = None
         self.readers = 0
         self.had_readers = False
         self.resumed = 0
@@ -302,7 +303,7 @@ class Download:
         self.owns_partial = False
         self.store.drop_partial(self.digest)
 
-    def _fail(self, error: RegistryError, fallback: bool = False) -> None:
+    def _fail(self, error: RegistryError | StorageFailed, fallback: bool = False) -> None:
         """`fallback`: the failure is ours, not the upstream's: readers fetch the bytes they
         still need from the upstream themselves."""
         self.error = error
@@ -338,17 +339,16 @@ class Download:
             self._notify()
         except RegistryError as exc:
             self._fail(exc)
-        # 507 Insufficient Storage below: the mirror's own disk failed, not the upstream.
         except _RelayEnded:
-            self._fail(RegistryError(ErrorCode.UNKNOWN, f"{self.digest} could not be cached "
-                                     "and nobody was reading it", status=507), fallback=True)
+            self._fail(StorageFailed(f"{self.digest} could not be cached and nobody was "
+                                     "reading it"), fallback=True)
         except asyncio.CancelledError:
             self._fail(RegistryError(ErrorCode.UNKNOWN, "download cancelled"))  # shutting down
             raise
         except OSError as exc:
             log.error("cache write failed", extra={"digest": str(self.digest), "error": str(exc)})
-            self._fail(RegistryError(ErrorCode.UNKNOWN, f"could not write {self.digest} to the "
-                                     f"cache: {exc.strerror}", status=507), fallback=True)
+            self._fail(StorageFailed(f"could not write {self.digest} to the cache: "
+                                     f"{exc.strerror}"), fallback=True)
         except Exception as exc:  # never leave readers waiting for a download that died
             log.exception("download failed", extra={"digest": str(self.digest)})
             self._fail(RegistryError(ErrorCode.UNKNOWN,

@@ -9,10 +9,10 @@ import contextlib
 import functools
 from collections.abc import Callable
 
-from mirror.cache.store import BlobStore
 from mirror.oci.errors import RegistryError
 from mirror.oci.mediatypes import referenced_blobs
 from mirror.oci.reference import Digest, parse_digest
+from mirror.pull.content import ContentStore
 from mirror.pull.downloads import Download, Downloads
 from mirror.pull.source import Source
 
@@ -25,7 +25,7 @@ Start = Callable[[Source, str, Digest], Download | None]
 
 
 class Prefetcher:
-    def __init__(self, store: BlobStore, downloads: Downloads, start: Start) -> None:
+    def __init__(self, store: ContentStore, downloads: Downloads, start: Start) -> None:
         self.store = store
         self.downloads = downloads
         self.start = start

@@ -15,7 +15,6 @@ import asyncio
 import errno
 import hashlib
 import logging
-import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ from cachetools import LRUCache, TLRUCache
 from mirror import metrics
 from mirror.cache.index import Index, TagEntry
 from mirror.cache.locks import exclusive
-from mirror.cache.store import BlobStore, DigestMismatch
+from mirror.cache.store import DigestMismatch
 from mirror.config import Config
 from mirror.oci.errors import ErrorCode, RegistryError, UpstreamError
 from mirror.oci.mediatypes import (
@@ -38,10 +37,10 @@ from mirror.oci.mediatypes import (
 )
 from mirror.oci.reference import Digest, digest_of, parse_digest
 from mirror.pull.body import BlobBody, DownloadBody, HeadOnlyBody, StoredBody
+from mirror.pull.content import ContentStore
 from mirror.pull.downloads import Download, Downloads, Fetch
 from mirror.pull.prefetch import Prefetcher
 from mirror.pull.source import BlobStream, Kind, ManifestReply, Relayed, Source
-from mirror.upstream.client import Upstream
 
 log = logging.getLogger("mirror.proxy")
 
@@ -65,17 +64,18 @@ class Manifest:
 
 
 class Proxy:
-    def __init__(self, config: Config, store: BlobStore, index: Index,
-                 upstreams: dict[str, Upstream], downloads: Downloads) -> None:
+    def __init__(self, config: Config, store: ContentStore, index: Index, downloads: Downloads,
+                 any_private: bool) -> None:
+        """`any_private`: some source gives private content, so content of unknown provenance
+        (an index lost) needs confirmation too."""
         self.config = config
         self.store = store
         self.index = index
-        self.upstreams = upstreams
         self.downloads = downloads
         self.offline = config.cache.offline
-        # Hot manifests (bytes, media type, store path) and fresh tags, so hits read no file
-        # and touch no SQLite (a memory hit costs one stat: see _cached_manifest).
-        self._memory: LRUCache[Digest, tuple[bytes, str, str]] = LRUCache(
+        # Hot manifests (bytes, media type) and fresh tags, so hits read no file and touch no
+        # SQLite (a memory hit costs one stat: see _cached_manifest).
+        self._memory: LRUCache[Digest, tuple[bytes, str]] = LRUCache(
             MEMORY_MANIFEST_BYTES, getsizeof=lambda v: len(v[0]))
         self._restore_failure_logged = 0.0
         ttl = config.cache.tag_ttl
@@ -83,7 +83,7 @@ class Proxy:
             maxsize=65536, ttu=lambda _k, e, now: now + ttl - e.age(), timer=time.monotonic)
         self._flights: dict[tuple[str, ...], asyncio.Future[Any]] = {}
         self.prefetcher = Prefetcher(store, downloads, self._start_download)
-        self._any_private = any(u.private for u in upstreams.values())
+        self._any_private = any_private
         self._public: LRUCache[Digest, bool] = LRUCache(CONFIRMATIONS_IN_MEMORY)
         self._confirmed: LRUCache[tuple[str, str, Digest], bool] = LRUCache(
             CONFIRMATIONS_IN_MEMORY)
@@ -112,13 +112,13 @@ class Proxy:
     def _cached_manifest(self, digest: Digest) -> tuple[bytes, str] | None:
         hit = self._memory.get(digest)
         if hit is not None:
-            data, media_type, path = hit
+            data, media_type = hit
             # Any worker may have evicted it: what is answered from memory must stay on disk
             # (or a restart with the upstream down loses the hottest manifests). A stat per
             # hit is the cheapest check that needs no message between worker processes.
-            if not os.path.exists(path):
+            if not self.store.has(digest):
                 self._restore(digest, data, media_type)
-            return data, media_type
+            return hit
         stored = self.store.read_bytes(digest)
         if stored is None:
             return None
@@ -127,7 +127,7 @@ class Proxy:
         return stored, media_type
 
     def _remember(self, digest: Digest, data: bytes, media_type: str) -> None:
-        self._memory[digest] = (data, media_type, str(self.store.path(digest)))
+        self._memory[digest] = (data, media_type)
 
     def _restore(self, digest: Digest, data: bytes, media_type: str) -> None:
         """Store a manifest again that was evicted while still served (it is the most

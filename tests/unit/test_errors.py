@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import json
 
 import pytest
 from aiohttp import web
 
-from mirror.cache.store import DigestMismatch
+from mirror.cache.store import DigestMismatch, StorageFailed
 from mirror.http.wire import wire_error
 from mirror.oci.errors import STATUS_BY_CODE, ErrorCode, RegistryError, UpstreamError
 from mirror.oci.reference import digest_of
@@ -74,6 +75,22 @@ def test_wire_error_maps_domain_errors() -> None:
     assert isinstance(mismatch, UpstreamError)
     assert (mismatch.code, mismatch.status) == (ErrorCode.DIGEST_INVALID, 502)
     assert wire_error(RuntimeError("bug")) is None
+
+
+@pytest.mark.parametrize("exc", [
+    StorageFailed("could not write sha256:ab to the cache: No space left on device"),
+    OSError(errno.ENOSPC, "No space left on device"),
+    OSError(errno.EROFS, "Read-only file system"),
+    OSError(errno.EIO, "Input/output error"),
+])
+def test_the_mirror_s_own_disk_failing_is_507_saying_so(exc: Exception) -> None:
+    error = wire_error(exc)
+    assert error is not None and error.status == 507
+    assert "disk" in error.message and "operator" in error.message
+
+
+def test_other_os_errors_stay_unexpected() -> None:
+    assert wire_error(OSError(errno.EBADF, "Bad file descriptor")) is None
 
 
 @pytest.mark.parametrize(("exc", "code"), [

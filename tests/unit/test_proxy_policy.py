@@ -169,8 +169,7 @@ async def world(tmp_path: Path) -> AsyncIterator[Any]:
         downloads = Downloads(store, config.cache.finish_abandoned)
         source = FakeSource(private=private)
         opened.append(index)
-        proxy = Proxy(config, store, index, {source.name: source},  # type: ignore[dict-item]
-                      downloads)
+        proxy = Proxy(config, store, index, downloads, any_private=private)
         return World(proxy, source, store, index)
 
     yield make  # every test lets the downloads it started finish
