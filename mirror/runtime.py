@@ -101,7 +101,6 @@ def clean_temporaries(config: Config) -> int:
 
 def token_secret(config: Config) -> bytes:
     """The key signing the mirror's client tokens, shared by every worker via the cache dir."""
-    config.cache.dir.mkdir(parents=True, exist_ok=True)
     return BlobStore(config.cache.dir).shared_secret()
 
 
