@@ -10,3 +10,10 @@ from mirror.runtime import Mirror
 
 MIRROR: web.AppKey[Mirror] = web.AppKey("mirror", Mirror)
 ACTIVITY: web.AppKey[Activity] = web.AppKey("activity", Activity)
+
+# Per-request facts for the access log line (http/app.py's middleware writes it).
+CACHE = web.RequestKey("cache", str)
+BYTES = web.RequestKey("bytes", int)
+UPSTREAM = web.RequestKey("upstream", str)
+ERROR = web.RequestKey("error", str)
+ROUTE = web.RequestKey("route", str)  # a routes.Kind value or a page name, for metrics
