@@ -1,8 +1,8 @@
-"""The aiohttp application: routes `/v2/...` requests to the proxy layer and writes responses.
+"""The aiohttp application: routes `/v2/...` requests to the proxy layer.
 
 Request flow: middleware (errors, access log) → parse path (routes.py) → choose upstream
 (routing.py) → access checks (access.py, only with [auth]) → proxy.py (cache lookup,
-single-flight fetch) → response written here, blobs with zero-copy sendfile (zerocopy.py).
+single-flight fetch) → the response (content.py: blobs with zero-copy sendfile).
 """
 
 from __future__ import annotations
