@@ -7,11 +7,9 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 
 import aiohttp
 
-from mirror.cache import locks
 from mirror.cache.index import Index
 from mirror.cache.maintenance import Maintenance, RateLimit
 from mirror.cache.store import BlobStore, OnCommit
@@ -74,34 +72,6 @@ async def open_mirror(config: Config) -> AsyncIterator[Mirror]:
         finally:
             await maintenance.stop()
             await downloads.drain(0)
-
-
-# --- the cache dir, before and beside a running mirror ---------------------------------------
-@dataclass(frozen=True)
-class Claim:
-    held: bool  # False: another mirror serves from this cache dir
-    lock: Path
-    problem: str | None = None  # the lock file could not be made: going on unguarded
-
-
-def claim_cache_dir(config: Config) -> Claim:
-    """Take the instance lock on the cache dir for this process's life (and its workers')."""
-    path = BlobStore(config.cache.dir).lock_path("serve")
-    try:
-        held = locks.hold_for_life(str(path)) is not None
-    except OSError as exc:
-        return Claim(True, path, exc.strerror)
-    return Claim(held, path)
-
-
-def clean_temporaries(config: Config) -> int:
-    """Empty `tmp/` of what no live worker holds; the number of files removed."""
-    return BlobStore(config.cache.dir).clean_temporaries()
-
-
-def token_secret(config: Config) -> bytes:
-    """The key signing the mirror's client tokens, shared by every worker via the cache dir."""
-    return BlobStore(config.cache.dir).shared_secret()
 
 
 @contextmanager

@@ -9,6 +9,7 @@ import time
 
 from aiohttp import web
 
+from mirror.cache.cachedir import token_secret
 from mirror.config import AuthConfig, Config, UpstreamConfig
 from mirror.http.clientauth import (
     ANONYMOUS,
@@ -21,7 +22,6 @@ from mirror.http.clientauth import (
     parse_basic,
 )
 from mirror.oci.errors import ErrorCode, RegistryError
-from mirror.runtime import token_secret
 
 AUTHENTICATOR: web.AppKey[Authenticator | None] = web.AppKey("authenticator")
 LIMITER: web.AppKey[FailureLimiter] = web.AppKey("limiter", FailureLimiter)
@@ -33,7 +33,7 @@ def build_authenticator(config: Config) -> Authenticator | None:
     """The token-signing key is shared by every worker through the cache dir."""
     if config.auth.htpasswd is None:
         return None
-    return Authenticator(load_htpasswd(config.auth.htpasswd), token_secret(config),
+    return Authenticator(load_htpasswd(config.auth.htpasswd), token_secret(config.cache.dir),
                          config.auth.token_lifetime)
 
 

@@ -46,7 +46,7 @@ from types import FrameType
 
 import uvloop
 
-from mirror import runtime
+from mirror.cache import cachedir
 from mirror.config import Config
 from mirror.logs import ACCESS_LOG, setup_logging
 from mirror.process import tls
@@ -101,7 +101,7 @@ def serve(config: Config) -> int:
         except tls.TLSError as exc:
             print(f"mirror: {config.path}: server.tls_cert: {exc}", file=sys.stderr)
             return 2
-    claim = runtime.claim_cache_dir(config)
+    claim = cachedir.claim(config.cache.dir)
     if not claim.held:
         print(f"mirror: serve: another mirror is already serving from {config.cache.dir} (it "
               f"holds {claim.lock}): stop it first, or give this one another [cache] dir",
@@ -116,7 +116,7 @@ def serve(config: Config) -> int:
         print(f"mirror: serve: {exc}", file=sys.stderr)
         return 1
     metrics_dir = _prepare_runtime_dir() if workers > 1 else None
-    removed = runtime.clean_temporaries(config)
+    removed = cachedir.clean_temporaries(config.cache.dir)
     scheme = "https" if config.server.tls_cert else "http"
     log.info("starting", extra={
         "listen": f"{scheme}://{config.server.host}:{config.server.port}",
