@@ -376,7 +376,12 @@ class Proxy:
             if not ours:  # led for another name, or by another worker: not proof for this one
                 await self._confirm_access(source, repository, digest, "blobs")
             self.index.count("blob_miss")
-            size = await download.wait_headers()
+            try:
+                size = await download.wait_headers()
+            except RegistryError:
+                if ours:
+                    raise
+                continue  # refused under the name it was led for: fetch under ours
             if ours:
                 self._served_by(source, repository, digest)
             if size is not None:

@@ -121,7 +121,7 @@ class FakeSource:
     async def open_blob(self, repository: str, digest: Digest, offset: int) -> FakeBlob:
         await self._enter("open_blob")
         self.offsets.append(offset)
-        if digest not in self.blobs:
+        if digest not in self.blobs or (self.private and (repository, digest) not in self.holds):
             raise RegistryError(ErrorCode.BLOB_UNKNOWN, "not found")
         break_at, self.break_first_body_at = self.break_first_body_at, None
         return FakeBlob(self.blobs[digest], offset, break_at)
@@ -355,6 +355,33 @@ async def test_private_content_under_another_repository_is_confirmed_once(
         body, _ = await w.proxy.blob(w.source, repository, digest, head=False)
         body.close()
     assert w.source.calls == {"confirm": 1}  # team/a was known, team/b asked once
+
+
+async def test_a_download_refused_for_another_name_is_not_the_answer_for_ours(
+        world: Any) -> None:
+    """A client joining a download that an intruder's request started (for a repository the
+    upstream says lacks the blob) gets the blob fetched under its own name, not a 404."""
+    w = world(private=True)
+    data = b"private layer" * 1000
+    digest = digest_of(data)
+    w.source.blobs[digest] = data
+    w.source.holds.add(("team/app", digest))
+    w.source.gate = asyncio.Event()
+    intruder = asyncio.ensure_future(w.proxy.blob(w.source, "intruder/repo", digest,
+                                                  head=False))
+    while not w.source.calls["open_blob"]:
+        await asyncio.sleep(0)  # the intruder's download is at the source's gate
+    legit = asyncio.ensure_future(w.proxy.blob(w.source, "team/app", digest, head=False))
+    while not w.source.calls["confirm"]:
+        await asyncio.sleep(0)  # the client joined, and its name is being confirmed
+    w.source.gate.set()
+    with pytest.raises(RegistryError) as refused:
+        await intruder
+    assert refused.value.code is ErrorCode.BLOB_UNKNOWN
+    body, _ = await legit
+    await body.stored()
+    assert w.store.read_bytes(digest) == data
+    assert w.source.calls["open_blob"] == 2
 
 
 async def test_private_content_is_refused_when_the_source_says_no(world: Any) -> None:
