@@ -145,3 +145,14 @@ def total(snapshot: Samples, name: str, **match: str) -> float:
     """The sum of a metric's samples whose labels include `match`."""
     return sum(v for (n, labels), v in snapshot.items()
                if n == name and all((k, w) in labels for k, w in match.items()))
+
+
+# --- redis (cluster shared state) ---
+REDIS_UP = Gauge(
+    "mirror_redis_up",
+    "Whether the cluster's shared Redis answered the last call (1) or not, or its circuit "
+    "breaker is open (0)", multiprocess_mode="livemax")
+REDIS_ERRORS = Counter(
+    "mirror_redis_errors_total",
+    "Redis calls that failed (refused, timed out, rejected), by operation; calls the open "
+    "circuit breaker answered without trying are not counted", ["op"])

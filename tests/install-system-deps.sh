@@ -17,6 +17,7 @@ command -v systemd-analyze >/dev/null || need+=(systemd)
 command -v podman >/dev/null          || need+=(podman)
 command -v dockerd >/dev/null         || need+=(docker.io)
 command -v nsenter >/dev/null         || need+=(util-linux)
+command -v redis-server >/dev/null    || need+=(redis-server)
 if [ ${#need[@]} -gt 0 ]; then
     echo "installing: ${need[*]}"
     export DEBIAN_FRONTEND=noninteractive
@@ -37,7 +38,7 @@ if [ ${#need[@]} -gt 0 ]; then
         rm -f "$policy"
         trap - EXIT
     fi
-    for svc in docker-registry containerd nginx docker.socket docker; do
+    for svc in docker-registry containerd nginx docker.socket docker redis-server; do
         if command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then
             systemctl disable --now "$svc" >/dev/null 2>&1 || true
         fi

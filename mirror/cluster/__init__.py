@@ -1,0 +1,1 @@
+"""What the mirrors of a cluster share with one another."""
