@@ -81,6 +81,8 @@ class FakeSource:
         self.blobs: dict[Digest, bytes] = {}
         self.holds: set[tuple[str, Digest]] = set()  # what confirm() says yes to
         self.calls: collections.Counter[str] = collections.Counter()
+        self.entered: collections.defaultdict[str, asyncio.Event] = collections.defaultdict(
+            asyncio.Event)  # set at a call's first arrival
         self.offsets: list[int] = []
         self.down = False
         self.break_first_body_at: int | None = None
@@ -95,6 +97,7 @@ class FakeSource:
 
     async def _enter(self, call: str) -> None:
         self.calls[call] += 1
+        self.entered[call].set()
         if self.gate is not None:
             await self.gate.wait()
         if self.down:
@@ -369,11 +372,9 @@ async def test_a_download_refused_for_another_name_is_not_the_answer_for_ours(
     w.source.gate = asyncio.Event()
     intruder = asyncio.ensure_future(w.proxy.blob(w.source, "intruder/repo", digest,
                                                   head=False))
-    while not w.source.calls["open_blob"]:
-        await asyncio.sleep(0)  # the intruder's download is at the source's gate
+    await w.source.entered["open_blob"].wait()  # the intruder's download is at the gate
     legit = asyncio.ensure_future(w.proxy.blob(w.source, "team/app", digest, head=False))
-    while not w.source.calls["confirm"]:
-        await asyncio.sleep(0)  # the client joined, and its name is being confirmed
+    await w.source.entered["confirm"].wait()  # the client joined; its name is being confirmed
     w.source.gate.set()
     with pytest.raises(RegistryError) as refused:
         await intruder
