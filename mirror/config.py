@@ -84,12 +84,45 @@ class AuthConfig:
     status: str = "authenticated"  # who may read / and /metrics with [auth] on
 
 
+CLUSTER_SECRET_MIN = 32  # bytes in the cluster's secret file
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """`[cluster]`: off (None in Config) unless the table is present."""
+
+    node_id: str
+    advertise_url: str  # how the other nodes reach this one
+    secret: bytes = field(repr=False)  # read from secret_file; signs /_cluster/* requests
+    peers: tuple[str, ...] = ()  # the other nodes' URLs (self and duplicates removed)
+    peers_dns: str | None = None  # a name resolving to every node (a headless Service)
+    health_interval: float = 2.0
+    health_fails: int = 3  # failed checks in a row before a peer is down
+    health_passes: int = 2  # passed checks in a row before it is up again
+    peer_timeout: float = 5.0  # a silent peer: the next rank is asked after this
+    peer_fill_ranks: int = 2  # the owner asks this many next-ranked peers before the upstream
+    relay_cache: int = 0  # bytes of relayed blobs a non-owner keeps (0: keeps none)
+
+
+@dataclass(frozen=True)
+class RedisConfig:
+    """`[redis]`: the cluster's optional shared tag cache and fill lock."""
+
+    url: str
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    timeout: float = 0.05  # every Redis call: never more than this added to a request
+    key_prefix: str = "mirror:"
+
+
 @dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     upstreams: tuple[UpstreamConfig, ...] = ()
     auth: AuthConfig = field(default_factory=AuthConfig)
+    cluster: ClusterConfig | None = None
+    redis: RedisConfig | None = None
     path: str = "mirror.toml"
 
     def upstream(self, name: str) -> UpstreamConfig | None:
@@ -300,6 +333,82 @@ def _auth(path: str, table: object) -> AuthConfig:
     return config
 
 
+def _read_secret(path: str, key: str, file: str, minimum: int = 1) -> bytes:
+    try:
+        secret = Path(file).read_bytes().strip()
+    except OSError as exc:
+        raise ConfigError(path, key, f"{file}: {exc.strerror or exc}") from None
+    if len(secret) < minimum:
+        raise ConfigError(path, key, f"{file} holds {len(secret)} bytes; at least {minimum} "
+                          "are needed (e.g. `head -c 32 /dev/urandom | base64 > FILE`)")
+    return secret
+
+
+def _peers(advertise_url: str, values: object) -> tuple[str, ...]:
+    """Peer URLs normalised: no trailing slash, no duplicates, not this node itself."""
+    if not isinstance(values, list):
+        raise ValueError(f"expected a list of URLs, got {values!r}")
+    seen: dict[str, None] = {}
+    for value in values:
+        url = parse_url(value)
+        if url != advertise_url:
+            seen.setdefault(url, None)
+    return tuple(seen)
+
+
+def _cluster(path: str, table: object) -> ClusterConfig:
+    s = _Section(path, "cluster", table)
+    node_id = s.get("node_id", None, kind=str)
+    if not node_id:
+        raise ConfigError(path, "cluster.node_id", "missing: every node needs its own name "
+                          "(e.g. the host name); it decides which digests it owns")
+    advertise_url = s.get("advertise_url", None, parse_url)
+    if not advertise_url:
+        raise ConfigError(path, "cluster.advertise_url",
+                          "missing (the URL the other nodes reach this one at)")
+    secret_file = s.get("secret_file", None, kind=str)
+    if not secret_file:
+        raise ConfigError(path, "cluster.secret_file",
+                          "missing (a file of random bytes every node shares)")
+    peers = s.get("peers", [], lambda v: _peers(advertise_url, v))
+    peers_dns = s.get("peers_dns", None, kind=str)
+    d = ClusterConfig(node_id, advertise_url, b"")
+    config = ClusterConfig(
+        node_id=node_id, advertise_url=advertise_url,
+        secret=_read_secret(path, "cluster.secret_file", secret_file, CLUSTER_SECRET_MIN),
+        peers=peers, peers_dns=peers_dns or None,
+        health_interval=s.get("health_interval", d.health_interval, _positive_duration),
+        health_fails=s.get("health_fails", d.health_fails, _positive_int),
+        health_passes=s.get("health_passes", d.health_passes, _positive_int),
+        peer_timeout=s.get("peer_timeout", d.peer_timeout, _positive_duration),
+        peer_fill_ranks=s.get("peer_fill_ranks", d.peer_fill_ranks, _positive_int),
+        relay_cache=s.get("relay_cache", d.relay_cache, parse_size),
+    )
+    s.finish()
+    return config
+
+
+def _redis(path: str, table: object) -> RedisConfig:
+    s = _Section(path, "redis", table)
+    url = s.get("url", None, kind=str)
+    if not url or urlsplit(url).scheme not in ("redis", "rediss", "unix"):
+        raise ConfigError(path, "redis.url", "expected redis://host:port/db (or rediss://)")
+    if "@" in urlsplit(url).netloc:
+        raise ConfigError(path, "redis.url", "credentials in the URL are refused (they would "
+                          "show in logs): set username and password_file instead")
+    password_file = s.get("password_file", None, kind=str)
+    d = RedisConfig(url)
+    config = RedisConfig(
+        url=url, username=s.get("username", None, kind=str),
+        password=_read_secret(path, "redis.password_file", password_file).decode()
+        if password_file else None,
+        timeout=s.get("timeout", d.timeout, _positive_duration),
+        key_prefix=s.get("key_prefix", d.key_prefix, kind=str),
+    )
+    s.finish()
+    return config
+
+
 def load_config(path: str | os.PathLike[str]) -> Config:
     p = Path(path)
     try:
@@ -316,7 +425,7 @@ def load_config(path: str | os.PathLike[str]) -> Config:
 
 
 def parse_config(data: dict[str, Any], path: str = "mirror.toml", base: Path = Path()) -> Config:
-    unknown = sorted(set(data) - {"server", "cache", "upstream", "auth"})
+    unknown = sorted(set(data) - {"server", "cache", "upstream", "auth", "cluster", "redis"})
     if unknown:
         raise ConfigError(path, unknown[0], "unknown section")
     raw_upstreams = data.get("upstream", [])
@@ -331,5 +440,7 @@ def parse_config(data: dict[str, Any], path: str = "mirror.toml", base: Path = P
         cache=_cache(path, data.get("cache", {}), base),
         upstreams=upstreams,
         auth=_auth(path, data.get("auth", {})),
+        cluster=_cluster(path, data["cluster"]) if "cluster" in data else None,
+        redis=_redis(path, data["redis"]) if "redis" in data else None,
         path=path,
     )

@@ -156,3 +156,20 @@ REDIS_ERRORS = Counter(
     "mirror_redis_errors_total",
     "Redis calls that failed (refused, timed out, rejected), by operation; calls the open "
     "circuit breaker answered without trying are not counted", ["op"])
+
+# --- cluster (peers) ---
+PEER_UP = Gauge(
+    "mirror_peer_up", "Whether a peer node passes its health checks (1) or not (0)", ["peer"],
+    multiprocess_mode="livemostrecent")
+PEER_BYTES = Counter(
+    "mirror_peer_bytes_total",
+    "Blob bytes received from peer nodes (direction=in; relayed to clients or filled)",
+    ["direction"])
+PEER_RELAYS = Counter(
+    "mirror_peer_relays_total",
+    "Blob fetches answered by a peer, by why it was asked: owner (it owns the digest) or "
+    "fill (the owner found it stored on a next-ranked peer)", ["reason"])
+PEER_FAILURES = Counter(
+    "mirror_peer_failures_total",
+    "Peers marked down outside their health checks (a refused, broken or silent relay)",
+    ["peer"])

@@ -4,6 +4,8 @@ index, upstream clients, downloads, maintenance, proxy) and wires their callback
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
 from dataclasses import dataclass
@@ -13,12 +15,23 @@ import aiohttp
 from mirror.cache.index import Index
 from mirror.cache.maintenance import Maintenance, RateLimit
 from mirror.cache.store import BlobStore, OnCommit
-from mirror.config import Config, UpstreamConfig
+from mirror.cluster.peers import Membership
+from mirror.cluster.source import ClusterSource
+from mirror.config import ClusterConfig, Config, UpstreamConfig
 from mirror.oci.reference import Digest
 from mirror.pull.downloads import Downloads
 from mirror.pull.proxy import Proxy
 from mirror.pull.source import Source
 from mirror.upstream.client import Upstream
+
+
+@dataclass(frozen=True)
+class ClusterNode:
+    """This node's part in a cluster: who is up, and the sources `/_cluster/` answers with."""
+
+    membership: Membership
+    fill_sources: Mapping[str, Source]  # a peer's fill request: never relayed again
+    stored_sources: Mapping[str, Source]  # a peer's stored-only probe: the plain upstream
 
 
 @dataclass(frozen=True)
@@ -35,6 +48,7 @@ class Mirror:
     # for each (the client itself on a single node).
     upstreams: Mapping[str, Upstream]
     sources: Mapping[str, Source]
+    cluster: ClusterNode | None = None
 
     @property
     def offline(self) -> bool:
@@ -67,11 +81,37 @@ async def open_mirror(config: Config) -> AsyncIterator[Mirror]:
         downloads.on_disk_full = maintenance.request_eviction
         proxy.on_disk_full = maintenance.request_eviction
         maintenance.start()
+        cluster = None if config.cluster is None else await stack.enter_async_context(
+            _join_cluster(config.cluster, upstreams))
+        sources: Mapping[str, Source] = dict(upstreams) if cluster is None else {
+            name: ClusterSource(u, cluster.membership, relays=True)
+            for name, u in upstreams.items()}
         try:
-            yield Mirror(config, store, index, downloads, proxy, upstreams, dict(upstreams))
+            yield Mirror(config, store, index, downloads, proxy, upstreams, sources, cluster)
         finally:
             await maintenance.stop()
             await downloads.drain(0)
+
+
+@asynccontextmanager
+async def _join_cluster(config: ClusterConfig, upstreams: Mapping[str, Upstream]
+                        ) -> AsyncIterator[ClusterNode]:
+    """Health checks of the peers run for as long as the node serves."""
+    connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=10)
+    async with aiohttp.ClientSession(connector=connector, auto_decompress=False,
+                                     headers={"User-Agent": "registry-mirror-peer"}) as session:
+        membership = Membership(config, session)
+        await membership.check_once()  # a node starts knowing who is up
+        checks = asyncio.ensure_future(membership.run())
+        try:
+            yield ClusterNode(
+                membership,
+                {n: ClusterSource(u, membership, relays=False) for n, u in upstreams.items()},
+                dict(upstreams))
+        finally:
+            checks.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await checks
 
 
 @contextmanager

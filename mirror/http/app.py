@@ -18,6 +18,7 @@ from aiohttp import web, web_protocol
 from mirror.config import Config
 from mirror.http import access, activity
 from mirror.http.clientauth import FailureLimiter
+from mirror.http.cluster import cluster
 from mirror.http.content import blob, manifest
 from mirror.http.keys import BYTES, CACHE, ERROR, MIRROR, ROUTE, UPSTREAM
 from mirror.http.notices import warn_unconfigured_registry
@@ -211,6 +212,7 @@ def build_app(config: Config) -> web.Application:
     app[access.LIMITER] = FailureLimiter()
     app.router.add_get("/token", access.token)
     install_ops(app, config)  # the operator's pages: /, /metrics, /healthz, /readyz
+    app.router.add_route("*", "/_cluster/{tail:.*}", cluster)  # the nodes' own API
     app.router.add_route("*", "/{tail:.*}", not_found)
     app.cleanup_ctx.append(lambda a: _lifecycle(a, config))
     return app

@@ -483,7 +483,6 @@ class Download:
             if self.disk_end is not None:
                 await self._relay(chunk)
             self.written += len(chunk)
-            metrics.UPSTREAM_BYTES.labels(self.upstream).inc(len(chunk))
             self._notify()
         if self.size is not None and self.written < self.size:
             raise ConnectionError(

@@ -190,12 +190,13 @@ class Upstream:
         resp = await self.request("GET", repository, f"blobs/{digest}", headers=headers)
         if resp.status not in (200, 206):
             raise await error_from_response(self, resp, ErrorCode.BLOB_UNKNOWN)
-        if resp.status == 206 and not _range_starts_at(resp, offset):
+        if resp.status == 206 and not range_starts_at(resp, offset):
             resp.close()
             raise UpstreamError(ErrorCode.UPSTREAM_UNAVAILABLE, f"upstream {self.name} sent "
                                 f"the wrong range for {digest}")
         # A 200 to a Range request: the upstream ignored it; the bytes before are skipped.
-        return UpstreamBlob(resp, _total_size(resp), offset if resp.status == 200 else 0)
+        return UpstreamBlob(resp, total_size(resp), offset if resp.status == 200 else 0,
+                            self.name)
 
     async def head_blob(self, repository: str, digest: Digest) -> int | None:
         resp = await self.request("HEAD", repository, f"blobs/{digest}")
@@ -384,10 +385,12 @@ class UpstreamBlob:
     """A blob body from the upstream from the offset asked for (a pull.source BlobStream).
     Network failures reading it are ConnectionErrors, which the download engine resumes."""
 
-    def __init__(self, resp: aiohttp.ClientResponse, total: int | None, skip: int) -> None:
+    def __init__(self, resp: aiohttp.ClientResponse, total: int | None, skip: int,
+                 counted_as: str | None) -> None:
         self.resp = resp
         self.total = total
         self._skip = skip  # bytes before the offset, sent by an upstream that ignored Range
+        self._counted_as = counted_as  # the upstream its bytes count for (None: not counted)
 
     async def read(self) -> bytes:
         try:
@@ -396,15 +399,18 @@ class UpstreamBlob:
                 if not chunk:
                     raise ConnectionError("upstream body ended while skipping")
                 self._skip -= len(chunk)
-            return await self.resp.content.readany()
+            chunk = await self.resp.content.readany()
         except aiohttp.ClientError as exc:
             raise ConnectionError(f"{type(exc).__name__}: {exc}") from exc
+        if self._counted_as is not None:
+            metrics.UPSTREAM_BYTES.labels(self._counted_as).inc(len(chunk))
+        return chunk
 
     def close(self) -> None:
         self.resp.close()
 
 
-def _total_size(resp: aiohttp.ClientResponse) -> int | None:
+def total_size(resp: aiohttp.ClientResponse) -> int | None:
     content_range = resp.headers.get("Content-Range", "")
     if resp.status == 206 and "/" in content_range:
         total = content_range.rsplit("/", 1)[1]
@@ -413,7 +419,7 @@ def _total_size(resp: aiohttp.ClientResponse) -> int | None:
     return int(length) if length and length.isdigit() else None
 
 
-def _range_starts_at(resp: aiohttp.ClientResponse, offset: int) -> bool:
+def range_starts_at(resp: aiohttp.ClientResponse, offset: int) -> bool:
     spec = resp.headers.get("Content-Range", "").removeprefix("bytes ").split("/")[0]
     return spec.split("-")[0] == str(offset)
 

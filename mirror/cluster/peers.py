@@ -1,0 +1,202 @@
+"""The other nodes: who is up (active health checks on `/_cluster/health`), and fetching a
+blob from one of them (`/_cluster/blobs/...`), every request signed (auth.py).
+
+Membership is each node's own view, with no agreement protocol: a peer is up after
+`health_passes` checks in a row answered with its node id (the first answer is enough for a
+peer never seen), down after `health_fails` failures in a row, or at once when a relay from it
+breaks. With `peers_dns`, the name is resolved again before every round of checks, so nodes a
+headless Service adds or removes come and go with it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from urllib.parse import quote, urlsplit
+
+import aiohttp
+
+from mirror import metrics
+from mirror.cluster import auth
+from mirror.config import ClusterConfig
+from mirror.oci.errors import ErrorCode, RegistryError
+from mirror.oci.reference import Digest
+from mirror.upstream.client import UpstreamBlob, range_starts_at, total_size
+
+log = logging.getLogger("mirror.cluster")
+
+
+class PeerUnavailable(ConnectionError):
+    """The peer did not answer usefully (refused, broken, silent, 5xx, 401): ask another."""
+
+
+class PeerMiss(Exception):
+    """A stored-only probe: the peer does not hold the blob."""
+
+
+@dataclass
+class Peer:
+    url: str
+    node_id: str | None = None
+    up: bool = False
+    seen: bool = False  # ever answered: the first answer alone brings a new peer up
+    fails: int = 0
+    passes: int = 0
+
+
+class Membership:
+    def __init__(self, config: ClusterConfig, session: aiohttp.ClientSession,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.config = config
+        self.session = session
+        self.clock = clock
+        self.peers: dict[str, Peer] = {url: Peer(url) for url in config.peers}
+
+    # the view ---------------------------------------------------------------------------
+    def live(self) -> dict[str, str]:
+        """node_id -> URL of every node up, this one included."""
+        nodes = {p.node_id: p.url for p in self.peers.values() if p.up and p.node_id}
+        nodes[self.config.node_id] = self.config.advertise_url
+        return nodes
+
+    def mark_down(self, url: str, why: str) -> None:
+        peer = self.peers.get(url)
+        if peer is None or not peer.up:
+            return
+        peer.up, peer.passes = False, 0
+        metrics.PEER_FAILURES.labels(url).inc()
+        self._changed(peer, why)
+
+    def _changed(self, peer: Peer, why: str) -> None:
+        metrics.PEER_UP.labels(peer.url).set(1 if peer.up else 0)
+        (log.info if peer.up else log.warning)(
+            "peer up" if peer.up else "peer down",
+            extra={"peer": peer.url, "node_id": peer.node_id, "why": why})
+
+    # health checks ----------------------------------------------------------------------
+    async def run(self) -> None:
+        while True:
+            await self.check_once()
+            await asyncio.sleep(self.config.health_interval)
+
+    async def check_once(self) -> None:
+        if self.config.peers_dns:
+            await self._resolve()
+        await asyncio.gather(*(self._check(p) for p in list(self.peers.values())))
+
+    async def _check(self, peer: Peer) -> None:
+        try:
+            node_id = await self._health(peer.url)
+        except (aiohttp.ClientError, TimeoutError, ValueError, KeyError) as exc:
+            self._failed(peer, f"health check: {exc!r}")
+            return
+        if node_id == self.config.node_id:  # ourselves, under another address (DNS)
+            self.peers.pop(peer.url, None)
+            return
+        peer.node_id, peer.fails = node_id, 0
+        peer.passes += 1
+        if not peer.up and (not peer.seen or peer.passes >= self.config.health_passes):
+            peer.up = True
+            self._changed(peer, "health checks pass")
+        peer.seen = True
+
+    def _failed(self, peer: Peer, why: str) -> None:
+        peer.passes = 0
+        peer.fails += 1
+        if peer.up and peer.fails >= self.config.health_fails:
+            peer.up = False
+            self._changed(peer, why)
+        elif not peer.seen:
+            metrics.PEER_UP.labels(peer.url).set(0)
+
+    async def _health(self, url: str) -> str:
+        path = "/_cluster/health"
+        timeout = aiohttp.ClientTimeout(total=self.config.peer_timeout)
+        async with self.session.get(url + path, headers=self.sign("GET", path),
+                                    timeout=timeout) as resp:
+            if resp.status != 200:
+                raise ValueError(f"HTTP {resp.status}")
+            return str((await resp.json())["node_id"])
+
+    async def _resolve(self) -> None:
+        assert self.config.peers_dns is not None
+        own = urlsplit(self.config.advertise_url)
+        port = own.port or (443 if own.scheme == "https" else 80)
+        try:
+            infos = await asyncio.get_running_loop().getaddrinfo(
+                self.config.peers_dns, port, type=0, proto=6)
+        except OSError as exc:
+            log.warning("peers_dns did not resolve: keeping the last peers",
+                        extra={"name": self.config.peers_dns, "error": str(exc)})
+            return
+        hosts = {str(info[4][0]) for info in infos}
+        urls = {f"{own.scheme}://{f'[{h}]' if ':' in h else h}:{port}" for h in hosts}
+        urls.discard(self.config.advertise_url)
+        for url in urls - set(self.peers):
+            self.peers[url] = Peer(url)
+        for url in set(self.peers) - urls - set(self.config.peers):
+            del self.peers[url]
+
+    # fetching ---------------------------------------------------------------------------
+    def sign(self, method: str, path_qs: str) -> dict[str, str]:
+        return {auth.HEADER: auth.sign(self.config.secret, self.config.node_id, method,
+                                       path_qs, self.clock())}
+
+    async def open_blob(self, url: str, upstream: str, repository: str, digest: Digest,
+                        offset: int, stored_only: bool) -> PeerBlob:
+        """The blob from the peer at `url` (which fills it from its upstream unless
+        `stored_only`); PeerUnavailable, PeerMiss, or the peer's refusal as RegistryError."""
+        path = f"/_cluster/blobs/{quote(upstream, safe=':')}/{quote(repository)}/{digest}"
+        if stored_only:
+            path += "?stored=1"
+        headers = {**self.sign("GET", path), "Accept-Encoding": "identity"}
+        if offset:
+            headers["Range"] = f"bytes={offset}-"
+        timeout = aiohttp.ClientTimeout(sock_connect=self.config.peer_timeout,
+                                        sock_read=self.config.peer_timeout)
+        try:
+            resp = await self.session.get(url + path, headers=headers, timeout=timeout)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise PeerUnavailable(f"{url}: {exc!r}") from exc
+        if resp.status in (200, 206) and (resp.status == 200) == (offset == 0) and (
+                offset == 0 or range_starts_at(resp, offset)):
+            return PeerBlob(self, url, resp, total_size(resp))
+        body = await _error_message(resp)
+        if resp.status == 404 and stored_only:
+            raise PeerMiss(url)
+        if resp.status in (403, 404):
+            code = ErrorCode.DENIED if resp.status == 403 else ErrorCode.BLOB_UNKNOWN
+            raise RegistryError(code, f"{digest} under {repository}: {body}")
+        raise PeerUnavailable(f"{url}: HTTP {resp.status} {body}")
+
+
+async def _error_message(resp: aiohttp.ClientResponse) -> str:
+    with contextlib.suppress(Exception):
+        errors = (await resp.json(content_type=None)).get("errors") or [{}]
+        resp.release()
+        return str(errors[0].get("message", ""))
+    resp.close()
+    return ""
+
+
+class PeerBlob(UpstreamBlob):
+    """A blob body from a peer; a break or a stall marks the peer down (so the download
+    engine's resume goes to the next rank) before it reaches the engine."""
+
+    def __init__(self, membership: Membership, url: str, resp: aiohttp.ClientResponse,
+                 total: int | None) -> None:
+        super().__init__(resp, total, 0, None)
+        self.membership, self.url = membership, url
+
+    async def read(self) -> bytes:
+        try:
+            chunk = await super().read()
+        except (ConnectionError, TimeoutError) as exc:
+            self.membership.mark_down(self.url, f"relay broke: {exc!r}")
+            raise PeerUnavailable(f"{self.url}: {exc!r}") from exc
+        metrics.PEER_BYTES.labels("in").inc(len(chunk))
+        return chunk

@@ -1,0 +1,90 @@
+"""`/_cluster/*`: what the nodes of a cluster ask each other, and what an operator reads.
+
+    GET /_cluster/health                     {"node_id", "status"} (the peers' health check)
+    GET /_cluster/ring[?digest=D]            the peers this node sees and, for D, their ranks
+    GET /_cluster/blobs/<upstream>/<repository>/<digest>[?stored=1]
+
+Every request carries the HMAC of auth.py over its method and raw path (401 without it). A
+blob request is answered as a client's `/v2/<repository>/blobs/<digest>` would be, private
+content confirmed for `repository` included, but with a source that never relays further;
+`stored=1` answers only what this node holds (404 otherwise) and asks nothing of anyone.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+from aiohttp import web
+
+from mirror.cluster import auth, ring
+from mirror.http.content import blob
+from mirror.http.keys import MIRROR, ROUTE, UPSTREAM
+from mirror.oci.errors import ErrorCode, RegistryError
+from mirror.oci.reference import parse_digest, validate_name
+from mirror.runtime import ClusterNode, Mirror
+
+
+async def cluster(request: web.Request) -> web.StreamResponse:
+    request[ROUTE] = "cluster"
+    mirror = request.app[MIRROR]
+    node = _node(mirror)
+    assert mirror.config.cluster is not None
+    try:
+        auth.verify(mirror.config.cluster.secret, request.headers.get(auth.HEADER),
+                    request.method, request.raw_path, time.time())
+    except auth.ClusterAuthError as exc:
+        raise RegistryError(ErrorCode.UNAUTHORIZED, str(exc)) from None
+    tail = request.match_info["tail"]
+    if tail == "health":
+        return _json({"node_id": mirror.config.cluster.node_id, "status": "up"})
+    if tail == "ring":
+        return _json(_ring(node, mirror, request.query.get("digest")))
+    if tail.startswith("blobs/") and request.method in ("GET", "HEAD"):
+        return await _blob(request, mirror, node, tail.removeprefix("blobs/"))
+    raise RegistryError(ErrorCode.UNSUPPORTED, f"nothing at {request.path}", status=404)
+
+
+def _node(mirror: Mirror) -> ClusterNode:
+    if mirror.cluster is None:
+        raise RegistryError(ErrorCode.UNSUPPORTED, "this mirror is not in a cluster "
+                            "([cluster] is not configured)", status=404)
+    return mirror.cluster
+
+
+async def _blob(request: web.Request, mirror: Mirror, node: ClusterNode,
+                rest: str) -> web.StreamResponse:
+    upstream, _, rest = rest.partition("/")
+    repository, _, reference = rest.rpartition("/")
+    digest = parse_digest(reference)  # 400 before anything else
+    validate_name(repository)
+    if upstream not in mirror.upstreams:
+        raise RegistryError(ErrorCode.NAME_UNKNOWN, f"no upstream {upstream!r} here: the "
+                            "nodes' [[upstream]] tables differ", status=404)
+    request[UPSTREAM] = upstream
+    if request.query.get("stored") == "1":
+        if not mirror.store.has(digest):
+            raise RegistryError(ErrorCode.BLOB_UNKNOWN, f"{digest} is not stored here")
+        source = node.stored_sources[upstream]
+    else:
+        source = node.fill_sources[upstream]
+    return await blob(request, mirror.proxy, source, repository, digest)
+
+
+def _ring(node: ClusterNode, mirror: Mirror, digest: str | None) -> dict[str, object]:
+    live = node.membership.live()
+    view: dict[str, object] = {
+        "node_id": node.membership.config.node_id,
+        "peers": [{"url": p.url, "node_id": p.node_id, "up": p.up, "fails": p.fails}
+                  for p in node.membership.peers.values()],
+        "live": sorted(live),
+    }
+    if digest:
+        view["digest"] = str(parse_digest(digest))
+        view["ranks"] = [{"node_id": n, "url": live[n]} for n in ring.rank(live, digest)]
+    return view
+
+
+def _json(data: object) -> web.Response:
+    return web.Response(body=json.dumps(data).encode(), content_type="application/json",
+                        headers={"Cache-Control": "no-store"})
