@@ -1,0 +1,140 @@
+"""Three mirror nodes as one cache (issue 12), against the real upstream registry: one
+upstream fetch per blob however the clients spread over the nodes, relays from the owner,
+the owner's death, the cluster API's HMAC."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.support import clients
+from tests.support.cluster import Node, owner_of, plan, start_cluster, wait_converged
+from tests.support.mirror import Upstream
+from tests.support.registry import ThrottledProxy
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def started() -> Iterator[list[Node]]:
+    nodes: list[Node] = []
+    yield nodes
+    for n in nodes:
+        n.stop()
+
+
+def upstreams_for(up: clients.UpstreamRegistry, url: str | None = None) -> list[Upstream]:
+    return [Upstream(name=up.host, url=url or up.url, extra={"read_timeout": "5s"})]
+
+
+def fetch(node: Node, repo: str, digest: str) -> bytes:
+    with httpx.Client(trust_env=False, timeout=120) as client:
+        r = client.get(f"{node.url}/v2/{repo}/blobs/{digest}")
+        r.raise_for_status()
+        return r.content
+
+
+def blobs_of(up: clients.UpstreamRegistry, repo: str) -> list[str]:
+    image = up.pushed[repo]["v1"]
+    return [b.digest for b in image.blobs]  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("workers", [1, 2], ids=lambda w: f"w{w}")
+def test_clients_spread_over_three_nodes_cost_one_upstream_fetch_per_blob(
+        tmp_path: Path, upstream: clients.UpstreamRegistry, started: list[Node],
+        workers: int) -> None:
+    nodes = start_cluster(tmp_path, upstreams_for(upstream), 3,
+                          server_extra={"workers": workers}, cache_extra={"prefetch": False})
+    started.extend(nodes)
+    digests = blobs_of(upstream, "test/big")[:3] + blobs_of(upstream, "test/small")
+    mark = upstream.registry.mark()
+    jobs = [(nodes[i % 3], repo, d) for i in range(6)
+            for repo, d in [("test/big", d) for d in digests[:3]]
+            + [("test/small", d) for d in digests[3:]]]
+    with ThreadPoolExecutor(12) as pool:
+        bodies = list(pool.map(lambda j: fetch(*j), jobs))
+    for (_, _, digest), body in zip(jobs, bodies, strict=True):
+        assert f"sha256:{hashlib.sha256(body).hexdigest()}" == digest
+    gets = upstream.registry.blob_gets(mark)
+    assert {d: gets[d] for d in digests} == dict.fromkeys(digests, 1), gets
+    # the owner keeps each blob (the relaying nodes keep theirs too, for now: relay_cache
+    # is not built yet); and every relayed request went through the owner
+    for digest in digests:
+        owner = owner_of(nodes, digest)
+        assert digest in owner.verify_cache()
+        relayed = [e for e in owner.requests_for(digest) if "/_cluster/" in str(e["path"])]
+        assert relayed, f"{owner.node_id} was never asked for {digest}"
+
+
+def test_a_node_joining_late_pulls_what_the_others_hold_without_the_upstream(
+        tmp_path: Path, upstream: clients.UpstreamRegistry, started: list[Node]) -> None:
+    nodes = plan(tmp_path, upstreams_for(upstream), 3, cache_extra={"prefetch": False})
+    started.extend(nodes)
+    for n in nodes[:2]:
+        n.start()
+    wait_converged(nodes[:2])
+    digests = blobs_of(upstream, "test/small")
+    for d in digests:
+        fetch(nodes[0], "test/small", d)
+    nodes[2].start()
+    wait_converged(nodes)
+    mark = upstream.registry.mark()
+    for d in digests:  # m3 owns some now: it fills them from their old owner (rank 2)
+        for n in nodes:
+            assert f"sha256:{hashlib.sha256(fetch(n, 'test/small', d)).hexdigest()}" == d
+    assert not upstream.registry.blob_gets(mark)
+
+
+def test_the_owner_killed_mid_stream_costs_its_relaying_clients_nothing(
+        tmp_path: Path, upstream: clients.UpstreamRegistry, started: list[Node]) -> None:
+    link = ThrottledProxy(upstream.registry.port, rate=20_000_000).start()  # 100 MB in ~5 s
+    try:
+        nodes = start_cluster(tmp_path, upstreams_for(upstream, link.url), 3,
+                              cache_extra={"prefetch": False})
+        started.extend(nodes)
+        digest = max(upstream.pushed["test/big"]["v1"].layers,  # type: ignore[union-attr]
+                     key=lambda b: b.size).digest
+        owner = owner_of(nodes, digest)
+        others = [n for n in nodes if n is not owner]
+        mark = upstream.registry.mark()
+        with ThreadPoolExecutor(8) as pool:
+            futures = [pool.submit(fetch, others[i % 2], "test/big", digest) for i in range(8)]
+            # the owner dies once its fill is under way (bytes in its partial file)
+            owner.wait_log(lambda log: any("/_cluster/blobs/" in str(e.get("path", ""))
+                                           for e in log) or link.bytes_forwarded > 20_000_000,
+                           timeout=30)
+            owner.kill9()
+            bodies = [f.result(120) for f in futures]
+        assert all(f"sha256:{hashlib.sha256(b).hexdigest()}" == digest for b in bodies)
+        # it died mid-stream: the relaying nodes resumed from where its bytes stopped
+        assert any(e.get("msg") == "upstream body broke, resuming" and e.get("offset")
+                   for n in others for e in n.log_entries())
+        assert upstream.registry.blob_gets(mark)[digest] <= 3
+    finally:
+        link.stop()
+
+
+def test_cluster_requests_without_the_hmac_are_refused(
+        tmp_path: Path, upstream: clients.UpstreamRegistry, started: list[Node]) -> None:
+    nodes = start_cluster(tmp_path, upstreams_for(upstream), 2)
+    started.extend(nodes)
+    node = nodes[0]
+    digest = blobs_of(upstream, "test/small")[0]
+    path = f"/_cluster/blobs/{upstream.host}/test/small/{digest}"
+    anonymous = httpx.get(f"{node.url}{path}", trust_env=False)
+    assert anonymous.status_code == 401
+    assert anonymous.json()["errors"][0]["code"] == "UNAUTHORIZED"
+    assert node.signed_get(path, secret=b"x" * 40).status_code == 401
+    assert node.signed_get("/_cluster/health").json() == {"node_id": "m1", "status": "up"}
+    assert node.signed_get(f"/_cluster/blobs/{upstream.host}/test/small/sha256:zz"
+                           ).status_code == 400
+    assert node.signed_get(path + "?stored=1").status_code == 404  # asks nobody
+    body = node.signed_get(path)
+    assert body.status_code == 200
+    assert f"sha256:{hashlib.sha256(body.content).hexdigest()}" == digest
+    assert node.signed_get(path + "?stored=1").status_code == 200
