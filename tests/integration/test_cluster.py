@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.support import clients
+from tests.support import clients, oci
 from tests.support.cluster import Node, owner_of, plan, start_cluster, wait_converged
 from tests.support.mirror import Upstream
 from tests.support.registry import ThrottledProxy
@@ -138,3 +138,34 @@ def test_cluster_requests_without_the_hmac_are_refused(
     assert body.status_code == 200
     assert f"sha256:{hashlib.sha256(body.content).hexdigest()}" == digest
     assert node.signed_get(path + "?stored=1").status_code == 200
+
+
+@pytest.mark.parametrize("workers", [1, 2], ids=lambda w: f"w{w}")
+def test_private_blobs_held_by_a_peer_are_not_served_under_another_name(
+        tmp_path: Path, token_upstream: clients.UpstreamRegistry, test_images: oci.ImageSet,
+        started: list[Node], workers: int) -> None:
+    """The owner confirms the repository with its upstream before it relays private content,
+    whether a client or a peer asks, and a stored-only probe is no way around it."""
+    priv = Upstream(name="priv.test", url=token_upstream.url, username="reader",
+                    password="readerpw")
+    nodes = start_cluster(tmp_path, [priv], 3, server_extra={"workers": workers},
+                          cache_extra={"prefetch": False})
+    started.extend(nodes)
+    blobs = test_images.small.blobs
+    for i, blob in enumerate(blobs):
+        assert fetch(nodes[i % 3], "private/small", blob.digest) == blob.read()
+    for blob in blobs:
+        assert digest_in_some_cache(nodes, blob.digest)
+        for node in nodes:
+            for name in ("intruder/repo", "private/nothing"):
+                r = httpx.get(f"{node.url}/v2/{name}/blobs/{blob.digest}", trust_env=False,
+                              timeout=30)
+                assert r.status_code in (401, 404) and r.content != blob.read(), name
+                for query in ("", "?stored=1"):
+                    r = node.signed_get(f"/_cluster/blobs/priv.test/{name}/{blob.digest}"
+                                        f"{query}")
+                    assert r.status_code in (401, 404) and r.content != blob.read(), name
+
+
+def digest_in_some_cache(nodes: list[Node], digest: str) -> bool:
+    return any(digest in n.verify_cache() for n in nodes)
