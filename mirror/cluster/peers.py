@@ -79,9 +79,10 @@ class Membership:
 
     # health checks ----------------------------------------------------------------------
     async def run(self) -> None:
+        """Check every health_interval; the caller made the first round before serving."""
         while True:
-            await self.check_once()
             await asyncio.sleep(self.config.health_interval)
+            await self.check_once()
 
     async def check_once(self) -> None:
         if self.config.peers_dns:

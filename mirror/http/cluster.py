@@ -29,17 +29,17 @@ async def cluster(request: web.Request) -> web.StreamResponse:
     request[ROUTE] = "cluster"
     mirror = request.app[MIRROR]
     node = _node(mirror)
-    assert mirror.config.cluster is not None
+    config = node.membership.config
     try:
-        auth.verify(mirror.config.cluster.secret, request.headers.get(auth.HEADER),
-                    request.method, request.raw_path, time.time())
+        auth.verify(config.secret, request.headers.get(auth.HEADER), request.method,
+                    request.raw_path, time.time())
     except auth.ClusterAuthError as exc:
         raise RegistryError(ErrorCode.UNAUTHORIZED, str(exc)) from None
     tail = request.match_info["tail"]
     if tail == "health":
-        return _json({"node_id": mirror.config.cluster.node_id, "status": "up"})
+        return _json({"node_id": config.node_id, "status": "up"})
     if tail == "ring":
-        return _json(_ring(node, mirror, request.query.get("digest")))
+        return _json(_ring(node, request.query.get("digest")))
     if tail.startswith("blobs/") and request.method in ("GET", "HEAD"):
         return await _blob(request, mirror, node, tail.removeprefix("blobs/"))
     raise RegistryError(ErrorCode.UNSUPPORTED, f"nothing at {request.path}", status=404)
@@ -71,7 +71,7 @@ async def _blob(request: web.Request, mirror: Mirror, node: ClusterNode,
     return await blob(request, mirror.proxy, source, repository, digest)
 
 
-def _ring(node: ClusterNode, mirror: Mirror, digest: str | None) -> dict[str, object]:
+def _ring(node: ClusterNode, digest: str | None) -> dict[str, object]:
     live = node.membership.live()
     view: dict[str, object] = {
         "node_id": node.membership.config.node_id,

@@ -390,7 +390,8 @@ class UpstreamBlob:
         self.resp = resp
         self.total = total
         self._skip = skip  # bytes before the offset, sent by an upstream that ignored Range
-        self._counted_as = counted_as  # the upstream its bytes count for (None: not counted)
+        # the upstream its bytes count for (None: not counted), looked up once, not per chunk
+        self._counter = None if counted_as is None else metrics.UPSTREAM_BYTES.labels(counted_as)
 
     async def read(self) -> bytes:
         try:
@@ -402,8 +403,8 @@ class UpstreamBlob:
             chunk = await self.resp.content.readany()
         except aiohttp.ClientError as exc:
             raise ConnectionError(f"{type(exc).__name__}: {exc}") from exc
-        if self._counted_as is not None:
-            metrics.UPSTREAM_BYTES.labels(self._counted_as).inc(len(chunk))
+        if self._counter is not None:
+            self._counter.inc(len(chunk))
         return chunk
 
     def close(self) -> None:

@@ -61,9 +61,14 @@ def plan(tmp: Path, upstreams: list[Upstream], size: int, **kwargs: Any) -> list
 def start_cluster(tmp: Path, upstreams: list[Upstream], size: int = 3,
                   **kwargs: Any) -> list[Node]:
     nodes = plan(tmp, upstreams, size, **kwargs)
-    for n in nodes:
-        n.start()
-    wait_converged(nodes)
+    try:
+        for n in nodes:
+            n.start()
+        wait_converged(nodes)
+    except BaseException:  # the caller never gets them to stop
+        for n in nodes:
+            n.stop()
+        raise
     return nodes
 
 
