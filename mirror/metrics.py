@@ -173,3 +173,7 @@ PEER_FAILURES = Counter(
     "mirror_peer_failures_total",
     "Peers marked down outside their health checks (a refused, broken or silent relay)",
     ["peer"])
+PEER_WRONG_BYTES = Counter(
+    "mirror_peer_wrong_bytes_total",
+    "Blobs a peer sent that did not match their digest (the peer is held down a while)",
+    ["peer"])

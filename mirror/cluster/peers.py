@@ -4,7 +4,9 @@ blob from one of them (`/_cluster/blobs/...`), every request signed (auth.py).
 Membership is each node's own view, with no agreement protocol: a peer is up after
 `health_passes` checks in a row answered with its node id (the first answer is enough for a
 peer never seen), down after `health_fails` failures in a row, or at once when a relay from it
-breaks. With `peers_dns`, the name is resolved again before every round of checks, so nodes a
+breaks. A peer whose bytes did not match their digest is held down for QUARANTINE seconds
+whatever its health checks say: it answers them, it just cannot be trusted to serve. With
+`peers_dns`, the name is resolved again before every round of checks, so nodes a
 headless Service adds or removes come and go with it.
 """
 
@@ -29,6 +31,8 @@ from mirror.upstream.client import UpstreamBlob, range_starts_at, total_size
 
 log = logging.getLogger("mirror.cluster")
 
+QUARANTINE = 60.0  # seconds a peer that sent wrong bytes stays down
+
 
 class PeerUnavailable(ConnectionError):
     """The peer did not answer usefully (refused, broken, silent, 5xx, 401): ask another."""
@@ -46,6 +50,7 @@ class Peer:
     seen: bool = False  # ever answered: the first answer alone brings a new peer up
     fails: int = 0
     passes: int = 0
+    held_until: float = 0.0  # quarantined (wrong bytes) until then
 
 
 class Membership:
@@ -70,6 +75,15 @@ class Membership:
         peer.up, peer.passes = False, 0
         metrics.PEER_FAILURES.labels(url).inc()
         self._changed(peer, why)
+
+    def quarantine(self, url: str) -> None:
+        """The peer sent bytes that did not match their digest: down, and not brought back
+        up by its health checks for QUARANTINE seconds."""
+        metrics.PEER_WRONG_BYTES.labels(url).inc()
+        if (peer := self.peers.get(url)) is not None:
+            peer.held_until = self.clock() + QUARANTINE
+        self.mark_down(url, f"sent bytes that do not match their digest: held down for "
+                            f"{QUARANTINE:.0f} s")
 
     def _changed(self, peer: Peer, why: str) -> None:
         metrics.PEER_UP.labels(peer.url).set(1 if peer.up else 0)
@@ -100,6 +114,8 @@ class Membership:
             return
         peer.node_id, peer.fails = node_id, 0
         peer.passes += 1
+        if peer.held_until > self.clock():
+            return
         if not peer.up and (not peer.seen or peer.passes >= self.config.health_passes):
             peer.up = True
             self._changed(peer, "health checks pass")
@@ -201,3 +217,6 @@ class PeerBlob(UpstreamBlob):
             raise PeerUnavailable(f"{self.url}: {exc!r}") from exc
         metrics.PEER_BYTES.labels("in").inc(len(chunk))
         return chunk
+
+    def reject(self) -> None:
+        self.membership.quarantine(self.url)

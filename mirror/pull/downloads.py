@@ -107,6 +107,7 @@ class Download:
         self._spill: collections.deque[tuple[int, bytes]] = collections.deque()
         self._spill_bytes = 0
         self._positions: dict[object, int] = {}
+        self._bodies: list[BlobStream] = []  # every body the leader read, for reject()
 
     # progress signalling ------------------------------------------------------------------
     def _notify(self) -> None:
@@ -274,6 +275,7 @@ class Download:
                 assert hasher is not None
                 if hasher.hexdigest() != self.digest.hex:
                     metrics.DIGEST_MISMATCHES.labels("blob").inc()
+                    body.reject()
                     raise ClientAbort(f"upstream sent content that does not match {self.digest}")
                 await sender.send_bytes(held)
             return read
@@ -338,6 +340,9 @@ class Download:
             self.state = State.VERIFIED
             self._notify()
         except RegistryError as exc:
+            if exc.code is ErrorCode.DIGEST_INVALID:
+                for used in self._bodies:  # wrong bytes: whoever sent them is not asked again
+                    used.reject()
             self._fail(exc)
         except _RelayEnded:
             self._fail(StorageFailed(f"{self.digest} could not be cached and nobody was "
@@ -464,6 +469,7 @@ class Download:
 
     async def _open(self, fetch: Fetch, offset: int) -> BlobStream:
         body = await fetch(offset)  # from `offset`: the source speaks Range, not we
+        self._bodies.append(body)
         if body.total is not None:
             if self.size is not None and body.total != self.size:
                 body.close()

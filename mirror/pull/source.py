@@ -59,6 +59,10 @@ class BlobStream(Protocol):
 
     def close(self) -> None: ...  # used by: downloads
 
+    # used by: downloads, when the bytes of a download this body was part of did not match
+    # the digest (a peer that sent them is taken out; the upstream's lie is counted already)
+    def reject(self) -> None: ...
+
 
 class Source(Protocol):
     @property

@@ -410,6 +410,9 @@ class UpstreamBlob:
     def close(self) -> None:
         self.resp.close()
 
+    def reject(self) -> None:
+        pass  # the upstream is the source of truth: nobody to ask instead
+
 
 def total_size(resp: aiohttp.ClientResponse) -> int | None:
     content_range = resp.headers.get("Content-Range", "")

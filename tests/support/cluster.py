@@ -46,14 +46,16 @@ class Node(MirrorProcess):
         return list(r.json()["live"]) if r.status_code == 200 else []
 
 
-def plan(tmp: Path, upstreams: list[Upstream], size: int, **kwargs: Any) -> list[Node]:
-    """`size` nodes that know each other, not started."""
+def plan(tmp: Path, upstreams: list[Upstream], size: int, extra_peers: tuple[str, ...] = (),
+         **kwargs: Any) -> list[Node]:
+    """`size` nodes that know each other (and `extra_peers`), not started."""
     secret_file = tmp / "cluster.key"
     secret_file.write_bytes(SECRET)
     addresses = [f"127.0.0.{11 + i}" for i in range(size)]
     ports = [free_port() for _ in addresses]
     urls = [f"http://{a}:{p}" for a, p in zip(addresses, ports, strict=True)]
-    return [Node(tmp / f"m{i + 1}", upstreams, address=a, node_id=f"m{i + 1}", peers=urls,
+    return [Node(tmp / f"m{i + 1}", upstreams, address=a, node_id=f"m{i + 1}",
+                 peers=urls + list(extra_peers),
                  secret_file=secret_file, port=p, **kwargs)
             for i, (a, p) in enumerate(zip(addresses, ports, strict=True))]
 
@@ -72,9 +74,10 @@ def start_cluster(tmp: Path, upstreams: list[Upstream], size: int = 3,
     return nodes
 
 
-def wait_converged(nodes: list[Node], timeout: float = 20.0) -> None:
-    """Until every running node sees every running node up."""
-    want = sorted(n.node_id for n in nodes if n.running)
+def wait_converged(nodes: list[Node], timeout: float = 20.0, also: tuple[str, ...] = ()
+                   ) -> None:
+    """Until every running node sees every running node (and the node ids `also`) up."""
+    want = sorted([n.node_id for n in nodes if n.running] + list(also))
     wait_until(lambda: all(n.live() == want for n in nodes if n.running), timeout,
                interval=0.1, what=f"every node to see {want}")
 

@@ -69,6 +69,9 @@ class FakeBlob:
     def close(self) -> None:
         pass
 
+    def reject(self) -> None:
+        pass
+
 
 class FakeSource:
     """A Source that counts every call; `down` makes it unreachable, `gate` holds calls."""
