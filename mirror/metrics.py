@@ -167,12 +167,16 @@ PEER_BYTES = Counter(
     ["direction"])
 PEER_RELAYS = Counter(
     "mirror_peer_relays_total",
-    "Blob fetches answered by a peer, by why it was asked: owner (it owns the digest) or "
-    "fill (the owner found it stored on a next-ranked peer)", ["reason"])
+    "Fetches answered by a peer, by why it was asked: owner (it owns the blob's digest), "
+    "fill (the owner found the blob stored on a next-ranked peer) or manifest (it owns the "
+    "manifest's digest)", ["reason"])
 PEER_FAILURES = Counter(
     "mirror_peer_failures_total",
     "Peers marked down outside their health checks (a refused, broken or silent relay)",
     ["peer"])
+SHARED_TAG_HITS = Counter(
+    "mirror_shared_tag_hits_total",
+    "Tags answered from the cluster's shared tag cache (Redis) instead of the upstream")
 PEER_WRONG_BYTES = Counter(
     "mirror_peer_wrong_bytes_total",
     "Blobs a peer sent that did not match their digest (the peer is held down a while)",

@@ -16,6 +16,7 @@ from mirror.cache.index import Index
 from mirror.cache.maintenance import Maintenance, RateLimit
 from mirror.cache.store import BlobStore, OnCommit
 from mirror.cluster.peers import Membership
+from mirror.cluster.shared import RedisTags, SharedState
 from mirror.cluster.source import ClusterSource
 from mirror.config import ClusterConfig, Config, UpstreamConfig
 from mirror.oci.reference import Digest
@@ -81,6 +82,12 @@ async def open_mirror(config: Config) -> AsyncIterator[Mirror]:
         downloads.on_disk_full = maintenance.request_eviction
         proxy.on_disk_full = maintenance.request_eviction
         maintenance.start()
+        if config.redis is not None:
+            shared = SharedState(config.redis.url, username=config.redis.username,
+                                 password=config.redis.password, timeout=config.redis.timeout,
+                                 key_prefix=config.redis.key_prefix)
+            stack.push_async_callback(shared.close)
+            proxy.shared_tags = RedisTags(shared)
         cluster = None if config.cluster is None else await stack.enter_async_context(
             _join_cluster(config.cluster, upstreams))
         sources: Mapping[str, Source] = dict(upstreams) if cluster is None else {

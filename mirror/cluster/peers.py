@@ -27,7 +27,13 @@ from mirror.cluster import auth
 from mirror.config import ClusterConfig
 from mirror.oci.errors import ErrorCode, RegistryError
 from mirror.oci.reference import Digest
-from mirror.upstream.client import UpstreamBlob, range_starts_at, total_size
+from mirror.upstream.client import (
+    MAX_MANIFEST_BYTES,
+    UpstreamBlob,
+    UpstreamManifest,
+    range_starts_at,
+    total_size,
+)
 
 log = logging.getLogger("mirror.cluster")
 
@@ -163,6 +169,28 @@ class Membership:
         return {auth.HEADER: auth.sign(self.config.secret, self.config.node_id, method,
                                        path_qs, self.clock())}
 
+    async def get_manifest(self, url: str, upstream: str, repository: str, digest: Digest,
+                           accept: str) -> UpstreamManifest:
+        """The manifest from the peer at `url`, which fills it from its upstream; unverified
+        (the proxy verifies it as any source's). PeerUnavailable, or the refusal."""
+        path = f"/_cluster/manifests/{quote(upstream, safe=':')}/{quote(repository)}/{digest}"
+        timeout = aiohttp.ClientTimeout(total=self.config.peer_timeout * 4,
+                                        sock_connect=self.config.peer_timeout,
+                                        sock_read=self.config.peer_timeout)
+        try:
+            async with self.session.get(url + path, timeout=timeout, headers={
+                    **self.sign("GET", path), "Accept": accept}) as resp:
+                if resp.status != 200:
+                    raise await _refusal(resp, url, digest, repository, False)
+                data = await _bounded(resp, MAX_MANIFEST_BYTES + 1)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise PeerUnavailable(f"{url}: {exc!r}") from exc
+        if len(data) > MAX_MANIFEST_BYTES:
+            raise PeerUnavailable(f"{url}: a manifest over {MAX_MANIFEST_BYTES} bytes")
+        return UpstreamManifest(resp.headers.get("Docker-Content-Digest") or None,
+                                resp.headers.get("Content-Type", "").split(";")[0].strip(),
+                                len(data), data)
+
     async def open_blob(self, url: str, upstream: str, repository: str, digest: Digest,
                         offset: int, stored_only: bool) -> PeerBlob:
         """The blob from the peer at `url` (which fills it from its upstream unless
@@ -182,13 +210,30 @@ class Membership:
         if resp.status in (200, 206) and (resp.status == 200) == (offset == 0) and (
                 offset == 0 or range_starts_at(resp, offset)):
             return PeerBlob(self, url, resp, total_size(resp))
-        body = await _error_message(resp)
-        if resp.status == 404 and stored_only:
-            raise PeerMiss(url)
-        if resp.status in (403, 404):
-            code = ErrorCode.DENIED if resp.status == 403 else ErrorCode.BLOB_UNKNOWN
-            raise RegistryError(code, f"{digest} under {repository}: {body}")
-        raise PeerUnavailable(f"{url}: HTTP {resp.status} {body}")
+        raise await _refusal(resp, url, digest, repository, True, stored_only)
+
+
+async def _refusal(resp: aiohttp.ClientResponse, url: str, digest: Digest, repository: str,
+                   blob: bool, stored_only: bool = False) -> Exception:
+    """What a peer's answer other than the content means: a miss, the peer's (that is, the
+    upstream's) refusal, or a peer not to ask again."""
+    body = await _error_message(resp)
+    if resp.status == 404 and stored_only:
+        return PeerMiss(url)
+    if resp.status in (403, 404):
+        unknown = ErrorCode.BLOB_UNKNOWN if blob else ErrorCode.MANIFEST_UNKNOWN
+        code = ErrorCode.DENIED if resp.status == 403 else unknown
+        return RegistryError(code, f"{digest} under {repository}: {body}")
+    return PeerUnavailable(f"{url}: HTTP {resp.status} {body}")
+
+
+async def _bounded(resp: aiohttp.ClientResponse, limit: int) -> bytes:
+    data = bytearray()
+    async for chunk in resp.content.iter_any():
+        data += chunk
+        if len(data) >= limit:
+            break
+    return bytes(data)
 
 
 async def _error_message(resp: aiohttp.ClientResponse) -> str:

@@ -32,6 +32,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from mirror import metrics
+from mirror.cache.index import TagEntry
 
 log = logging.getLogger("mirror.redis")
 
@@ -188,3 +189,27 @@ class SharedState:
         self._failures = 0
         self._opened_at = None
         self._last_ok = True
+
+
+class RedisTags:
+    """The proxy's SharedTags (pull/source.py) over SharedState: each value is
+    "<digest> <media type> <fetched_at>", expiring when the answer is tag_ttl old."""
+
+    def __init__(self, state: SharedState) -> None:
+        self.state = state
+
+    async def get(self, upstream: str, repository: str, tag: str) -> TagEntry | None:
+        value = await self.state.get_tag(upstream, repository, tag)
+        try:
+            digest, media_type, fetched_at = (value or "").split(" ")
+            return TagEntry(digest, media_type, float(fetched_at))
+        except ValueError:
+            return None  # absent, or not written by this version: a miss
+
+    async def put(self, upstream: str, repository: str, tag: str, entry: TagEntry,
+                  ttl: float) -> None:
+        left = ttl - entry.age()
+        if left > 0 and " " not in entry.media_type:
+            await self.state.set_tag(upstream, repository, tag,
+                                     f"{entry.digest} {entry.media_type} {entry.fetched_at!r}",
+                                     left)

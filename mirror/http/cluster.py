@@ -3,10 +3,12 @@
     GET /_cluster/health                     {"node_id", "status"} (the peers' health check)
     GET /_cluster/ring[?digest=D]            the peers this node sees and, for D, their ranks
     GET /_cluster/blobs/<upstream>/<repository>/<digest>[?stored=1]
+    GET /_cluster/manifests/<upstream>/<repository>/<digest>
 
 Every request carries the HMAC of auth.py over its method and raw path (401 without it). A
-blob request is answered as a client's `/v2/<repository>/blobs/<digest>` would be, private
-content confirmed for `repository` included, but with a source that never relays further;
+blob or manifest request is answered as a client's `/v2/<repository>/blobs/<digest>` (or
+`manifests/<digest>`) would be, private content confirmed for `repository` included, but with
+a source that never relays further;
 `stored=1` answers only what this node holds (404 otherwise) and asks nothing of anyone.
 """
 
@@ -18,7 +20,7 @@ import time
 from aiohttp import web
 
 from mirror.cluster import auth, ring
-from mirror.http.content import blob
+from mirror.http.content import blob, manifest_of
 from mirror.http.keys import MIRROR, ROUTE, UPSTREAM
 from mirror.oci.errors import ErrorCode, RegistryError
 from mirror.oci.reference import parse_digest, validate_name
@@ -40,8 +42,9 @@ async def cluster(request: web.Request) -> web.StreamResponse:
         return _json({"node_id": config.node_id, "status": "up"})
     if tail == "ring":
         return _json(_ring(node, request.query.get("digest")))
-    if tail.startswith("blobs/") and request.method in ("GET", "HEAD"):
-        return await _blob(request, mirror, node, tail.removeprefix("blobs/"))
+    kind, _, rest = tail.partition("/")
+    if kind in ("blobs", "manifests") and request.method in ("GET", "HEAD"):
+        return await _content(request, mirror, node, kind, rest)
     raise RegistryError(ErrorCode.UNSUPPORTED, f"nothing at {request.path}", status=404)
 
 
@@ -52,8 +55,8 @@ def _node(mirror: Mirror) -> ClusterNode:
     return mirror.cluster
 
 
-async def _blob(request: web.Request, mirror: Mirror, node: ClusterNode,
-                rest: str) -> web.StreamResponse:
+async def _content(request: web.Request, mirror: Mirror, node: ClusterNode, kind: str,
+                   rest: str) -> web.StreamResponse:
     upstream, _, rest = rest.partition("/")
     repository, _, reference = rest.rpartition("/")
     digest = parse_digest(reference)  # 400 before anything else
@@ -62,6 +65,9 @@ async def _blob(request: web.Request, mirror: Mirror, node: ClusterNode,
         raise RegistryError(ErrorCode.NAME_UNKNOWN, f"no upstream {upstream!r} here: the "
                             "nodes' [[upstream]] tables differ", status=404)
     request[UPSTREAM] = upstream
+    if kind == "manifests":
+        return await manifest_of(request, mirror.proxy, node.fill_sources[upstream],
+                                 repository, digest)
     if request.query.get("stored") == "1":
         if not mirror.store.has(digest):
             raise RegistryError(ErrorCode.BLOB_UNKNOWN, f"{digest} is not stored here")

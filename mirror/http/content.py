@@ -31,6 +31,12 @@ from mirror.pull.source import Source
 async def manifest(request: web.Request, proxy: Proxy, source: Source, repository: str,
                    route: Route) -> web.StreamResponse:
     reference = manifest_reference_for_read(route.reference)
+    return await manifest_of(request, proxy, source, repository, reference)
+
+
+async def manifest_of(request: web.Request, proxy: Proxy, source: Source, repository: str,
+                      reference: Digest | str) -> web.StreamResponse:
+    """The answer to GET or HEAD of a manifest, from `source` on a miss."""
     accept = parse_accept(request.headers.getall("Accept", []))
     head = request.method == "HEAD"
     m = await proxy.manifest(source, repository, reference, accept, head)

@@ -1,17 +1,20 @@
 """The pull-through policy: answers manifests and blobs from the store, else from a source.
 
 It sits between the HTTP handlers and the pieces below it (store, index, single-flight
-downloads, and sources: pull/source.py, whose first implementation is the upstream client)
-and owns the caching policy: digests are immutable and cached for good; tags are trusted for
-`tag_ttl`, then revalidated with a HEAD; an unreachable, failing or rate-limiting source is
-answered from cache where possible (stale-if-error); offline, nothing is asked; concurrent
-manifest fetches are coalesced; private content is confirmed per repository; a manifest is
-verified before it is cached. It speaks no wire format: the source does.
+downloads, and sources: pull/source.py, whose first implementation is the upstream client) and
+owns the caching policy: digests are immutable and cached for good; tags are trusted for
+`tag_ttl`, then revalidated with a HEAD (in a cluster with Redis, a tag another node looked up
+within `tag_ttl` is taken from the shared tags instead); an unreachable, failing or
+rate-limiting source is answered from cache where possible (stale-if-error); offline, nothing
+is asked; concurrent manifest fetches are coalesced; private content is confirmed per
+repository; a manifest is verified before it is cached. It speaks no wire format: the source
+does.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import errno
 import hashlib
 import logging
@@ -40,7 +43,7 @@ from mirror.pull.body import BlobBody, DownloadBody, HeadOnlyBody, StoredBody
 from mirror.pull.content import ContentStore
 from mirror.pull.downloads import Download, Downloads, Fetch
 from mirror.pull.prefetch import Prefetcher
-from mirror.pull.source import BlobStream, Kind, ManifestReply, Relayed, Source
+from mirror.pull.source import BlobStream, Kind, ManifestReply, Relayed, SharedTags, Source
 
 log = logging.getLogger("mirror.proxy")
 
@@ -90,6 +93,7 @@ class Proxy:
 
     # the cache's maintenance, wired by runtime.py -----------------------------------------
     on_disk_full: Callable[[], None] | None = None  # asks for eviction
+    shared_tags: SharedTags | None = None  # a cluster's, with [redis]
 
     def request_eviction(self) -> None:
         if self.on_disk_full is not None:
@@ -163,9 +167,35 @@ class Proxy:
         return entry
 
     def _set_tag(self, upstream: str, repository: str, tag: str, digest: Digest,
-                 media_type: str) -> None:
-        entry = self.index.set_tag(upstream, repository, tag, digest, media_type)
+                 media_type: str, fetched_at: float | None = None) -> TagEntry:
+        entry = self.index.set_tag(upstream, repository, tag, digest, media_type, fetched_at)
         self._tags[(upstream, repository, tag)] = entry
+        return entry
+
+    async def _learn_tag(self, source: Source, repository: str, tag: str, digest: Digest,
+                         media_type: str) -> None:
+        """The source's answer for a tag: recorded here, and shared with the cluster."""
+        entry = self._set_tag(source.name, repository, tag, digest, media_type)
+        if self.shared_tags is not None and not source.private:
+            await self.shared_tags.put(source.name, repository, tag, entry,
+                                       self.config.cache.tag_ttl)
+
+    async def _shared_tag(self, source: Source, repository: str, tag: str
+                          ) -> TagEntry | None:
+        """A fresh answer another node of the cluster got for the tag, recorded here with
+        its own age (so the cluster as a whole asks again after tag_ttl)."""
+        if self.shared_tags is None or source.private or self.offline:
+            return None
+        shared = await self.shared_tags.get(source.name, repository, tag)
+        if shared is None or shared.age() >= self.config.cache.tag_ttl:
+            return None
+        try:
+            digest = parse_digest(shared.digest)
+        except RegistryError:
+            return None  # not ours to trust: ask the source
+        metrics.SHARED_TAG_HITS.inc()
+        return self._set_tag(source.name, repository, tag, digest, shared.media_type,
+                             shared.fetched_at)
 
     async def manifest(self, source: Source, repository: str, reference: Digest | str,
                        accept: tuple[str, ...], head: bool) -> Manifest:
@@ -184,13 +214,20 @@ class Proxy:
                                accept: tuple[str, ...], head: bool) -> Manifest:
         ttl = self.config.cache.tag_ttl
         entry = self._get_tag(source.name, repository, tag)
+        if entry is None or entry.age() >= ttl:
+            entry = await self._shared_tag(source, repository, tag) or entry
         usable = entry if entry and is_acceptable(entry.media_type, accept) else None
         if usable is not None:
             age = usable.age()
             if age < ttl or self.offline:
-                cached = self._from_cache(parse_digest(usable.digest), "hit", max(0.0, ttl - age))
+                digest = parse_digest(usable.digest)
+                cached = self._from_cache(digest, "hit", max(0.0, ttl - age))
                 if cached is not None:
                     return cached
+                if self.shared_tags is not None and not self.offline:
+                    # known to the cluster: by digest, which the ring routes to its owner
+                    fetched = await self._fetch_manifest(source, repository, digest, accept)
+                    return dataclasses.replace(fetched, tag_max_age=max(0.0, ttl - age))
             else:
                 try:
                     return await self._revalidate(source, repository, tag, usable, accept, head)
@@ -233,8 +270,8 @@ class Proxy:
             # Remembered even before the manifest itself is fetched: containerd resolves a tag
             # with HEAD, then GETs the manifest by digest.
             stored = self._cached_manifest(digest)
-            self._set_tag(source.name, repository, tag, digest,
-                          stored[1] if stored else reply.media_type)
+            await self._learn_tag(source, repository, tag, digest,
+                                  stored[1] if stored else reply.media_type)
         cached = self._from_cache(digest, "hit", self.config.cache.tag_ttl if tag else None)
         if cached is not None:
             return cached
@@ -283,7 +320,7 @@ class Proxy:
         self.index.count("manifest_miss")
         self._served_by(source, repository, digest)
         if tag is not None:
-            self._set_tag(source.name, repository, tag, digest, media_type)
+            await self._learn_tag(source, repository, tag, digest, media_type)
         if self.config.cache.prefetch and media_type in IMAGE_TYPES:
             self.prefetcher.image(source, repository, data)
         return Manifest(digest, media_type, len(data), data, "miss", ttl)

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Literal, Protocol
 
+from mirror.cache.index import TagEntry
 from mirror.oci.errors import ErrorCode
 from mirror.oci.reference import Digest
 
@@ -94,3 +95,16 @@ class Source(Protocol):
     # used by: proxy, tags lists and the referrers API (`suffix` as in /v2/<name>/<suffix>)
     async def relay(self, repository: str, suffix: str, query: Mapping[str, str],
                     unknown: ErrorCode) -> Relayed: ...
+
+
+class SharedTags(Protocol):
+    """Tag answers the nodes of a cluster share (cluster/shared.py, over Redis), so one
+    upstream lookup per tag per `tag_ttl` serves the whole cluster. Never raises: Redis down
+    or slow is a miss, within its timeout. Not used for private upstreams."""
+
+    # used by: proxy, a tag not fresh in this node's index (None: ask the source)
+    async def get(self, upstream: str, repository: str, tag: str) -> TagEntry | None: ...
+
+    # used by: proxy, after the source answered for a tag; expires `ttl` after fetched_at
+    async def put(self, upstream: str, repository: str, tag: str, entry: TagEntry,
+                  ttl: float) -> None: ...

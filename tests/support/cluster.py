@@ -23,7 +23,8 @@ SECRET = b"cluster-test-secret-" + b"0123456789abcdef" * 2
 class Node(MirrorProcess):
     def __init__(self, workdir: Path, upstreams: list[Upstream], *, address: str,
                  node_id: str, peers: list[str], secret_file: Path,
-                 cluster_extra: dict[str, Any] | None = None, **kwargs: Any) -> None:
+                 cluster_extra: dict[str, Any] | None = None, redis: str | None = None,
+                 **kwargs: Any) -> None:
         super().__init__(workdir, upstreams, port=kwargs.pop("port", None) or free_port(),
                          **kwargs)
         self.host = f"{address}:{self.port}"
@@ -32,9 +33,11 @@ class Node(MirrorProcess):
         self.cluster = {"node_id": node_id, "advertise_url": self.url, "peers": peers,
                         "secret_file": str(secret_file), "health_interval": "200ms",
                         **(cluster_extra or {})}
+        self.redis = {} if redis is None else {"url": redis, "timeout": "50ms"}
 
     def config_text(self) -> str:
-        return super().config_text() + "\n" + to_toml({"cluster": self.cluster}, {})
+        sections = {"cluster": self.cluster, **({"redis": self.redis} if self.redis else {})}
+        return super().config_text() + "\n" + to_toml(sections, {})
 
     def signed_get(self, path_qs: str, secret: bytes = SECRET, **kw: Any) -> httpx.Response:
         header = auth.sign(secret, "test", "GET", path_qs, time.time())

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from mirror.cache.index import Index
+from mirror.cache.index import Index, TagEntry
 from mirror.cache.store import BlobStore
 from mirror.config import Config, parse_config
 from mirror.oci.errors import ErrorCode, RegistryError, UpstreamError
@@ -87,6 +87,7 @@ class FakeSource:
         self.entered: collections.defaultdict[str, asyncio.Event] = collections.defaultdict(
             asyncio.Event)  # set at a call's first arrival
         self.offsets: list[int] = []
+        self.manifest_gets: list[str] = []  # the references GET asked for
         self.down = False
         self.break_first_body_at: int | None = None
         self.gate: asyncio.Event | None = None
@@ -115,6 +116,7 @@ class FakeSource:
     async def get_manifest(self, repository: str, reference: str,
                            accept: tuple[str, ...]) -> Reply:
         await self._enter("get_manifest")
+        self.manifest_gets.append(reference)
         data, media_type = self._manifest(repository, reference)
         return Reply(str(digest_of(data)), media_type, len(data), data)
 
@@ -168,8 +170,8 @@ async def world(tmp_path: Path) -> AsyncIterator[Any]:
     """make(**cache settings, private=) -> a World over a fresh store in tmp_path."""
     opened: list[Index] = []
 
-    def make(private: bool = False, **cache: Any) -> World:
-        config = make_config(tmp_path / "cache", **cache)
+    def make(private: bool = False, name: str = "cache", **cache: Any) -> World:
+        config = make_config(tmp_path / name, **cache)
         store = BlobStore(config.cache.dir)
         index = Index(store.index_dir)
         downloads = Downloads(store, config.cache.finish_abandoned)
@@ -441,3 +443,71 @@ async def test_prefetch_starts_the_layers_of_a_manifest_miss(world: Any) -> None
         await asyncio.sleep(0.01)
     assert w.source.calls == {"get_manifest": 1, "open_blob": 3}
     assert parse_digest(str(digest_of(b"one"))) in {d for d, _, _ in w.store.iter_stored()}
+
+
+# a cluster's shared tags ---------------------------------------------------------------------
+class FakeSharedTags:
+    """SharedTags (pull/source.py) in a dict, counting calls, as Redis would hold them."""
+
+    def __init__(self) -> None:
+        self.entries: dict[tuple[str, str, str], TagEntry] = {}
+        self.calls: collections.Counter[str] = collections.Counter()
+
+    async def get(self, upstream: str, repository: str, tag: str) -> TagEntry | None:
+        self.calls["get"] += 1
+        return self.entries.get((upstream, repository, tag))
+
+    async def put(self, upstream: str, repository: str, tag: str, entry: TagEntry,
+                  ttl: float) -> None:
+        self.calls["put"] += 1
+        self.entries[(upstream, repository, tag)] = entry
+
+
+def two_nodes(world: Any, private: bool = False) -> tuple[World, World, FakeSharedTags]:
+    a, b = world(private=private, name="a"), world(private=private, name="b")
+    b.source = a.source  # one upstream: its calls counted once for both
+    shared = FakeSharedTags()
+    a.proxy.shared_tags = b.proxy.shared_tags = shared
+    return a, b, shared
+
+
+async def test_a_tag_another_node_looked_up_costs_no_tag_lookup(world: Any) -> None:
+    a, b, shared = two_nodes(world)
+    digest = a.source.add_manifest("app", "v1", image_manifest())
+    first = await a.proxy.manifest(a.source, "app", "v1", ACCEPT, head=False)
+    assert shared.calls["put"] == 1
+    second = await b.proxy.manifest(b.source, "app", "v1", ACCEPT, head=True)
+    assert first.digest == second.digest == digest
+    assert second.tag_max_age is not None and 0 < second.tag_max_age <= 60
+    # the second node never asked for the tag: it fetched the manifest by its digest
+    assert a.source.manifest_gets == ["v1", str(digest)]
+    assert a.source.calls["head_manifest"] == 0
+    again = await b.proxy.manifest(b.source, "app", "v1", ACCEPT, head=False)
+    assert again.cache == "hit" and a.source.calls["get_manifest"] == 2
+
+
+async def test_a_shared_answer_past_its_ttl_is_not_trusted(world: Any) -> None:
+    a, b, shared = two_nodes(world)
+    digest = a.source.add_manifest("app", "v1", image_manifest())
+    shared.entries[("fake.test", "app", "v1")] = TagEntry(
+        str(digest), OCI_MANIFEST, time.time() - 61)
+    await b.proxy.manifest(b.source, "app", "v1", ACCEPT, head=False)
+    assert a.source.manifest_gets == ["v1"]
+
+
+async def test_a_shared_answer_that_is_no_digest_is_not_trusted(world: Any) -> None:
+    a, b, shared = two_nodes(world)
+    a.source.add_manifest("app", "v1", image_manifest())
+    shared.entries[("fake.test", "app", "v1")] = TagEntry(
+        "sha256:../../etc", OCI_MANIFEST, time.time())
+    m = await b.proxy.manifest(b.source, "app", "v1", ACCEPT, head=False)
+    assert a.source.manifest_gets == ["v1"] and m.cache == "miss"
+
+
+async def test_tags_of_a_private_source_are_never_shared(world: Any) -> None:
+    a, b, shared = two_nodes(world, private=True)
+    a.source.add_manifest("app", "v1", image_manifest())
+    await a.proxy.manifest(a.source, "app", "v1", ACCEPT, head=False)
+    await b.proxy.manifest(b.source, "app", "v1", ACCEPT, head=False)
+    assert shared.calls == {}
+    assert a.source.manifest_gets == ["v1", "v1"]

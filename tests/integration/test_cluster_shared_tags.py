@@ -1,0 +1,86 @@
+"""A cluster's shared tags through a real Redis (issue 12): one upstream lookup per tag per
+tag_ttl for the whole cluster, one manifest GET per digest (the ring's owner fetches it), and
+Redis stopped or frozen costs a request no more than its timeout."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.support import clients
+from tests.support.cluster import Node, start_cluster
+from tests.support.mirror import Upstream
+from tests.support.redisserver import RedisServer
+
+pytestmark = pytest.mark.integration
+
+ACCEPT = ("application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json,"
+          " application/vnd.docker.distribution.manifest.v2+json,"
+          " application/vnd.docker.distribution.manifest.list.v2+json")
+
+
+@pytest.fixture
+def redis(tmp_path: Path) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path / "redis").start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def nodes(tmp_path: Path, upstream: clients.UpstreamRegistry, redis: RedisServer,
+          request: pytest.FixtureRequest) -> Iterator[list[Node]]:
+    workers = getattr(request, "param", 1)
+    started = start_cluster(tmp_path, [Upstream(name=upstream.host, url=upstream.url)], 3,
+                            redis=redis.url, server_extra={"workers": workers},
+                            cache_extra={"prefetch": False})
+    yield started
+    for n in started:
+        n.stop()
+
+
+def manifest(node: Node, repo: str, ref: str, method: str = "GET") -> httpx.Response:
+    r = httpx.request(method, f"{node.url}/v2/{repo}/manifests/{ref}",
+                      headers={"Accept": ACCEPT}, trust_env=False, timeout=30)
+    assert r.status_code == 200, r.text
+    return r
+
+
+@pytest.mark.parametrize("nodes", [1, 2], indirect=True, ids=lambda w: f"w{w}")
+def test_a_tag_asked_of_every_node_is_looked_up_upstream_once(
+        upstream: clients.UpstreamRegistry, nodes: list[Node]) -> None:
+    mark = upstream.registry.mark()
+    answers = [manifest(n, "test/big", "v1", method)
+               for method in ("HEAD", "GET") for n in nodes for _ in range(2)]
+    assert len({r.headers["Docker-Content-Digest"] for r in answers}) == 1
+    digest = answers[0].headers["Docker-Content-Digest"]
+    assert all(r.content == answers[-1].content for r in answers if r.request.method == "GET")
+    upstream.registry.barrier()
+    asked = [(e.method, e.manifest_ref) for e in upstream.registry.manifest_requests(mark)]
+    by_tag = [a for a in asked if a[1] == "v1"]
+    by_digest = [a for a in asked if a[1] == digest and a[0] == "GET"]
+    assert len(by_tag) == 1, asked  # one lookup of the tag for the whole cluster
+    assert len(by_digest) <= 1, asked  # and the manifest fetched once, by its ring owner
+
+
+def test_redis_frozen_or_stopped_costs_a_request_at_most_its_timeout(
+        upstream: clients.UpstreamRegistry, nodes: list[Node], redis: RedisServer) -> None:
+    manifest(nodes[0], "test/big", "v1")  # warm: the node's own index has the tag now
+    redis.pause()
+    try:
+        t0 = time.monotonic()
+        for n in nodes:  # nodes 2 and 3 never saw the tag: they ask Redis, then the upstream
+            manifest(n, "test/big", "v1")
+        frozen = time.monotonic() - t0
+    finally:
+        redis.resume()
+    redis.shutdown()
+    t0 = time.monotonic()
+    for n in nodes:
+        manifest(n, "test/small", "v1")
+    stopped = time.monotonic() - t0
+    assert frozen < 3.0 and stopped < 3.0, (frozen, stopped)
+    assert all("redis unusable" in n.stderr_path.read_text() for n in nodes[1:])
