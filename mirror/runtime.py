@@ -17,7 +17,7 @@ from mirror.cache.maintenance import Maintenance, RateLimit
 from mirror.cache.store import BlobStore, OnCommit
 from mirror.cluster.peers import Membership
 from mirror.cluster.shared import RedisTags, SharedState
-from mirror.cluster.source import ClusterSource
+from mirror.cluster.source import ClusterSource, FillLocks
 from mirror.config import ClusterConfig, Config, UpstreamConfig
 from mirror.oci.reference import Digest
 from mirror.pull.downloads import Downloads
@@ -32,7 +32,7 @@ class ClusterNode:
 
     membership: Membership
     fill_sources: Mapping[str, Source]  # a peer's fill request: never relayed again
-    stored_sources: Mapping[str, Source]  # a peer's stored-only probe: the plain upstream
+    local_sources: Mapping[str, Source]  # a stored-only probe, a lock holder's: the upstream
 
 
 @dataclass(frozen=True)
@@ -82,6 +82,7 @@ async def open_mirror(config: Config) -> AsyncIterator[Mirror]:
         downloads.on_disk_full = maintenance.request_eviction
         proxy.on_disk_full = maintenance.request_eviction
         maintenance.start()
+        shared = None
         if config.redis is not None:
             shared = SharedState(config.redis.url, username=config.redis.username,
                                  password=config.redis.password, timeout=config.redis.timeout,
@@ -89,9 +90,9 @@ async def open_mirror(config: Config) -> AsyncIterator[Mirror]:
             stack.push_async_callback(shared.close)
             proxy.shared_tags = RedisTags(shared)
         cluster = None if config.cluster is None else await stack.enter_async_context(
-            _join_cluster(config.cluster, upstreams))
+            _join_cluster(config.cluster, upstreams, shared))
         sources: Mapping[str, Source] = dict(upstreams) if cluster is None else {
-            name: ClusterSource(u, cluster.membership, relays=True)
+            name: ClusterSource(u, cluster.membership, relays=True, fill_locks=shared)
             for name, u in upstreams.items()}
         try:
             yield Mirror(config, store, index, downloads, proxy, upstreams, sources, cluster)
@@ -101,8 +102,8 @@ async def open_mirror(config: Config) -> AsyncIterator[Mirror]:
 
 
 @asynccontextmanager
-async def _join_cluster(config: ClusterConfig, upstreams: Mapping[str, Upstream]
-                        ) -> AsyncIterator[ClusterNode]:
+async def _join_cluster(config: ClusterConfig, upstreams: Mapping[str, Upstream],
+                        fill_locks: FillLocks | None) -> AsyncIterator[ClusterNode]:
     """Health checks of the peers run for as long as the node serves."""
     connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=10)
     async with aiohttp.ClientSession(connector=connector, auto_decompress=False,
@@ -113,7 +114,8 @@ async def _join_cluster(config: ClusterConfig, upstreams: Mapping[str, Upstream]
         try:
             yield ClusterNode(
                 membership,
-                {n: ClusterSource(u, membership, relays=False) for n, u in upstreams.items()},
+                {n: ClusterSource(u, membership, relays=False, fill_locks=fill_locks)
+                 for n, u in upstreams.items()},
                 dict(upstreams))
         finally:
             checks.cancel()

@@ -18,6 +18,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 from urllib.parse import quote, urlsplit
 
 import aiohttp
@@ -46,6 +47,12 @@ class PeerUnavailable(ConnectionError):
 
 class PeerMiss(Exception):
     """A stored-only probe: the peer does not hold the blob."""
+
+
+# What a node asks a peer for a blob: "fill" (serve it, filling it as the peer's own client
+# would be served, but never relayed further), "stored" (only what it holds, asking nobody),
+# "holder" (it holds the blob's fill lock: join its download or fill from its upstream).
+Ask = Literal["fill", "stored", "holder"]
 
 
 @dataclass
@@ -192,12 +199,12 @@ class Membership:
                                 len(data), data)
 
     async def open_blob(self, url: str, upstream: str, repository: str, digest: Digest,
-                        offset: int, stored_only: bool) -> PeerBlob:
-        """The blob from the peer at `url` (which fills it from its upstream unless
-        `stored_only`); PeerUnavailable, PeerMiss, or the peer's refusal as RegistryError."""
+                        offset: int, ask: Ask) -> PeerBlob:
+        """The blob from the peer at `url`, as `ask` says; PeerUnavailable, PeerMiss (a
+        "stored" probe that missed), or the peer's refusal as RegistryError."""
         path = f"/_cluster/blobs/{quote(upstream, safe=':')}/{quote(repository)}/{digest}"
-        if stored_only:
-            path += "?stored=1"
+        if ask != "fill":
+            path += f"?{ask}=1"
         headers = {**self.sign("GET", path), "Accept-Encoding": "identity"}
         if offset:
             headers["Range"] = f"bytes={offset}-"
@@ -210,7 +217,7 @@ class Membership:
         if resp.status in (200, 206) and (resp.status == 200) == (offset == 0) and (
                 offset == 0 or range_starts_at(resp, offset)):
             return PeerBlob(self, url, resp, total_size(resp))
-        raise await _refusal(resp, url, digest, repository, True, stored_only)
+        raise await _refusal(resp, url, digest, repository, True, ask == "stored")
 
 
 async def _refusal(resp: aiohttp.ClientResponse, url: str, digest: Digest, repository: str,

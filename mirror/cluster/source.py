@@ -8,23 +8,31 @@ another node looked up is shared: pull/proxy.py).
         owner elsewhere ──▶ GET owner/_cluster/blobs/...  (the owner serves or fills it)
                             GET owner/_cluster/manifests/<upstream>/<repository>/<digest>
         owner down      ──▶ the next rank, then this node itself
-        this node owns  ──▶ the next peer_fill_ranks peers, stored only; then the upstream
-    /_cluster/blobs/... from a peer      ClusterSource(relays=False): never relays again
+        this node owns  ──▶ the next peer_fill_ranks peers, stored only; then the upstream,
+                            once this node holds the digest's fill lock (with [redis])
+        another holds it ─▶ GET holder/_cluster/blobs/...?holder=1 (joins the holder's fill)
+    /_cluster/blobs/... from a peer      ClusterSource(relays=False): never to the owner
     /_cluster/blobs/...?stored=1         the plain upstream Source, and only what is stored
+    /_cluster/blobs/...?holder=1         the plain upstream Source: no lock, no peer
 
-So a relayed request takes at most one hop and a peer-fill probe none. The relaying node's
-download engine verifies every byte against the digest as it would the upstream's, so
-nodes that disagree about who owns what cost a duplicate fetch, never wrong bytes.
+So a relayed request takes at most two hops (to the owner, and from it to the fill lock's
+holder when the two disagree about who owns the digest) and a peer-fill probe none. The
+relaying node's download engine verifies every byte against the digest as it would the
+upstream's, so nodes that disagree about who owns what cost a duplicate fetch, never wrong
+bytes; the fill lock makes even that rare while Redis answers.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from collections.abc import Mapping
+from typing import Protocol
 
 from mirror import metrics
 from mirror.cluster import ring
-from mirror.cluster.peers import Membership, PeerBlob, PeerMiss, PeerUnavailable
+from mirror.cluster.peers import Ask, Membership, PeerBlob, PeerMiss, PeerUnavailable
 from mirror.oci.errors import ErrorCode
 from mirror.oci.mediatypes import upstream_accept
 from mirror.oci.reference import Digest, is_digest_reference, parse_digest
@@ -32,12 +40,33 @@ from mirror.pull.source import BlobStream, Kind, ManifestReply, Relayed, Source
 
 log = logging.getLogger("mirror.cluster")
 
+FILL_TTL = 30.0  # a fill lock lives this long unless renewed (every third of it, as bytes pass)
+DONE_TTL = 60.0  # after a fill that completed, the holder answers for the digest this long
+_ENDING: set[asyncio.Task[object]] = set()  # lock renewals and releases under way at close
+
+
+class FillLocks(Protocol):
+    """One node at a time downloads a digest from the upstream (cluster/shared.py, over
+    Redis). Never raises: Redis unusable answers "yours" (each node goes on alone)."""
+
+    # used by: ClusterSource, before the upstream: None if `holder` holds it now, else the
+    # holder's string (`holder` itself if it held it already)
+    async def acquire_fill(self, digest: str, holder: str, ttl: float) -> str | None: ...
+
+    # used by: FillHeld, as bytes pass, and at the end of a fill that completed
+    async def renew_fill(self, digest: str, holder: str, ttl: float) -> bool: ...
+
+    # used by: FillHeld, when a fill stopped short (another node may take it over)
+    async def release_fill(self, digest: str, holder: str) -> None: ...
+
 
 class ClusterSource:
-    def __init__(self, local: Source, membership: Membership, relays: bool) -> None:
+    def __init__(self, local: Source, membership: Membership, relays: bool,
+                 fill_locks: FillLocks | None = None) -> None:
         self.local = local
         self.membership = membership
         self.relays = relays
+        self.fill_locks = fill_locks
 
     @property
     def name(self) -> str:
@@ -62,23 +91,42 @@ class ClusterSource:
         above, below = self._ranks(digest)
         if self.relays:
             for url in above:  # the owner first; a rank down when it does not answer
-                body = await self._try(url, repository, digest, offset, False)
+                body = await self._try(url, repository, digest, offset, "fill")
                 if body is not None:
                     metrics.PEER_RELAYS.labels("owner").inc()
                     return body
         if offset == 0:  # a resume comes from where the download started, the upstream
             for url in below[:self.membership.config.peer_fill_ranks]:
-                body = await self._try(url, repository, digest, 0, True)
+                body = await self._try(url, repository, digest, 0, "stored")
                 if body is not None:
                     metrics.PEER_RELAYS.labels("fill").inc()
                     return body
-        return await self.local.open_blob(repository, digest, offset)
+        return await self._fill(repository, digest, offset)
+
+    async def _fill(self, repository: str, digest: Digest, offset: int) -> BlobStream:
+        """From the upstream, unless another node holds the digest's fill lock: then from
+        that node, which is downloading it (or did, a moment ago). Only a peer of ours is
+        asked: a holder string from Redis never sends a signed request anywhere else."""
+        if self.fill_locks is None:
+            return await self.local.open_blob(repository, digest, offset)
+        me = self.membership.config.advertise_url
+        holder = await self.fill_locks.acquire_fill(str(digest), me, FILL_TTL)
+        if holder is not None and holder != me and holder in self.membership.peers:
+            relayed = await self._try(holder, repository, digest, offset, "holder")
+            if relayed is not None:
+                metrics.PEER_RELAYS.labels("holder").inc()
+                return relayed
+            holder = await self.fill_locks.acquire_fill(str(digest), me, FILL_TTL)
+        body = await self.local.open_blob(repository, digest, offset)
+        if holder is None or holder == me:
+            return FillHeld(body, self.fill_locks, str(digest), me)
+        return body  # the holder did not answer and still holds it: a duplicate fetch
 
     async def _try(self, url: str, repository: str, digest: Digest, offset: int,
-                   stored_only: bool) -> PeerBlob | None:
+                   ask: Ask) -> PeerBlob | None:
         try:
             return await self.membership.open_blob(url, self.name, repository, digest, offset,
-                                                   stored_only)
+                                                   ask)
         except PeerMiss:
             return None
         except PeerUnavailable as exc:
@@ -122,3 +170,38 @@ class ClusterSource:
     async def relay(self, repository: str, suffix: str, query: Mapping[str, str],
                     unknown: ErrorCode) -> Relayed:
         return await self.local.relay(repository, suffix, query, unknown)
+
+
+class FillHeld:
+    """The upstream's body while this node holds the digest's fill lock: renewed as bytes
+    pass; at the end kept for DONE_TTL (late askers stream it from here), released if the
+    fill stopped short."""
+
+    def __init__(self, body: BlobStream, locks: FillLocks, digest: str, holder: str) -> None:
+        self.body, self.locks, self.digest, self.holder = body, locks, digest, holder
+        self.renewed = time.monotonic()
+        self.ended = False
+
+    @property
+    def total(self) -> int | None:
+        return self.body.total
+
+    async def read(self) -> bytes:
+        chunk = await self.body.read()
+        self.ended = not chunk
+        if time.monotonic() - self.renewed > FILL_TTL / 3:
+            self.renewed = time.monotonic()
+            await self.locks.renew_fill(self.digest, self.holder, FILL_TTL)
+        return chunk
+
+    def close(self) -> None:
+        self.body.close()
+        end = (self.locks.renew_fill(self.digest, self.holder, DONE_TTL) if self.ended
+               else self.locks.release_fill(self.digest, self.holder))
+        task: asyncio.Task[object] = asyncio.ensure_future(end)
+        _ENDING.add(task)  # the loop keeps only a weak reference
+        task.add_done_callback(_ENDING.discard)
+
+    def reject(self) -> None:
+        self.body.reject()
+        self.ended = False  # wrong bytes: nobody should be sent here for them

@@ -2,14 +2,16 @@
 
     GET /_cluster/health                     {"node_id", "status"} (the peers' health check)
     GET /_cluster/ring[?digest=D]            the peers this node sees and, for D, their ranks
-    GET /_cluster/blobs/<upstream>/<repository>/<digest>[?stored=1]
+    GET /_cluster/blobs/<upstream>/<repository>/<digest>[?stored=1|?holder=1]
     GET /_cluster/manifests/<upstream>/<repository>/<digest>
 
 Every request carries the HMAC of auth.py over its method and raw path (401 without it). A
 blob or manifest request is answered as a client's `/v2/<repository>/blobs/<digest>` (or
 `manifests/<digest>`) would be, private content confirmed for `repository` included, but with
 a source that never relays further;
-`stored=1` answers only what this node holds (404 otherwise) and asks nothing of anyone.
+`stored=1` answers only what this node holds (404 otherwise) and asks nothing of anyone;
+`holder=1` (the asker found this node holding the blob's fill lock) joins this node's download
+or fills from its upstream, and asks no peer.
 """
 
 from __future__ import annotations
@@ -71,7 +73,9 @@ async def _content(request: web.Request, mirror: Mirror, node: ClusterNode, kind
     if request.query.get("stored") == "1":
         if not mirror.store.has(digest):
             raise RegistryError(ErrorCode.BLOB_UNKNOWN, f"{digest} is not stored here")
-        source = node.stored_sources[upstream]
+        source = node.local_sources[upstream]
+    elif request.query.get("holder") == "1":
+        source = node.local_sources[upstream]
     else:
         source = node.fill_sources[upstream]
     return await blob(request, mirror.proxy, source, repository, digest)

@@ -1,0 +1,148 @@
+"""ClusterSource's fill lock (cluster/source.py) with counting fakes and no HTTP: which node a
+blob is asked of when Redis says another holds its fill, and what becomes of the lock."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+from typing import Any
+
+import pytest
+
+from mirror.cluster import source as cluster_source
+from mirror.cluster.peers import Ask, Membership, PeerBlob, PeerUnavailable
+from mirror.cluster.source import DONE_TTL, FILL_TTL, ClusterSource
+from mirror.config import ClusterConfig
+from mirror.oci.reference import Digest, digest_of
+from tests.unit.test_proxy_policy import FakeBlob, FakeSource
+
+ME, PEER, STRANGER = "http://127.0.0.11:5000", "http://127.0.0.12:5000", "http://10.9.9.9:80"
+DATA = b"layer bytes " * 1000
+DIGEST = digest_of(DATA)
+REPO = "library/alpine"
+
+
+class FakeLocks:
+    """Redis's fill locks as the Lua scripts of cluster/shared.py keep them."""
+
+    def __init__(self, held_by: str | None = None, usable: bool = True) -> None:
+        self.held: dict[str, tuple[str, float]] = {}
+        if held_by is not None:
+            self.held[str(DIGEST)] = (held_by, FILL_TTL)
+        self.usable = usable
+        self.calls: collections.Counter[str] = collections.Counter()
+
+    async def acquire_fill(self, digest: str, holder: str, ttl: float) -> str | None:
+        self.calls["acquire"] += 1
+        if not self.usable:
+            return None
+        if digest in self.held:
+            return self.held[digest][0]
+        self.held[digest] = (holder, ttl)
+        return None
+
+    async def renew_fill(self, digest: str, holder: str, ttl: float) -> bool:
+        self.calls["renew"] += 1
+        if self.held.get(digest, ("",))[0] != holder:
+            return False
+        self.held[digest] = (holder, ttl)
+        return True
+
+    async def release_fill(self, digest: str, holder: str) -> None:
+        self.calls["release"] += 1
+        if self.held.get(digest, ("",))[0] == holder:
+            del self.held[digest]
+
+
+class FakeMembership(Membership):
+    """The peer at PEER is known (not up: it need not be for its lock to count); what is
+    asked of peers is recorded, and answered from `peer_data` unless `peer_down`."""
+
+    def __init__(self) -> None:
+        config = ClusterConfig(node_id="m1", advertise_url=ME, secret=b"k" * 32, peers=(PEER,))
+        super().__init__(config, session=None)  # type: ignore[arg-type]
+        self.asked: list[tuple[str, Ask]] = []
+        self.peer_down = False
+
+    async def open_blob(self, url: str, upstream: str, repository: str, digest: Digest,
+                        offset: int, ask: Ask) -> PeerBlob:
+        self.asked.append((url, ask))
+        if self.peer_down:
+            raise PeerUnavailable(f"{url}: refused")
+        return FakeBlob(DATA, offset, None)  # type: ignore[return-value]
+
+
+def source(locks: FakeLocks | None) -> tuple[ClusterSource, FakeMembership, FakeSource]:
+    upstream = FakeSource()
+    upstream.blobs[DIGEST] = DATA
+    membership = FakeMembership()
+    return ClusterSource(upstream, membership, relays=True, fill_locks=locks), membership, \
+        upstream
+
+
+async def drain(body: Any) -> bytes:
+    data = b""
+    while chunk := await body.read():
+        data += chunk
+    body.close()
+    await asyncio.gather(*cluster_source._ENDING)
+    return data
+
+
+async def test_a_blob_another_node_is_filling_comes_from_that_node() -> None:
+    locks = FakeLocks(held_by=PEER)
+    cluster, membership, upstream = source(locks)
+    assert await drain(await cluster.open_blob(REPO, DIGEST, 0)) == DATA
+    assert membership.asked == [(PEER, "holder")]
+    assert upstream.calls["open_blob"] == 0
+
+
+async def test_the_node_that_takes_the_lock_fills_and_keeps_it_for_late_askers() -> None:
+    locks = FakeLocks()
+    cluster, membership, upstream = source(locks)
+    assert await drain(await cluster.open_blob(REPO, DIGEST, 0)) == DATA
+    assert upstream.calls["open_blob"] == 1 and not membership.asked
+    assert locks.held[str(DIGEST)] == (ME, DONE_TTL)  # kept: a node asking now comes here
+
+
+async def test_a_fill_that_stopped_short_releases_its_lock() -> None:
+    locks = FakeLocks()
+    cluster, _, _ = source(locks)
+    body = await cluster.open_blob(REPO, DIGEST, 0)
+    body.close()  # the download engine gave up on it (the client left, the disk filled...)
+    await asyncio.gather(*cluster_source._ENDING)
+    assert str(DIGEST) not in locks.held and locks.calls["release"] == 1
+
+
+async def test_a_rejected_fill_releases_its_lock() -> None:
+    locks = FakeLocks()
+    cluster, _, _ = source(locks)
+    body = await cluster.open_blob(REPO, DIGEST, 0)
+    await body.read()
+    assert await body.read() == b""
+    body.reject()  # its bytes did not match the digest: nobody should be sent here
+    body.close()
+    await asyncio.gather(*cluster_source._ENDING)
+    assert str(DIGEST) not in locks.held
+
+
+async def test_a_holder_that_is_not_a_peer_is_never_asked() -> None:
+    cluster, membership, upstream = source(FakeLocks(held_by=STRANGER))
+    assert await drain(await cluster.open_blob(REPO, DIGEST, 0)) == DATA
+    assert not membership.asked and upstream.calls["open_blob"] == 1
+
+
+async def test_a_holder_that_does_not_answer_costs_a_duplicate_fetch_not_an_error() -> None:
+    locks = FakeLocks(held_by=PEER)
+    cluster, membership, upstream = source(locks)
+    membership.peer_down = True
+    assert await drain(await cluster.open_blob(REPO, DIGEST, 0)) == DATA
+    assert membership.asked == [(PEER, "holder")] and upstream.calls["open_blob"] == 1
+    assert locks.held[str(DIGEST)][0] == PEER  # not ours to release
+
+
+@pytest.mark.parametrize("locks", [None, FakeLocks(usable=False)], ids=["no-redis", "down"])
+async def test_without_usable_redis_the_node_fills_alone(locks: FakeLocks | None) -> None:
+    cluster, membership, upstream = source(locks)
+    assert await drain(await cluster.open_blob(REPO, DIGEST, 0)) == DATA
+    assert not membership.asked and upstream.calls["open_blob"] == 1
