@@ -364,7 +364,7 @@ def report(o: Outcome) -> str:
     rows = [
         ["origin egress", _bytes(o.origin_bytes),
          f"{_bytes(o.direct_origin_bytes)} if every node pulled from the origin "
-         f"({o.origin_bytes / o.direct_origin_bytes:.0e}x)"],
+         f"({o.direct_origin_bytes / o.origin_bytes:,.0f}x more)"],
         ["regional egress to sites", _bytes(o.regional_to_sites), f"{sc.sites} sites x image"],
         ["regional relays (internal)", _bytes(o.regional_relays),
          f"{sc.regional_nodes - 1} non-owners x image"],
