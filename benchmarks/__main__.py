@@ -12,13 +12,15 @@ import time
 import traceback
 from pathlib import Path
 
+from .cluster_ring import bench_ring
 from .harness import log, sigterm_as_exit, stop_all
 from .report import render_table, write_results
 from .scenarios import GROUPS as BENCH_GROUPS
 from .scenarios import Ctx, Options
 from .soak import bench_soak
 
-GROUPS = {**BENCH_GROUPS, "soak": bench_soak}  # the soak last: it runs longest
+# the soak last: it runs longest
+GROUPS = {**BENCH_GROUPS, "ring": bench_ring, "soak": bench_soak}
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results.json"
 
