@@ -40,8 +40,9 @@ class UpstreamConfig:
     username: str | None = None
     password: str | None = None
     credential_helper: str | None = None
+    fallback_urls: tuple[str, ...] = ()  # tried in order when `url` cannot be reached
     read_timeout: float = 30.0
-    connect_timeout: float = 10.0
+    connect_timeout: float = 3.0  # a cold miss fails fast when the next tier is unreachable
     max_connections: int = 16
     resume_attempts: int = 5
     access: str = "public"
@@ -304,6 +305,7 @@ def _upstream(path: str, index: int, table: object) -> UpstreamConfig:
     config = UpstreamConfig(
         name=name,
         url=url,
+        fallback_urls=tuple(u for u in s.get("fallback_urls", [], _urls) if u != url),
         username=s.get("username", d.username, kind=str),
         password=password,
         credential_helper=s.get("credential_helper", d.credential_helper, kind=str),
@@ -344,16 +346,15 @@ def _read_secret(path: str, key: str, file: str, minimum: int = 1) -> bytes:
     return secret
 
 
-def _peers(advertise_url: str, values: object) -> tuple[str, ...]:
-    """Peer URLs normalised: no trailing slash, no duplicates, not this node itself."""
+def _urls(values: object) -> tuple[str, ...]:
     if not isinstance(values, list):
         raise ValueError(f"expected a list of URLs, got {values!r}")
-    seen: dict[str, None] = {}
-    for value in values:
-        url = parse_url(value)
-        if url != advertise_url:
-            seen.setdefault(url, None)
-    return tuple(seen)
+    return tuple(dict.fromkeys(parse_url(v) for v in values))
+
+
+def _peers(advertise_url: str, values: object) -> tuple[str, ...]:
+    """Peer URLs normalised: no trailing slash, no duplicates, not this node itself."""
+    return tuple(url for url in _urls(values) if url != advertise_url)
 
 
 def _cluster(path: str, table: object) -> ClusterConfig:

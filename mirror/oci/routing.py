@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 from mirror.oci.errors import ErrorCode, RegistryError
 from mirror.oci.reference import Digest, parse_digest, validate_name, validate_tag
@@ -53,6 +54,14 @@ def unconfigured_registry(raw_name: str, ns: str | None, upstreams: Sequence[str
         return None
     configured = {_canonical(u) for u in upstreams}
     return None if _canonical(first) in configured else first
+
+
+def tier_ns(name: str, url: str) -> str | None:
+    """The `ns` to send with requests for upstream `name` to `url`: its name, unless `url` is
+    that registry itself. A mirror in front (a regional tier) then knows which registry a
+    request is for, as it does from containerd; a registry ignores the parameter anyway."""
+    netloc = urlsplit(url).netloc.rpartition("@")[2]
+    return None if _canonical(netloc.lower()) == _canonical(name.lower()) else name
 
 
 def parse_image(ref: str, upstreams: Sequence[str], *, strict: bool = False) -> ImageRef:

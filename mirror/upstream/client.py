@@ -25,12 +25,14 @@ from mirror.oci.challenge import parse_all, pull_scope
 from mirror.oci.errors import ErrorCode, RegistryError, UpstreamError
 from mirror.oci.mediatypes import upstream_accept
 from mirror.oci.reference import Digest
+from mirror.oci.routing import tier_ns
 from mirror.upstream.tokens import Credentials, TokenError
 
 log = logging.getLogger("mirror.upstream")
 STALE_CONNECTION_RETRIES = 4  # pooled connections tried before a fresh timeout counts
 
 MAX_REDIRECTS = 5
+FALLBACK_HOLD = 30.0  # seconds a URL that failed is tried after the upstream's other URLs
 CHUNK = 1 << 20
 MAX_MANIFEST_BYTES = 4 * 1024 * 1024  # the distribution spec's bound for manifests
 MAX_RELAYED_BYTES = 8 * 1024 * 1024  # a tags list or referrers index (thousands of entries)
@@ -62,6 +64,8 @@ class Upstream:
         self.credentials = Credentials(config.username, config.password,
                                        config.credential_helper,
                                        urlsplit(config.url).netloc)
+        self.urls = (config.url, *config.fallback_urls)
+        self._held_until: dict[str, float] = {}  # a URL that failed: tried last until then
         self.slots = asyncio.Semaphore(config.max_connections)
         self.ratelimit_limit: str | None = None
         self.ratelimit_remaining: str | None = None
@@ -78,8 +82,11 @@ class Upstream:
             sock_read=config.read_timeout,
         )
 
-    def url(self, repository: str, suffix: str) -> str:
-        return f"{self.config.url}/v2/{repository}/{suffix}"
+    def bases(self) -> list[str]:
+        """The URLs to try, in order: `url` then `fallback_urls`, those that failed in the
+        last FALLBACK_HOLD seconds last (still tried: they may be all there is)."""
+        now = time.monotonic()
+        return sorted(self.urls, key=lambda u: self._held_until.get(u, 0.0) > now)
 
     async def request(
         self,
@@ -91,12 +98,37 @@ class Upstream:
     ) -> aiohttp.ClientResponse:
         """Send a request for `repository`, answering one auth challenge and following redirects.
 
-        The caller must release the response. Network failures become registry errors
-        (502 unreachable, 504 timeout) naming this upstream.
+        The caller must release the response. Network failures (and a 5xx from a URL with
+        another behind it) move on to the next of `bases()`; from the last, they become
+        registry errors (502 unreachable, 504 timeout) naming this upstream.
         """
         self._refuse_while_rate_limited()
+        bases = self.bases()
+        for base in bases[:-1]:
+            try:
+                resp = await self._request_at(base, method, repository, suffix, headers,
+                                              params)
+            except UpstreamError as exc:  # unreachable, silent, or redirecting in circles
+                self._fall_back(base, str(exc))
+                continue
+            if resp.status not in (502, 503, 504):
+                return resp
+            resp.release()
+            self._fall_back(base, f"HTTP {resp.status}")
+        return await self._request_at(bases[-1], method, repository, suffix, headers, params)
+
+    def _fall_back(self, base: str, why: str) -> None:
+        self._held_until[base] = time.monotonic() + FALLBACK_HOLD
+        log.warning("upstream URL failed: trying the next", extra={
+            "upstream": self.name, "url": redact_url(base), "error": _redacted(why, base)})
+
+    async def _request_at(self, base: str, method: str, repository: str, suffix: str,
+                          headers: Mapping[str, str] | None,
+                          params: Mapping[str, str] | None) -> aiohttp.ClientResponse:
         scope = pull_scope(repository)
-        url = self.url(repository, suffix)
+        url = f"{base}/v2/{repository}/{suffix}"
+        if (ns := tier_ns(self.name, base)) is not None:
+            params = {**(params or {}), "ns": ns}
         started = time.perf_counter()
         try:
             resp = await self._send(method, url, dict(headers or {}), params, scope)
@@ -117,12 +149,13 @@ class Upstream:
             self._note_failure(method, started, str(exc))
             raise UpstreamError(
                 ErrorCode.UPSTREAM_UNREACHABLE,
-                f"upstream {self.name} ({redact_url(self.config.url)}) is unreachable: "
-                f"{_redacted(str(exc), self.config.url)}",
+                f"upstream {self.name} ({redact_url(base)}) is unreachable: "
+                f"{_redacted(str(exc), base)}",
             ) from None
         except RegistryError:  # a token service refusal or a redirect loop: not reachability
             metrics.UPSTREAM_REQUESTS.labels(self.name, method, "error").inc()
             raise
+        self._held_until.pop(base, None)
         self._note_answer(method, started, resp.status)
         self._note_ratelimit(resp)
         return resp
@@ -131,7 +164,7 @@ class Upstream:
         """Whether the upstream answers `GET /v2/` at all (401 included: it is there)."""
         started = time.perf_counter()
         try:
-            async with self.session.get(f"{self.config.url}/v2/", allow_redirects=False,
+            async with self.session.get(f"{self.bases()[0]}/v2/", allow_redirects=False,
                                         timeout=aiohttp.ClientTimeout(
                                             total=self.config.connect_timeout)) as resp:
                 status = resp.status

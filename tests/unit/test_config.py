@@ -61,3 +61,16 @@ def test_shipped_config_loads() -> None:
     config = load_config(Path(__file__).parents[2] / "mirror.toml")
     assert config.upstreams[0].name == "docker.io"
     assert config.cache.max_size == 20 * 1024**3
+
+
+def test_fallback_urls_are_urls_in_order_without_the_primary_or_repeats() -> None:
+    c = parse_config({"upstream": [{
+        "name": "docker.io", "url": "http://regional:5000",
+        "fallback_urls": ["http://regional2:5000", "http://regional:5000",
+                          "https://registry-1.docker.io", "http://regional2:5000"]}]})
+    assert c.upstreams[0].fallback_urls == ("http://regional2:5000",
+                                            "https://registry-1.docker.io")
+    assert c.upstreams[0].connect_timeout == 3.0  # a cold miss fails in seconds
+    for bad in ("https://r", ["ftp://r"], ["https://u:p@r"]):
+        with pytest.raises(ConfigError, match=r"upstream\[0\]\.fallback_urls"):
+            parse_config({"upstream": [{"name": "d", "url": "https://d", "fallback_urls": bad}]})

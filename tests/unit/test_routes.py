@@ -1,5 +1,6 @@
 import pytest
 
+from mirror.oci import routing
 from mirror.oci.errors import RegistryError
 from mirror.oci.routes import Kind, Route, parse_v2_path
 from mirror.oci.routing import select_upstream
@@ -64,3 +65,17 @@ def test_invalid_names_after_prefix(name: str) -> None:
     with pytest.raises(RegistryError) as exc:
         select_upstream(name, None, UPSTREAMS)
     assert exc.value.code == "NAME_INVALID"
+
+
+# a mirror as the upstream (edge -> regional tiers) --------------------------------------------
+@pytest.mark.parametrize(("name", "url", "ns"), [
+    ("docker.io", "https://registry-1.docker.io", None),  # the registry itself
+    ("docker.io", "https://index.docker.io", None),
+    ("ghcr.io", "https://GHCR.io", None),
+    ("127.0.0.1:5000", "http://127.0.0.1:5000", None),
+    ("docker.io", "http://regional.example:5000", "docker.io"),  # a mirror in front
+    ("ghcr.io", "https://regional.example", "ghcr.io"),
+])
+def test_a_mirror_upstream_is_told_the_registry_and_a_registry_is_not(
+        name: str, url: str, ns: str | None) -> None:
+    assert routing.tier_ns(name, url) == ns
