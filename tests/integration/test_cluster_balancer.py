@@ -23,7 +23,7 @@ from tests.support.balancer import (
     NginxBalancer,
     Relays,
     binary,
-    client_blob_gets,
+    client_gets,
     relay_counters,
     total,
 )
@@ -34,8 +34,9 @@ from tests.support.registry import ClosedPort, wait_until
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
 # Concurrent copies per image in one round: test/big (1, 10 and 100 MB layers and a config),
-# test/small (64 and 300 KiB layers and a config).
-COPIES = {"test/big": 2, "test/small": 3}
+# test/small (64 and 300 KiB layers and a config), test/multi (an index: skopeo takes its
+# amd64 manifest by digest, then that image's two small layers and config).
+COPIES = {"test/big": 2, "test/small": 3, "test/multi": 2}
 
 
 @pytest.fixture
@@ -65,9 +66,16 @@ def images(upstream: clients.UpstreamRegistry) -> dict[str, oci.Image]:
     out: dict[str, oci.Image] = {}
     for repo in COPIES:
         image = upstream.pushed[repo]["v1"]
-        assert isinstance(image, oci.Image)
+        if isinstance(image, oci.ImageIndex):  # what a copy without --all takes on amd64
+            image = next(i for i in image.images if i.arch == "amd64")
         out[repo] = image
     return out
+
+
+def by_digest(upstream: clients.UpstreamRegistry) -> list[str]:
+    """The manifests the copies ask for by digest (an index's platform manifest)."""
+    return sorted(images(upstream)[repo].manifest.digest for repo in COPIES
+                  if isinstance(upstream.pushed[repo]["v1"], oci.ImageIndex))
 
 
 def pull_round(tmp_path: Path, name: str, balancer_host: str, blackhole: ClosedPort,
@@ -93,10 +101,17 @@ def sizes(upstream: clients.UpstreamRegistry) -> dict[str, int]:
     return {b.digest: b.size for image in images(upstream).values() for b in image.blobs}
 
 
-def landings(nodes: list[Node], digests: list[str]) -> dict[str, set[str]]:
+def landings(nodes: list[Node], digests: list[str], kind: str = "blobs"
+             ) -> dict[str, set[str]]:
     """The nodes the balancer sent each digest's client GETs to."""
-    per_node = {n.node_id: client_blob_gets(n, digests) for n in nodes if n.running}
+    per_node = {n.node_id: client_gets(n, kind, digests) for n in nodes if n.running}
     return {d: {node for node, counts in per_node.items() if counts[d]} for d in digests}
+
+
+def tag_landings(nodes: list[Node]) -> dict[str, set[str]]:
+    """The nodes the balancer sent each repository's tag manifest GETs to."""
+    return {repo: {n.node_id for n in nodes if n.requests_for(f"/v2/{repo}/manifests/v1", "GET")}
+            for repo in COPIES}
 
 
 def counters(nodes: list[Node]) -> dict[str, Relays]:
@@ -127,9 +142,17 @@ def assert_hashing_saves_relays(tmp_path: Path, nodes: list[Node], balancer_host
     # relay). The ring and the balancer hash differently: their agreement is computed, not
     # assumed.
     off_owner = [d for d in digests if landed[d] != {owner_of(nodes, d).node_id}]
+    # the same for the manifests asked for by digest; and a repository's tag on one node
+    manifests = by_digest(upstream)
+    landed_manifests = landings(nodes, manifests, "manifests")
+    assert all(len(where) == 1 for where in landed_manifests.values()), landed_manifests
+    manifests_off_owner = [d for d in manifests
+                           if landed_manifests[d] != {owner_of(nodes, d).node_id}]
+    assert all(len(where) == 1 for where in tag_landings(nodes).values())
     relays = since(nodes, before)
     assert relays.fill == 0
     assert relays.owner == len(off_owner), (relays, off_owner, landed)
+    assert relays.manifest == len(manifests_off_owner), (relays, landed_manifests)
     assert relays.bytes_in == sum(blob_sizes[d] for d in off_owner), (relays, off_owner)
     served = sum(COPIES[repo] * sum(b.size for b in image.blobs)
                  for repo, image in images(upstream).items())
@@ -141,7 +164,7 @@ def assert_hashing_saves_relays(tmp_path: Path, nodes: list[Node], balancer_host
     pull_round(tmp_path, "second", balancer_host, blackhole, upstream)
     assert not {d: n for d, n in upstream.registry.blob_gets(mark).items() if d in digests}
     again = since(nodes, before)
-    assert (again.owner, again.fill, again.bytes_in) == (0, 0, 0), again
+    assert again == Relays(), again
     assert landings(nodes, digests) == landed
 
 

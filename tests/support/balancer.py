@@ -254,15 +254,15 @@ def total(relays: Iterable[Relays]) -> Relays:
     return out
 
 
-def client_blob_gets(node: MirrorProcess, digests: Iterable[str]) -> dict[str, int]:
-    """How many client GETs of /v2/<name>/blobs/<digest> (not /_cluster/) the node answered,
-    per digest."""
-    want = set(digests)
+def client_gets(node: MirrorProcess, kind: str, refs: Iterable[str]) -> dict[str, int]:
+    """How many client GETs of /v2/<name>/<kind>/<ref> (kind: blobs or manifests; not
+    /_cluster/) the node answered, per ref (a digest or a tag)."""
+    want = set(refs)
     counts = dict.fromkeys(want, 0)
     for e in node.request_log():
         path = str(e["path"]).split("?", 1)[0]
-        digest = path.rsplit("/", 1)[-1]
-        if (e["method"] == "GET" and path.startswith("/v2/") and "/blobs/" in path
-                and digest in want):
-            counts[digest] += 1
+        ref = path.rsplit("/", 1)[-1]
+        if (e["method"] == "GET" and path.startswith("/v2/") and f"/{kind}/" in path
+                and ref in want):
+            counts[ref] += 1
     return counts
