@@ -18,6 +18,7 @@ command -v podman >/dev/null          || need+=(podman)
 command -v dockerd >/dev/null         || need+=(docker.io)
 command -v nsenter >/dev/null         || need+=(util-linux)
 command -v redis-server >/dev/null    || need+=(redis-server)
+command -v haproxy >/dev/null         || need+=(haproxy)
 if [ ${#need[@]} -gt 0 ]; then
     echo "installing: ${need[*]}"
     export DEBIAN_FRONTEND=noninteractive
@@ -38,7 +39,7 @@ if [ ${#need[@]} -gt 0 ]; then
         rm -f "$policy"
         trap - EXIT
     fi
-    for svc in docker-registry containerd nginx docker.socket docker redis-server; do
+    for svc in docker-registry containerd nginx docker.socket docker redis-server haproxy; do
         if command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then
             systemctl disable --now "$svc" >/dev/null 2>&1 || true
         fi
