@@ -161,9 +161,14 @@ REDIS_ERRORS = Counter(
 PEER_UP = Gauge(
     "mirror_peer_up", "Whether a peer node passes its health checks (1) or not (0)", ["peer"],
     multiprocess_mode="livemostrecent")
+RING_CHANGES = Counter(
+    "mirror_ring_changes_total",
+    "Times this node's view of the live nodes changed (a peer up or down): each change moves "
+    "about 1/N of the digests to another owner")
 PEER_BYTES = Counter(
     "mirror_peer_bytes_total",
-    "Blob bytes received from peer nodes (direction=in; relayed to clients or filled)",
+    "Blob bytes between this node and its peers: direction=in received from them (relayed "
+    "to clients or filled), direction=out sent to them (/_cluster/blobs)",
     ["direction"])
 PEER_RELAYS = Counter(
     "mirror_peer_relays_total",

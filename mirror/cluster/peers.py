@@ -100,6 +100,7 @@ class Membership:
 
     def _changed(self, peer: Peer, why: str) -> None:
         metrics.PEER_UP.labels(peer.url).set(1 if peer.up else 0)
+        metrics.RING_CHANGES.inc()
         (log.info if peer.up else log.warning)(
             "peer up" if peer.up else "peer down",
             extra={"peer": peer.url, "node_id": peer.node_id, "why": why})

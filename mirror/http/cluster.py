@@ -21,9 +21,10 @@ import time
 
 from aiohttp import web
 
+from mirror import metrics
 from mirror.cluster import auth, ring
 from mirror.http.content import blob, manifest_of
-from mirror.http.keys import MIRROR, ROUTE, UPSTREAM
+from mirror.http.keys import BYTES, MIRROR, ROUTE, UPSTREAM
 from mirror.oci.errors import ErrorCode, RegistryError
 from mirror.oci.reference import parse_digest, validate_name
 from mirror.runtime import ClusterNode, Mirror
@@ -78,7 +79,10 @@ async def _content(request: web.Request, mirror: Mirror, node: ClusterNode, kind
         source = node.local_sources[upstream]
     else:
         source = node.fill_sources[upstream]
-    return await blob(request, mirror.proxy, source, repository, digest)
+    try:
+        return await blob(request, mirror.proxy, source, repository, digest)
+    finally:
+        metrics.PEER_BYTES.labels("out").inc(request[BYTES])
 
 
 def _ring(node: ClusterNode, digest: str | None) -> dict[str, object]:

@@ -92,9 +92,25 @@ async def status_page(request: web.Request) -> web.Response:
         top=merged_top(activity.top, TOP_SHOWN),
         workers=mirror.config.server.workers,
         started=activity.started,
+        cluster=_cluster_view(mirror, snapshot),
     )
     return web.Response(body=statuspage.render(view).encode(), headers={
         "Content-Type": "text/html; charset=utf-8", "Cache-Control": "no-store"})
+
+
+def _cluster_view(mirror: Mirror, snapshot: metrics.Samples) -> statuspage.ClusterView | None:
+    if mirror.cluster is None:
+        return None
+    membership = mirror.cluster.membership
+    peers = [statuspage.PeerView(p.url, p.node_id, p.up, p.fails)
+             for p in membership.peers.values()]
+    redis_up = None if mirror.config.redis is None else bool(
+        metrics.total(snapshot, "mirror_redis_up"))
+    return statuspage.ClusterView(
+        membership.config.node_id, peers,
+        metrics.total(snapshot, "mirror_peer_bytes_total", direction="in"),
+        metrics.total(snapshot, "mirror_peer_bytes_total", direction="out"),
+        metrics.total(snapshot, "mirror_ring_changes_total"), redis_up)
 
 
 async def _start(app: web.Application) -> None:

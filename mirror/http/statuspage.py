@@ -33,6 +33,26 @@ class UpstreamView:
 
 
 @dataclass(frozen=True)
+class PeerView:
+    url: str
+    node_id: str | None
+    up: bool
+    fails: int
+
+
+@dataclass(frozen=True)
+class ClusterView:
+    """This worker's view of the cluster: its own health checks decide who is up."""
+
+    node_id: str
+    peers: list[PeerView]
+    bytes_in: float  # from peers (all workers)
+    bytes_out: float  # to peers
+    ring_changes: float
+    redis_up: bool | None  # None: no [redis]
+
+
+@dataclass(frozen=True)
 class StatusView:
     cache_bytes: float
     cache_max_bytes: float
@@ -50,6 +70,7 @@ class StatusView:
     workers: int
     started: float
     generated: float = field(default_factory=time.time)
+    cluster: ClusterView | None = None
 
     @property
     def hit_ratio(self) -> float | None:
@@ -153,6 +174,26 @@ def _upstreams(view: StatusView) -> str:
             '<th>requests</th></tr>' + "".join(rows) + "</table>")
 
 
+def _cluster(c: ClusterView) -> str:
+    rows = [f'<tr class="peer" data-node="{html.escape(c.node_id)}"><td>{html.escape(c.node_id)}'
+            '</td><td class="url">this node</td><td class="ok">up</td><td></td></tr>']
+    for p in c.peers:
+        state, cls = ("up", "ok") if p.up else ("down", "bad")
+        rows.append(f'<tr class="peer" data-node="{html.escape(p.node_id or "")}">'
+                    f'<td>{html.escape(p.node_id or "?")}</td>'
+                    f'<td class="url">{html.escape(p.url)}</td>'
+                    f'<td class="{cls}" data-value="{int(p.up)}">{state}</td>'
+                    f'<td data-value="{p.fails}">{p.fails}</td></tr>')
+    redis = ("not configured" if c.redis_up is None else "up" if c.redis_up
+             else "unusable (each node goes on alone)")
+    return ('<table><tr><th>node</th><th>url</th><th>state</th><th>failed checks</th></tr>'
+            + "".join(rows) + "</table>"
+            f'<p>From peers {_num("peer-bytes-in", c.bytes_in, human_bytes(c.bytes_in))} · '
+            f'to peers {_num("peer-bytes-out", c.bytes_out, human_bytes(c.bytes_out))} · '
+            f'ring changes {_num("ring-changes", c.ring_changes, f"{c.ring_changes:g}")} · '
+            f'Redis <span id="redis">{html.escape(redis)}</span></p>')
+
+
 def _top(view: StatusView) -> str:
     if not view.top:
         return '<p class="none">Nothing pulled yet.</p>'
@@ -222,6 +263,7 @@ def render(view: StatusView) -> str:
 {_downloads(view)}
 <h2>Upstreams</h2>
 {_upstreams(view)}
+{"" if view.cluster is None else "<h2>Cluster</h2>" + _cluster(view.cluster)}
 <h2>Most pulled repositories</h2>
 {_top(view)}
 </body></html>

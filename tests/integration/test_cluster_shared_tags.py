@@ -4,6 +4,7 @@ Redis stopped or frozen costs a request no more than its timeout."""
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,7 +13,7 @@ import httpx
 import pytest
 
 from tests.support import clients
-from tests.support.cluster import Node, start_cluster
+from tests.support.cluster import Node, owner_of, start_cluster
 from tests.support.mirror import Upstream
 from tests.support.redisserver import RedisServer
 
@@ -84,3 +85,29 @@ def test_redis_frozen_or_stopped_costs_a_request_at_most_its_timeout(
     stopped = time.monotonic() - t0
     assert frozen < 3.0 and stopped < 3.0, (frozen, stopped)
     assert all("redis unusable" in n.stderr_path.read_text() for n in nodes[1:])
+
+
+def page_value(page: str, element_id: str) -> float:
+    match = re.search(rf'id="{element_id}" data-value="([^"]*)"', page)
+    assert match, element_id
+    return float(match.group(1))
+
+
+def test_the_status_page_shows_the_ring_the_peer_bytes_and_redis(
+        upstream: clients.UpstreamRegistry, nodes: list[Node], redis: RedisServer) -> None:
+    blob = upstream.pushed["test/small"]["v1"].layers[0]  # type: ignore[union-attr]
+    owner = owner_of(nodes, blob.digest)
+    other = next(n for n in nodes if n is not owner)
+    r = httpx.get(f"{other.url}/v2/test/small/blobs/{blob.digest}", trust_env=False,
+                  timeout=30)
+    assert r.status_code == 200
+    page = httpx.get(f"{owner.url}/", trust_env=False, timeout=30).text
+    peers = re.findall(r'<tr class="peer" data-node="([^"]*)">.*?class="(ok|bad)"', page)
+    assert sorted(peers) == [(n.node_id, "ok") for n in nodes]
+    assert page_value(page, "peer-bytes-out") >= blob.size
+    assert page_value(httpx.get(f"{other.url}/", trust_env=False).text,
+                      "peer-bytes-in") >= blob.size
+    assert '<span id="redis">up</span>' in page
+    redis.shutdown()
+    manifest(owner, "test/small", "v2")  # a tag it never saw: it asks Redis, which is gone
+    assert '<span id="redis">unusable' in httpx.get(f"{owner.url}/", trust_env=False).text
