@@ -18,6 +18,7 @@ command -v podman >/dev/null          || need+=(podman)
 command -v dockerd >/dev/null         || need+=(docker.io)
 command -v nsenter >/dev/null         || need+=(util-linux)
 command -v redis-server >/dev/null    || need+=(redis-server)
+command -v iptables >/dev/null        || need+=(iptables)
 command -v haproxy >/dev/null         || need+=(haproxy)
 if [ ${#need[@]} -gt 0 ]; then
     echo "installing: ${need[*]}"

@@ -109,6 +109,7 @@ class MirrorProcess:
         self.stdout_path = workdir / "mirror.stdout"
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
+        self.launcher: tuple[str, ...] = ()  # a prefix that execs the command (a cgroup)
 
     # --- configuration ---------------------------------------------------------------
 
@@ -132,7 +133,8 @@ class MirrorProcess:
     # --- process control ---------------------------------------------------------------
 
     def command(self) -> list[str]:
-        return [sys.executable, "-m", "mirror", "serve", "--config", str(self.config_path)]
+        return [*self.launcher, sys.executable, "-m", "mirror", "serve", "--config",
+                str(self.config_path)]
 
     def start(self, timeout: float = 20.0) -> MirrorProcess:
         if self.proc is not None and self.proc.poll() is None:
