@@ -102,7 +102,7 @@ class ClusterConfig:
     health_passes: int = 2  # passed checks in a row before it is up again
     peer_timeout: float = 5.0  # a silent peer: the next rank is asked after this
     peer_fill_ranks: int = 2  # the owner asks this many next-ranked peers before the upstream
-    relay_cache: int = 0  # parsed, not used yet: a relaying node keeps what it relays
+    relay_cache: int = 0  # bytes of relayed blobs (owned elsewhere) kept once not in use
 
 
 @dataclass(frozen=True)

@@ -92,8 +92,11 @@ async def open_mirror(config: Config) -> AsyncIterator[Mirror]:
         cluster = None if config.cluster is None else await stack.enter_async_context(
             _join_cluster(config.cluster, upstreams, shared))
         sources: Mapping[str, Source] = dict(upstreams) if cluster is None else {
-            name: ClusterSource(u, cluster.membership, relays=True, fill_locks=shared)
+            name: ClusterSource(u, cluster.membership, relays=True, fill_locks=shared,
+                                on_copy=index.mark_copy)
             for name, u in upstreams.items()}
+        if cluster is not None:
+            maintenance.owns = cluster.membership.owns
         try:
             yield Mirror(config, store, index, downloads, proxy, upstreams, sources, cluster)
         finally:

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from mirror import metrics
-from mirror.cache.index import ACCESS_FLUSH_SECONDS, Index
+from mirror.cache.index import ACCESS_FLUSH_SECONDS, Entry, Index
 from mirror.cache.locks import try_exclusive
 from mirror.cache.store import BlobStore
 from mirror.config import Config
@@ -78,16 +78,39 @@ def evict(store: BlobStore, index: Index, target: int, pinned: set[Digest],
     """Delete least-recently-used entries until the store holds at most `target` bytes,
     sparing pins and whatever was accessed since `in_use_since` (wall-clock seconds)."""
     index.flush()
-    total = index.total_bytes()
+    return _evict_lru(store, index, list(index.entries()), index.total_bytes(), target,
+                      pinned, on_evict, in_use_since, "evicted")
+
+
+def trim_copies(store: BlobStore, index: Index, budget: int, owns: Callable[[Digest], bool],
+                pinned: set[Digest], on_evict: Callable[[Digest], None] | None,
+                in_use_since: float) -> EvictionResult:
+    """Delete least-recently-used relay copies (blobs relayed from the node owning them,
+    Index.mark_copy) until they hold at most `budget` bytes, sparing pins, copies in use
+    and blobs this node owns now (the ring changed: they are its own)."""
+    index.flush()
+    copies = [e for e in index.entries() if e.kind == "blob" and index.is_copy(e.digest)]
+    for entry in [e for e in copies if owns(e.digest)]:
+        index.unmark_copy(entry.digest)
+        copies.remove(entry)
+    return _evict_lru(store, index, copies, sum(e.size for e in copies), budget, pinned,
+                      on_evict, in_use_since, "relay copies trimmed")
+
+
+def _evict_lru(store: BlobStore, index: Index, entries: list[Entry], total: int, target: int,
+               pinned: set[Digest], on_evict: Callable[[Digest], None] | None,
+               in_use_since: float | None, what: str) -> EvictionResult:
     evicted = freed = skipped = 0
     if total <= target:
         return EvictionResult(0, 0, total, 0)
-    for entry in sorted(index.entries(), key=lambda e: e.last_access):
+    for entry in sorted(entries, key=lambda e: e.last_access):
         if total <= target:
             break
         if in_use_since is not None and entry.last_access >= in_use_since:
-            log.warning("eviction stopped short: everything left is in use", extra={
-                "total": total, "target": target})
+            # a copy in use is a hot one, kept on purpose; the store in use is a problem
+            (log.debug if what != "evicted" else log.warning)(
+                f"{what}: stopped short, everything left is in use", extra={
+                    "total": total, "target": target})
             break
         if entry.digest in pinned:
             skipped += 1
@@ -106,8 +129,8 @@ def evict(store: BlobStore, index: Index, target: int, pinned: set[Digest],
         evicted += 1
         metrics.EVICTIONS.labels(entry.kind).inc()
         metrics.EVICTED_BYTES.inc(size)
-    log.info("evicted", extra={"entries": evicted, "bytes": freed, "total_after": total,
-                               "target": target, "pinned_kept": skipped})
+    log.info(what, extra={"entries": evicted, "bytes": freed, "total_after": total,
+                          "target": target, "pinned_kept": skipped})
     return EvictionResult(evicted, freed, total, skipped)
 
 
@@ -119,9 +142,27 @@ def evict_to_watermark(config: Config, store: BlobStore, index: Index,
     with try_exclusive(str(store.lock_path("evict"))) as mine:
         if not mine:
             return None
-        pinned = pinned_digests(config.cache.pin, [u.name for u in config.upstreams], store,
-                                index)
-        # Every worker writes its access times to the index at least every ACCESS_FLUSH_SECONDS, so
-        # an entry any worker served lately has a last access within twice that: in use.
-        in_use_since = time.time() - 2 * ACCESS_FLUSH_SECONDS
-        return evict(store, index, config.cache.low_watermark, pinned, on_evict, in_use_since)
+        return evict(store, index, config.cache.low_watermark, _pinned(config, store, index),
+                     on_evict, _in_use_since())
+
+
+def trim_relay_copies(config: Config, store: BlobStore, index: Index, budget: int,
+                      owns: Callable[[Digest], bool],
+                      on_evict: Callable[[Digest], None] | None = None
+                      ) -> EvictionResult | None:
+    """Relay copies down to `budget` bytes (trim_copies); None as evict_to_watermark."""
+    with try_exclusive(str(store.lock_path("evict"))) as mine:
+        if not mine:
+            return None
+        return trim_copies(store, index, budget, owns, _pinned(config, store, index),
+                           on_evict, _in_use_since())
+
+
+def _pinned(config: Config, store: BlobStore, index: Index) -> set[Digest]:
+    return pinned_digests(config.cache.pin, [u.name for u in config.upstreams], store, index)
+
+
+def _in_use_since() -> float:
+    # Every worker writes its access times to the index at least every ACCESS_FLUSH_SECONDS, so
+    # an entry any worker served lately has a last access within twice that: in use.
+    return time.time() - 2 * ACCESS_FLUSH_SECONDS

@@ -39,6 +39,7 @@ log = logging.getLogger("mirror.index")
 ACCESS_FLUSH_SECONDS = 2.0
 TOTAL = "total_bytes"
 COUNT = "entry_count"
+COPY_TOTAL = "copy_bytes"  # the stored bytes of relay copies (cluster: what another node owns)
 ENTRIES_COMPLETE = "entries_complete"
 
 
@@ -239,6 +240,8 @@ class Index:
             if self.db.get(key) is None:
                 self.db.incr(TOTAL, size)
                 self.db.incr(COUNT)
+                if self.db.get(f"c\0{digest}") is not None:
+                    self.db.incr(COPY_TOTAL, size)
             self.db.set(key, (size, time.time() if last_access is None else last_access, kind))
 
     def remove_entry(self, digest: Digest) -> None:
@@ -249,7 +252,32 @@ class Index:
                 self.db.delete(key)
                 self.db.decr(TOTAL, value[0])
                 self.db.decr(COUNT)
+                if self.db.delete(f"c\0{digest}"):
+                    self.db.decr(COPY_TOTAL, value[0])
             self.db.delete(f"mt\0{digest}")
+
+    def mark_copy(self, digest: Digest) -> None:
+        """`digest` is being relayed from the node that owns it: once stored it is a relay
+        copy, kept within `[cluster] relay_cache` (mark first: the entry comes at commit)."""
+        key = f"c\0{digest}"
+        with self.db.transact():
+            if self.db.get(key) is None:
+                self.db.set(key, 1)
+                if (value := self.db.get(f"e\0{digest}")) is not None:
+                    self.db.incr(COPY_TOTAL, value[0])
+
+    def unmark_copy(self, digest: Digest) -> None:
+        """The node owns `digest` now: its stored copy is its own."""
+        with self.db.transact():
+            if self.db.delete(f"c\0{digest}") and (
+                    value := self.db.get(f"e\0{digest}")) is not None:
+                self.db.decr(COPY_TOTAL, value[0])
+
+    def is_copy(self, digest: Digest) -> bool:
+        return self.db.get(f"c\0{digest}") is not None
+
+    def copy_bytes(self) -> int:
+        return int(self.db.get(COPY_TOTAL, 0))
 
     def touch(self, digest: Digest) -> None:
         """Note an access; written at the next flush()."""
@@ -331,7 +359,7 @@ class Index:
     def rebuild_entries(self, stored: Iterator[tuple[Digest, int, float]]) -> int:
         """Recreate every entry and the total from the store's files; returns the count."""
         started = time.monotonic()
-        count, total = 0, 0
+        count, total, copies = 0, 0, 0
         with self.db.transact():
             for key in list(self.db.iterkeys()):
                 if isinstance(key, str) and key.startswith("e\0"):
@@ -341,8 +369,10 @@ class Index:
                 self.db.set(f"e\0{digest}", (size, mtime, kind))
                 count += 1
                 total += size
+                copies += size if self.is_copy(digest) else 0
             self.db.set(TOTAL, total)
             self.db.set(COUNT, count)
+            self.db.set(COPY_TOTAL, copies)
             self.db.set(ENTRIES_COMPLETE, True)
         log.info("index entries rebuilt", extra={
             "entries": count, "bytes": total,

@@ -1,6 +1,6 @@
 """The background work of a serving process: writing the batched access times and counters,
-publishing upstream rate limits, rebuilding a lost index, and evicting when the store passes
-`max_size`.
+publishing upstream rate limits, rebuilding a lost index, evicting when the store passes
+`max_size`, and in a cluster trimming relay copies past `relay_cache` once they are cold.
 
 It calls nothing above the cache: runtime.py hands it the rate limits to publish and what to
 do with an evicted digest, and calls `committed` and `request_eviction` from the store's and
@@ -11,9 +11,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable, Iterable
 
-from mirror.cache.eviction import evict_to_watermark
+from mirror.cache.eviction import evict_to_watermark, trim_relay_copies
 from mirror.cache.index import ACCESS_FLUSH_SECONDS, Index
 from mirror.cache.locks import try_exclusive
 from mirror.cache.store import BlobStore
@@ -22,6 +23,7 @@ from mirror.oci.reference import Digest
 
 log = logging.getLogger("mirror.maintenance")
 
+TRIM_SECONDS = 5.0  # relay copies past relay_cache are looked for at most this often
 # (upstream name, its `ratelimit-limit`, its `ratelimit-remaining`) as last seen
 RateLimit = tuple[str, str | None, str]
 
@@ -35,6 +37,10 @@ class Maintenance:
         self.index = index
         self.rate_limits = rate_limits
         self.on_evict = on_evict  # called for every evicted digest
+        # In a cluster: whether this node owns a digest now (its relay copies are trimmed
+        # to `[cluster] relay_cache`, what it owns never is); None on a single node.
+        self.owns: Callable[[Digest], bool] | None = None
+        self._trimmed_at = 0.0
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -71,8 +77,20 @@ class Maintenance:
                 if self.index.total_bytes() > self.config.cache.max_size:
                     await asyncio.to_thread(evict_to_watermark, self.config, self.store,
                                             self.index, self.on_evict)
+                await self._trim_relay_copies()
             except Exception:
                 log.exception("cache maintenance failed")
+
+    async def _trim_relay_copies(self) -> None:
+        """At most every TRIM_SECONDS: copies in use are kept, and looking at every entry
+        again at each flush would cost a large cache a core."""
+        budget = self.config.cluster.relay_cache if self.config.cluster else 0
+        now = time.monotonic()
+        if self.owns is not None and self.index.copy_bytes() > budget \
+                and now - self._trimmed_at >= TRIM_SECONDS:
+            self._trimmed_at = now
+            await asyncio.to_thread(trim_relay_copies, self.config, self.store, self.index,
+                                    budget, self.owns, self.on_evict)
 
     def _rebuild_index(self) -> None:
         with try_exclusive(str(self.store.lock_path("rebuild"))) as mine:

@@ -24,7 +24,7 @@ from urllib.parse import quote, urlsplit
 import aiohttp
 
 from mirror import metrics
-from mirror.cluster import auth
+from mirror.cluster import auth, ring
 from mirror.config import ClusterConfig
 from mirror.oci.errors import ErrorCode, RegistryError
 from mirror.oci.reference import Digest
@@ -80,6 +80,10 @@ class Membership:
         nodes = {p.node_id: p.url for p in self.peers.values() if p.up and p.node_id}
         nodes[self.config.node_id] = self.config.advertise_url
         return nodes
+
+    def owns(self, digest: Digest) -> bool:
+        """Whether this node is the digest's owner among the nodes up now."""
+        return ring.owner(self.live(), str(digest)) == self.config.node_id
 
     def mark_down(self, url: str, why: str) -> None:
         peer = self.peers.get(url)

@@ -27,7 +27,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Protocol
 
 from mirror import metrics
@@ -62,11 +62,13 @@ class FillLocks(Protocol):
 
 class ClusterSource:
     def __init__(self, local: Source, membership: Membership, relays: bool,
-                 fill_locks: FillLocks | None = None) -> None:
+                 fill_locks: FillLocks | None = None,
+                 on_copy: Callable[[Digest], None] | None = None) -> None:
         self.local = local
         self.membership = membership
         self.relays = relays
         self.fill_locks = fill_locks
+        self.on_copy = on_copy  # a blob relayed from its owner: once stored, a relay copy
 
     @property
     def name(self) -> str:
@@ -94,6 +96,8 @@ class ClusterSource:
                 body = await self._try(url, repository, digest, offset, "fill")
                 if body is not None:
                     metrics.PEER_RELAYS.labels("owner").inc()
+                    if self.on_copy is not None:
+                        self.on_copy(digest)
                     return body
         if offset == 0:  # a resume comes from where the download started, the upstream
             for url in below[:self.membership.config.peer_fill_ranks]:

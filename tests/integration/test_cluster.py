@@ -15,7 +15,7 @@ import pytest
 from tests.support import clients, oci
 from tests.support.cluster import Node, owner_of, plan, start_cluster, wait_converged
 from tests.support.mirror import Upstream
-from tests.support.registry import ThrottledProxy
+from tests.support.registry import ThrottledProxy, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -62,13 +62,34 @@ def test_clients_spread_over_three_nodes_cost_one_upstream_fetch_per_blob(
         assert f"sha256:{hashlib.sha256(body).hexdigest()}" == digest
     gets = upstream.registry.blob_gets(mark)
     assert {d: gets[d] for d in digests} == dict.fromkeys(digests, 1), gets
-    # the owner keeps each blob (the relaying nodes keep theirs too, for now: relay_cache
-    # is not built yet); and every relayed request went through the owner
+    # the owner keeps each blob; and every relayed request went through the owner
     for digest in digests:
         owner = owner_of(nodes, digest)
         assert digest in owner.verify_cache()
         relayed = [e for e in owner.requests_for(digest) if "/_cluster/" in str(e["path"])]
         assert relayed, f"{owner.node_id} was never asked for {digest}"
+
+
+def test_relay_copies_go_once_cold_and_the_owner_keeps_its_own(
+        tmp_path: Path, upstream: clients.UpstreamRegistry, started: list[Node]) -> None:
+    """relay_cache = "0" (the default): a node keeps what it relayed only while it is pulled,
+    so the cluster holds each blob once; the next request relays again, upstream-free."""
+    nodes = start_cluster(tmp_path, upstreams_for(upstream), 2, cache_extra={"prefetch": False})
+    started.extend(nodes)
+    digest = blobs_of(upstream, "test/big")[-1]
+    owner = owner_of(nodes, digest)
+    other = next(n for n in nodes if n is not owner)
+    mark = upstream.registry.mark()
+    assert hashlib.sha256(fetch(other, "test/big", digest)).hexdigest() == digest[7:]
+    assert digest in owner.cached_digests()
+    wait_until(lambda: digest not in other.cached_digests(), 30, interval=0.2,
+               what="the relay copy to be trimmed")
+    assert digest in owner.cached_digests()
+    assert any(e.get("msg") == "relay copies trimmed" and e.get("entries") == 1
+               for e in other.log_entries())
+    assert hashlib.sha256(fetch(other, "test/big", digest)).hexdigest() == digest[7:]
+    upstream.registry.barrier()
+    assert upstream.registry.blob_gets(mark)[digest] == 1
 
 
 def test_a_node_joining_late_pulls_what_the_others_hold_without_the_upstream(

@@ -57,7 +57,9 @@ def three_nodes(tmp_path: Path, upstream: clients.UpstreamRegistry, blackhole: C
                 stoppers: list[Callable[[], object]]) -> list[Node]:
     (tmp_path / "nodes").mkdir()
     ups = [Upstream(name=blackhole.host, url=upstream.url, extra={"read_timeout": "5s"})]
-    nodes = start_cluster(tmp_path / "nodes", ups, 3, cache_extra={"prefetch": False})
+    # relay_cache: the relaying node keeps what it relayed, as docs/cluster-balancer.md advises
+    nodes = start_cluster(tmp_path / "nodes", ups, 3, cache_extra={"prefetch": False},
+                          cluster_extra={"relay_cache": "1GiB"})
     stoppers.extend(n.stop for n in nodes)
     return nodes
 
