@@ -117,6 +117,22 @@ class RedisConfig:
 
 
 @dataclass(frozen=True)
+class S3Config:
+    """`[s3]`: an optional S3-compatible bucket, the second storage tier behind the local dir."""
+
+    endpoint: str
+    bucket: str
+    prefix: str = ""  # keys: <prefix>blobs/sha256/<2 hex>/<hex>
+    region: str = "us-east-1"
+    access_key: str | None = field(default=None, repr=False)  # None: the AWS chain
+    secret_key: str | None = field(default=None, repr=False)
+    path_style: bool = True  # most S3-compatible stores want it; AWS takes either
+    ca_file: str | None = None  # a custom CA for TLS to the endpoint
+    timeout: float = 30.0  # connect and each read
+    part_size: int = 16 * 1024 * 1024  # multipart part (and the memory an upload holds)
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
@@ -124,6 +140,7 @@ class Config:
     auth: AuthConfig = field(default_factory=AuthConfig)
     cluster: ClusterConfig | None = None
     redis: RedisConfig | None = None
+    s3: S3Config | None = None
     path: str = "mirror.toml"
 
     def upstream(self, name: str) -> UpstreamConfig | None:
@@ -410,6 +427,47 @@ def _redis(path: str, table: object) -> RedisConfig:
     return config
 
 
+def _s3(path: str, table: object) -> S3Config:
+    s = _Section(path, "s3", table)
+    endpoint = s.get("endpoint", None, parse_url)
+    bucket = s.get("bucket", None, kind=str)
+    if not endpoint:
+        raise ConfigError(path, "s3.endpoint", "missing (e.g. https://s3.example:8333)")
+    if not bucket:
+        raise ConfigError(path, "s3.bucket", "missing: the bucket's name")
+    d = S3Config(endpoint, bucket)
+    keys = {}
+    for key in ("access_key", "secret_key"):
+        value, file = s.get(key, None, kind=str), s.get(f"{key}_file", None, kind=str)
+        keys[key] = _read_secret(path, f"s3.{key}_file", file).decode() if file else value
+    if (keys["access_key"] is None) != (keys["secret_key"] is None):
+        raise ConfigError(path, "s3.secret_key", "set both access_key and secret_key (or "
+                          "their _file keys), or neither for the AWS environment and profile")
+    prefix = s.get("prefix", d.prefix, kind=str)
+    if prefix.startswith("/") or ".." in prefix.split("/"):
+        raise ConfigError(path, "s3.prefix", f"{prefix!r}: expected a relative key prefix")
+    config = S3Config(
+        endpoint=endpoint, bucket=bucket, prefix=prefix,
+        region=s.get("region", d.region, kind=str),
+        access_key=keys["access_key"], secret_key=keys["secret_key"],
+        path_style=s.get("path_style", d.path_style, kind=bool),
+        ca_file=s.get("ca_file", d.ca_file, kind=str),
+        timeout=s.get("timeout", d.timeout, _positive_duration),
+        part_size=s.get("part_size", d.part_size, _part_size),
+    )
+    s.finish()
+    if config.ca_file is not None and not Path(config.ca_file).is_file():
+        raise ConfigError(path, "s3.ca_file", f"{config.ca_file} is not a file")
+    return config
+
+
+def _part_size(value: object) -> int:
+    size = parse_size(value)
+    if not 5 * 1024**2 <= size <= 5 * 1024**3:
+        raise ValueError("S3 parts are 5 MiB to 5 GiB")
+    return size
+
+
 def load_config(path: str | os.PathLike[str]) -> Config:
     p = Path(path)
     try:
@@ -426,7 +484,8 @@ def load_config(path: str | os.PathLike[str]) -> Config:
 
 
 def parse_config(data: dict[str, Any], path: str = "mirror.toml", base: Path = Path()) -> Config:
-    unknown = sorted(set(data) - {"server", "cache", "upstream", "auth", "cluster", "redis"})
+    unknown = sorted(set(data) - {"server", "cache", "upstream", "auth", "cluster", "redis",
+                                  "s3"})
     if unknown:
         raise ConfigError(path, unknown[0], "unknown section")
     raw_upstreams = data.get("upstream", [])
@@ -443,5 +502,6 @@ def parse_config(data: dict[str, Any], path: str = "mirror.toml", base: Path = P
         auth=_auth(path, data.get("auth", {})),
         cluster=_cluster(path, data["cluster"]) if "cluster" in data else None,
         redis=_redis(path, data["redis"]) if "redis" in data else None,
+        s3=_s3(path, data["s3"]) if "s3" in data else None,
         path=path,
     )

@@ -186,3 +186,25 @@ PEER_WRONG_BYTES = Counter(
     "mirror_peer_wrong_bytes_total",
     "Blobs a peer sent that did not match their digest (the peer is held down a while)",
     ["peer"])
+
+# --- the bucket (S3-compatible second tier) ---
+BUCKET_UP = Gauge(
+    "mirror_bucket_up",
+    "Whether the object store answered the last call (1) or not (0)", multiprocess_mode="livemax")
+BUCKET_ERRORS = Counter(
+    "mirror_bucket_errors_total",
+    "Object store calls that failed (unreachable, timed out, refused), by operation", ["op"])
+BUCKET_BYTES = Counter(
+    "mirror_bucket_bytes_total",
+    "Blob bytes read from the bucket (direction=in) and written behind to it (out)",
+    ["direction"])
+BUCKET_HITS = Counter(
+    "mirror_bucket_hits_total", "Blobs the local dir lacked that the bucket had")
+BUCKET_UPLOADS = Counter(
+    "mirror_bucket_uploads_total", "Blobs written behind to the bucket")
+BUCKET_SKIPPED = Counter(
+    "mirror_bucket_skipped_total",
+    "Blobs not written behind because the write-behind queue was full")
+BUCKET_CORRUPT = Counter(
+    "mirror_bucket_corrupt_total",
+    "Bucket objects whose bytes did not match their digest (deleted, refetched)")

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import os
 from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
 from dataclasses import dataclass
@@ -23,7 +25,11 @@ from mirror.oci.reference import Digest
 from mirror.pull.downloads import Downloads
 from mirror.pull.proxy import Proxy
 from mirror.pull.source import Source
+from mirror.tiers.bucket import Bucket, open_bucket
+from mirror.tiers.source import TieredSource, WriteBehind
 from mirror.upstream.client import Upstream
+
+log = logging.getLogger("mirror")
 
 
 @dataclass(frozen=True)
@@ -50,6 +56,7 @@ class Mirror:
     upstreams: Mapping[str, Upstream]
     sources: Mapping[str, Source]
     cluster: ClusterNode | None = None
+    bucket: Bucket | None = None  # the second tier, with [s3]
 
     @property
     def offline(self) -> bool:
@@ -78,7 +85,9 @@ async def open_mirror(config: Config) -> AsyncIterator[Mirror]:
         maintenance = Maintenance(config, store, index, lambda: _rate_limits(upstreams),
                                   on_evict=proxy.forget)
         # Every callback between the pieces, set once, here.
-        store.on_commit = _in_turn(index.add_entry, maintenance.committed)
+        bucket, tiered, write_behind = await _tiers(config, stack, store, index, upstreams)
+        store.on_commit = _in_turn(index.add_entry, maintenance.committed,
+                                   *([write_behind.committed] if write_behind else []))
         downloads.on_disk_full = maintenance.request_eviction
         proxy.on_disk_full = maintenance.request_eviction
         maintenance.start()
@@ -90,22 +99,60 @@ async def open_mirror(config: Config) -> AsyncIterator[Mirror]:
             stack.push_async_callback(shared.close)
             proxy.shared_tags = RedisTags(shared)
         cluster = None if config.cluster is None else await stack.enter_async_context(
-            _join_cluster(config.cluster, upstreams, shared))
-        sources: Mapping[str, Source] = dict(upstreams) if cluster is None else {
+            _join_cluster(config.cluster, tiered, shared))
+        sources: Mapping[str, Source] = dict(tiered) if cluster is None else {
             name: ClusterSource(u, cluster.membership, relays=True, fill_locks=shared,
                                 on_copy=index.mark_copy)
-            for name, u in upstreams.items()}
+            for name, u in tiered.items()}
         if cluster is not None:
             maintenance.owns = cluster.membership.owns
         try:
-            yield Mirror(config, store, index, downloads, proxy, upstreams, sources, cluster)
+            yield Mirror(config, store, index, downloads, proxy, upstreams, sources, cluster,
+                         bucket)
         finally:
             await maintenance.stop()
             await downloads.drain(0)
 
 
+async def _tiers(config: Config, stack: AsyncExitStack, store: BlobStore, index: Index,
+                 upstreams: Mapping[str, Upstream]
+                 ) -> tuple[Bucket | None, Mapping[str, Source], WriteBehind | None]:
+    """With [s3]: the bucket, each upstream's Source behind it, and the write-behind (its
+    uploads a kill -9 interrupted aborted first). Without: the upstreams themselves."""
+    if config.s3 is None:
+        return None, dict(upstreams), None
+    bucket = await stack.enter_async_context(open_bucket(config.s3))
+    if (problem := await bucket.check()) is not None:
+        log.warning("object store unusable at start: serving from the local tier and the "
+                    "upstream until it answers", extra={
+                        "endpoint": config.s3.endpoint, "bucket": config.s3.bucket,
+                        "error": problem})
+    left = {u for u, pid in index.uploads().items() if not _alive(pid)}
+    await bucket.abort_stale_uploads(left)
+    if bucket.last_error is None:  # aborted (or gone already); else tried again next start
+        for upload_id in left:
+            index.record_upload(upload_id, None)
+    from_bucket: set[Digest] = set()
+    write_behind = WriteBehind(bucket, store, from_bucket, lambda upload_id, active: (
+        index.record_upload(upload_id, os.getpid() if active else None)))
+    write_behind.start()
+    stack.push_async_callback(write_behind.stop)
+    return bucket, {name: TieredSource(u, bucket, from_bucket)
+                    for name, u in upstreams.items()}, write_behind
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 @asynccontextmanager
-async def _join_cluster(config: ClusterConfig, upstreams: Mapping[str, Upstream],
+async def _join_cluster(config: ClusterConfig, upstreams: Mapping[str, Source],
                         fill_locks: FillLocks | None) -> AsyncIterator[ClusterNode]:
     """Health checks of the peers run for as long as the node serves."""
     connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=10)

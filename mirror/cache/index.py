@@ -273,6 +273,24 @@ class Index:
                     value := self.db.get(f"e\0{digest}")) is not None:
                 self.db.decr(COPY_TOTAL, value[0])
 
+    def record_upload(self, upload_id: str, pid: int | None) -> None:
+        """A multipart upload to the bucket started (pid: the uploading process) or ended
+        (None), so that one a kill -9 interrupted is aborted at the next start."""
+        if pid is None:
+            self.db.delete(f"u\0{upload_id}")
+        else:
+            self.db.set(f"u\0{upload_id}", pid)
+
+    def uploads(self) -> dict[str, int]:
+        """Multipart uploads in progress: upload id -> the process that started it."""
+        found: dict[str, int] = {}
+        for key in self.db.iterkeys():
+            if isinstance(key, str) and key.startswith("u\0"):
+                pid = self.db.get(key)
+                if isinstance(pid, int):
+                    found[key[2:]] = pid
+        return found
+
     def is_copy(self, digest: Digest) -> bool:
         return self.db.get(f"c\0{digest}") is not None
 

@@ -70,9 +70,18 @@ async def readiness(mirror: Mirror) -> tuple[bool, dict[str, Any]]:
     checks = {"cache_writable": check_cache_writable(mirror), "index": check_index(mirror)}
     await refresh_upstreams(list(mirror.upstreams.values()), mirror.offline)
     ready = all(c.ok for c in checks.values())
-    return ready, {
+    report: dict[str, Any] = {
         "status": "ready" if ready else "not ready",
         "checks": {name: {"ok": c.ok, "detail": c.detail} for name, c in checks.items()},
         "upstreams": {name: upstream_report(u, mirror.offline)
                       for name, u in mirror.upstreams.items()},
     }
+    if mirror.bucket is not None:  # reported, not required: the local tier still serves
+        try:
+            problem = await asyncio.wait_for(mirror.bucket.check(), PROBE_TIMEOUT)
+        except TimeoutError:
+            problem = f"no answer within {PROBE_TIMEOUT:g} s"
+        report["bucket"] = {"endpoint": mirror.bucket.config.endpoint,
+                            "bucket": mirror.bucket.config.bucket,
+                            "usable": problem is None, "error": problem}
+    return ready, report

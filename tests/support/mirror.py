@@ -110,6 +110,7 @@ class MirrorProcess:
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
         self.launcher: tuple[str, ...] = ()  # a prefix that execs the command (a cgroup)
+        self.sections: dict[str, dict[str, Any]] = {}  # more tables: [s3], ...
 
     # --- configuration ---------------------------------------------------------------
 
@@ -122,7 +123,7 @@ class MirrorProcess:
             **self.cache_extra,
         }
         return to_toml(
-            {"server": server, "cache": cache},
+            {"server": server, "cache": cache, **self.sections},
             {"upstream": [u.table() for u in self.upstreams]},
         )
 

@@ -74,3 +74,26 @@ def test_fallback_urls_are_urls_in_order_without_the_primary_or_repeats() -> Non
     for bad in ("https://r", ["ftp://r"], ["https://u:p@r"]):
         with pytest.raises(ConfigError, match=r"upstream\[0\]\.fallback_urls"):
             parse_config({"upstream": [{"name": "d", "url": "https://d", "fallback_urls": bad}]})
+
+
+def test_s3_reads_keys_from_files_and_refuses_what_it_cannot_use(tmp_path: Path) -> None:
+    (tmp_path / "k").write_text("AKID\n")
+    (tmp_path / "s").write_text("sekrit\n")
+    s3 = {"endpoint": "http://127.0.0.1:8333", "bucket": "mirror", "prefix": "cache/",
+          "access_key_file": str(tmp_path / "k"), "secret_key_file": str(tmp_path / "s")}
+    c = parse_config({"s3": s3, **UP}).s3
+    assert c is not None and (c.access_key, c.secret_key) == ("AKID", "sekrit")
+    assert c.path_style and c.timeout == 30.0 and "sekrit" not in repr(c)
+    assert parse_config(UP).s3 is None
+    for change, key in [({"endpoint": "s3.example"}, "s3.endpoint"),
+                        ({"bucket": ""}, "s3.bucket"),
+                        ({"prefix": "../x/"}, "s3.prefix"),
+                        ({"secret_key_file": str(tmp_path / "none")}, "s3.secret_key_file"),
+                        ({"part_size": "1MiB"}, "s3.part_size"),
+                        ({"ca_file": str(tmp_path / "none.pem")}, "s3.ca_file"),
+                        ({"redirect": "yes"}, "s3.redirect")]:
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            parse_config({"s3": {**s3, **change}, **UP})
+    only_access = {"endpoint": "http://e", "bucket": "b", "access_key": "a"}
+    with pytest.raises(ConfigError, match=r"s3\.secret_key"):
+        parse_config({"s3": only_access, **UP})

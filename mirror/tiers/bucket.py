@@ -1,0 +1,269 @@
+"""The bucket of an S3-compatible object store as the second storage tier (aiobotocore: the
+S3 client on aiohttp, the mirror's own HTTP stack, with the AWS credential chain).
+
+Objects are verified blobs only, under `<prefix>blobs/sha256/<2 hex>/<hex>`. A blob is
+written whole or not at all: small ones with one PUT, large ones with a multipart upload
+completed only after the bytes sent hashed to the digest; an upload that fails is aborted.
+Uploads this cache dir started and never finished (a kill -9) are recorded in the index and
+aborted when the mirror starts again; others' are aborted once STALE_UPLOAD old.
+
+Nothing here raises for the object store being unreachable, slow or refusing: `open_blob`
+and `size` answer None (a miss) and `upload` False, the failure is logged once per change of
+state and counted (`mirror_bucket_errors_total{op}`), and for `HOLD` seconds after a failure
+the bucket is not asked at all, so a dead endpoint costs a request nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
+from datetime import UTC, datetime
+from typing import Any
+
+from aiobotocore.config import AioConfig
+from aiobotocore.session import get_session
+from botocore.exceptions import BotoCoreError, ClientError
+
+from mirror import metrics
+from mirror.config import S3Config
+from mirror.oci.reference import Digest
+
+log = logging.getLogger("mirror.bucket")
+
+HOLD = 10.0  # seconds the bucket is left alone after a failure
+STALE_UPLOAD = 3600.0  # another process's multipart upload this old is abandoned
+CHUNK = 1 << 20
+_MISSING = ("404", "NoSuchKey", "NotFound")
+FAILURES = (BotoCoreError, ClientError, OSError, asyncio.TimeoutError)
+
+
+class BucketBlob:
+    """A blob body read from the bucket (a BlobStream, pull/source.py)."""
+
+    def __init__(self, bucket: Bucket, digest: Digest, response: dict[str, Any],
+                 offset: int) -> None:
+        self.bucket, self.digest = bucket, digest
+        self._body = response["Body"]
+        self.total: int | None = offset + int(response["ContentLength"])
+
+    async def read(self) -> bytes:
+        try:
+            chunk: bytes = await self._body.raw_stream.content.readany()
+        except FAILURES as exc:
+            raise ConnectionError(f"bucket {self.bucket.config.bucket}: {exc}") from exc
+        metrics.BUCKET_BYTES.labels("in").inc(len(chunk))
+        return chunk
+
+    def close(self) -> None:
+        self._body.close()
+
+    def reject(self) -> None:
+        """The bytes did not match the digest: the object goes (the next fill refetches)."""
+        metrics.BUCKET_CORRUPT.inc()
+        log.error("bucket object does not match its digest: deleting it", extra={
+            "digest": str(self.digest), "key": self.bucket.key(self.digest)})
+        self.bucket.spawn(self.bucket.delete(self.digest))
+
+
+class Bucket:
+    def __init__(self, config: S3Config, client: Any,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.config = config
+        self.client = client  # an aiobotocore S3 client
+        self.clock = clock
+        self._held_until = 0.0
+        self._healthy = True
+        self.last_error: str | None = None
+        self._tasks: set[asyncio.Task[object]] = set()
+
+    def key(self, digest: Digest) -> str:
+        return f"{self.config.prefix}blobs/{digest.algorithm}/{digest.hex[:2]}/{digest.hex}"
+
+    @property
+    def usable(self) -> bool:
+        return self.clock() >= self._held_until
+
+    # reads -------------------------------------------------------------------------------
+    async def open_blob(self, digest: Digest, offset: int) -> BucketBlob | None:
+        """The object's bytes from `offset`, or None (absent, or the bucket unusable)."""
+        if not self.usable:
+            return None
+        extra = {"Range": f"bytes={offset}-"} if offset else {}
+        try:
+            response = await self.client.get_object(Bucket=self.config.bucket,
+                                                    Key=self.key(digest), **extra)
+        except ClientError as exc:
+            if _code(exc) in _MISSING:
+                self._ok()
+                return None
+            self._failed("get", exc)
+            return None
+        except FAILURES as exc:
+            self._failed("get", exc)
+            return None
+        self._ok()
+        return BucketBlob(self, digest, response, offset)
+
+    async def size(self, digest: Digest) -> int | None:
+        if not self.usable:
+            return None
+        try:
+            head = await self.client.head_object(Bucket=self.config.bucket,
+                                                 Key=self.key(digest))
+        except ClientError as exc:
+            if _code(exc) not in _MISSING:
+                self._failed("head", exc)
+            return None
+        except FAILURES as exc:
+            self._failed("head", exc)
+            return None
+        self._ok()
+        return int(head["ContentLength"])
+
+    async def check(self) -> str | None:
+        """None if the bucket answers, else what is wrong (for /readyz and the start line)."""
+        try:
+            await self.client.head_bucket(Bucket=self.config.bucket)
+        except FAILURES as exc:
+            self._failed("head_bucket", exc)
+            return self.last_error
+        self._ok()
+        return None
+
+    # writes ------------------------------------------------------------------------------
+    async def upload(self, digest: Digest, fd: int, size: int,
+                     record: Callable[[str, bool], None] = lambda _id, _active: None) -> bool:
+        """Write the stored blob open at `fd` under its key; True once it is there. `record`
+        is told a multipart upload's id when it starts (True) and ends (False), so a kill -9
+        leaves a trace for the next start."""
+        if not self.usable:
+            return False
+        try:
+            if size <= self.config.part_size:
+                data = await asyncio.to_thread(os.pread, fd, size, 0)
+                if not digest.matches(data):
+                    raise ValueError("the stored file does not match its digest")
+                await self.client.put_object(Bucket=self.config.bucket, Key=self.key(digest),
+                                             Body=data, ContentLength=size)
+            else:
+                await self._multipart(digest, fd, size, record)
+        except ValueError as exc:
+            log.error("not uploaded", extra={"digest": str(digest), "error": str(exc)})
+            return False
+        except FAILURES as exc:
+            self._failed("put", exc)
+            return False
+        self._ok()
+        metrics.BUCKET_BYTES.labels("out").inc(size)
+        return True
+
+    async def _multipart(self, digest: Digest, fd: int, size: int,
+                         record: Callable[[str, bool], None]) -> None:
+        key = self.key(digest)
+        started = await self.client.create_multipart_upload(Bucket=self.config.bucket, Key=key)
+        upload_id = started["UploadId"]
+        record(upload_id, True)
+        try:
+            parts, hasher = [], digest.hasher()
+            for number, offset in enumerate(range(0, size, self.config.part_size), start=1):
+                length = min(self.config.part_size, size - offset)
+                data = await asyncio.to_thread(_read_hashed, fd, length, offset, hasher)
+                part = await self.client.upload_part(
+                    Bucket=self.config.bucket, Key=key, UploadId=upload_id,
+                    PartNumber=number, Body=data, ContentLength=length)
+                parts.append({"PartNumber": number, "ETag": part["ETag"]})
+            if hasher.hexdigest() != digest.hex:
+                raise ValueError("the stored file does not match its digest")
+            await self.client.complete_multipart_upload(
+                Bucket=self.config.bucket, Key=key, UploadId=upload_id,
+                MultipartUpload={"Parts": parts})
+        except BaseException:
+            with contextlib.suppress(*FAILURES):
+                await self.client.abort_multipart_upload(Bucket=self.config.bucket, Key=key,
+                                                         UploadId=upload_id)
+            raise
+        finally:
+            record(upload_id, False)
+
+    async def delete(self, digest: Digest) -> None:
+        try:
+            await self.client.delete_object(Bucket=self.config.bucket, Key=self.key(digest))
+        except FAILURES as exc:
+            self._failed("delete", exc)
+
+    async def abort_stale_uploads(self, ours: set[str]) -> int:
+        """Abort the multipart uploads under the prefix that this cache dir left (`ours`,
+        from the index) or that are STALE_UPLOAD old; the number aborted."""
+        aborted = 0
+        try:
+            listing = await self.client.list_multipart_uploads(
+                Bucket=self.config.bucket, Prefix=self.config.prefix)
+            now = datetime.now(UTC)
+            for upload in listing.get("Uploads", []):
+                initiated = upload.get("Initiated") or now
+                stale = (now - initiated).total_seconds() >= STALE_UPLOAD
+                if upload["UploadId"] in ours or stale:
+                    await self.client.abort_multipart_upload(
+                        Bucket=self.config.bucket, Key=upload["Key"],
+                        UploadId=upload["UploadId"])
+                    aborted += 1
+        except FAILURES as exc:
+            self._failed("abort_uploads", exc)
+        return aborted
+
+    # state -------------------------------------------------------------------------------
+    def spawn(self, coro: Any) -> None:
+        task: asyncio.Task[object] = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _failed(self, op: str, exc: BaseException) -> None:
+        metrics.BUCKET_ERRORS.labels(op).inc()
+        metrics.BUCKET_UP.set(0)
+        self.last_error = f"{op}: {exc}" if str(exc) else f"{op}: {type(exc).__name__}"
+        self._held_until = self.clock() + HOLD
+        if self._healthy:
+            log.warning("object store unusable: serving from the local tier and the upstream",
+                        extra={"bucket": self.config.bucket, "endpoint": self.config.endpoint,
+                               "error": self.last_error, "retry_in_s": HOLD})
+        self._healthy = False
+
+    def _ok(self) -> None:
+        if not self._healthy:
+            log.info("object store usable again", extra={"bucket": self.config.bucket})
+        self._healthy, self.last_error = True, None
+        metrics.BUCKET_UP.set(1)
+
+
+def _read_hashed(fd: int, length: int, offset: int, hasher: Any) -> bytes:
+    data = os.pread(fd, length, offset)
+    if len(data) != length:
+        raise ValueError("the stored file is shorter than its size")
+    hasher.update(data)
+    return data
+
+
+def _code(exc: ClientError) -> str:
+    return str(exc.response.get("Error", {}).get("Code", ""))
+
+
+@asynccontextmanager
+async def open_bucket(config: S3Config) -> AsyncIterator[Bucket]:
+    """A Bucket with its client, closed on exit."""
+    session = get_session()
+    aio_config = AioConfig(
+        connect_timeout=config.timeout, read_timeout=config.timeout,
+        retries={"max_attempts": 1, "mode": "standard"},
+        s3={"addressing_style": "path" if config.path_style else "auto"},
+        max_pool_connections=32)
+    async with AsyncExitStack() as stack:
+        client = await stack.enter_async_context(session.create_client(
+            "s3", endpoint_url=config.endpoint, region_name=config.region,
+            aws_access_key_id=config.access_key, aws_secret_access_key=config.secret_key,
+            verify=config.ca_file if config.ca_file else None, config=aio_config))
+        yield Bucket(config, client)

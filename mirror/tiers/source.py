@@ -1,0 +1,147 @@
+"""The bucket as a tier of a Source (pull/source.py): a blob the local dir lacks is read from
+the bucket when it is there, else from the upstream; a blob committed to the local dir is
+written behind into the bucket.
+
+    proxy ─ miss ─▶ Downloads (single-flight) ─▶ TieredSource.open_blob
+                        bucket has it ──▶ GET <prefix>blobs/... (verified by the engine;
+                                          wrong bytes: BucketBlob.reject deletes the object)
+                        else          ──▶ the upstream's Source
+    store.on_commit ─▶ WriteBehind.committed ─▶ a bounded queue ─▶ Bucket.upload
+
+The download engine hashes the bucket's bytes exactly as the upstream's, so a corrupted
+object is never served whole: the client's body is cut short, the object deleted, and the
+retry refetches. Content of a private upstream is served from the bucket only once that
+upstream confirmed the repository holds it, as for every other source.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import Callable, Mapping
+
+from mirror import metrics
+from mirror.oci.errors import ErrorCode
+from mirror.oci.reference import Digest
+from mirror.pull.content import ContentStore
+from mirror.pull.source import BlobStream, Kind, ManifestReply, Relayed, Source
+from mirror.tiers.bucket import Bucket
+
+log = logging.getLogger("mirror.bucket")
+
+QUEUE = 1000  # blobs waiting to be written behind; beyond that they are skipped (counted)
+UPLOADERS = 2  # concurrent uploads per worker (each holds one part in memory)
+
+
+class TieredSource:
+    def __init__(self, local: Source, bucket: Bucket, from_bucket: set[Digest]) -> None:
+        self.local = local
+        self.bucket = bucket
+        self.from_bucket = from_bucket  # filled from the bucket: nothing to write behind
+
+    @property
+    def name(self) -> str:
+        return self.local.name
+
+    @property
+    def private(self) -> bool:
+        return self.local.private
+
+    @property
+    def resume_attempts(self) -> int:
+        return self.local.resume_attempts
+
+    async def open_blob(self, repository: str, digest: Digest, offset: int) -> BlobStream:
+        body = await self.bucket.open_blob(digest, offset)
+        if body is None:
+            return await self.local.open_blob(repository, digest, offset)
+        if self.local.private:
+            try:
+                await self.local.confirm(repository, digest, "blobs")
+            except BaseException:
+                body.close()
+                raise
+        metrics.BUCKET_HITS.inc()
+        self.from_bucket.add(digest)
+        return body
+
+    async def head_blob(self, repository: str, digest: Digest) -> int | None:
+        if not self.local.private and (size := await self.bucket.size(digest)) is not None:
+            return size
+        return await self.local.head_blob(repository, digest)
+
+    # the rest is the upstream's ---------------------------------------------------------
+    async def get_manifest(self, repository: str, reference: str,
+                           accept: tuple[str, ...]) -> ManifestReply:
+        return await self.local.get_manifest(repository, reference, accept)
+
+    async def head_manifest(self, repository: str, reference: str,
+                            accept: tuple[str, ...]) -> ManifestReply:
+        return await self.local.head_manifest(repository, reference, accept)
+
+    async def confirm(self, repository: str, digest: Digest, kind: Kind) -> None:
+        await self.local.confirm(repository, digest, kind)
+
+    async def relay(self, repository: str, suffix: str, query: Mapping[str, str],
+                    unknown: ErrorCode) -> Relayed:
+        return await self.local.relay(repository, suffix, query, unknown)
+
+
+class WriteBehind:
+    """Uploads blobs committed to the local dir, a few at a time, off the request path."""
+
+    def __init__(self, bucket: Bucket, store: ContentStore, from_bucket: set[Digest],
+                 record: Callable[[str, bool], None]) -> None:
+        self.bucket, self.store, self.from_bucket = bucket, store, from_bucket
+        self.record = record  # (upload id, started or ended): multipart uploads in progress
+        self.queue: asyncio.Queue[tuple[Digest, int]] = asyncio.Queue(QUEUE)
+        self._workers: list[asyncio.Task[None]] = []
+
+    def start(self) -> None:
+        self._workers = [asyncio.ensure_future(self._run()) for _ in range(UPLOADERS)]
+
+    async def stop(self) -> None:
+        for task in self._workers:
+            task.cancel()
+        for task in self._workers:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    def committed(self, digest: Digest, size: int, kind: str) -> None:
+        """store.on_commit: a blob that did not come from the bucket is queued for it."""
+        if kind != "blob" or digest in self.from_bucket:
+            self.from_bucket.discard(digest)
+            return
+        try:
+            self.queue.put_nowait((digest, size))
+        except asyncio.QueueFull:
+            metrics.BUCKET_SKIPPED.inc()
+            log.warning("write-behind queue full: blob not copied to the bucket", extra={
+                "digest": str(digest), "queued": self.queue.qsize()})
+
+    async def _run(self) -> None:
+        while True:
+            digest, size = await self.queue.get()
+            try:
+                await self._upload(digest, size)
+            except Exception:
+                log.exception("write-behind failed", extra={"digest": str(digest)})
+            finally:
+                self.queue.task_done()
+
+    async def _upload(self, digest: Digest, size: int) -> None:
+        if await self.bucket.size(digest) == size:
+            return  # another node or worker wrote it
+        fd = self.store.open_fd(digest)
+        if fd is None:
+            return  # evicted meanwhile
+        try:
+            uploaded = await self.bucket.upload(digest, fd, size, self.record)
+        finally:
+            os.close(fd)
+        if uploaded:
+            metrics.BUCKET_UPLOADS.inc()
+            log.info("written behind to the bucket", extra={
+                "digest": str(digest), "bytes": size})
