@@ -130,6 +130,7 @@ class S3Config:
     ca_file: str | None = None  # a custom CA for TLS to the endpoint
     timeout: float = 30.0  # connect and each read
     part_size: int = 16 * 1024 * 1024  # multipart part (and the memory an upload holds)
+    redirect: bool = False  # a blob only the bucket holds: 307 to a presigned URL
 
 
 @dataclass(frozen=True)
@@ -454,6 +455,7 @@ def _s3(path: str, table: object) -> S3Config:
         ca_file=s.get("ca_file", d.ca_file, kind=str),
         timeout=s.get("timeout", d.timeout, _positive_duration),
         part_size=s.get("part_size", d.part_size, _part_size),
+        redirect=s.get("redirect", d.redirect, kind=bool),
     )
     s.finish()
     if config.ca_file is not None and not Path(config.ca_file).is_file():

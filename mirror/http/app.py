@@ -23,11 +23,12 @@ from mirror.http.content import blob, manifest
 from mirror.http.keys import BYTES, CACHE, ERROR, MIRROR, ROUTE, UPSTREAM
 from mirror.http.notices import warn_unconfigured_registry
 from mirror.http.ops import install as install_ops
-from mirror.http.responses import API_VERSION
+from mirror.http.responses import API_VERSION, content_headers
 from mirror.http.wire import wire_error
 from mirror.logs import ACCESS_LOG
 from mirror.oci.errors import ErrorCode, RegistryError
 from mirror.oci.reference import (
+    Digest,
     parse_digest,
     parse_reference,
 )
@@ -35,7 +36,7 @@ from mirror.oci.routes import Kind, Route, parse_v2_path
 from mirror.oci.routing import select_upstream
 from mirror.pull.proxy import Proxy
 from mirror.pull.source import Source
-from mirror.runtime import open_mirror
+from mirror.runtime import Mirror, open_mirror
 
 log = logging.getLogger("mirror.server")
 
@@ -150,8 +151,26 @@ async def v2(request: web.Request) -> web.StreamResponse:
     if route.kind is Kind.MANIFEST:
         return await manifest(request, proxy, source, repository, route)
     if route.kind is Kind.BLOB:
-        return await blob(request, proxy, source, repository, parse_digest(route.reference))
+        digest = parse_digest(route.reference)
+        if (location := await _bucket_redirect(request, mirror, source, digest)) is not None:
+            request[CACHE] = "redirect"
+            return web.Response(status=307, headers={
+                **content_headers(digest, "application/octet-stream", None),
+                "Location": location})
+        return await blob(request, proxy, source, repository, digest)
     return await relay(request, proxy, source, repository, route)
+
+
+async def _bucket_redirect(request: web.Request, mirror: Mirror, source: Source,
+                           digest: Digest) -> str | None:
+    """With `[s3] redirect`, a GET of a public blob that only the bucket holds is sent there
+    (the CDN-origin case: the bytes go from the bucket, or the CDN before it, to the client).
+    Private content never is: a presigned URL would serve it to anyone holding the URL."""
+    bucket = mirror.bucket
+    if bucket is None or not bucket.config.redirect or request.method != "GET" \
+            or source.private or mirror.store.has(digest):
+        return None
+    return await bucket.presigned(digest)
 
 
 def _refuse_write(request: web.Request, route: Route) -> NoReturn:

@@ -36,6 +36,7 @@ from mirror.oci.reference import Digest
 log = logging.getLogger("mirror.bucket")
 
 HOLD = 10.0  # seconds the bucket is left alone after a failure
+REDIRECT_SECONDS = 300  # a presigned URL's life (clients follow it at once)
 STALE_UPLOAD = 3600.0  # another process's multipart upload this old is abandoned
 CHUNK = 1 << 20
 _MISSING = ("404", "NoSuchKey", "NotFound")
@@ -124,6 +125,16 @@ class Bucket:
             return None
         self._ok()
         return int(head["ContentLength"])
+
+    async def presigned(self, digest: Digest) -> str | None:
+        """A URL the object can be fetched from without credentials for REDIRECT_SECONDS,
+        if the bucket holds it; else None."""
+        if await self.size(digest) is None:
+            return None
+        url: str = await self.client.generate_presigned_url(
+            "get_object", Params={"Bucket": self.config.bucket, "Key": self.key(digest)},
+            ExpiresIn=REDIRECT_SECONDS)
+        return url
 
     async def check(self) -> str | None:
         """None if the bucket answers, else what is wrong (for /readyz and the start line)."""

@@ -91,7 +91,8 @@ def test_s3_reads_keys_from_files_and_refuses_what_it_cannot_use(tmp_path: Path)
                         ({"secret_key_file": str(tmp_path / "none")}, "s3.secret_key_file"),
                         ({"part_size": "1MiB"}, "s3.part_size"),
                         ({"ca_file": str(tmp_path / "none.pem")}, "s3.ca_file"),
-                        ({"redirect": "yes"}, "s3.redirect")]:
+                        ({"redirect": "yes"}, "s3.redirect"),
+                        ({"colour": "red"}, "s3.colour")]:
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
             parse_config({"s3": {**s3, **change}, **UP})
     only_access = {"endpoint": "http://e", "bucket": "b", "access_key": "a"}
