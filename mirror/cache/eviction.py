@@ -129,8 +129,9 @@ def _evict_lru(store: BlobStore, index: Index, entries: list[Entry], total: int,
         evicted += 1
         metrics.EVICTIONS.labels(entry.kind).inc()
         metrics.EVICTED_BYTES.inc(size)
-    log.info(what, extra={"entries": evicted, "bytes": freed, "total_after": total,
-                          "target": target, "pinned_kept": skipped})
+    if evicted or what == "evicted":  # hot copies kept is the normal case, not news
+        log.info(what, extra={"entries": evicted, "bytes": freed, "total_after": total,
+                              "target": target, "pinned_kept": skipped})
     return EvictionResult(evicted, freed, total, skipped)
 
 

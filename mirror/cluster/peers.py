@@ -181,27 +181,30 @@ class Membership:
         return {auth.HEADER: auth.sign(self.config.secret, self.config.node_id, method,
                                        path_qs, self.clock())}
 
-    async def get_manifest(self, url: str, upstream: str, repository: str, digest: Digest,
-                           accept: str) -> UpstreamManifest:
-        """The manifest from the peer at `url`, which fills it from its upstream; unverified
-        (the proxy verifies it as any source's). PeerUnavailable, or the refusal."""
-        path = f"/_cluster/manifests/{quote(upstream, safe=':')}/{quote(repository)}/{digest}"
+    async def get_manifest(self, url: str, upstream: str, repository: str, reference: str,
+                           accept: str, method: str = "GET") -> UpstreamManifest:
+        """The manifest (a digest or a tag) from the peer at `url`, which answers it as it
+        would its own client; unverified (the proxy verifies it as any source's). HEAD: no
+        body. PeerUnavailable, or the refusal."""
+        path = f"/_cluster/manifests/{quote(upstream, safe=':')}/{quote(repository)}/{reference}"
         timeout = aiohttp.ClientTimeout(total=self.config.peer_timeout * 4,
                                         sock_connect=self.config.peer_timeout,
                                         sock_read=self.config.peer_timeout)
         try:
-            async with self.session.get(url + path, timeout=timeout, headers={
-                    **self.sign("GET", path), "Accept": accept}) as resp:
+            async with self.session.request(method, url + path, timeout=timeout, headers={
+                    **self.sign(method, path), "Accept": accept}) as resp:
                 if resp.status != 200:
-                    raise await _refusal(resp, url, digest, repository, False)
-                data = await _bounded(resp, MAX_MANIFEST_BYTES + 1)
+                    raise await _refusal(resp, url, reference, repository, False)
+                data = None if method == "HEAD" else await _bounded(resp,
+                                                                    MAX_MANIFEST_BYTES + 1)
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise PeerUnavailable(f"{url}: {exc!r}") from exc
-        if len(data) > MAX_MANIFEST_BYTES:
+        if data is not None and len(data) > MAX_MANIFEST_BYTES:
             raise PeerUnavailable(f"{url}: a manifest over {MAX_MANIFEST_BYTES} bytes")
+        size = len(data) if data is not None else resp.content_length
         return UpstreamManifest(resp.headers.get("Docker-Content-Digest") or None,
                                 resp.headers.get("Content-Type", "").split(";")[0].strip(),
-                                len(data), data)
+                                size, data)
 
     async def open_blob(self, url: str, upstream: str, repository: str, digest: Digest,
                         offset: int, ask: Ask) -> PeerBlob:
@@ -225,8 +228,8 @@ class Membership:
         raise await _refusal(resp, url, digest, repository, True, ask == "stored")
 
 
-async def _refusal(resp: aiohttp.ClientResponse, url: str, digest: Digest, repository: str,
-                   blob: bool, stored_only: bool = False) -> Exception:
+async def _refusal(resp: aiohttp.ClientResponse, url: str, digest: Digest | str,
+                   repository: str, blob: bool, stored_only: bool = False) -> Exception:
     """What a peer's answer other than the content means: a miss, the peer's (that is, the
     upstream's) refusal, or a peer not to ask again."""
     body = await _error_message(resp)

@@ -134,7 +134,7 @@ class ClusterSource:
         except PeerMiss:
             return None
         except PeerUnavailable as exc:
-            self._unavailable(url, digest, exc)
+            self._unavailable(url, str(digest), exc)
             return None
 
     async def get_manifest(self, repository: str, reference: str,
@@ -144,27 +144,60 @@ class ClusterSource:
             for url in self._ranks(digest)[0]:
                 try:
                     reply = await self.membership.get_manifest(
-                        url, self.name, repository, digest, upstream_accept(accept))
+                        url, self.name, repository, str(digest), upstream_accept(accept))
                 except PeerUnavailable as exc:
-                    self._unavailable(url, digest, exc)
+                    self._unavailable(url, str(digest), exc)
                     continue
                 if reply.data is None or not digest.matches(reply.data):
                     self.membership.quarantine(url)
                     continue
                 metrics.PEER_RELAYS.labels("manifest").inc()
                 return reply
+        elif (owner := self._tag_owner(repository, reference)) is not None:
+            answered = await self._tag_from(owner, repository, reference, accept, "GET")
+            if answered is not None:
+                return answered
         return await self.local.get_manifest(repository, reference, accept)
 
-    def _unavailable(self, url: str, digest: Digest, exc: PeerUnavailable) -> None:
+    async def head_manifest(self, repository: str, reference: str,
+                            accept: tuple[str, ...]) -> ManifestReply:
+        if not is_digest_reference(reference) and (
+                owner := self._tag_owner(repository, reference)) is not None:
+            reply = await self._tag_from(owner, repository, reference, accept, "HEAD")
+            if reply is not None:
+                return reply
+        return await self.local.head_manifest(repository, reference, accept)
+
+    def _tag_owner(self, repository: str, tag: str) -> str | None:
+        """The URL of the node that looks `tag` up upstream for the cluster (its key ranked
+        like a digest), unless it is this node; never for a private upstream, whose tags are
+        looked up with each node's own access."""
+        if not self.relays or self.private:
+            return None
+        nodes = self.membership.live()
+        owner = ring.owner(nodes, f"tag:{self.name}/{repository}:{tag}")
+        return None if owner == self.membership.config.node_id else nodes[owner]
+
+    async def _tag_from(self, url: str, repository: str, tag: str, accept: tuple[str, ...],
+                        method: str) -> ManifestReply | None:
+        """The tag's owner's answer (it serves from its index while fresh, else asks the
+        upstream once for every node), or None when it does not answer: then this node asks
+        the upstream itself."""
+        try:
+            reply = await self.membership.get_manifest(url, self.name, repository, tag,
+                                                       upstream_accept(accept), method)
+        except PeerUnavailable as exc:
+            self._unavailable(url, f"{repository}:{tag}", exc)
+            return None
+        metrics.PEER_RELAYS.labels("tag").inc()
+        return reply
+
+    def _unavailable(self, url: str, what: str, exc: PeerUnavailable) -> None:
         log.warning("peer did not answer: asking the next", extra={
-            "peer": url, "digest": str(digest), "error": str(exc)})
+            "peer": url, "content": what, "error": str(exc)})
         self.membership.mark_down(url, str(exc))
 
     # the rest is the upstream's, as on a single node ------------------------------------
-    async def head_manifest(self, repository: str, reference: str,
-                            accept: tuple[str, ...]) -> ManifestReply:
-        return await self.local.head_manifest(repository, reference, accept)
-
     async def head_blob(self, repository: str, digest: Digest) -> int | None:
         return await self.local.head_blob(repository, digest)
 

@@ -3,7 +3,7 @@
     GET /_cluster/health                     {"node_id", "status"} (the peers' health check)
     GET /_cluster/ring[?digest=D]            the peers this node sees and, for D, their ranks
     GET /_cluster/blobs/<upstream>/<repository>/<digest>[?stored=1|?holder=1]
-    GET /_cluster/manifests/<upstream>/<repository>/<digest>
+    GET /_cluster/manifests/<upstream>/<repository>/<digest or tag>   (HEAD too)
 
 Every request carries the HMAC of auth.py over its method and raw path (401 without it). A
 blob or manifest request is answered as a client's `/v2/<repository>/blobs/<digest>` (or
@@ -26,7 +26,7 @@ from mirror.cluster import auth, ring
 from mirror.http.content import blob, manifest_of
 from mirror.http.keys import BYTES, MIRROR, ROUTE, UPSTREAM
 from mirror.oci.errors import ErrorCode, RegistryError
-from mirror.oci.reference import parse_digest, validate_name
+from mirror.oci.reference import is_digest_reference, parse_digest, validate_name, validate_tag
 from mirror.runtime import ClusterNode, Mirror
 
 
@@ -62,7 +62,9 @@ async def _content(request: web.Request, mirror: Mirror, node: ClusterNode, kind
                    rest: str) -> web.StreamResponse:
     upstream, _, rest = rest.partition("/")
     repository, _, reference = rest.rpartition("/")
-    digest = parse_digest(reference)  # 400 before anything else
+    # 400 before anything else; a tag's owner answers it for the cluster
+    ref = validate_tag(reference) if kind == "manifests" and not is_digest_reference(
+        reference) else parse_digest(reference)
     validate_name(repository)
     if upstream not in mirror.upstreams:
         raise RegistryError(ErrorCode.NAME_UNKNOWN, f"no upstream {upstream!r} here: the "
@@ -70,7 +72,8 @@ async def _content(request: web.Request, mirror: Mirror, node: ClusterNode, kind
     request[UPSTREAM] = upstream
     if kind == "manifests":
         return await manifest_of(request, mirror.proxy, node.fill_sources[upstream],
-                                 repository, digest)
+                                 repository, ref)
+    digest = parse_digest(reference)
     if request.query.get("stored") == "1":
         if not mirror.store.has(digest):
             raise RegistryError(ErrorCode.BLOB_UNKNOWN, f"{digest} is not stored here")

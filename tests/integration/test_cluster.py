@@ -85,8 +85,8 @@ def test_relay_copies_go_once_cold_and_the_owner_keeps_its_own(
     wait_until(lambda: digest not in other.cached_digests(), 30, interval=0.2,
                what="the relay copy to be trimmed")
     assert digest in owner.cached_digests()
-    assert any(e.get("msg") == "relay copies trimmed" and e.get("entries") == 1
-               for e in other.log_entries())
+    wait_until(lambda: any(e.get("msg") == "relay copies trimmed" and e.get("entries") == 1
+                           for e in other.log_entries()), 10, what="the trim's log line")
     assert hashlib.sha256(fetch(other, "test/big", digest)).hexdigest() == digest[7:]
     upstream.registry.barrier()
     assert upstream.registry.blob_gets(mark)[digest] == 1
@@ -190,3 +190,28 @@ def test_private_blobs_held_by_a_peer_are_not_served_under_another_name(
 
 def digest_in_some_cache(nodes: list[Node], digest: str) -> bool:
     return any(digest in n.verify_cache() for n in nodes)
+
+
+@pytest.mark.parametrize("workers", [1, 2], ids=lambda w: f"w{w}")
+def test_a_tag_pulled_at_once_through_every_node_is_looked_up_upstream_once(
+        tmp_path: Path, upstream: clients.UpstreamRegistry, started: list[Node],
+        workers: int) -> None:
+    """Without Redis too: the tag's owner on the ring looks it up for the cluster, the other
+    nodes ask it (and fetch the manifest by digest from that digest's owner)."""
+    nodes = start_cluster(tmp_path, upstreams_for(upstream), 3,
+                          server_extra={"workers": workers}, cache_extra={"prefetch": False})
+    started.extend(nodes)
+    accept = "application/vnd.oci.image.manifest.v1+json"
+    mark = upstream.registry.mark()
+
+    def get(node: Node) -> httpx.Response:
+        return httpx.get(f"{node.url}/v2/test/big/manifests/v1", headers={"Accept": accept},
+                         trust_env=False, timeout=30)
+
+    with ThreadPoolExecutor(12) as pool:
+        answers = list(pool.map(get, [nodes[i % 3] for i in range(12)]))
+    assert {r.status_code for r in answers} == {200}
+    assert {r.content for r in answers} == {upstream.pushed["test/big"]["v1"].manifest_bytes}
+    upstream.registry.barrier()
+    asked = [(e.method, e.manifest_ref) for e in upstream.registry.manifest_requests(mark)]
+    assert len(asked) == 1, asked
