@@ -210,6 +210,15 @@ def _alive_or_raise(srv: Server) -> bool:
     return True
 
 
+def _started(srv: Server, cond: Callable[[], bool], timeout: float, what: str) -> None:
+    """Wait for a server just started; stop it if it never gets ready."""
+    try:
+        _wait(cond, timeout, what, 0.05)
+    except BaseException:
+        srv.stop()
+        raise
+
+
 def render(template: Path, replacements: dict[str, str]) -> str:
     """The template with each key replaced; each must occur exactly once (as
     tests/support/balancer.py checks), so the file measured is the file shipped."""
@@ -253,8 +262,8 @@ class HAProxy(Server):
             raise RuntimeError(f"haproxy -c: {check.stdout}{check.stderr}")
         self.proc = Proc("haproxy", [binary, "-db", "-f", str(cfg)],
                          log_path=workdir / "haproxy.log")
-        _wait(lambda: _alive_or_raise(self) and set(self.states().values()) == {"UP"},
-              20, "haproxy with every backend UP", 0.05)
+        _started(self, lambda: _alive_or_raise(self) and set(self.states().values()) == {"UP"},
+                 20, "haproxy with every backend UP")
 
     def served(self, since: int = 0) -> dict[str, float]:
         """Blob body bytes each backend served through HAProxy (its httplog lines after
@@ -295,8 +304,8 @@ class Redis(Server):
         self.proc = Proc("redis", [binary, "--bind", "127.0.0.1", "--port", str(port),
                                    "--save", "", "--appendonly", "no", "--dir", str(workdir)],
                          log_path=workdir / "redis.log")
-        _wait(lambda: _alive_or_raise(self) and "Ready to accept" in self.proc.tail(50),
-              READY_TIMEOUT, "redis-server", 0.05)
+        _started(self, lambda: _alive_or_raise(self) and "Ready to accept" in self.proc.tail(50),
+                 READY_TIMEOUT, "redis-server")
 
 
 # --- content and measurements ---------------------------------------------------------------
