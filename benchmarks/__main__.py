@@ -12,6 +12,7 @@ import time
 import traceback
 from pathlib import Path
 
+from .cluster import bench_cluster
 from .cluster_ring import bench_ring
 from .harness import log, sigterm_as_exit, stop_all
 from .report import render_table, write_results
@@ -20,7 +21,7 @@ from .scenarios import Ctx, Options
 from .soak import bench_soak
 
 # the soak last: it runs longest
-GROUPS = {**BENCH_GROUPS, "ring": bench_ring, "soak": bench_soak}
+GROUPS = {**BENCH_GROUPS, "ring": bench_ring, "cluster": bench_cluster, "soak": bench_soak}
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results.json"
 
@@ -57,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         print(f"unknown group(s) {unknown}; choose from {list(GROUPS)}", file=sys.stderr)
         return 2
-    needs_root = {"fanin", "prefetch", "ttfb"}
+    needs_root = {"fanin", "prefetch", "ttfb", "cluster"}
     if os.geteuid() != 0 and needs_root & set(groups):
         if selected:
             print("fanin/prefetch/ttfb need root (network namespace + tc)", file=sys.stderr)
