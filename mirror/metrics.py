@@ -205,7 +205,7 @@ BUCKET_UPLOADS = Counter(
     "mirror_bucket_uploads_total", "Blobs written behind to the bucket")
 BUCKET_SKIPPED = Counter(
     "mirror_bucket_skipped_total",
-    "Blobs not written behind because the write-behind queue was full")
+    "Blobs not written behind: the write-behind queue was full, or every attempt failed")
 BUCKET_CORRUPT = Counter(
     "mirror_bucket_corrupt_total",
     "Bucket objects whose bytes did not match their digest (deleted, refetched)")

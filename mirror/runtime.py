@@ -25,7 +25,7 @@ from mirror.oci.reference import Digest
 from mirror.pull.downloads import Downloads
 from mirror.pull.proxy import Proxy
 from mirror.pull.source import Source
-from mirror.tiers.bucket import Bucket, open_bucket
+from mirror.tiers.bucket import Bucket, BucketBlob, open_bucket
 from mirror.tiers.source import TieredSource, WriteBehind
 from mirror.upstream.client import Upstream
 
@@ -132,7 +132,7 @@ async def _tiers(config: Config, stack: AsyncExitStack, store: BlobStore, index:
     if bucket.last_error is None:  # aborted (or gone already); else tried again next start
         for upload_id in left:
             index.record_upload(upload_id, None)
-    from_bucket: set[Digest] = set()
+    from_bucket: dict[Digest, BucketBlob] = {}
     write_behind = WriteBehind(bucket, store, from_bucket, lambda upload_id, active: (
         index.record_upload(upload_id, os.getpid() if active else None)))
     write_behind.start()

@@ -79,6 +79,12 @@ class ClusterSource:
         return self.local.private
 
     @property
+    def prefetches(self) -> bool:
+        """A peer's request (relays=False) does not: the peer prefetches through the owners,
+        and this node's prefetch would fill every blob from the upstream itself."""
+        return self.relays and self.local.prefetches
+
+    @property
     def resume_attempts(self) -> int:
         return self.local.resume_attempts
 

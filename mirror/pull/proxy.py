@@ -321,7 +321,7 @@ class Proxy:
         self._served_by(source, repository, digest)
         if tag is not None:
             await self._learn_tag(source, repository, tag, digest, media_type)
-        if self.config.cache.prefetch and media_type in IMAGE_TYPES:
+        if self.config.cache.prefetch and media_type in IMAGE_TYPES and source.prefetches:
             self.prefetcher.image(source, repository, data)
         return Manifest(digest, media_type, len(data), data, "miss", ttl)
 

@@ -75,6 +75,11 @@ class Source(Protocol):
     @property
     def resume_attempts(self) -> int: ...  # used by: proxy, for the downloads it starts
 
+    # used by: proxy, whether an image manifest fetched through this source starts the
+    # prefetch of its blobs (not when answering another cluster node: that node prefetches)
+    @property
+    def prefetches(self) -> bool: ...
+
     # used by: proxy, a manifest miss (the body bounded by the source)
     async def get_manifest(self, repository: str, reference: str,
                            accept: tuple[str, ...]) -> ManifestReply: ...

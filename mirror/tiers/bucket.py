@@ -51,6 +51,7 @@ class BucketBlob:
         self.bucket, self.digest = bucket, digest
         self._body = response["Body"]
         self.total: int | None = offset + int(response["ContentLength"])
+        self.rejected = False
 
     async def read(self) -> bytes:
         try:
@@ -65,6 +66,7 @@ class BucketBlob:
 
     def reject(self) -> None:
         """The bytes did not match the digest: the object goes (the next fill refetches)."""
+        self.rejected = True
         metrics.BUCKET_CORRUPT.inc()
         log.error("bucket object does not match its digest: deleting it", extra={
             "digest": str(self.digest), "key": self.bucket.key(self.digest)})

@@ -27,19 +27,23 @@ from mirror.oci.errors import ErrorCode
 from mirror.oci.reference import Digest
 from mirror.pull.content import ContentStore
 from mirror.pull.source import BlobStream, Kind, ManifestReply, Relayed, Source
-from mirror.tiers.bucket import Bucket
+from mirror.tiers.bucket import Bucket, BucketBlob
 
 log = logging.getLogger("mirror.bucket")
 
 QUEUE = 1000  # blobs waiting to be written behind; beyond that they are skipped (counted)
+ATTEMPTS = 6  # a failed upload is tried again after RETRY_SECONDS * 2**n, then given up
+RETRY_SECONDS = 2.0
 UPLOADERS = 2  # concurrent uploads per worker (each holds one part in memory)
 
 
 class TieredSource:
-    def __init__(self, local: Source, bucket: Bucket, from_bucket: set[Digest]) -> None:
+    def __init__(self, local: Source, bucket: Bucket,
+                 from_bucket: dict[Digest, BucketBlob]) -> None:
         self.local = local
         self.bucket = bucket
-        self.from_bucket = from_bucket  # filled from the bucket: nothing to write behind
+        # filled from the bucket (unless its bytes were rejected): nothing to write behind
+        self.from_bucket = from_bucket
 
     @property
     def name(self) -> str:
@@ -48,6 +52,10 @@ class TieredSource:
     @property
     def private(self) -> bool:
         return self.local.private
+
+    @property
+    def prefetches(self) -> bool:
+        return self.local.prefetches
 
     @property
     def resume_attempts(self) -> int:
@@ -64,7 +72,7 @@ class TieredSource:
                 body.close()
                 raise
         metrics.BUCKET_HITS.inc()
-        self.from_bucket.add(digest)
+        self.from_bucket[digest] = body
         return body
 
     async def head_blob(self, repository: str, digest: Digest) -> int | None:
@@ -92,30 +100,34 @@ class TieredSource:
 class WriteBehind:
     """Uploads blobs committed to the local dir, a few at a time, off the request path."""
 
-    def __init__(self, bucket: Bucket, store: ContentStore, from_bucket: set[Digest],
+    def __init__(self, bucket: Bucket, store: ContentStore, from_bucket: dict[Digest, BucketBlob],
                  record: Callable[[str, bool], None]) -> None:
         self.bucket, self.store, self.from_bucket = bucket, store, from_bucket
         self.record = record  # (upload id, started or ended): multipart uploads in progress
-        self.queue: asyncio.Queue[tuple[Digest, int]] = asyncio.Queue(QUEUE)
+        self.queue: asyncio.Queue[tuple[Digest, int, int]] = asyncio.Queue(QUEUE)
         self._workers: list[asyncio.Task[None]] = []
+        self._retries: set[asyncio.Task[None]] = set()
 
     def start(self) -> None:
         self._workers = [asyncio.ensure_future(self._run()) for _ in range(UPLOADERS)]
 
     async def stop(self) -> None:
-        for task in self._workers:
+        for task in [*self._workers, *self._retries]:
             task.cancel()
-        for task in self._workers:
+        for task in [*self._workers, *self._retries]:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
 
     def committed(self, digest: Digest, size: int, kind: str) -> None:
         """store.on_commit: a blob that did not come from the bucket is queued for it."""
-        if kind != "blob" or digest in self.from_bucket:
-            self.from_bucket.discard(digest)
+        read = self.from_bucket.pop(digest, None)
+        if kind != "blob" or (read is not None and not read.rejected):
             return
+        self._enqueue(digest, size, 0)
+
+    def _enqueue(self, digest: Digest, size: int, attempt: int) -> None:
         try:
-            self.queue.put_nowait((digest, size))
+            self.queue.put_nowait((digest, size, attempt))
         except asyncio.QueueFull:
             metrics.BUCKET_SKIPPED.inc()
             log.warning("write-behind queue full: blob not copied to the bucket", extra={
@@ -123,20 +135,38 @@ class WriteBehind:
 
     async def _run(self) -> None:
         while True:
-            digest, size = await self.queue.get()
+            digest, size, attempt = await self.queue.get()
             try:
-                await self._upload(digest, size)
+                done = await self._upload(digest, size)
             except Exception:
                 log.exception("write-behind failed", extra={"digest": str(digest)})
+                done = False
             finally:
                 self.queue.task_done()
+            if not done:
+                self._retry_later(digest, size, attempt + 1)
 
-    async def _upload(self, digest: Digest, size: int) -> None:
+    def _retry_later(self, digest: Digest, size: int, attempt: int) -> None:
+        if attempt >= ATTEMPTS:
+            metrics.BUCKET_SKIPPED.inc()
+            log.warning("write-behind given up: blob not copied to the bucket", extra={
+                "digest": str(digest), "attempts": attempt})
+            return
+
+        async def later() -> None:
+            await asyncio.sleep(RETRY_SECONDS * 2 ** (attempt - 1))
+            self._enqueue(digest, size, attempt)
+        task = asyncio.ensure_future(later())
+        self._retries.add(task)
+        task.add_done_callback(self._retries.discard)
+
+    async def _upload(self, digest: Digest, size: int) -> bool:
+        """True when the bucket holds the blob now (or it is gone from the local dir)."""
         if await self.bucket.size(digest) == size:
-            return  # another node or worker wrote it
+            return True  # another node or worker wrote it
         fd = self.store.open_fd(digest)
         if fd is None:
-            return  # evicted meanwhile
+            return True  # evicted meanwhile
         try:
             uploaded = await self.bucket.upload(digest, fd, size, self.record)
         finally:
@@ -145,3 +175,4 @@ class WriteBehind:
             metrics.BUCKET_UPLOADS.inc()
             log.info("written behind to the bucket", extra={
                 "digest": str(digest), "bytes": size})
+        return uploaded

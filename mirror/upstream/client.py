@@ -187,6 +187,8 @@ class Upstream:
         """Content from here entered with credentials (its own, or its clients')."""
         return self.credentials.configured or self.config.access == "authenticated"
 
+    prefetches = True
+
     @property
     def resume_attempts(self) -> int:
         return self.config.resume_attempts

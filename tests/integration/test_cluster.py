@@ -12,6 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from mirror.cluster import ring
 from tests.support import clients, oci
 from tests.support.cluster import Node, owner_of, plan, start_cluster, wait_converged
 from tests.support.mirror import Upstream
@@ -215,3 +216,28 @@ def test_a_tag_pulled_at_once_through_every_node_is_looked_up_upstream_once(
     upstream.registry.barrier()
     asked = [(e.method, e.manifest_ref) for e in upstream.registry.manifest_requests(mark)]
     assert len(asked) == 1, asked
+
+
+def test_a_pull_through_a_node_not_owning_the_tag_fetches_each_blob_once_with_prefetch(
+        tmp_path: Path, upstream: clients.UpstreamRegistry, started: list[Node]) -> None:
+    """Found by the cluster benchmark: the tag's owner, answering a peer, prefetched the
+    image's blobs from its own upstream while the peer prefetched them through their owners
+    (1.9x the image). Only the node whose client asked prefetches."""
+    nodes = start_cluster(tmp_path, upstreams_for(upstream), 3)  # prefetch on (the default)
+    started.extend(nodes)
+    tag_owner = ring.owner([n.node_id for n in nodes], f"tag:{upstream.host}/test/big:v1")
+    node = next(n for n in nodes if n.node_id != tag_owner)
+    mark = upstream.registry.mark()
+    accept = "application/vnd.oci.image.manifest.v1+json"
+    r = httpx.get(f"{node.url}/v2/test/big/manifests/v1", headers={"Accept": accept},
+                  trust_env=False, timeout=30)
+    assert r.status_code == 200
+    digests = blobs_of(upstream, "test/big")
+    for d in digests:
+        assert hashlib.sha256(fetch(node, "test/big", d)).hexdigest() == d[7:]
+    for d in digests:
+        owner_of(nodes, d).wait_cached([d], timeout=60)
+    upstream.registry.barrier()
+    gets = upstream.registry.blob_gets(mark)
+    assert {d: gets[d] for d in digests} == dict.fromkeys(digests, 1), gets
+    assert sum(gets.values()) == len(digests), gets

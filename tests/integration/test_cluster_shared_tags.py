@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -111,3 +112,19 @@ def test_the_status_page_shows_the_ring_the_peer_bytes_and_redis(
     redis.shutdown()
     manifest(owner, "test/small", "v2")  # a tag it never saw: it asks Redis, which is gone
     assert '<span id="redis">unusable' in httpx.get(f"{owner.url}/", trust_env=False).text
+
+
+@pytest.mark.parametrize("nodes", [1, 2], indirect=True, ids=lambda w: f"w{w}")
+def test_a_tag_asked_of_every_node_at_once_with_redis_costs_one_lookup_and_no_error(
+        upstream: clients.UpstreamRegistry, nodes: list[Node]) -> None:
+    """Found by the cluster benchmark (F1 round robin with Redis): concurrent cold lookups
+    of one tag on every node, with Redis sharing tags and the tag's owner on the ring."""
+    mark = upstream.registry.mark()
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(lambda i: httpx.get(
+            f"{nodes[i % 3].url}/v2/test/big/manifests/v1", headers={"Accept": ACCEPT},
+            trust_env=False, timeout=30), range(32)))
+    assert [r.status_code for r in answers] == [200] * 32, [r.text for r in answers][:3]
+    upstream.registry.barrier()
+    by_tag = [e for e in upstream.registry.manifest_requests(mark) if e.manifest_ref == "v1"]
+    assert len(by_tag) == 1, by_tag

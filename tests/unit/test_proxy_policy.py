@@ -80,6 +80,7 @@ class FakeSource:
         self.name = name
         self.private = private
         self.resume_attempts = 3
+        self.prefetches = True
         self.manifests: dict[tuple[str, str], tuple[bytes, str]] = {}  # (repo, ref) -> ...
         self.blobs: dict[Digest, bytes] = {}
         self.holds: set[tuple[str, Digest]] = set()  # what confirm() says yes to
