@@ -225,8 +225,10 @@ class Proxy:
                 if cached is not None:
                     return cached
                 if self.shared_tags is not None and not self.offline:
-                    # known to the cluster: by digest, which the ring routes to its owner
-                    fetched = await self._fetch_manifest(source, repository, digest, accept)
+                    # known to the cluster: GET it (no lookup first), by tag, which a cluster
+                    # routes to the tag's owner, holding it (by digest, the digest's owner
+                    # would fetch it again)
+                    fetched = await self._fetch_manifest(source, repository, tag, accept)
                     return dataclasses.replace(fetched, tag_max_age=max(0.0, ttl - age))
             else:
                 try:

@@ -16,7 +16,7 @@ from mirror.cluster import ring
 from tests.support import clients, oci
 from tests.support.cluster import Node, owner_of, plan, start_cluster, wait_converged
 from tests.support.mirror import Upstream
-from tests.support.registry import ThrottledProxy, wait_until
+from tests.support.registry import ClosedPort, ThrottledProxy, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -241,3 +241,25 @@ def test_a_pull_through_a_node_not_owning_the_tag_fetches_each_blob_once_with_pr
     gets = upstream.registry.blob_gets(mark)
     assert {d: gets[d] for d in digests} == dict.fromkeys(digests, 1), gets
     assert sum(gets.values()) == len(digests), gets
+
+
+def test_containerd_pulling_through_each_node_in_turn_costs_one_upstream_fetch_per_blob(
+        tmp_path: Path, upstream: clients.UpstreamRegistry, blackhole: ClosedPort,
+        ctd: clients.Containerd, started: list[Node]) -> None:
+    """ctr, its hosts.toml naming one node after the other: the image arrives verified each
+    time, and the upstream serves each blob once for the cluster."""
+    nodes = start_cluster(tmp_path, [Upstream(name=blackhole.host, url=upstream.url)], 3,
+                          cache_extra={"prefetch": False})
+    started.extend(nodes)
+    image = upstream.pushed["test/big"]["v1"]
+    mark = upstream.registry.mark()
+    for i, node in enumerate(nodes):
+        hosts = clients.write_hosts_toml(tmp_path / f"hosts{i}", blackhole.host, node.url)
+        ctd.remove_all()
+        ctd.pull(f"{blackhole.host}/test/big:v1", hosts_dir=hosts)
+        assert ctd.image_digest(f"{blackhole.host}/test/big:v1") == image.manifest.digest
+        ctd.check_image(f"{blackhole.host}/test/big:v1")
+        assert {b.digest for b in image.blobs} <= ctd.verify_content()  # type: ignore[union-attr]
+    upstream.registry.barrier()
+    gets = upstream.registry.blob_gets(mark)
+    assert set(gets.values()) == {1}, gets
