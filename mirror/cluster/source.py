@@ -27,16 +27,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Protocol
 
 from mirror import metrics
 from mirror.cluster import ring
 from mirror.cluster.peers import Ask, Membership, PeerBlob, PeerMiss, PeerUnavailable
-from mirror.oci.errors import ErrorCode
 from mirror.oci.mediatypes import upstream_accept
 from mirror.oci.reference import Digest, is_digest_reference, parse_digest
-from mirror.pull.source import BlobStream, Kind, ManifestReply, Relayed, Source
+from mirror.pull.source import BlobStream, ManifestReply, Source, SourceWrapper
 
 log = logging.getLogger("mirror.cluster")
 
@@ -60,33 +59,21 @@ class FillLocks(Protocol):
     async def release_fill(self, digest: str, holder: str) -> None: ...
 
 
-class ClusterSource:
+class ClusterSource(SourceWrapper):
     def __init__(self, local: Source, membership: Membership, relays: bool,
                  fill_locks: FillLocks | None = None,
                  on_copy: Callable[[Digest], None] | None = None) -> None:
-        self.local = local
+        super().__init__(local)
         self.membership = membership
         self.relays = relays
         self.fill_locks = fill_locks
         self.on_copy = on_copy  # a blob relayed from its owner: once stored, a relay copy
 
     @property
-    def name(self) -> str:
-        return self.local.name
-
-    @property
-    def private(self) -> bool:
-        return self.local.private
-
-    @property
     def prefetches(self) -> bool:
         """A peer's request (relays=False) does not: the peer prefetches through the owners,
         and this node's prefetch would fill every blob from the upstream itself."""
         return self.relays and self.local.prefetches
-
-    @property
-    def resume_attempts(self) -> int:
-        return self.local.resume_attempts
 
     def _ranks(self, digest: Digest) -> tuple[list[str], list[str]]:
         """The URLs of the live nodes ranked above this one for `digest`, and below."""
@@ -115,13 +102,13 @@ class ClusterSource:
 
     async def _fill(self, repository: str, digest: Digest, offset: int) -> BlobStream:
         """From the upstream, unless another node holds the digest's fill lock: then from
-        that node, which is downloading it (or did, a moment ago). Only a peer of ours is
-        asked: a holder string from Redis never sends a signed request anywhere else."""
+        that node, which is downloading it (or did, a moment ago). Only a peer of ours that
+        is up is asked: a holder string from Redis never sends a signed request elsewhere."""
         if self.fill_locks is None:
             return await self.local.open_blob(repository, digest, offset)
         me = self.membership.config.advertise_url
         holder = await self.fill_locks.acquire_fill(str(digest), me, FILL_TTL)
-        if holder is not None and holder != me and holder in self.membership.peers:
+        if holder is not None and holder != me and self._up(holder):
             relayed = await self._try(holder, repository, digest, offset, "holder")
             if relayed is not None:
                 metrics.PEER_RELAYS.labels("holder").inc()
@@ -131,6 +118,13 @@ class ClusterSource:
         if holder is None or holder == me:
             return FillHeld(body, self.fill_locks, str(digest), me)
         return body  # the holder did not answer and still holds it: a duplicate fetch
+
+    def _up(self, url: str) -> bool:
+        """A holder is followed only while this node sees it up: asking one it cannot reach
+        (a partition) would hold this fill for peer_timeout, long enough for the nodes
+        relaying from this one to give up on it too."""
+        peer = self.membership.peers.get(url)
+        return peer is not None and peer.up
 
     async def _try(self, url: str, repository: str, digest: Digest, offset: int,
                    ask: Ask) -> PeerBlob | None:
@@ -202,17 +196,6 @@ class ClusterSource:
         log.warning("peer did not answer: asking the next", extra={
             "peer": url, "content": what, "error": str(exc)})
         self.membership.mark_down(url, str(exc))
-
-    # the rest is the upstream's, as on a single node ------------------------------------
-    async def head_blob(self, repository: str, digest: Digest) -> int | None:
-        return await self.local.head_blob(repository, digest)
-
-    async def confirm(self, repository: str, digest: Digest, kind: Kind) -> None:
-        await self.local.confirm(repository, digest, kind)
-
-    async def relay(self, repository: str, suffix: str, query: Mapping[str, str],
-                    unknown: ErrorCode) -> Relayed:
-        return await self.local.relay(repository, suffix, query, unknown)
 
 
 class FillHeld:

@@ -113,3 +113,49 @@ class SharedTags(Protocol):
     # used by: proxy, after the source answered for a tag; expires `ttl` after fetched_at
     async def put(self, upstream: str, repository: str, tag: str, entry: TagEntry,
                   ttl: float) -> None: ...
+
+
+class SourceWrapper:
+    """A Source that passes every call to `local`, the source it wraps: a tier in front of
+    an upstream (the cluster's ClusterSource, the bucket's TieredSource) subclasses it and
+    overrides what it routes elsewhere."""
+
+    def __init__(self, local: Source) -> None:
+        self.local = local
+
+    @property
+    def name(self) -> str:
+        return self.local.name
+
+    @property
+    def private(self) -> bool:
+        return self.local.private
+
+    @property
+    def prefetches(self) -> bool:
+        return self.local.prefetches
+
+    @property
+    def resume_attempts(self) -> int:
+        return self.local.resume_attempts
+
+    async def get_manifest(self, repository: str, reference: str,
+                           accept: tuple[str, ...]) -> ManifestReply:
+        return await self.local.get_manifest(repository, reference, accept)
+
+    async def head_manifest(self, repository: str, reference: str,
+                            accept: tuple[str, ...]) -> ManifestReply:
+        return await self.local.head_manifest(repository, reference, accept)
+
+    async def open_blob(self, repository: str, digest: Digest, offset: int) -> BlobStream:
+        return await self.local.open_blob(repository, digest, offset)
+
+    async def head_blob(self, repository: str, digest: Digest) -> int | None:
+        return await self.local.head_blob(repository, digest)
+
+    async def confirm(self, repository: str, digest: Digest, kind: Kind) -> None:
+        await self.local.confirm(repository, digest, kind)
+
+    async def relay(self, repository: str, suffix: str, query: Mapping[str, str],
+                    unknown: ErrorCode) -> Relayed:
+        return await self.local.relay(repository, suffix, query, unknown)

@@ -20,13 +20,12 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 
 from mirror import metrics
-from mirror.oci.errors import ErrorCode
 from mirror.oci.reference import Digest
 from mirror.pull.content import ContentStore
-from mirror.pull.source import BlobStream, Kind, ManifestReply, Relayed, Source
+from mirror.pull.source import BlobStream, Source, SourceWrapper
 from mirror.tiers.bucket import Bucket, BucketBlob
 
 log = logging.getLogger("mirror.bucket")
@@ -37,29 +36,13 @@ RETRY_SECONDS = 2.0
 UPLOADERS = 2  # concurrent uploads per worker (each holds one part in memory)
 
 
-class TieredSource:
+class TieredSource(SourceWrapper):
     def __init__(self, local: Source, bucket: Bucket,
                  from_bucket: dict[Digest, BucketBlob]) -> None:
-        self.local = local
+        super().__init__(local)
         self.bucket = bucket
         # filled from the bucket (unless its bytes were rejected): nothing to write behind
         self.from_bucket = from_bucket
-
-    @property
-    def name(self) -> str:
-        return self.local.name
-
-    @property
-    def private(self) -> bool:
-        return self.local.private
-
-    @property
-    def prefetches(self) -> bool:
-        return self.local.prefetches
-
-    @property
-    def resume_attempts(self) -> int:
-        return self.local.resume_attempts
 
     async def open_blob(self, repository: str, digest: Digest, offset: int) -> BlobStream:
         body = await self.bucket.open_blob(digest, offset)
@@ -79,22 +62,6 @@ class TieredSource:
         if not self.local.private and (size := await self.bucket.size(digest)) is not None:
             return size
         return await self.local.head_blob(repository, digest)
-
-    # the rest is the upstream's ---------------------------------------------------------
-    async def get_manifest(self, repository: str, reference: str,
-                           accept: tuple[str, ...]) -> ManifestReply:
-        return await self.local.get_manifest(repository, reference, accept)
-
-    async def head_manifest(self, repository: str, reference: str,
-                            accept: tuple[str, ...]) -> ManifestReply:
-        return await self.local.head_manifest(repository, reference, accept)
-
-    async def confirm(self, repository: str, digest: Digest, kind: Kind) -> None:
-        await self.local.confirm(repository, digest, kind)
-
-    async def relay(self, repository: str, suffix: str, query: Mapping[str, str],
-                    unknown: ErrorCode) -> Relayed:
-        return await self.local.relay(repository, suffix, query, unknown)
 
 
 class WriteBehind:

@@ -32,6 +32,7 @@ import pytest
 from tests.support import clients, oci
 from tests.support.mirror import MirrorProcess
 from tests.support.mirrorfixtures import MirrorFactory, blackhole, mirror_factory
+from tests.support.redisserver import RedisServer
 from tests.support.registry import (
     BASIC_PASSWORD,
     BASIC_USER,
@@ -154,6 +155,14 @@ def registries_conf(tmp_path: Path, mirror: MirrorProcess, blackhole: ClosedPort
 @pytest.fixture
 def hosts_dir(tmp_path: Path, mirror: MirrorProcess, blackhole: ClosedPort) -> Path:
     return clients.write_hosts_toml(tmp_path / "hosts", blackhole.host, mirror.url)
+
+
+@pytest.fixture
+def redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A real redis-server of this test's own (tests/support/redisserver.py)."""
+    server = RedisServer(tmp_path / "redis").start()
+    yield server
+    server.stop()
 
 
 @pytest.fixture

@@ -23,13 +23,6 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
-def redis(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path / "redis").start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
 def link(upstream: clients.UpstreamRegistry) -> Iterator[ThrottledProxy]:
     proxy = ThrottledProxy(upstream.registry.port, rate=20_000_000).start()
     yield proxy

@@ -26,13 +26,6 @@ ACCEPT = ("application/vnd.oci.image.index.v1+json, application/vnd.oci.image.ma
 
 
 @pytest.fixture
-def redis(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path / "redis").start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
 def nodes(tmp_path: Path, upstream: clients.UpstreamRegistry, redis: RedisServer,
           request: pytest.FixtureRequest) -> Iterator[list[Node]]:
     workers = getattr(request, "param", 1)

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from mirror.cluster import ring
 from mirror.cluster import source as cluster_source
 from mirror.cluster.peers import Ask, Membership, PeerBlob, PeerUnavailable
 from mirror.cluster.source import DONE_TTL, FILL_TTL, ClusterSource
@@ -55,12 +56,17 @@ class FakeLocks:
 
 
 class FakeMembership(Membership):
-    """The peer at PEER is known (not up: it need not be for its lock to count); what is
-    asked of peers is recorded, and answered from `peer_data` unless `peer_down`."""
+    """The peer at PEER is known and up; what is asked of peers is recorded, and answered
+    unless `peer_down` (it stopped answering since its last health check)."""
 
     def __init__(self) -> None:
-        config = ClusterConfig(node_id="m1", advertise_url=ME, secret=b"k" * 32, peers=(PEER,))
+        config = ClusterConfig(node_id="m1", advertise_url=ME, secret=b"k" * 32, peers=(PEER,),
+                               peer_fill_ranks=0)
         super().__init__(config, session=None)  # type: ignore[arg-type]
+        # a peer ranked below this node for DIGEST: this node is the owner that fills it
+        below = next(n for n in (f"m{i}" for i in range(2, 100))
+                     if ring.owner(["m1", n], str(DIGEST)) == "m1")
+        self.peers[PEER].up, self.peers[PEER].node_id = True, below
         self.asked: list[tuple[str, Ask]] = []
         self.peer_down = False
 
@@ -139,6 +145,13 @@ async def test_a_holder_that_does_not_answer_costs_a_duplicate_fetch_not_an_erro
     assert await drain(await cluster.open_blob(REPO, DIGEST, 0)) == DATA
     assert membership.asked == [(PEER, "holder")] and upstream.calls["open_blob"] == 1
     assert locks.held[str(DIGEST)][0] == PEER  # not ours to release
+
+
+async def test_a_holder_seen_down_is_not_asked() -> None:
+    cluster, membership, upstream = source(FakeLocks(held_by=PEER))
+    membership.peers[PEER].up = False  # a partition: asking would hold the fill a while
+    assert await drain(await cluster.open_blob(REPO, DIGEST, 0)) == DATA
+    assert not membership.asked and upstream.calls["open_blob"] == 1
 
 
 @pytest.mark.parametrize("locks", [None, FakeLocks(usable=False)], ids=["no-redis", "down"])
