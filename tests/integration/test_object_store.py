@@ -15,7 +15,7 @@ import pytest
 
 from tests.support import clients
 from tests.support.mirror import MirrorProcess, Upstream
-from tests.support.registry import wait_until
+from tests.support.registry import ClosedPort, wait_until
 from tests.support.seaweed import SeaweedS3
 
 pytestmark = pytest.mark.integration
@@ -70,8 +70,8 @@ def started() -> Iterator[list[MirrorProcess]]:
 
 
 def mirror_with(started: list[MirrorProcess], workdir: Path, up: clients.UpstreamRegistry,
-                s3: dict[str, Any], workers: int = 1) -> MirrorProcess:
-    proc = MirrorProcess(workdir, [Upstream(name=up.host, url=up.url)],
+                s3: dict[str, Any], workers: int = 1, name: str | None = None) -> MirrorProcess:
+    proc = MirrorProcess(workdir, [Upstream(name=name or up.host, url=up.url)],
                          cache_extra={"prefetch": False}, server_extra={"workers": workers})
     proc.sections["s3"] = s3
     started.append(proc)
@@ -191,14 +191,21 @@ def test_a_kill_during_write_behind_leaves_no_object_and_the_upload_is_aborted(
     assert space.key(big) not in space.objects()
 
 
+def warm_bucket(started: list[MirrorProcess], workdir: Path, up: clients.UpstreamRegistry,
+                space: Space, repo: str) -> list[str]:
+    """A first mirror pulls `repo` and writes its blobs behind; returns their digests."""
+    first = mirror_with(started, workdir, up, space.table())
+    pull(first, workdir / "warm", repo)
+    digests = blobs(up, repo)
+    wait_until(lambda: {space.key(d) for d in digests} <= set(space.objects()), 30,
+               what="written behind")
+    return digests
+
+
 def test_redirect_mode_sends_skopeo_to_the_bucket(
         tmp_path: Path, upstream: clients.UpstreamRegistry, space: Space,
         started: list[MirrorProcess]) -> None:
-    first = mirror_with(started, tmp_path / "a", upstream, space.table())
-    pull(first, tmp_path / "warm", "test/small")
-    digests = blobs(upstream, "test/small")
-    wait_until(lambda: {space.key(d) for d in digests} <= set(space.objects()), 30,
-               what="written behind")
+    digests = warm_bucket(started, tmp_path / "a", upstream, space, "test/small")
     edge = mirror_with(started, tmp_path / "b", upstream,
                        space.table(redirect=True))
     mark = upstream.registry.mark()
@@ -208,3 +215,26 @@ def test_redirect_mode_sends_skopeo_to_the_bucket(
     redirected = [e for e in edge.request_log() if e["status"] == 307]
     assert {e["path"].rsplit("/", 1)[1] for e in redirected} == set(digests)
     assert not edge.cached_digests() & set(digests)  # the bytes went bucket -> client
+
+
+def test_redirect_mode_sends_containerd_to_the_bucket(
+        tmp_path: Path, upstream: clients.UpstreamRegistry, space: Space,
+        started: list[MirrorProcess], blackhole: ClosedPort, ctd: clients.Containerd) -> None:
+    """ctr follows the 307 to the presigned URL; its hosts.toml names only the mirror (the
+    registry's own name is a closed port), so nothing can come from elsewhere."""
+    image = upstream.pushed["test/big"]["v1"]
+    digests = warm_bucket(started, tmp_path / "a", upstream, space, "test/big")
+    edge = mirror_with(started, tmp_path / "b", upstream, space.table(redirect=True),
+                       name=blackhole.host)
+    hosts = clients.write_hosts_toml(tmp_path / "hosts", blackhole.host, edge.url)
+    mark = upstream.registry.mark()
+    ctd.pull(f"{blackhole.host}/test/big:v1", hosts_dir=hosts)
+    upstream.registry.barrier()
+    assert ctd.image_digest(f"{blackhole.host}/test/big:v1") == image.manifest.digest
+    ctd.check_image(f"{blackhole.host}/test/big:v1")
+    assert set(digests) <= ctd.verify_content()
+    assert not upstream.registry.blob_gets(mark)
+    redirected = {e["path"].rsplit("/", 1)[1].split("?")[0]
+                  for e in edge.request_log() if e["status"] == 307}
+    assert redirected == set(digests)
+    assert not edge.cached_digests() & set(digests)
