@@ -204,7 +204,7 @@ class Membership:
         size = len(data) if data is not None else resp.content_length
         return UpstreamManifest(resp.headers.get("Docker-Content-Digest") or None,
                                 resp.headers.get("Content-Type", "").split(";")[0].strip(),
-                                size, data)
+                                size, data, max_age(resp.headers.get("Cache-Control", "")))
 
     async def open_blob(self, url: str, upstream: str, repository: str, digest: Digest,
                         offset: int, ask: Ask) -> PeerBlob:
@@ -280,3 +280,12 @@ class PeerBlob(UpstreamBlob):
 
     def reject(self) -> None:
         self.membership.quarantine(self.url)
+
+
+def max_age(cache_control: str) -> float | None:
+    """A peer's `Cache-Control: max-age=N` (what is left of its trust in a tag), else None."""
+    for directive in cache_control.split(","):
+        name, _, value = directive.strip().partition("=")
+        if name.lower() == "max-age" and value.isdigit():
+            return float(value)
+    return None

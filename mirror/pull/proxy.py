@@ -173,12 +173,19 @@ class Proxy:
         return entry
 
     async def _learn_tag(self, source: Source, repository: str, tag: str, digest: Digest,
-                         media_type: str) -> None:
-        """The source's answer for a tag: recorded here, and shared with the cluster."""
-        entry = self._set_tag(source.name, repository, tag, digest, media_type)
+                         media_type: str, fresh_for: float | None = None) -> TagEntry:
+        """The source's answer for a tag: recorded here (as old as the source says it is),
+        and shared with the cluster."""
+        ttl = self.config.cache.tag_ttl
+        aged = None if fresh_for is None else time.time() - max(0.0, ttl - fresh_for)
+        entry = self._set_tag(source.name, repository, tag, digest, media_type, aged)
         if self.shared_tags is not None and not source.private:
-            await self.shared_tags.put(source.name, repository, tag, entry,
-                                       self.config.cache.tag_ttl)
+            await self.shared_tags.put(source.name, repository, tag, entry, ttl)
+        return entry
+
+    def _trust_left(self, entry: TagEntry) -> float:
+        """Seconds a tag answer may still be served without asking the source again."""
+        return max(0.0, self.config.cache.tag_ttl - entry.age())
 
     async def _shared_tag(self, source: Source, repository: str, tag: str
                           ) -> TagEntry | None:
@@ -252,7 +259,7 @@ class Proxy:
         current = await self._head_manifest(source, repository, tag, accept)
         if str(current.digest) == entry.digest and current.data is not None:
             return Manifest(current.digest, current.media_type, current.size, current.data,
-                            "revalidated", self.config.cache.tag_ttl)
+                            "revalidated", current.tag_max_age)
         if current.data is not None or head:
             return current
         return await self._fetch_manifest(source, repository, tag, accept)
@@ -268,17 +275,19 @@ class Proxy:
             return await self._fetch_manifest(source, repository, reference, accept)
         digest = _claimed_digest(source, reply.digest)
         self._served_by(source, repository, digest)  # the source named it for this repo
+        max_age = None
         if tag is not None:
             # Remembered even before the manifest itself is fetched: containerd resolves a tag
             # with HEAD, then GETs the manifest by digest.
             stored = self._cached_manifest(digest)
-            await self._learn_tag(source, repository, tag, digest,
-                                  stored[1] if stored else reply.media_type)
-        cached = self._from_cache(digest, "hit", self.config.cache.tag_ttl if tag else None)
+            entry = await self._learn_tag(source, repository, tag, digest,
+                                          stored[1] if stored else reply.media_type,
+                                          reply.fresh_for)
+            max_age = self._trust_left(entry)
+        cached = self._from_cache(digest, "hit", max_age)
         if cached is not None:
             return cached
-        return Manifest(digest, reply.media_type, reply.size or 0, None, "miss",
-                        self.config.cache.tag_ttl if tag else None)
+        return Manifest(digest, reply.media_type, reply.size or 0, None, "miss", max_age)
 
     async def _fetch_manifest(self, source: Source, repository: str, reference: Digest | str,
                               accept: tuple[str, ...]) -> Manifest:
@@ -322,7 +331,9 @@ class Proxy:
         self.index.count("manifest_miss")
         self._served_by(source, repository, digest)
         if tag is not None:
-            await self._learn_tag(source, repository, tag, digest, media_type)
+            entry = await self._learn_tag(source, repository, tag, digest, media_type,
+                                          reply.fresh_for)
+            ttl = self._trust_left(entry)
         if self.config.cache.prefetch and media_type in IMAGE_TYPES and source.prefetches:
             self.prefetcher.image(source, repository, data)
         return Manifest(digest, media_type, len(data), data, "miss", ttl)
@@ -350,7 +361,7 @@ class Proxy:
         ttl = self.config.cache.tag_ttl
         if entry is None or entry.age() >= ttl or not is_acceptable(entry.media_type, accept):
             return None
-        return self._from_cache(parse_digest(entry.digest), "hit", ttl - entry.age())
+        return self._from_cache(parse_digest(entry.digest), "hit", self._trust_left(entry))
 
     def _verify_manifest(self, source: Source, reference: Digest | str, reply: ManifestReply,
                          data: bytes) -> Digest:

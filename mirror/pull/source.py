@@ -34,6 +34,12 @@ class ManifestReply(Protocol):
     @property
     def data(self) -> bytes | None: ...  # used by: proxy (None for a HEAD)
 
+    # used by: proxy (a tag answered by a peer that has trusted it a while is trusted here
+    # only for what is left, so the cluster asks the upstream again tag_ttl after it last
+    # did; None: fresh from the upstream)
+    @property
+    def fresh_for(self) -> float | None: ...
+
 
 class Relayed(Protocol):
     """A small uncached answer passed through (a tags list, a referrers index)."""

@@ -400,6 +400,7 @@ class UpstreamManifest:
     media_type: str  # Content-Type without parameters
     size: int | None  # Content-Length
     data: bytes | None  # None for a HEAD
+    fresh_for: float | None = None  # a peer's remaining trust in a tag answer (seconds)
 
 
 @dataclass(frozen=True)

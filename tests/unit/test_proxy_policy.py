@@ -45,6 +45,7 @@ class Reply:
     media_type: str
     size: int | None
     data: bytes | None
+    fresh_for: float | None = None
 
 
 @dataclass(frozen=True)
@@ -92,6 +93,7 @@ class FakeSource:
         self.down = False
         self.break_first_body_at: int | None = None
         self.gate: asyncio.Event | None = None
+        self.fresh_for: float | None = None  # as a peer answers a tag it has trusted a while
 
     def add_manifest(self, repository: str, tag: str, data: bytes) -> Digest:
         digest = digest_of(data)
@@ -119,13 +121,13 @@ class FakeSource:
         await self._enter("get_manifest")
         self.manifest_gets.append(reference)
         data, media_type = self._manifest(repository, reference)
-        return Reply(str(digest_of(data)), media_type, len(data), data)
+        return Reply(str(digest_of(data)), media_type, len(data), data, self.fresh_for)
 
     async def head_manifest(self, repository: str, reference: str,
                             accept: tuple[str, ...]) -> Reply:
         await self._enter("head_manifest")
         data, media_type = self._manifest(repository, reference)
-        return Reply(str(digest_of(data)), media_type, len(data), None)
+        return Reply(str(digest_of(data)), media_type, len(data), None, self.fresh_for)
 
     async def open_blob(self, repository: str, digest: Digest, offset: int) -> FakeBlob:
         await self._enter("open_blob")
@@ -227,6 +229,28 @@ async def test_a_tag_moved_upstream_is_fetched_after_its_head(world: Any) -> Non
     m = await w.proxy.manifest(w.source, "app", "v1", ACCEPT, head=False)
     assert (m.digest, m.cache) == (new, "miss")
     assert w.source.calls == {"head_manifest": 1, "get_manifest": 1}
+
+
+@pytest.mark.parametrize("head", [False, True])
+async def test_a_tag_a_peer_trusted_a_while_is_trusted_only_for_what_is_left(
+        world: Any, monkeypatch: pytest.MonkeyPatch, head: bool) -> None:
+    """A tag's owner answers with max-age=10 of its 60 s: asked again 11 s later, not 60."""
+    w = world()
+    w.source.add_manifest("app", "v1", image_manifest())
+    if head:  # a HEAD is answered from the store only when the manifest is there
+        stored(w, image_manifest())
+    w.source.fresh_for = 10.0
+    first = await w.proxy.manifest(w.source, "app", "v1", ACCEPT, head=head)
+    assert first.tag_max_age is not None and first.tag_max_age <= 10.0
+    asked = sum(w.source.calls.values())
+    now = time.time()
+    monkeypatch.setattr(time, "time", lambda: now + 5)
+    await w.proxy.manifest(w.source, "app", "v1", ACCEPT, head=head)
+    assert sum(w.source.calls.values()) == asked  # still trusted
+    monkeypatch.setattr(time, "time", lambda: now + 11)
+    again = await w.proxy.manifest(w.source, "app", "v1", ACCEPT, head=head)
+    assert w.source.calls["head_manifest"] == (2 if head else 1)
+    assert again.tag_max_age is not None and again.tag_max_age <= 10.0
 
 
 async def test_stale_if_error_when_the_source_is_down(world: Any) -> None:
