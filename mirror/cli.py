@@ -31,12 +31,55 @@ def cmd_verify(config: Config, args: argparse.Namespace) -> int:
     from mirror.commands.verify import verify
     from mirror.runtime import open_cache
 
+    if args.tier == "s3":
+        return _verify_bucket(config)
     with open_cache(config) as (store, index):
         report = verify(store, index)
     for digest in report.bad:
         print(f"removed {digest}: content does not match its digest")
     print(f"verified {report.checked} files ({report.bytes} bytes): {len(report.bad)} bad")
     return 1 if report.bad else 0
+
+
+def _verify_bucket(config: Config) -> int:
+    from mirror.runtime import open_bucket_tier, open_cache
+    from mirror.tiers.bounds import verify_bucket
+
+    if config.s3 is None:
+        print("mirror: verify: --tier s3 needs an [s3] section", file=sys.stderr)
+        return 2
+
+    async def run() -> int:
+        with open_cache(config) as (store, index):
+            async with open_bucket_tier(config, store, index) as keeper:
+                report = await verify_bucket(keeper.bucket)
+        for digest in report.bad:
+            print(f"removed {digest} from the bucket: content does not match its digest")
+        print(f"verified {report.checked} bucket objects ({report.bytes} bytes): "
+              f"{len(report.bad)} bad" + (f", {report.unreadable} unreadable"
+                                          if report.unreadable else ""))
+        return 1 if report.bad or report.unreadable else 0
+    return asyncio.run(run())
+
+
+def _gc_bucket(config: Config) -> int:
+    from mirror.commands.status import human
+    from mirror.runtime import open_bucket_tier, open_cache
+
+    async def run() -> int:
+        with open_cache(config) as (store, index):
+            async with open_bucket_tier(config, store, index) as keeper:
+                result = await keeper.trim()
+                error = keeper.bucket.last_error
+        if result is None:
+            print("mirror: gc: the bucket is being trimmed by another process or could not be "
+                  f"listed{f' ({error})' if error else ''}", file=sys.stderr)
+            return 1
+        print(f"bucket: deleted {len(result.deleted)} objects ({human(result.freed)}); "
+              f"bucket now {human(result.total_after)}"
+              + (f"; {result.failed} deletes failed ({error})" if result.failed else ""))
+        return 1 if result.failed else 0
+    return asyncio.run(run())
 
 
 def cmd_status(config: Config, args: argparse.Namespace) -> int:
@@ -61,7 +104,7 @@ def cmd_gc(config: Config, args: argparse.Namespace) -> int:
         return 1
     print(f"evicted {result.evicted} entries ({human(result.freed)}); "
           f"cache now {human(result.total_after)}")
-    return 0
+    return _gc_bucket(config) if config.s3 is not None else 0
 
 
 def cmd_warm(config: Config, args: argparse.Namespace) -> int:
@@ -115,15 +158,18 @@ def build_parser() -> argparse.ArgumentParser:
     add("serve", cmd_serve, "run the mirror",
         "Serve the registry pull API on [server] listen, caching into [cache] dir. Starts "
         "whether or not the upstreams are reachable.")
-    add("verify", cmd_verify, "rehash the cache; remove what does not match",
-        "Rehash every stored blob and manifest, remove anything that does not match its "
-        "digest, and exit 1 if any was found.")
+    verify = add("verify", cmd_verify, "rehash the cache; remove what does not match",
+                 "Rehash every stored blob and manifest, remove anything that does not match "
+                 "its digest, and exit 1 if any was found. --tier s3: the same for the "
+                 "bucket's objects (streamed).")
+    verify.add_argument("--tier", choices=["local", "s3"], default="local",
+                        help="what to verify: the local dir (default) or the [s3] bucket")
     add("status", cmd_status, "show cache size, entries, hit ratio, pins, rate limits",
         "Print the cache's size against max_size, entry count, hit ratio, oldest entry, pinned "
         "images and the upstreams' last seen rate limits.")
     add("gc", cmd_gc, "evict down to the low watermark now",
         "Evict least-recently-used content (never pinned images) until the cache is at "
-        "[cache] low_watermark.")
+        "[cache] low_watermark; with [s3], trim the bucket to its max_size and max_unused.")
     warm = add("warm", cmd_warm, "fill the cache with images",
                "Resolve each image reference (e.g. docker.io/library/nginx:1.27, "
                "ghcr.io/o/r@sha256:...) and cache its manifests and blobs, through the same "
