@@ -9,10 +9,15 @@ import sys
 import tarfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mirror import __version__
 from mirror.config import Config, ConfigError, load_config
 from mirror.oci.errors import RegistryError
+
+if TYPE_CHECKING:
+    from mirror.cache.index import Index
+    from mirror.cache.store import BlobStore
 
 Command = Callable[[Config, argparse.Namespace], int]
 
@@ -119,10 +124,27 @@ def cmd_export(config: Config, args: argparse.Namespace) -> int:
     from mirror.runtime import open_cache
 
     with open_cache(config) as (store, index):
-        n = export(store, index, [u.name for u in config.upstreams], args.images,
-                   Path(args.output))
+        names = [u.name for u in config.upstreams]
+        if config.s3 is not None:
+            fetched = asyncio.run(_from_bucket(config, store, index, names, args.images))
+            if fetched:
+                print(f"fetched {fetched} blobs from the bucket (verified)")
+        n = export(store, index, names, args.images, Path(args.output))
     print(f"exported {len(args.images)} images ({n} files) to {args.output}")
     return 0
+
+
+async def _from_bucket(config: Config, store: BlobStore, index: Index, names: list[str],
+                       images: list[str]) -> int:
+    """Blobs of the images only the bucket holds, copied to the local dir for `export`."""
+    from mirror.commands.archive import missing_blobs
+    from mirror.runtime import open_bucket_tier
+
+    missing = missing_blobs(store, index, names, images)
+    if not missing:
+        return 0
+    async with open_bucket_tier(config, store, index) as keeper:
+        return sum([await keeper.bucket.copy_to(store, d) for d in sorted(missing, key=str)])
 
 
 def cmd_import(config: Config, args: argparse.Namespace) -> int:

@@ -94,12 +94,15 @@ class BucketKeeper:
         self.clock = clock
         self._trimmed_at = float("-inf")
         self._scanned_at = float("-inf")
+        # No object can be unused for max_unused before this (wall clock): until then a trim
+        # is only due over max_size, so a large bucket's index is not read every few seconds.
+        self._stale_from = float("-inf")
 
     async def tick(self) -> None:
         if not self.bucket.usable:
             return
         now = time.monotonic()
-        if now - self._trimmed_at >= TRIM_SECONDS:
+        if now - self._trimmed_at >= TRIM_SECONDS and self._due():
             self._trimmed_at = now
             await self.trim()
         if self.enqueue is not None and now - self._scanned_at >= RESCAN_SECONDS \
@@ -108,6 +111,13 @@ class BucketKeeper:
             self._scanned_at = now
             if self.write_missing() >= RESCAN_BATCH:  # more to come: look again soon
                 self._scanned_at -= RESCAN_SECONDS - 10 * TRIM_SECONDS
+
+    def _due(self) -> bool:
+        if not self.index.bucket_known(identity(self.s3)):
+            return True
+        if self.s3.max_size is not None and self.index.bucket_total() > self.s3.max_size:
+            return True
+        return self.s3.max_unused is not None and self.clock() >= self._stale_from
 
     async def ensure_index(self) -> bool:
         """The index holds this bucket's objects (listed now if it did not); False if the
@@ -139,10 +149,10 @@ class BucketKeeper:
             now = self.clock()
             objects = list(self.index.bucket_objects())
             total = self.index.bucket_total()
+            pinned = await asyncio.to_thread(self._pinned) if objects else set()
             chosen, unused, kept = plan_trim(
                 objects, total, self.s3.max_size, self.s3.max_unused, self.bucket.busy,
-                await asyncio.to_thread(self._pinned) if objects else set(), now,
-                now - 2 * ACCESS_FLUSH_SECONDS)
+                pinned, now, now - 2 * ACCESS_FLUSH_SECONDS)
             result = TrimResult(pinned_kept=kept)
             for entry in chosen:
                 if entry.digest in self.bucket.busy:  # a read or upload began meanwhile
@@ -156,6 +166,14 @@ class BucketKeeper:
                     result.failed += 1
                     break  # the bucket is unusable now: the next tick goes on
             result.unused = min(unused, len(result.deleted))
+            gone = set(result.deleted)
+            # Accesses only move later, new objects come in new: the oldest left that may go
+            # says when the next can be stale (a delete failed: as soon as the bucket answers).
+            left = [e.last_access for e in objects if e.digest not in gone
+                    and e.digest not in pinned] if not result.failed else []
+            self._stale_from = (min(left, default=now) + self.s3.max_unused
+                                if self.s3.max_unused is not None and not result.failed
+                                else float("-inf"))
             result.total_after = self.index.bucket_total()
             if result.deleted or result.failed:
                 log.info("bucket trimmed", extra={

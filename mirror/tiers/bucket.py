@@ -30,6 +30,7 @@ from aiobotocore.session import get_session
 from botocore.exceptions import BotoCoreError, ClientError
 
 from mirror import metrics
+from mirror.cache.store import BlobStore
 from mirror.config import S3Config
 from mirror.oci.errors import RegistryError
 from mirror.oci.reference import Digest, parse_digest
@@ -262,6 +263,33 @@ class Bucket:
             self._failed("list", exc)
             raise
         self._ok()
+
+    async def copy_to(self, store: BlobStore, digest: Digest) -> bool:
+        """Store the object in the local dir, verified as it streams (`mirror export` of a
+        blob only the bucket holds); False when it is absent, unreadable or wrong (deleted)."""
+        body = await self.open_blob(digest, 0)
+        if body is None:
+            return False
+        tmp = store.tmp_dir / f"{digest.algorithm}-{digest.hex}.{os.getpid()}.bucket"
+        hasher = digest.hasher()
+        try:
+            with open(tmp, "wb") as f:  # noqa: ASYNC230 (a command's loop: nothing waits)
+                while chunk := await body.read():
+                    hasher.update(chunk)
+                    f.write(chunk)
+                f.flush()
+                os.fdatasync(f.fileno())
+            if hasher.hexdigest() != digest.hex:
+                body.reject()
+                return False
+            store.commit(tmp, digest)
+        except ConnectionError:
+            return False
+        finally:
+            body.close()
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+        return True
 
     async def matches(self, digest: Digest) -> bool | None:
         """Whether the object's bytes hash to its digest, read a chunk at a time (flat

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import httpx
@@ -194,3 +195,28 @@ def test_a_trim_while_the_store_is_frozen_does_not_stop_the_mirror(
                interval=0.3, what="the trim done once the store answers")
     assert mirror.running
     assert not [e for e in mirror.log_entries() if e.get("msg") == "cache maintenance failed"]
+
+
+def test_export_fetches_a_blob_only_the_bucket_holds(
+        tmp_path: Path, upstream: clients.UpstreamRegistry, space: Space,
+        started: list[MirrorProcess]) -> None:
+    first = mirror_with(started, tmp_path / "a", upstream, space.table())
+    pull(first, tmp_path / "out", "test/small")
+    digests = blobs(upstream, "test/small")
+    written_behind(space, digests)
+    edge = mirror_with(started, tmp_path / "b", upstream, space.table())
+    r = httpx.get(f"{edge.url}/v2/test/small/manifests/v1", trust_env=False, timeout=30,
+                  headers={"Accept": "application/vnd.oci.image.manifest.v1+json, "
+                           "application/vnd.docker.distribution.manifest.v2+json"})
+    assert r.status_code == 200
+    edge.stop()
+    assert not set(digests) & edge.cached_digests()  # only the manifest is local
+    archive = tmp_path / "small.tar"
+    out = run_mirror(edge, "export", "-o", str(archive), f"{upstream.host}/test/small:v1")
+    assert out.returncode == 0, out.stderr
+    assert f"fetched {len(digests)} blobs from the bucket" in out.stdout
+    with tarfile.open(archive) as tar:
+        for d in digests:
+            member = tar.extractfile(f"blobs/sha256/{d.split(':')[1]}")
+            assert member is not None
+            assert f"sha256:{hashlib.sha256(member.read()).hexdigest()}" == d

@@ -234,3 +234,19 @@ def test_good_bounds_parse(tmp_path: Path) -> None:
                     'max_unused = "30d"\n')
     s3 = load_config(path).s3
     assert s3 is not None and s3.max_size == 2 * 1024**4 and s3.max_unused == 30 * 86400
+
+
+async def test_a_large_index_is_read_again_only_when_an_object_can_be_stale(
+        tmp_path: Path) -> None:
+    config, store, index = setup(tmp_path, max_size=10**9, max_unused=3600)
+    objects(index, 3, 10, NOW - 600)
+    now = [NOW]
+    k = BucketKeeper(config, store, index, CountingBucket(index),  # type: ignore[arg-type]
+                     clock=lambda: now[0])
+    assert k._due()
+    result = await k.trim()
+    assert result is not None and result.deleted == []
+    assert not k._due()  # the oldest was used 600 s ago: nothing is stale for 3000 s
+    now[0] = NOW + 3000 + 1
+    assert k._due()
+    index.close()
