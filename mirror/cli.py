@@ -9,10 +9,15 @@ import sys
 import tarfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mirror import __version__
 from mirror.config import Config, ConfigError, load_config
 from mirror.oci.errors import RegistryError
+
+if TYPE_CHECKING:
+    from mirror.cache.index import Index
+    from mirror.cache.store import BlobStore
 
 Command = Callable[[Config, argparse.Namespace], int]
 
@@ -31,12 +36,55 @@ def cmd_verify(config: Config, args: argparse.Namespace) -> int:
     from mirror.commands.verify import verify
     from mirror.runtime import open_cache
 
+    if args.tier == "s3":
+        return _verify_bucket(config)
     with open_cache(config) as (store, index):
         report = verify(store, index)
     for digest in report.bad:
         print(f"removed {digest}: content does not match its digest")
     print(f"verified {report.checked} files ({report.bytes} bytes): {len(report.bad)} bad")
     return 1 if report.bad else 0
+
+
+def _verify_bucket(config: Config) -> int:
+    from mirror.runtime import open_bucket_tier, open_cache
+    from mirror.tiers.bounds import verify_bucket
+
+    if config.s3 is None:
+        print("mirror: verify: --tier s3 needs an [s3] section", file=sys.stderr)
+        return 2
+
+    async def run() -> int:
+        with open_cache(config) as (store, index):
+            async with open_bucket_tier(config, store, index) as keeper:
+                report = await verify_bucket(keeper.bucket)
+        for digest in report.bad:
+            print(f"removed {digest} from the bucket: content does not match its digest")
+        print(f"verified {report.checked} bucket objects ({report.bytes} bytes): "
+              f"{len(report.bad)} bad" + (f", {report.unreadable} unreadable"
+                                          if report.unreadable else ""))
+        return 1 if report.bad or report.unreadable else 0
+    return asyncio.run(run())
+
+
+def _gc_bucket(config: Config) -> int:
+    from mirror.commands.status import human
+    from mirror.runtime import open_bucket_tier, open_cache
+
+    async def run() -> int:
+        with open_cache(config) as (store, index):
+            async with open_bucket_tier(config, store, index) as keeper:
+                result = await keeper.trim()
+                error = keeper.bucket.last_error
+        if result is None:
+            print("mirror: gc: the bucket is being trimmed by another process or could not be "
+                  f"listed{f' ({error})' if error else ''}", file=sys.stderr)
+            return 1
+        print(f"bucket: deleted {len(result.deleted)} objects ({human(result.freed)}); "
+              f"bucket now {human(result.total_after)}"
+              + (f"; {result.failed} deletes failed ({error})" if result.failed else ""))
+        return 1 if result.failed else 0
+    return asyncio.run(run())
 
 
 def cmd_status(config: Config, args: argparse.Namespace) -> int:
@@ -61,7 +109,7 @@ def cmd_gc(config: Config, args: argparse.Namespace) -> int:
         return 1
     print(f"evicted {result.evicted} entries ({human(result.freed)}); "
           f"cache now {human(result.total_after)}")
-    return 0
+    return _gc_bucket(config) if config.s3 is not None else 0
 
 
 def cmd_warm(config: Config, args: argparse.Namespace) -> int:
@@ -76,10 +124,27 @@ def cmd_export(config: Config, args: argparse.Namespace) -> int:
     from mirror.runtime import open_cache
 
     with open_cache(config) as (store, index):
-        n = export(store, index, [u.name for u in config.upstreams], args.images,
-                   Path(args.output))
+        names = [u.name for u in config.upstreams]
+        if config.s3 is not None:
+            fetched = asyncio.run(_from_bucket(config, store, index, names, args.images))
+            if fetched:
+                print(f"fetched {fetched} blobs from the bucket (verified)")
+        n = export(store, index, names, args.images, Path(args.output))
     print(f"exported {len(args.images)} images ({n} files) to {args.output}")
     return 0
+
+
+async def _from_bucket(config: Config, store: BlobStore, index: Index, names: list[str],
+                       images: list[str]) -> int:
+    """Blobs of the images only the bucket holds, copied to the local dir for `export`."""
+    from mirror.commands.archive import missing_blobs
+    from mirror.runtime import open_bucket_tier
+
+    missing = missing_blobs(store, index, names, images)
+    if not missing:
+        return 0
+    async with open_bucket_tier(config, store, index) as keeper:
+        return sum([await keeper.bucket.copy_to(store, d) for d in sorted(missing, key=str)])
 
 
 def cmd_import(config: Config, args: argparse.Namespace) -> int:
@@ -115,15 +180,18 @@ def build_parser() -> argparse.ArgumentParser:
     add("serve", cmd_serve, "run the mirror",
         "Serve the registry pull API on [server] listen, caching into [cache] dir. Starts "
         "whether or not the upstreams are reachable.")
-    add("verify", cmd_verify, "rehash the cache; remove what does not match",
-        "Rehash every stored blob and manifest, remove anything that does not match its "
-        "digest, and exit 1 if any was found.")
+    verify = add("verify", cmd_verify, "rehash the cache; remove what does not match",
+                 "Rehash every stored blob and manifest, remove anything that does not match "
+                 "its digest, and exit 1 if any was found. --tier s3: the same for the "
+                 "bucket's objects (streamed).")
+    verify.add_argument("--tier", choices=["local", "s3"], default="local",
+                        help="what to verify: the local dir (default) or the [s3] bucket")
     add("status", cmd_status, "show cache size, entries, hit ratio, pins, rate limits",
         "Print the cache's size against max_size, entry count, hit ratio, oldest entry, pinned "
         "images and the upstreams' last seen rate limits.")
     add("gc", cmd_gc, "evict down to the low watermark now",
         "Evict least-recently-used content (never pinned images) until the cache is at "
-        "[cache] low_watermark.")
+        "[cache] low_watermark; with [s3], trim the bucket to its max_size and max_unused.")
     warm = add("warm", cmd_warm, "fill the cache with images",
                "Resolve each image reference (e.g. docker.io/library/nginx:1.27, "
                "ghcr.io/o/r@sha256:...) and cache its manifests and blobs, through the same "

@@ -131,6 +131,8 @@ class S3Config:
     timeout: float = 30.0  # connect and each read
     part_size: int = 16 * 1024 * 1024  # multipart part (and the memory an upload holds)
     redirect: bool = False  # a blob only the bucket holds: 307 to a presigned URL
+    max_size: int | None = None  # bytes the bucket may hold (trimmed LRU to 90%); None: no bound
+    max_unused: float | None = None  # seconds an object unused (by this node) may stay
 
 
 @dataclass(frozen=True)
@@ -456,11 +458,20 @@ def _s3(path: str, table: object) -> S3Config:
         timeout=s.get("timeout", d.timeout, _positive_duration),
         part_size=s.get("part_size", d.part_size, _part_size),
         redirect=s.get("redirect", d.redirect, kind=bool),
+        max_size=s.get("max_size", d.max_size, _positive_size),
+        max_unused=s.get("max_unused", d.max_unused, _positive_duration),
     )
     s.finish()
     if config.ca_file is not None and not Path(config.ca_file).is_file():
         raise ConfigError(path, "s3.ca_file", f"{config.ca_file} is not a file")
     return config
+
+
+def _positive_size(value: object) -> int:
+    size = parse_size(value)
+    if size <= 0:
+        raise ValueError("expected a size above 0 (or leave the key out: no bound)")
+    return size
 
 
 def _part_size(value: object) -> int:

@@ -209,3 +209,9 @@ BUCKET_SKIPPED = Counter(
 BUCKET_CORRUPT = Counter(
     "mirror_bucket_corrupt_total",
     "Bucket objects whose bytes did not match their digest (deleted, refetched)")
+BUCKET_DELETED = Counter(
+    "mirror_bucket_deleted_total",
+    "Bucket objects deleted to keep [s3] max_size and max_unused")
+BUCKET_QUEUE = Gauge(
+    "mirror_bucket_queue", "Blobs waiting in the write-behind queues (all workers)",
+    multiprocess_mode="livesum")

@@ -25,6 +25,7 @@ from mirror.oci.reference import Digest
 from mirror.pull.downloads import Downloads
 from mirror.pull.proxy import Proxy
 from mirror.pull.source import Source
+from mirror.tiers.bounds import BucketKeeper
 from mirror.tiers.bucket import Bucket, BucketBlob, open_bucket
 from mirror.tiers.source import TieredSource, WriteBehind
 from mirror.upstream.client import Upstream
@@ -63,6 +64,16 @@ class Mirror:
         return self.config.cache.offline
 
 
+@asynccontextmanager
+async def open_bucket_tier(config: Config, store: BlobStore, index: Index
+                           ) -> AsyncIterator[BucketKeeper]:
+    """For the commands: the bucket with its index kept (no write-behind)."""
+    assert config.s3 is not None
+    async with open_bucket(config.s3) as bucket:
+        bucket.on_present, bucket.on_gone = index.bucket_add, index.bucket_remove
+        yield BucketKeeper(config, store, index, bucket)
+
+
 @contextmanager
 def open_cache(config: Config) -> Iterator[tuple[BlobStore, Index]]:
     """The store and its index, with every commit recorded as an index entry."""
@@ -86,6 +97,9 @@ async def open_mirror(config: Config) -> AsyncIterator[Mirror]:
                                   on_evict=proxy.forget)
         # Every callback between the pieces, set once, here.
         bucket, tiered, write_behind = await _tiers(config, stack, store, index, upstreams)
+        if bucket is not None and write_behind is not None:
+            maintenance.extra.append(BucketKeeper(config, store, index, bucket,
+                                                  write_behind.requeue).tick)
         store.on_commit = _in_turn(index.add_entry, maintenance.committed,
                                    *([write_behind.committed] if write_behind else []))
         downloads.on_disk_full = maintenance.request_eviction
@@ -122,6 +136,7 @@ async def _tiers(config: Config, stack: AsyncExitStack, store: BlobStore, index:
     if config.s3 is None:
         return None, dict(upstreams), None
     bucket = await stack.enter_async_context(open_bucket(config.s3))
+    bucket.on_present, bucket.on_gone = index.bucket_add, index.bucket_remove
     if (problem := await bucket.check()) is not None:
         log.warning("object store unusable at start: serving from the local tier and the "
                     "upstream until it answers", extra={

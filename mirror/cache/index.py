@@ -4,7 +4,9 @@ It holds what the content-addressed files cannot say by themselves:
 - tags: which digest a tag pointed to and when that was learned;
 - media types: the type a manifest was served with;
 - entries: every stored file's size, kind and last access, for LRU eviction, plus the total;
-- counters: hits and misses, for `mirror status`.
+- counters: hits and misses, for `mirror status`;
+- bucket objects (with `[s3]`): each object's size and last access as this node saw it (S3
+  keeps no access time), for the bucket's bounds (tiers/bounds.py), plus their total.
 
 Access times are batched in memory and written in one transaction per flush, so a cache hit
 costs no disk write. Losing the index loses nothing that matters: `rebuild_entries` recreates
@@ -41,6 +43,9 @@ TOTAL = "total_bytes"
 COUNT = "entry_count"
 COPY_TOTAL = "copy_bytes"  # the stored bytes of relay copies (cluster: what another node owns)
 ENTRIES_COMPLETE = "entries_complete"
+BUCKET_TOTAL = "bucket_bytes"
+BUCKET_COUNT = "bucket_count"
+BUCKET_KNOWN = "bucket_known"  # the bucket (endpoint, bucket, prefix) whose listing is held
 
 
 @dataclass(frozen=True, slots=True)
@@ -297,8 +302,83 @@ class Index:
     def copy_bytes(self) -> int:
         return int(self.db.get(COPY_TOTAL, 0))
 
+    # bucket objects (sizes and this node's access times, for the bucket's bounds) ---------
+    def bucket_add(self, digest: Digest, size: int, last_access: float | None = None) -> None:
+        """The bucket holds `digest` (an upload completed, or it was found there): a new
+        object gets `last_access` (default now); a known one is touched (batched)."""
+        key = f"b\0{digest}"
+        if self.db.get(key) is not None:
+            self.touch(digest)
+            return
+        with self.db.transact():
+            self.db.delete(f"bt\0{digest}")
+            if self.db.get(key) is None:
+                self.db.incr(BUCKET_TOTAL, size)
+                self.db.incr(BUCKET_COUNT)
+                self.db.set(key, (size, time.time() if last_access is None else last_access))
+
+    def bucket_remove(self, digest: Digest, trimmed: bool = False) -> None:
+        """The object is gone; `trimmed`: deleted for the bounds, so not to be written behind
+        again from the local dir (bucket_trimmed) unless it is fetched again."""
+        key = f"b\0{digest}"
+        with self.db.transact():
+            if trimmed:
+                self.db.set(f"bt\0{digest}", 1)
+            value = self.db.get(key)
+            if value is not None:
+                self.db.delete(key)
+                self.db.decr(BUCKET_TOTAL, value[0])
+                self.db.decr(BUCKET_COUNT)
+
+    def bucket_trimmed(self, digest: Digest) -> bool:
+        return self.db.get(f"bt\0{digest}") is not None
+
+    def bucket_has(self, digest: Digest) -> bool:
+        return self.db.get(f"b\0{digest}") is not None
+
+    def bucket_objects(self) -> Iterator[Entry]:
+        for key in self.db.iterkeys():
+            if isinstance(key, str) and key.startswith("b\0"):
+                value = self.db.get(key)
+                if value is not None:
+                    with contextlib.suppress(Exception):
+                        yield Entry(parse_digest(key[2:]), value[0], value[1], "blob")
+
+    def bucket_total(self) -> int:
+        return int(self.db.get(BUCKET_TOTAL, 0))
+
+    def bucket_count(self) -> int:
+        return int(self.db.get(BUCKET_COUNT, 0))
+
+    def bucket_known(self, identity: str) -> bool:
+        """Whether the objects held are the listing of this bucket (endpoint, bucket, prefix)
+        and what this node saw since; False for a new or lost index or another bucket."""
+        return bool(self.db.get(BUCKET_KNOWN) == identity)
+
+    def rebuild_bucket(self, listed: Iterator[tuple[Digest, int, float]],
+                       identity: str) -> int:
+        """Replace the bucket objects with a listing (LastModified as the last access, unless
+        this node knew a later one); returns the count."""
+        known = {e.digest: e.last_access for e in self.bucket_objects()}
+        count = total = 0
+        with self.db.transact():
+            for key in list(self.db.iterkeys()):
+                if isinstance(key, str) and key.startswith("b\0"):
+                    self.db.delete(key)
+            for digest, size, modified in listed:
+                self.db.set(f"b\0{digest}", (size, max(modified, known.get(digest, 0.0))))
+                count += 1
+                total += size
+            self.db.set(BUCKET_TOTAL, total)
+            self.db.set(BUCKET_COUNT, count)
+            self.db.set(BUCKET_KNOWN, identity)
+        log.info("bucket index rebuilt from the listing", extra={
+            "objects": count, "bytes": total})
+        return count
+
     def touch(self, digest: Digest) -> None:
-        """Note an access; written at the next flush()."""
+        """Note an access (of the local entry, and of the bucket object if there is one);
+        written at the next flush()."""
         self._accessed[str(digest)] = time.time()
 
     def count(self, name: str, n: int = 1) -> None:
@@ -314,6 +394,9 @@ class Index:
                 value = self.db.get(f"e\0{digest}")
                 if value is not None and value[1] < when:
                     self.db.set(f"e\0{digest}", (value[0], when, value[2]))
+                value = self.db.get(f"b\0{digest}")
+                if value is not None and value[1] < when:
+                    self.db.set(f"b\0{digest}", (value[0], when))
             for name, n in counts.items():
                 self.db.incr(f"count\0{name}", n)
 

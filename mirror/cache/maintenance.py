@@ -1,6 +1,7 @@
 """The background work of a serving process: writing the batched access times and counters,
 publishing upstream rate limits, rebuilding a lost index, evicting when the store passes
-`max_size`, and in a cluster trimming relay copies past `relay_cache` once they are cold.
+`max_size`, in a cluster trimming relay copies past `relay_cache` once they are cold, and
+then the `extra` work runtime.py hands it (with [s3]: the bucket's bounds, tiers/bounds.py).
 
 It calls nothing above the cache: runtime.py hands it the rate limits to publish and what to
 do with an evicted digest, and calls `committed` and `request_eviction` from the store's and
@@ -12,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 
 from mirror.cache.eviction import evict_to_watermark, trim_relay_copies
 from mirror.cache.index import ACCESS_FLUSH_SECONDS, Index
@@ -40,6 +41,9 @@ class Maintenance:
         # In a cluster: whether this node owns a digest now (its relay copies are trimmed
         # to `[cluster] relay_cache`, what it owns never is); None on a single node.
         self.owns: Callable[[Digest], bool] | None = None
+        # More work each round, set by runtime.py (with [s3]: the bucket's bounds); each
+        # is awaited in turn and its failure logged.
+        self.extra: list[Callable[[], Awaitable[None]]] = []
         self._trimmed_at = 0.0
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -80,6 +84,11 @@ class Maintenance:
                 await self._trim_relay_copies()
             except Exception:
                 log.exception("cache maintenance failed")
+            for work in self.extra:
+                try:
+                    await work()
+                except Exception:
+                    log.exception("cache maintenance failed")
 
     async def _trim_relay_copies(self) -> None:
         """At most every TRIM_SECONDS: copies in use are kept, and looking at every entry

@@ -64,6 +64,17 @@ def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
+def missing_blobs(store: BlobStore, index: Index, upstreams: list[str],
+                  images: Sequence[str]) -> set[Digest]:
+    """What the images reference that the local dir lacks (with [s3], fetched from the
+    bucket before `export`)."""
+    digests: set[Digest] = set()
+    for i in images:
+        digests |= image_digests(store, resolve_cached(store, index,
+                                                       parse_image(i, upstreams)).digest)
+    return {d for d in digests if store.size(d) is None}
+
+
 def export(store: BlobStore, index: Index, upstreams: list[str], images: Sequence[str],
            output: Path) -> int:
     """Write the archive; returns the number of blobs in it."""

@@ -7,6 +7,7 @@ import time
 from mirror.cache.index import Index
 from mirror.config import Config
 from mirror.oci.routing import parse_image
+from mirror.tiers.bounds import identity
 
 
 def human(n: float) -> str:
@@ -44,6 +45,28 @@ def status_lines(config: Config, index: Index) -> list[str]:
         rl = index.ratelimit(name)
         if rl is not None:
             lines.append(f"rate limit:   {name}: {rl[1]} remaining (limit {rl[0]})")
+    return lines + bucket_lines(config, index)
+
+
+def bucket_lines(config: Config, index: Index) -> list[str]:
+    """The bucket's lines, per this node's index of it (none without [s3])."""
+    s3 = config.s3
+    if s3 is None:
+        return []
+    where = f"{s3.endpoint}/{s3.bucket}/{s3.prefix}"
+    lines = [f"object store: {where}"]
+    if not index.bucket_known(identity(s3)):
+        return [*lines, "bucket:       not listed yet (a running mirror or `mirror gc` lists it)"]
+    total = index.bucket_total()
+    bound = (f"of {human(s3.max_size)} ({100 * total / s3.max_size:.1f}%)"
+             if s3.max_size else "(no max_size)")
+    lines.append(f"bucket size:  {human(total)} {bound}, {index.bucket_count()} objects")
+    if s3.max_unused is not None:
+        lines.append(f"bucket bound: objects unused for {human_age(s3.max_unused)} are deleted")
+    objects = list(index.bucket_objects())
+    if objects:
+        oldest = min(e.last_access for e in objects)
+        lines.append(f"bucket oldest: last used {human_age(time.time() - oldest)} ago")
     return lines
 
 

@@ -27,6 +27,7 @@ from mirror.http import access, health, statuspage
 from mirror.http.activity import Activity, in_flight, merged_top
 from mirror.http.keys import ACTIVITY, MIRROR
 from mirror.runtime import Mirror
+from mirror.tiers.bounds import identity
 from mirror.upstream.client import ratelimit_number
 
 log = logging.getLogger("mirror.ops")
@@ -93,9 +94,26 @@ async def status_page(request: web.Request) -> web.Response:
         workers=mirror.config.server.workers,
         started=activity.started,
         cluster=_cluster_view(mirror, snapshot),
+        bucket=await asyncio.to_thread(_bucket_view, mirror, snapshot),
     )
     return web.Response(body=statuspage.render(view).encode(), headers={
         "Content-Type": "text/html; charset=utf-8", "Cache-Control": "no-store"})
+
+
+def _bucket_view(mirror: Mirror, snapshot: metrics.Samples) -> statuspage.BucketView | None:
+    s3, bucket = mirror.config.s3, mirror.bucket
+    if s3 is None or bucket is None:
+        return None
+    index = mirror.index
+    oldest = min((e.last_access for e in index.bucket_objects()), default=None)
+    t = metrics.total
+    return statuspage.BucketView(
+        f"{s3.endpoint}/{s3.bucket}/{s3.prefix}", index.bucket_known(identity(s3)),
+        index.bucket_count(), index.bucket_total(), s3.max_size, s3.max_unused, oldest,
+        bucket.usable and bucket.last_error is None, bucket.last_error,
+        t(snapshot, "mirror_bucket_queue"), t(snapshot, "mirror_bucket_uploads_total"),
+        t(snapshot, "mirror_bucket_skipped_total"), t(snapshot, "mirror_bucket_corrupt_total"),
+        t(snapshot, "mirror_bucket_deleted_total"), t(snapshot, "mirror_bucket_hits_total"))
 
 
 def _cluster_view(mirror: Mirror, snapshot: metrics.Samples) -> statuspage.ClusterView | None:

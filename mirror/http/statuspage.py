@@ -53,6 +53,28 @@ class ClusterView:
 
 
 @dataclass(frozen=True)
+class BucketView:
+    """The `[s3]` bucket: where, what this node's index says it holds, its bounds, and the
+    write-behind's counters (all workers)."""
+
+    where: str  # endpoint/bucket/prefix
+    listed: bool  # whether the index holds the bucket's listing yet
+    objects: float
+    bytes: float
+    max_size: float | None
+    max_unused: float | None
+    oldest_use: float | None  # wall-clock seconds
+    usable: bool
+    last_error: str | None
+    queued: float
+    uploads: float
+    skipped: float
+    corrupt: float
+    deleted: float
+    hits: float
+
+
+@dataclass(frozen=True)
 class StatusView:
     cache_bytes: float
     cache_max_bytes: float
@@ -71,6 +93,7 @@ class StatusView:
     started: float
     generated: float = field(default_factory=time.time)
     cluster: ClusterView | None = None
+    bucket: BucketView | None = None
 
     @property
     def hit_ratio(self) -> float | None:
@@ -194,6 +217,31 @@ def _cluster(c: ClusterView) -> str:
             f'Redis <span id="redis">{html.escape(redis)}</span></p>')
 
 
+def _bucket(b: BucketView) -> str:
+    state = "usable" if b.usable else f"unusable: {b.last_error or '?'}"
+    held = (f"{human_bytes(b.bytes)}" + (f" of {human_bytes(b.max_size)}" if b.max_size
+                                         else " (no max_size)")) if b.listed else "not listed yet"
+    oldest = ("n/a" if b.oldest_use is None
+              else human_seconds(max(0.0, time.time() - b.oldest_use)) + " ago")
+    rows = [
+        ("Where", html.escape(b.where) + " · " + html.escape(state)),
+        ("Held", _num("bucket-bytes", b.bytes if b.listed else None, held) + " in "
+         + _num("bucket-objects", b.objects, f"{b.objects:g}") + " objects"),
+        ("Unused limit", _num("bucket-max-unused", b.max_unused, "none" if b.max_unused is None
+                              else human_seconds(b.max_unused))),
+        ("Oldest use", _num("bucket-oldest-use", b.oldest_use, oldest)),
+        ("Write-behind queue", _num("bucket-queued", b.queued, f"{b.queued:g}")),
+        ("Uploaded / skipped", _num("bucket-uploads", b.uploads, f"{b.uploads:g}") + " / "
+         + _num("bucket-skipped", b.skipped, f"{b.skipped:g}")),
+        ("Read from bucket", _num("bucket-hits", b.hits, f"{b.hits:g}")),
+        ("Corrupt / trimmed", _num("bucket-corrupt", b.corrupt, f"{b.corrupt:g}") + " / "
+         + _num("bucket-deleted", b.deleted, f"{b.deleted:g}")),
+    ]
+    use = b.bytes / b.max_size if b.max_size and b.listed else None
+    body = "".join(f"<tr><td>{label}</td><td>{value}</td></tr>" for label, value in rows)
+    return _bar(use, held) + f'<table style="margin-top:.5em">{body}</table>'
+
+
 def _top(view: StatusView) -> str:
     if not view.top:
         return '<p class="none">Nothing pulled yet.</p>'
@@ -264,6 +312,7 @@ def render(view: StatusView) -> str:
 <h2>Upstreams</h2>
 {_upstreams(view)}
 {"" if view.cluster is None else "<h2>Cluster</h2>" + _cluster(view.cluster)}
+{"" if view.bucket is None else "<h2>Object store</h2>" + _bucket(view.bucket)}
 <h2>Most pulled repositories</h2>
 {_top(view)}
 </body></html>

@@ -30,8 +30,10 @@ from aiobotocore.session import get_session
 from botocore.exceptions import BotoCoreError, ClientError
 
 from mirror import metrics
+from mirror.cache.store import BlobStore
 from mirror.config import S3Config
-from mirror.oci.reference import Digest
+from mirror.oci.errors import RegistryError
+from mirror.oci.reference import Digest, parse_digest
 
 log = logging.getLogger("mirror.bucket")
 
@@ -49,12 +51,13 @@ class BucketBlob:
     def __init__(self, bucket: Bucket, digest: Digest, response: dict[str, Any],
                  offset: int) -> None:
         self.bucket, self.digest = bucket, digest
-        self._body = response["Body"]
+        self._body: Any = response["Body"]
         self.total: int | None = offset + int(response["ContentLength"])
         self.rejected = False
 
     async def read(self) -> bytes:
         try:
+            assert self._body is not None, "read after close"
             chunk: bytes = await self._body.raw_stream.content.readany()
         except FAILURES as exc:
             raise ConnectionError(f"bucket {self.bucket.config.bucket}: {exc}") from exc
@@ -62,7 +65,10 @@ class BucketBlob:
         return chunk
 
     def close(self) -> None:
-        self._body.close()
+        if self._body is not None:
+            self._body.close()
+            self._body = None
+            self.bucket._busy(self.digest, -1)
 
     def reject(self) -> None:
         """The bytes did not match the digest: the object goes (the next fill refetches)."""
@@ -83,6 +89,19 @@ class Bucket:
         self._healthy = True
         self.last_error: str | None = None
         self._tasks: set[asyncio.Task[object]] = set()
+        # What this process learns of the bucket's contents, for its index (runtime.py):
+        # an object there (size; read, uploaded or found: a use) and an object gone.
+        self.on_present: Callable[[Digest, int], None] = lambda _digest, _size: None
+        self.on_gone: Callable[[Digest], None] = lambda _digest: None
+        # Digests this process is reading from or writing to the bucket: a trim spares them.
+        self.busy: dict[Digest, int] = {}
+
+    def _busy(self, digest: Digest, n: int) -> None:
+        count = self.busy.get(digest, 0) + n
+        if count > 0:
+            self.busy[digest] = count
+        else:
+            self.busy.pop(digest, None)
 
     def key(self, digest: Digest) -> str:
         return f"{self.config.prefix}blobs/{digest.algorithm}/{digest.hex[:2]}/{digest.hex}"
@@ -92,8 +111,10 @@ class Bucket:
         return self.clock() >= self._held_until
 
     # reads -------------------------------------------------------------------------------
-    async def open_blob(self, digest: Digest, offset: int) -> BucketBlob | None:
-        """The object's bytes from `offset`, or None (absent, or the bucket unusable)."""
+    async def open_blob(self, digest: Digest, offset: int, use: bool = True
+                        ) -> BucketBlob | None:
+        """The object's bytes from `offset`, or None (absent, or the bucket unusable); `use`:
+        a read that counts as a use of the object (not a verify's)."""
         if not self.usable:
             return None
         extra = {"Range": f"bytes={offset}-"} if offset else {}
@@ -103,6 +124,7 @@ class Bucket:
         except ClientError as exc:
             if _code(exc) in _MISSING:
                 self._ok()
+                self.on_gone(digest)
                 return None
             self._failed("get", exc)
             return None
@@ -110,7 +132,11 @@ class Bucket:
             self._failed("get", exc)
             return None
         self._ok()
-        return BucketBlob(self, digest, response, offset)
+        blob = BucketBlob(self, digest, response, offset)
+        if blob.total is not None and use:
+            self.on_present(digest, blob.total)
+        self._busy(digest, 1)
+        return blob
 
     async def size(self, digest: Digest) -> int | None:
         if not self.usable:
@@ -121,12 +147,16 @@ class Bucket:
         except ClientError as exc:
             if _code(exc) not in _MISSING:
                 self._failed("head", exc)
+            else:
+                self.on_gone(digest)
             return None
         except FAILURES as exc:
             self._failed("head", exc)
             return None
         self._ok()
-        return int(head["ContentLength"])
+        size = int(head["ContentLength"])
+        self.on_present(digest, size)
+        return size
 
     async def presigned(self, digest: Digest) -> str | None:
         """A URL the object can be fetched from without credentials for REDIRECT_SECONDS,
@@ -156,6 +186,7 @@ class Bucket:
         leaves a trace for the next start."""
         if not self.usable:
             return False
+        self._busy(digest, 1)
         try:
             if size <= self.config.part_size:
                 data = await asyncio.to_thread(os.pread, fd, size, 0)
@@ -171,7 +202,10 @@ class Bucket:
         except FAILURES as exc:
             self._failed("put", exc)
             return False
+        finally:
+            self._busy(digest, -1)
         self._ok()
+        self.on_present(digest, size)
         metrics.BUCKET_BYTES.labels("out").inc(size)
         return True
 
@@ -203,11 +237,75 @@ class Bucket:
         finally:
             record(upload_id, False)
 
-    async def delete(self, digest: Digest) -> None:
+    async def delete(self, digest: Digest) -> bool:
+        """True once the object is gone (it may have been gone already)."""
         try:
             await self.client.delete_object(Bucket=self.config.bucket, Key=self.key(digest))
         except FAILURES as exc:
             self._failed("delete", exc)
+            return False
+        self._ok()
+        self.on_gone(digest)
+        return True
+
+    async def listing(self) -> AsyncIterator[tuple[Digest, int, float]]:
+        """Every blob object under the prefix as (digest, size, LastModified in wall-clock
+        seconds), ListObjectsV2 a page at a time; other keys are skipped. Raises FAILURES."""
+        start = f"{self.config.prefix}blobs/"
+        paginator = self.client.get_paginator("list_objects_v2")
+        try:
+            async for page in paginator.paginate(Bucket=self.config.bucket, Prefix=start):
+                for item in page.get("Contents", []):
+                    digest = _digest_of(item["Key"][len(start):])
+                    if digest is not None:
+                        yield digest, int(item["Size"]), item["LastModified"].timestamp()
+        except FAILURES as exc:
+            self._failed("list", exc)
+            raise
+        self._ok()
+
+    async def copy_to(self, store: BlobStore, digest: Digest) -> bool:
+        """Store the object in the local dir, verified as it streams (`mirror export` of a
+        blob only the bucket holds); False when it is absent, unreadable or wrong (deleted)."""
+        body = await self.open_blob(digest, 0)
+        if body is None:
+            return False
+        tmp = store.tmp_dir / f"{digest.algorithm}-{digest.hex}.{os.getpid()}.bucket"
+        hasher = digest.hasher()
+        try:
+            with open(tmp, "wb") as f:  # noqa: ASYNC230 (a command's loop: nothing waits)
+                while chunk := await body.read():
+                    hasher.update(chunk)
+                    f.write(chunk)
+                f.flush()
+                os.fdatasync(f.fileno())
+            if hasher.hexdigest() != digest.hex:
+                body.reject()
+                return False
+            store.commit(tmp, digest)
+        except ConnectionError:
+            return False
+        finally:
+            body.close()
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+        return True
+
+    async def matches(self, digest: Digest) -> bool | None:
+        """Whether the object's bytes hash to its digest, read a chunk at a time (flat
+        memory); None when it is absent or cannot be read."""
+        body = await self.open_blob(digest, 0, use=False)
+        if body is None:
+            return None
+        hasher = digest.hasher()
+        try:
+            while chunk := await body.read():
+                hasher.update(chunk)
+        except ConnectionError:
+            return None
+        finally:
+            body.close()
+        return hasher.hexdigest() == digest.hex
 
     async def abort_stale_uploads(self, ours: set[str]) -> int:
         """Abort the multipart uploads under the prefix that this cache dir left (`ours`,
@@ -259,6 +357,17 @@ def _read_hashed(fd: int, length: int, offset: int, hasher: Any) -> bytes:
         raise ValueError("the stored file is shorter than its size")
     hasher.update(data)
     return data
+
+
+def _digest_of(rest: str) -> Digest | None:
+    """`sha256/ab/abcd…` (a key past `<prefix>blobs/`) as a digest, or None."""
+    parts = rest.split("/")
+    if len(parts) != 3 or parts[1] != parts[2][:2]:
+        return None
+    try:
+        return parse_digest(f"{parts[0]}:{parts[2]}")
+    except RegistryError:
+        return None
 
 
 def _code(exc: ClientError) -> str:

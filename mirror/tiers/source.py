@@ -92,9 +92,20 @@ class WriteBehind:
             return
         self._enqueue(digest, size, 0)
 
+    def requeue(self, digest: Digest, size: int) -> bool:
+        """A local blob the bucket may lack (BucketKeeper.write_missing); False, and not
+        counted as skipped, when the queue is full (it is looked for again later)."""
+        try:
+            self.queue.put_nowait((digest, size, 0))
+        except asyncio.QueueFull:
+            return False
+        metrics.BUCKET_QUEUE.inc()
+        return True
+
     def _enqueue(self, digest: Digest, size: int, attempt: int) -> None:
         try:
             self.queue.put_nowait((digest, size, attempt))
+            metrics.BUCKET_QUEUE.inc()
         except asyncio.QueueFull:
             metrics.BUCKET_SKIPPED.inc()
             log.warning("write-behind queue full: blob not copied to the bucket", extra={
@@ -103,6 +114,7 @@ class WriteBehind:
     async def _run(self) -> None:
         while True:
             digest, size, attempt = await self.queue.get()
+            metrics.BUCKET_QUEUE.dec()
             try:
                 done = await self._upload(digest, size)
             except Exception:
