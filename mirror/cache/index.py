@@ -226,6 +226,24 @@ class Index:
                     _, upstream, repository, tag = key.split("\0")
                     yield upstream, repository, tag, TagEntry(*value)
 
+    # referrers indexes (cached like tags: what a subject's referrers were, and when) --------
+    @staticmethod
+    def _referrers_key(upstream: str, repository: str, subject: Digest,
+                       artifact_type: str) -> str:
+        return f"ref\0{upstream}\0{repository}\0{subject}\0{artifact_type}"
+
+    def get_referrers(self, upstream: str, repository: str, subject: Digest,
+                      artifact_type: str) -> tuple[TagEntry, str] | None:
+        """(the stored index's digest, Content-Type and time, OCI-Filters-Applied)."""
+        value = self.db.get(self._referrers_key(upstream, repository, subject, artifact_type))
+        return (TagEntry(*value[:3]), value[3]) if value else None
+
+    def set_referrers(self, upstream: str, repository: str, subject: Digest,
+                      artifact_type: str, digest: Digest, content_type: str,
+                      filters_applied: str) -> None:
+        self.db.set(self._referrers_key(upstream, repository, subject, artifact_type),
+                    (str(digest), content_type, time.time(), filters_applied))
+
     # manifests -----------------------------------------------------------------------------
     def set_media_type(self, digest: Digest, media_type: str) -> None:
         self.db.set(f"mt\0{digest}", media_type)

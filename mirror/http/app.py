@@ -35,7 +35,7 @@ from mirror.oci.reference import (
 from mirror.oci.routes import Kind, Route, parse_v2_path
 from mirror.oci.routing import select_upstream
 from mirror.pull.proxy import Proxy
-from mirror.pull.source import Source
+from mirror.pull.source import Relayed, Source
 from mirror.runtime import Mirror, open_mirror
 
 log = logging.getLogger("mirror.server")
@@ -190,19 +190,24 @@ def _refuse_write(request: web.Request, route: Route) -> NoReturn:
 
 RELAYED = {  # route kind -> (upstream path, query parameters passed on, code when unknown)
     Kind.TAGS: ("tags/list", ("n", "last"), ErrorCode.NAME_UNKNOWN),
-    Kind.REFERRERS: ("referrers/{reference}", ("artifactType",), ErrorCode.MANIFEST_UNKNOWN),
+    Kind.REFERRERS: ("", ("artifactType",), ErrorCode.MANIFEST_UNKNOWN),  # pull/proxy.py
 }
 
 
 async def relay(request: web.Request, proxy: Proxy, source: Source, repository: str,
                 route: Route) -> web.Response:
-    """Tags lists and the referrers API, passed through uncached. An upstream without the
-    referrers API answers 404, and clients fall back to the sha256-<hex> tag schema."""
+    """Tags lists, passed through uncached, and the referrers API, cached by the proxy. An
+    upstream without the referrers API answers 404, and clients fall back to the
+    sha256-<hex> tag schema (tags, cached as any tag is)."""
     suffix, params, unknown = RELAYED[route.kind]
-    if route.kind is Kind.REFERRERS:
-        suffix = suffix.format(reference=parse_digest(route.reference))
     query = {k: v for k, v in request.query.items() if k in params}
-    relayed = await proxy.relay(source, repository, suffix, query, unknown)
+    relayed: Relayed
+    if route.kind is Kind.REFERRERS:
+        relayed = await proxy.referrers(source, repository, parse_digest(route.reference),
+                                        query.get("artifactType", ""))
+        request[CACHE] = relayed.cache
+    else:
+        relayed = await proxy.relay(source, repository, suffix, query, unknown)
     status, body, headers = relayed.status, relayed.body, dict(relayed.headers)
     link = headers.get("Link")
     if link:

@@ -17,6 +17,7 @@ import asyncio
 import dataclasses
 import errno
 import hashlib
+import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -33,6 +34,7 @@ from mirror.config import Config
 from mirror.oci.errors import ErrorCode, RegistryError, UpstreamError
 from mirror.oci.mediatypes import (
     IMAGE_TYPES,
+    OCI_INDEX,
     SCHEMA1_TYPES,
     ManifestInvalid,
     checked_media_type,
@@ -64,6 +66,15 @@ class Manifest:
     data: bytes | None  # None: a HEAD answered from the upstream's headers alone
     cache: str  # hit | miss | revalidated | stale
     tag_max_age: float | None = None  # remaining trust in a tag, for Cache-Control
+
+
+@dataclass(frozen=True)
+class Referrers:
+    """A referrers index (a Relayed answer), and where it came from."""
+    status: int
+    body: bytes
+    headers: dict[str, str]
+    cache: str  # hit | miss | stale | relayed (a paginated index, passed through)
 
 
 class Proxy:
@@ -493,9 +504,64 @@ class Proxy:
     # tags lists, referrers ----------------------------------------------------------------
     async def relay(self, source: Source, repository: str, suffix: str,
                     query: dict[str, str], unknown: ErrorCode) -> Relayed:
-        """Pass a small uncached GET through (tags lists, the referrers API)."""
+        """Pass a small uncached GET through (tags lists)."""
         self._require_online(unknown, f"{suffix} of {repository}")
         return await source.relay(repository, suffix, query, unknown)
+
+    async def referrers(self, source: Source, repository: str, subject: Digest,
+                        artifact_type: str) -> Referrers:
+        """The referrers of `subject` (signatures, SBOMs, attestations), cached like a tag:
+        trusted for tag_ttl, then asked again; the last answer served when the source fails
+        or the mirror is offline. Only a one-page index is kept (a Link header: relayed)."""
+        kept = self.index.get_referrers(source.name, repository, subject, artifact_type)
+        stored = None if kept is None else self._stored_referrers(*kept)
+        if stored is not None and kept is not None and (
+                kept[0].age() < self.config.cache.tag_ttl or self.offline):
+            return dataclasses.replace(stored, cache="hit")
+        self._require_online(ErrorCode.MANIFEST_UNKNOWN, f"the referrers of {subject}")
+        query = {"artifactType": artifact_type} if artifact_type else {}
+        key = ("referrers", source.name, repository, str(subject), artifact_type)
+        try:
+            relayed = await self._coalesce(key, lambda: source.relay(
+                repository, f"referrers/{subject}", query, ErrorCode.MANIFEST_UNKNOWN))
+        except RegistryError as exc:
+            if exc.code not in STALE_CODES or stored is None:
+                raise
+            metrics.STALE_ANSWERS.labels("referrers").inc()
+            log.warning("upstream failing: serving stale referrers", extra={
+                "upstream": source.name, "repository": repository, "subject": str(subject),
+                "error": exc.message})
+            return dataclasses.replace(stored, cache="stale")
+        headers = dict(relayed.headers)
+        if "Link" in headers or not _is_index(relayed.body):
+            return Referrers(relayed.status, relayed.body, headers, "relayed")
+        self._keep_referrers(source, repository, subject, artifact_type, relayed.body,
+                             headers)
+        return Referrers(relayed.status, relayed.body, headers, "miss")
+
+    def _stored_referrers(self, entry: TagEntry, filters_applied: str) -> Referrers | None:
+        data = self.store.read_bytes(parse_digest(entry.digest))
+        if data is None:
+            return None
+        headers = {"Content-Type": entry.media_type}
+        if filters_applied:
+            headers["OCI-Filters-Applied"] = filters_applied
+        return Referrers(200, data, headers, "hit")
+
+    def _keep_referrers(self, source: Source, repository: str, subject: Digest,
+                        artifact_type: str, data: bytes, headers: dict[str, str]) -> None:
+        """Stored under its own digest (verified by construction), as a manifest would be:
+        private provenance and per-repository access apply to it alike."""
+        digest = digest_of(data)
+        self._entering(source, digest)
+        self._store_manifest(digest, data)
+        if not self.store.has(digest):
+            return  # a full disk: answered, not kept
+        content_type = headers.get("Content-Type", OCI_INDEX)
+        self.index.set_media_type(digest, content_type)
+        self._served_by(source, repository, digest)
+        self.index.set_referrers(source.name, repository, subject, artifact_type, digest,
+                                 content_type, headers.get("OCI-Filters-Applied", ""))
 
     def _require_online(self, code: ErrorCode, what: str) -> None:
         if self.offline:
@@ -512,6 +578,15 @@ def _checked_media_type(source: Source, reference: Digest | str, declared: str,
         raise UpstreamError(ErrorCode.MANIFEST_INVALID, f"upstream {source.name} sent a "
                             f"manifest for {reference} that the mirror refuses: {exc}; "
                             "nothing was cached") from None
+
+
+def _is_index(data: bytes) -> bool:
+    """An image index, as the referrers API answers (anything else is relayed, not kept)."""
+    try:
+        parsed = json.loads(data)
+    except ValueError:
+        return False
+    return isinstance(parsed, dict) and isinstance(parsed.get("manifests"), list)
 
 
 def _claimed_digest(source: Source, value: str) -> Digest:

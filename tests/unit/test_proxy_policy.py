@@ -25,6 +25,7 @@ from mirror.pull.proxy import Proxy
 from mirror.pull.source import Kind
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 ACCEPT = (OCI_MANIFEST,)
 
 
@@ -94,6 +95,8 @@ class FakeSource:
         self.break_first_body_at: int | None = None
         self.gate: asyncio.Event | None = None
         self.fresh_for: float | None = None  # as a peer answers a tag it has trusted a while
+        self.referrers_headers: dict[str, str] = {}
+        self.referrers_body: bytes | None = None
 
     def add_manifest(self, repository: str, tag: str, data: bytes) -> Digest:
         digest = digest_of(data)
@@ -150,7 +153,16 @@ class FakeSource:
     async def relay(self, repository: str, suffix: str, query: Mapping[str, str],
                     unknown: ErrorCode) -> Relayed:
         await self._enter("relay")
+        if suffix.startswith("referrers/"):
+            return self.referrers(repository, suffix, query)
         return Relayed(200, b'{"tags": []}', {"Content-Type": "application/json"})
+
+    def referrers(self, repository: str, suffix: str, query: Mapping[str, str]) -> Relayed:
+        """An index naming the query, so each answer shows what it was for."""
+        headers = {"Content-Type": OCI_INDEX, **self.referrers_headers}
+        body = json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [],
+                           "for": [repository, suffix, dict(query)]}).encode()
+        return Relayed(200, self.referrers_body or body, headers)
 
 
 def make_config(cache_dir: Path, **cache: Any) -> Config:
@@ -452,6 +464,77 @@ async def test_a_relay_is_passed_through_uncached(world: Any) -> None:
                                       ErrorCode.NAME_UNKNOWN)
         assert relayed.status == 200
     assert w.source.calls == {"relay": 2}
+
+
+SUBJECT = digest_of(b"an image manifest")
+
+
+async def test_referrers_are_trusted_for_tag_ttl_then_asked_again(
+        world: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    w = world()
+    first = await w.proxy.referrers(w.source, "app", SUBJECT, "")
+    again = await w.proxy.referrers(w.source, "app", SUBJECT, "")
+    assert (first.cache, again.cache, again.body) == ("miss", "hit", first.body)
+    assert again.headers["Content-Type"] == OCI_INDEX
+    assert w.source.calls == {"relay": 1}
+    now = time.time()
+    monkeypatch.setattr(time, "time", lambda: now + 61)  # tag_ttl is 60 s
+    assert (await w.proxy.referrers(w.source, "app", SUBJECT, "")).cache == "miss"
+    assert w.source.calls == {"relay": 2}
+
+
+async def test_referrers_are_kept_per_repository_and_artifact_type(world: Any) -> None:
+    """Another repository (or filter) never gets the answer asked for one."""
+    w = world()
+    answers = [await w.proxy.referrers(w.source, repo, SUBJECT, artifact_type)
+               for repo, artifact_type in [("app", ""), ("other", ""), ("app", "x/sig")]]
+    assert len({a.body for a in answers}) == 3
+    assert w.source.calls == {"relay": 3}
+    assert json.loads(answers[1].body)["for"][0] == "other"
+    assert json.loads(answers[2].body)["for"][2] == {"artifactType": "x/sig"}
+
+
+async def test_stale_referrers_answer_when_the_source_is_down_and_offline(
+        world: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    w = world()
+    w.source.referrers_headers = {"OCI-Filters-Applied": "artifactType"}
+    first = await w.proxy.referrers(w.source, "app", SUBJECT, "x/sig")
+    now = time.time()
+    monkeypatch.setattr(time, "time", lambda: now + 3600)
+    w.source.down = True
+    stale = await w.proxy.referrers(w.source, "app", SUBJECT, "x/sig")
+    assert (stale.cache, stale.body) == ("stale", first.body)
+    assert stale.headers["OCI-Filters-Applied"] == "artifactType"
+    w.proxy.offline = True
+    asked = w.source.calls["relay"]
+    assert (await w.proxy.referrers(w.source, "app", SUBJECT, "x/sig")).body == first.body
+    with pytest.raises(RegistryError) as caught:
+        await w.proxy.referrers(w.source, "app", digest_of(b"unknown"), "")
+    assert caught.value.code == ErrorCode.MANIFEST_UNKNOWN  # a client falls back to tags
+    assert w.source.calls["relay"] == asked
+
+
+@pytest.mark.parametrize("headers,body", [
+    ({"Link": '</v2/app/referrers/x?last=y>; rel="next"'}, None),  # one page of several
+    ({}, b"<html>a captive portal</html>"),
+    ({}, b'{"manifests": "not a list"}'),
+])
+async def test_referrers_not_one_whole_index_are_relayed_not_kept(
+        world: Any, headers: dict[str, str], body: bytes | None) -> None:
+    w = world()
+    w.source.referrers_headers, w.source.referrers_body = headers, body
+    for _ in range(2):
+        assert (await w.proxy.referrers(w.source, "app", SUBJECT, "")).cache == "relayed"
+    assert w.source.calls == {"relay": 2}
+
+
+async def test_referrers_of_a_private_source_are_private_content(world: Any) -> None:
+    w = world(private=True)
+    answer = await w.proxy.referrers(w.source, "team/a", SUBJECT, "")
+    digest = digest_of(answer.body)
+    assert w.index.provenance(digest) == "private"
+    assert w.index.has_access("fake.test", "team/a", digest)
+    assert not w.index.has_access("fake.test", "team/b", digest)
 
 
 async def test_prefetch_starts_the_layers_of_a_manifest_miss(world: Any) -> None:
