@@ -116,7 +116,7 @@ def cmd_warm(config: Config, args: argparse.Namespace) -> int:
     from mirror.commands.warm import default_platform, warm
 
     platforms = None if args.all_platforms else (args.platform or [default_platform()])
-    return 1 if asyncio.run(warm(config, args.images, platforms)) else 0
+    return 1 if asyncio.run(warm(config, args.images, platforms, not args.no_referrers)) else 0
 
 
 def cmd_export(config: Config, args: argparse.Namespace) -> int:
@@ -126,21 +126,23 @@ def cmd_export(config: Config, args: argparse.Namespace) -> int:
     with open_cache(config) as (store, index):
         names = [u.name for u in config.upstreams]
         if config.s3 is not None:
-            fetched = asyncio.run(_from_bucket(config, store, index, names, args.images))
+            fetched = asyncio.run(_from_bucket(config, store, index, names, args.images,
+                                               not args.no_referrers))
             if fetched:
                 print(f"fetched {fetched} blobs from the bucket (verified)")
-        n = export(store, index, names, args.images, Path(args.output))
+        n = export(store, index, names, args.images, Path(args.output),
+                   not args.no_referrers)
     print(f"exported {len(args.images)} images ({n} files) to {args.output}")
     return 0
 
 
 async def _from_bucket(config: Config, store: BlobStore, index: Index, names: list[str],
-                       images: list[str]) -> int:
+                       images: list[str], referrers: bool) -> int:
     """Blobs of the images only the bucket holds, copied to the local dir for `export`."""
     from mirror.commands.archive import missing_blobs
     from mirror.runtime import open_bucket_tier
 
-    missing = missing_blobs(store, index, names, images)
+    missing = missing_blobs(store, index, names, images, referrers)
     if not missing:
         return 0
     async with open_bucket_tier(config, store, index) as keeper:
@@ -153,11 +155,15 @@ def cmd_import(config: Config, args: argparse.Namespace) -> int:
 
     with open_cache(config) as (store, index):
         n, refs = import_archive(store, index, [u.name for u in config.upstreams],
-                                 Path(args.archive))
+                                 Path(args.archive), not args.no_referrers)
     for ref in refs:
         print(f"imported {ref}")
     print(f"imported {n} verified files from {args.archive}")
     return 0
+
+
+NO_REFERRERS = ("leave out the signatures, attestations and SBOMs attached to the images "
+                "(the referrers API and cosign's sha256-<hex>.sig/.att/.sbom tags)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -203,15 +209,18 @@ def build_parser() -> argparse.ArgumentParser:
                             "default: this machine's, e.g. linux/amd64)")
     group.add_argument("--all-platforms", action="store_true",
                        help="cache every platform of multi-platform images")
+    warm.add_argument("--no-referrers", action="store_true", help=NO_REFERRERS)
     export = add("export", cmd_export, "write cached images to an OCI layout tar",
                  "Write the named cached images (all their cached platforms) to an OCI image "
                  "layout archive, for `mirror import` on a mirror with no network.")
     export.add_argument("images", nargs="+", metavar="IMAGE")
     export.add_argument("--output", "-o", required=True, metavar="FILE.tar")
+    export.add_argument("--no-referrers", action="store_true", help=NO_REFERRERS)
     imp = add("import", cmd_import, "load an archive written by `mirror export`",
               "Verify every file of an OCI layout archive against its digest, store it, and "
               "restore the images' tags, so pulls work with no upstream.")
     imp.add_argument("archive", metavar="FILE.tar")
+    imp.add_argument("--no-referrers", action="store_true", help=NO_REFERRERS)
     return parser
 
 

@@ -15,6 +15,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from mirror.oci.cosign import load_public_key
+from mirror.oci.patterns import compile_patterns
+
 _SIZE_UNITS = {
     "": 1, "b": 1,
     "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
@@ -136,6 +139,18 @@ class S3Config:
 
 
 @dataclass(frozen=True)
+class PolicyConfig:
+    """A `[[policy]]`: manifests of the matching upstream/repository names need a signature
+    that verifies with one of `keys` (checked by pull/trust.py)."""
+
+    name: str
+    match: tuple[str, ...]  # patterns over "<upstream>/<repository>" (oci/patterns.py)
+    keys: tuple[tuple[str, bytes], ...] = field(repr=False)  # (file, PEM), all valid keys
+    require: str = "cosign"
+    mode: str = "enforce"  # enforce | warn (logged and counted, served anyway)
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
@@ -143,6 +158,7 @@ class Config:
     auth: AuthConfig = field(default_factory=AuthConfig)
     cluster: ClusterConfig | None = None
     redis: RedisConfig | None = None
+    policies: tuple[PolicyConfig, ...] = ()
     s3: S3Config | None = None
     path: str = "mirror.toml"
 
@@ -498,7 +514,7 @@ def load_config(path: str | os.PathLike[str]) -> Config:
 
 def parse_config(data: dict[str, Any], path: str = "mirror.toml", base: Path = Path()) -> Config:
     unknown = sorted(set(data) - {"server", "cache", "upstream", "auth", "cluster", "redis",
-                                  "s3"})
+                                  "s3", "policy"})
     if unknown:
         raise ConfigError(path, unknown[0], "unknown section")
     raw_upstreams = data.get("upstream", [])
@@ -516,5 +532,61 @@ def parse_config(data: dict[str, Any], path: str = "mirror.toml", base: Path = P
         cluster=_cluster(path, data["cluster"]) if "cluster" in data else None,
         redis=_redis(path, data["redis"]) if "redis" in data else None,
         s3=_s3(path, data["s3"]) if "s3" in data else None,
+        policies=_policies(path, data.get("policy", []), names),
         path=path,
     )
+
+
+def _policies(path: str, tables: object, upstreams: list[str]) -> tuple[PolicyConfig, ...]:
+    if not isinstance(tables, list):
+        raise ConfigError(path, "policy", "expected [[policy]] tables")
+    policies = tuple(_policy(path, i, t, upstreams) for i, t in enumerate(tables))
+    names = [p.name for p in policies]
+    if len(set(names)) != len(names):
+        raise ConfigError(path, "policy.name", f"duplicate policy names in {names}")
+    return policies
+
+
+def _policy(path: str, index: int, table: object, upstreams: list[str]) -> PolicyConfig:
+    s = _Section(path, f"policy[{index}]", table)
+    name = s.get("name", f"policy[{index}]", kind=str)
+    match = tuple(s.get("match", None, _patterns))
+    if not match:
+        raise ConfigError(path, f"policy[{index}].match", "missing: the names it applies to, "
+                          'e.g. ["docker.io/library/*"]')
+    if not any(p.split("/", 1)[0] in upstreams or p.startswith("*") for p in match):
+        raise ConfigError(path, f"policy[{index}].match", f"no pattern starts with a "
+                          f"configured upstream ({', '.join(upstreams)}): it would match "
+                          "nothing")
+    require = s.get("require", "cosign", kind=str)
+    if require != "cosign":
+        raise ConfigError(path, f"policy[{index}].require", f"{require!r}: expected cosign")
+    mode = s.get("mode", "enforce", kind=str)
+    if mode not in ("enforce", "warn"):
+        raise ConfigError(path, f"policy[{index}].mode", f"{mode!r}: expected enforce or warn")
+    files = s.get("keys", None, kind=list)
+    if not files or not all(isinstance(f, str) for f in files):
+        raise ConfigError(path, f"policy[{index}].keys", "expected a list of PEM public key "
+                          "files")
+    keys = tuple((f, _public_key(path, f"policy[{index}].keys", f)) for f in files)
+    s.finish()
+    return PolicyConfig(name, match, keys, require, mode)
+
+
+def _patterns(value: object) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"expected a list of patterns, got {value!r}")
+    compile_patterns(value)  # raises ValueError naming the bad one
+    return value
+
+
+def _public_key(path: str, key: str, file: str) -> bytes:
+    try:
+        pem = Path(file).read_bytes()
+    except OSError as exc:
+        raise ConfigError(path, key, f"{file}: {exc.strerror or exc}") from None
+    try:
+        load_public_key(pem)
+    except ValueError as exc:
+        raise ConfigError(path, key, f"{file}: {exc}") from None
+    return pem

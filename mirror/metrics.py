@@ -215,3 +215,14 @@ BUCKET_DELETED = Counter(
 BUCKET_QUEUE = Gauge(
     "mirror_bucket_queue", "Blobs waiting in the write-behind queues (all workers)",
     multiprocess_mode="livesum")
+
+# signature policies ([[policy]], pull/trust.py)
+POLICY_DECISIONS = Counter(
+    "mirror_policy_decisions_total",
+    "Signature policy decisions on manifests and blobs: allowed (verified now or before), "
+    "denied (enforce), warned (warn mode: served anyway)",
+    ["policy", "decision"])
+SIGNATURE_LOOKUPS = Counter(
+    "mirror_signature_lookups_total",
+    "First verifications of a digest under a policy (each looks its signatures up)",
+    ["policy"])

@@ -25,6 +25,7 @@ from mirror.oci.reference import Digest
 from mirror.pull.downloads import Downloads
 from mirror.pull.proxy import Proxy
 from mirror.pull.source import Source
+from mirror.pull.trust import Trust
 from mirror.tiers.bounds import BucketKeeper
 from mirror.tiers.bucket import Bucket, BucketBlob, open_bucket
 from mirror.tiers.source import TieredSource, WriteBehind
@@ -58,6 +59,7 @@ class Mirror:
     sources: Mapping[str, Source]
     cluster: ClusterNode | None = None
     bucket: Bucket | None = None  # the second tier, with [s3]
+    trust: Trust | None = None  # the signature policies, with [[policy]]
 
     @property
     def offline(self) -> bool:
@@ -121,8 +123,10 @@ async def open_mirror(config: Config) -> AsyncIterator[Mirror]:
         if cluster is not None:
             maintenance.owns = cluster.membership.owns
         try:
+            trust = None if not config.policies else Trust(config.policies, proxy, index,
+                                                           config.cache.tag_ttl)
             yield Mirror(config, store, index, downloads, proxy, upstreams, sources, cluster,
-                         bucket)
+                         bucket, trust)
         finally:
             await maintenance.stop()
             await downloads.drain(0)

@@ -244,6 +244,13 @@ class Index:
         self.db.set(self._referrers_key(upstream, repository, subject, artifact_type),
                     (str(digest), content_type, time.time(), filters_applied))
 
+    # signature policy verdicts (pull/trust.py): digests a policy allows, by its fingerprint -
+    def set_trusted(self, policy: str, digest: Digest) -> None:
+        self.db.set(f"trust\0{policy}\0{digest}", 1)
+
+    def is_trusted(self, policy: str, digest: Digest) -> bool:
+        return self.db.get(f"trust\0{policy}\0{digest}") is not None
+
     # manifests -----------------------------------------------------------------------------
     def set_media_type(self, digest: Digest, media_type: str) -> None:
         self.db.set(f"mt\0{digest}", media_type)

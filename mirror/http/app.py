@@ -149,9 +149,11 @@ async def v2(request: web.Request) -> web.StreamResponse:
     request[UPSTREAM] = upstream_name
     proxy, source = mirror.proxy, mirror.sources[upstream_name]
     if route.kind is Kind.MANIFEST:
-        return await manifest(request, proxy, source, repository, route)
+        return await manifest(request, proxy, source, repository, route, mirror.trust)
     if route.kind is Kind.BLOB:
         digest = parse_digest(route.reference)
+        if mirror.trust is not None:
+            mirror.trust.check_blob(source, repository, digest)
         if (location := await _bucket_redirect(request, mirror, source, digest)) is not None:
             request[CACHE] = "redirect"
             return web.Response(status=307, headers={

@@ -26,21 +26,27 @@ from mirror.pull.body import BlobBody, Piece
 from mirror.pull.downloads import ClientAbort
 from mirror.pull.proxy import Proxy
 from mirror.pull.source import Source
+from mirror.pull.trust import Trust
 
 
 async def manifest(request: web.Request, proxy: Proxy, source: Source, repository: str,
-                   route: Route) -> web.StreamResponse:
+                   route: Route, trust: Trust | None) -> web.StreamResponse:
     reference = manifest_reference_for_read(route.reference)
-    return await manifest_of(request, proxy, source, repository, reference)
+    return await manifest_of(request, proxy, source, repository, reference, trust)
 
 
 async def manifest_of(request: web.Request, proxy: Proxy, source: Source, repository: str,
-                      reference: Digest | str) -> web.StreamResponse:
-    """The answer to GET or HEAD of a manifest, from `source` on a miss."""
+                      reference: Digest | str, trust: Trust | None = None
+                      ) -> web.StreamResponse:
+    """The answer to GET or HEAD of a manifest, from `source` on a miss; with `trust`, only
+    what its signature policies allow (a client's request; a peer's is checked where its
+    client asked)."""
     accept = parse_accept(request.headers.getall("Accept", []))
     head = request.method == "HEAD"
     m = await proxy.manifest(source, repository, reference, accept, head)
     request[CACHE] = m.cache
+    if trust is not None:
+        await trust.check_manifest(source, repository, m)
     if not isinstance(reference, Digest):  # a pull resolves a tag once
         request.app[ACTIVITY].top.add(f"{source.name}/{repository}")
     headers = content_headers(m.digest, m.media_type,

@@ -154,6 +154,14 @@ def child_manifests(data: bytes) -> list[dict[str, object]]:
     return _descriptors(_document(data), "manifests")
 
 
+def layer_media_types(data: bytes) -> list[str]:
+    """The media types of a manifest's layers (a layer without one counts as "")."""
+    layers = _document(data).get("layers")
+    if not isinstance(layers, list):
+        return []
+    return [str(d.get("mediaType", "")) if isinstance(d, dict) else "" for d in layers]
+
+
 def referenced_blobs(data: bytes) -> tuple[list[str], list[str]]:
     """(config + layer digests, child manifest digests) named by a manifest's bytes."""
     doc = _document(data)

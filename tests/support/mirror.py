@@ -111,6 +111,7 @@ class MirrorProcess:
         self.starts = 0
         self.launcher: tuple[str, ...] = ()  # a prefix that execs the command (a cgroup)
         self.sections: dict[str, dict[str, Any]] = {}  # more tables: [s3], ...
+        self.arrays: dict[str, list[dict[str, Any]]] = {}  # more arrays: [[policy]], ...
 
     # --- configuration ---------------------------------------------------------------
 
@@ -124,7 +125,7 @@ class MirrorProcess:
         }
         return to_toml(
             {"server": server, "cache": cache, **self.sections},
-            {"upstream": [u.table() for u in self.upstreams]},
+            {"upstream": [u.table() for u in self.upstreams], **self.arrays},
         )
 
     def write_config(self) -> Path:
