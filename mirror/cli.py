@@ -119,6 +119,12 @@ def cmd_warm(config: Config, args: argparse.Namespace) -> int:
     return 1 if asyncio.run(warm(config, args.images, platforms, not args.no_referrers)) else 0
 
 
+def cmd_policy(config: Config, args: argparse.Namespace) -> int:
+    from mirror.commands.policy import check
+
+    return 1 if asyncio.run(check(config, args.images)) else 0
+
+
 def cmd_export(config: Config, args: argparse.Namespace) -> int:
     from mirror.commands.archive import export
     from mirror.runtime import open_cache
@@ -210,6 +216,12 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--all-platforms", action="store_true",
                        help="cache every platform of multi-platform images")
     warm.add_argument("--no-referrers", action="store_true", help=NO_REFERRERS)
+    policy = add("policy", cmd_policy, "show what the signature policies decide for images",
+                 "policy check IMAGE…: resolve each image, look up its cosign signatures and "
+                 "print what [[policy]] decides and why (no layers are pulled); exit 1 if an "
+                 "enforced policy refuses one.")
+    policy.add_argument("action", choices=["check"])
+    policy.add_argument("images", nargs="+", metavar="IMAGE")
     export = add("export", cmd_export, "write cached images to an OCI layout tar",
                  "Write the named cached images (all their cached platforms) to an OCI image "
                  "layout archive, for `mirror import` on a mirror with no network.")

@@ -125,6 +125,7 @@ async def open_mirror(config: Config) -> AsyncIterator[Mirror]:
         try:
             trust = None if not config.policies else Trust(config.policies, proxy, index,
                                                            config.cache.tag_ttl)
+            proxy.prefetch_held = None if trust is None else trust.holds
             yield Mirror(config, store, index, downloads, proxy, upstreams, sources, cluster,
                          bucket, trust)
         finally:

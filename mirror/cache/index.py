@@ -251,6 +251,16 @@ class Index:
     def is_trusted(self, policy: str, digest: Digest) -> bool:
         return self.db.get(f"trust\0{policy}\0{digest}") is not None
 
+    def record_denial(self, policy: str, what: str, reason: str, keep: int = 20) -> None:
+        """A signature policy's refusal, for the status page (the last `keep`, all workers)."""
+        with self.db.transact():
+            recent = list(self.db.get("denials", []))[-(keep - 1):]
+            self.db.set("denials", [*recent, (time.time(), policy, what, reason)])
+
+    def recent_denials(self) -> list[tuple[float, str, str, str]]:
+        """(wall-clock time, policy, upstream/repository@digest, reason), oldest first."""
+        return [(float(t), str(p), str(w), str(r)) for t, p, w, r in self.db.get("denials", [])]
+
     # manifests -----------------------------------------------------------------------------
     def set_media_type(self, digest: Digest, media_type: str) -> None:
         self.db.set(f"mt\0{digest}", media_type)

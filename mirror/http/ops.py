@@ -95,6 +95,11 @@ async def status_page(request: web.Request) -> web.Response:
         started=activity.started,
         cluster=_cluster_view(mirror, snapshot),
         bucket=await asyncio.to_thread(_bucket_view, mirror, snapshot),
+        policies=[statuspage.PolicyView(p.name, p.mode, *(
+            metrics.total(snapshot, "mirror_policy_decisions_total", policy=p.name,
+                          decision=d) for d in ("allowed", "denied", "warned")))
+            for p in mirror.config.policies],
+        denials=mirror.index.recent_denials() if mirror.config.policies else [],
     )
     return web.Response(body=statuspage.render(view).encode(), headers={
         "Content-Type": "text/html; charset=utf-8", "Cache-Control": "no-store"})

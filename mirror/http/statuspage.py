@@ -75,6 +75,15 @@ class BucketView:
 
 
 @dataclass(frozen=True)
+class PolicyView:
+    name: str
+    mode: str
+    allowed: float
+    denied: float
+    warned: float
+
+
+@dataclass(frozen=True)
 class StatusView:
     cache_bytes: float
     cache_max_bytes: float
@@ -94,6 +103,8 @@ class StatusView:
     generated: float = field(default_factory=time.time)
     cluster: ClusterView | None = None
     bucket: BucketView | None = None
+    policies: list[PolicyView] = field(default_factory=list)
+    denials: list[tuple[float, str, str, str]] = field(default_factory=list)  # newest last
 
     @property
     def hit_ratio(self) -> float | None:
@@ -242,6 +253,25 @@ def _bucket(b: BucketView) -> str:
     return _bar(use, held) + f'<table style="margin-top:.5em">{body}</table>'
 
 
+def _policies(view: StatusView) -> str:
+    rows = "".join(
+        f'<tr class="policy"><td>{html.escape(p.name)}</td><td>{html.escape(p.mode)}</td>'
+        f'<td data-value="{p.allowed:g}">{p.allowed:g}</td>'
+        f'<td class="denied" data-value="{p.denied:g}">{p.denied:g}</td>'
+        f'<td data-value="{p.warned:g}">{p.warned:g}</td></tr>' for p in view.policies)
+    table = ("<table><tr><th>policy</th><th>mode</th><th>allowed</th><th>denied</th>"
+             f"<th>warned</th></tr>{rows}</table>")
+    if not view.denials:
+        return table + '<p class="none">No denials.</p>'
+    denied = "".join(
+        f'<tr class="denial"><td>{time.strftime("%H:%M:%S", time.gmtime(at))}</td>'
+        f'<td>{html.escape(policy)}</td><td class="digest">{html.escape(what)}</td>'
+        f"<td>{html.escape(reason)}</td></tr>"
+        for at, policy, what, reason in reversed(view.denials))
+    return (table + '<h3>Recent denials</h3><table><tr><th>UTC</th><th>policy</th>'
+            f"<th>image</th><th>why</th></tr>{denied}</table>")
+
+
 def _top(view: StatusView) -> str:
     if not view.top:
         return '<p class="none">Nothing pulled yet.</p>'
@@ -313,6 +343,7 @@ def render(view: StatusView) -> str:
 {_upstreams(view)}
 {"" if view.cluster is None else "<h2>Cluster</h2>" + _cluster(view.cluster)}
 {"" if view.bucket is None else "<h2>Object store</h2>" + _bucket(view.bucket)}
+{"" if not view.policies else "<h2>Signature policies</h2>" + _policies(view)}
 <h2>Most pulled repositories</h2>
 {_top(view)}
 </body></html>

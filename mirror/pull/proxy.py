@@ -97,6 +97,9 @@ class Proxy:
             maxsize=65536, ttu=lambda _k, e, now: now + ttl - e.age(), timer=time.monotonic)
         self._flights: dict[tuple[str, ...], asyncio.Future[Any]] = {}
         self.prefetcher = Prefetcher(store, downloads, self._start_download)
+        # Names whose prefetch waits for a verdict (pull/trust.py starts it for an image it
+        # allows): a refused image's layers are not fetched.
+        self.prefetch_held: Callable[[str, str], bool] | None = None
         self._any_private = any_private
         self._public: LRUCache[Digest, bool] = LRUCache(CONFIRMATIONS_IN_MEMORY)
         self._confirmed: LRUCache[tuple[str, str, Digest], bool] = LRUCache(
@@ -345,9 +348,14 @@ class Proxy:
             entry = await self._learn_tag(source, repository, tag, digest, media_type,
                                           reply.fresh_for)
             ttl = self._trust_left(entry)
+        if self.prefetch_held is None or not self.prefetch_held(source.name, repository):
+            self.prefetch(source, repository, media_type, data)
+        return Manifest(digest, media_type, len(data), data, "miss", ttl)
+
+    def prefetch(self, source: Source, repository: str, media_type: str, data: bytes) -> None:
+        """After a manifest miss: the image's blobs, downloaded ahead."""
         if self.config.cache.prefetch and media_type in IMAGE_TYPES and source.prefetches:
             self.prefetcher.image(source, repository, data)
-        return Manifest(digest, media_type, len(data), data, "miss", ttl)
 
     def _store_manifest(self, digest: Digest, data: bytes) -> None:
         """Verified already; a full or read-only disk serves it anyway, uncached."""

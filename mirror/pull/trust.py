@@ -91,18 +91,29 @@ class Trust:
         return self._matched[key]
 
     async def check_manifest(self, source: Source, repository: str, m: Manifest) -> None:
+        policy, reason = await self.decide(source, repository, m)
+        if policy is not None and reason is not None:
+            self._refuse(policy, source, repository, m.digest, reason)
+
+    async def decide(self, source: Source, repository: str, m: Manifest
+                     ) -> tuple[Policy | None, str | None]:
+        """(the policy that applies, why it refuses `m` or None)."""
         policy = self.policy_for(source.name, repository)
         if policy is None:
-            return
+            return None, None
         if m.data is not None and _is_attached_artifact(m.media_type, m.data):
             self._cover(policy, m.data)  # its blobs, for the client that reads them next
-            return
+            return policy, None
         reason = await self._verdict(policy, source, repository, m.digest)
-        if reason is None:
-            if m.data is not None:
-                self._cover(policy, m.data)
-            return
-        self._refuse(policy, source, repository, m.digest, reason)
+        if reason is None and m.data is not None:
+            self._cover(policy, m.data)
+            if m.cache == "miss":  # held back by the proxy until now
+                self.proxy.prefetch(source, repository, m.media_type, m.data)
+        return policy, reason
+
+    def holds(self, upstream: str, repository: str) -> bool:
+        """Used by: the proxy, whose prefetch of a policed name waits for decide()."""
+        return self.policy_for(upstream, repository) is not None
 
     def check_blob(self, source: Source, repository: str, digest: Digest) -> None:
         policy = self.policy_for(source.name, repository)
@@ -144,6 +155,7 @@ class Trust:
                 "digest": str(digest)})
         elif final:
             self._denied[key] = reason
+            self.index.record_denial(policy.name, f"{source.name}/{repository}@{digest}", reason)
         return reason
 
     async def _verify(self, policy: Policy, source: Source, repository: str,

@@ -152,6 +152,34 @@ def test_signed_images_pull_and_every_bad_signature_is_refused_with_its_reason(
         assert r.status_code == 200
     denials = [e for e in mirror.log_entries() if e.get("msg") == "refused by signature policy"]
     assert {e["repository"] for e in denials} >= {f"acme/{n}" for n in REFUSALS}
+    page = httpx.get(f"{mirror.url}/", trust_env=False, timeout=10).text
+    assert "Signature policies" in page and page.count('class="denial"') == len(REFUSALS)
+    for name in REFUSALS:
+        digest = signed.images[name].manifest.digest
+        assert f"{blackhole.host}/acme/{name}@{digest}" in page
+
+
+@pytest.mark.timeout(300)
+def test_policy_check_says_what_is_decided_and_why_without_pulling_layers(
+        tmp_path: Path, blackhole: ClosedPort, signed: Signed,
+        started: list[MirrorProcess]) -> None:
+    mirror = policy_mirror(started, tmp_path / "m", blackhole, signed)
+    names = ["signed", "unsigned", "free", "multi", "other"]
+    result = mirror_cli(mirror, "policy", "check",
+                        *(f"{blackhole.host}/{repo(n)}:v1" for n in names))
+    assert result.returncode == 1, result
+    lines = dict(zip(names, result.stdout.splitlines(), strict=True))
+    assert "allowed by [[policy]] 'acme'" in lines["signed"]
+    assert "denied by [[policy]] 'acme': no cosign signature" in lines["unsigned"]
+    assert "no [[policy]] matches" in lines["free"]
+    assert "covers the index's 2 platform manifests" in lines["multi"]
+    assert "no key of the policy verifies" in lines["other"]
+    mark = signed.upstream.registry.mark()
+    again = mirror_cli(mirror, "policy", "check", f"{blackhole.host}/acme/tampered:v1")
+    assert "no key of the policy verifies" in again.stdout
+    fetched = set(signed.upstream.registry.blob_gets(mark))
+    tampered = signed.images["tampered"]
+    assert fetched and not fetched & {b.digest for b in tampered.blobs}  # only its payload
 
 
 @pytest.mark.timeout(300)

@@ -254,3 +254,23 @@ async def test_every_manifest_request_is_checked_after_the_proxy(world: Any) -> 
     w.source.add_manifest("app", "v1", image_manifest(digest_of(b"layer")))
     m = await w.proxy.manifest(w.source, "app", "v1", ACCEPT, head=True)
     await reason(trust_with(w, ec.generate_private_key(ec.SECP256R1())), w, m)
+
+
+async def test_a_refused_image_is_not_prefetched_an_allowed_one_is(world: Any) -> None:
+    """The proxy holds back the prefetch of a policed name until the trust allows it."""
+    w = world(prefetch=True)
+    key = ec.generate_private_key(ec.SECP256R1())
+    trust = trust_with(w, key)
+    w.proxy.prefetch_held = trust.holds
+    unsigned = image_manifest(digest_of(b"unsigned layer"))
+    w.source.blobs[digest_of(b"unsigned layer")] = b"unsigned layer"
+    w.source.add_manifest("app", "bad", unsigned)
+    m = await w.proxy.manifest(w.source, "app", "bad", ACCEPT, head=False)
+    await reason(trust, w, m)
+    assert w.source.calls["open_blob"] == 0 and not w.proxy.downloads.in_flight()
+    signed_image(w, key)
+    m = await w.proxy.manifest(w.source, "app", "v1", ACCEPT, head=False)
+    await trust.check_manifest(w.source, "app", m)
+    started = {f.digest for f in w.proxy.downloads.in_flight()} | {
+        d for d, _, _ in w.store.iter_stored()}
+    assert digest_of(b"layer") in started
