@@ -15,13 +15,15 @@ from pathlib import Path
 from .cluster import bench_cluster
 from .cluster_ring import bench_ring
 from .harness import log, sigterm_as_exit, stop_all
+from .policy import bench_policy
 from .report import render_table, write_results
 from .scenarios import GROUPS as BENCH_GROUPS
 from .scenarios import Ctx, Options
 from .soak import bench_soak
 
 # the soak last: it runs longest
-GROUPS = {**BENCH_GROUPS, "ring": bench_ring, "cluster": bench_cluster, "soak": bench_soak}
+GROUPS = {**BENCH_GROUPS, "policy": bench_policy, "ring": bench_ring, "cluster": bench_cluster,
+          "soak": bench_soak}
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results.json"
 

@@ -130,12 +130,14 @@ class Ctx:
 
     @contextlib.contextmanager
     def mirror(
-        self, name: str, upstream: Server, workers: int, prefetch: bool = True
+        self, name: str, upstream: Server, workers: int, prefetch: bool = True,
+        extra_config: str = "",
     ) -> Iterator[Mirror | None]:
         """The mirror with an empty cache, or None (reason recorded) if it can't start."""
         try:
             m = Mirror(self.root / name, upstream.base, workers=workers, prefetch=prefetch,
-                       name=f"{name}-w{workers}-{time.monotonic_ns()}")
+                       name=f"{name}-w{workers}-{time.monotonic_ns()}",
+                       extra_config=extra_config)
         except MirrorUnavailable as exc:
             msg = str(exc).splitlines()[0] if str(exc) else "unavailable"
             if "does not exist" not in msg:

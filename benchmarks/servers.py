@@ -102,6 +102,13 @@ class Registry(Server):
 
     _ACCESS = re.compile(r'"(GET|HEAD) (\S+) HTTP/[\d.]+" (\d{3}) (\d+|-)')
 
+    def requests_since(self, since: int) -> list[str]:
+        """The "METHOD target" of each request logged after ``since``."""
+        with open(self.log_path, "rb") as f:
+            f.seek(since)
+            text = f.read().decode(errors="replace")
+        return [f"{m.group(1)} {m.group(2)}" for m in self._ACCESS.finditer(text)]
+
     def blob_get_bytes(self, since: int) -> tuple[int, int]:
         """(bytes sent in blob GET bodies, number of blob GETs) logged after ``since``."""
         with open(self.log_path, "rb") as f:
@@ -181,7 +188,9 @@ class Mirror(Server):
         prefetch: bool = True,
         tag_ttl: str = "60s",
         name: str = "mirror",
+        extra_config: str = "",
     ) -> None:
+        """`extra_config`: more TOML appended to the configuration ([[policy]], ...)."""
         if not (REPO_ROOT / "mirror" / "cli.py").exists():
             raise MirrorUnavailable("mirror/cli.py does not exist yet")
         workdir.mkdir(parents=True, exist_ok=True)
@@ -205,7 +214,7 @@ prefetch = {"true" if prefetch else "false"}
 [[upstream]]
 name = "{hostport}"
 url = "{upstream}"
-"""
+{extra_config}"""
         )
         self.base = f"http://127.0.0.1:{port}"
         self.workers = workers
