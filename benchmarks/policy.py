@@ -22,6 +22,7 @@ from .report import Row
 from .scenarios import Ctx, run_wrk
 
 COLD_ROUNDS = 5  # fresh mirrors per variant for the first-verification time
+ROUNDS = 3  # interleaved wrk rounds per variant
 
 
 def policy_toml(host: str, key_path: str) -> str:
@@ -38,35 +39,44 @@ def bench_policy(ctx: Ctx) -> None:
     secs = 3 if ctx.opts.quick else ctx.opts.wrk_seconds
     refs = {"by digest": image.digest, "by tag": image.tag}
     for w in ctx.opts.workers:
-        res: dict[str, dict[str, dict[str, Any]]] = {}
-        for variant, extra in (("none", ""), ("enforce", policy)):
-            with ctx.mirror(f"mirror-policy-{variant}", ctx.upstream, w,
-                            extra_config=extra) as m:
-                if m is None:
-                    continue
-                res[variant] = {}
-                for label, ref in refs.items():
-                    url = f"{m.base}/v2/{image.repo}/manifests/{ref}"
-                    r0, body = http_get(url, headers={"Accept": MANIFEST_ACCEPT},
-                                        keep_body=True)
-                    if r0.error or body != image.manifest:
-                        ctx.problem(f"policy {variant} w{w}: GET {url} -> {r0.status} "
-                                    f"{r0.error}")
-                        continue
-                    r = run_wrk(url, secs)
-                    if r["non2xx"] or r["socket_errors"]:
-                        ctx.problem(f"policy {variant} w{w} {label}: {r['non2xx']} non-2xx")
-                    log(f"policy {variant} w{w} {label}: {r['rps']} req/s")
-                    res[variant][label] = r
+        # Both mirrors up at once, measured in interleaved rounds (best of each), so load
+        # from elsewhere on the machine weighs on both alike.
+        with ctx.mirror("mirror-policy-none", ctx.upstream, w) as plain, \
+                ctx.mirror("mirror-policy-enforce", ctx.upstream, w,
+                           extra_config=policy) as enforced:
+            if plain is None or enforced is None:
+                continue
+            best: dict[tuple[str, str], dict[str, Any]] = {}
+            for _ in range(ROUNDS):
+                for variant, m in (("none", plain), ("enforce", enforced)):
+                    for label, ref in refs.items():
+                        r = _wrk_manifest(ctx, m.base, image, ref, secs, f"{variant} w{w}")
+                        key_ = (variant, label)
+                        if r and (key_ not in best or r["rps"] > best[key_]["rps"]):
+                            best[key_] = r
         for label in refs:
-            with_policy = res.get("enforce", {}).get(label)
-            without = res.get("none", {}).get(label)
+            with_policy, without = best.get(("enforce", label)), best.get(("none", label))
             ctx.rows.append(Row("policy", f"manifest hit {label}, enforced policy", "req/s",
                                 with_policy["rps"] if with_policy else None,
                                 "same mirror, no policy", without["rps"] if without else None,
                                 w, ("ratio>=", 0.9), ctx.procs_note(w),
                                 {"mirror": with_policy, "anchor": without}))
     _first_verification(ctx, image.repo, image.digest, policy)
+
+
+def _wrk_manifest(ctx: Ctx, base: str, image: Any, ref: str, secs: int, who: str
+                  ) -> dict[str, Any] | None:
+    url = f"{base}/v2/{image.repo}/manifests/{ref}"
+    r0, body = http_get(url, headers={"Accept": MANIFEST_ACCEPT}, keep_body=True)
+    if r0.error or body != image.manifest:
+        ctx.problem(f"policy {who}: GET {url} -> {r0.status} {r0.error}")
+        return None
+    r = run_wrk(url, secs)
+    if r["non2xx"] or r["socket_errors"] or r["rps"] is None:
+        ctx.problem(f"policy {who} {ref}: {r['non2xx']} non-2xx, {r['socket_errors']} errors")
+        return None
+    log(f"policy {who} {ref[:19]}: {r['rps']} req/s")
+    return r
 
 
 def _first_verification(ctx: Ctx, repo: str, digest: str, policy: str) -> None:

@@ -49,6 +49,8 @@ class UpstreamConfig:
     max_connections: int = 16
     resume_attempts: int = 5
     access: str = "public"
+    max_size: int | None = None  # its share of [cache] max_size (LRU inside it); None: none
+    max_unused: float | None = None  # seconds its content may go unpulled; None: forever
 
 
 @dataclass(frozen=True)
@@ -350,6 +352,8 @@ def _upstream(path: str, index: int, table: object) -> UpstreamConfig:
         max_connections=s.get("max_connections", d.max_connections, _positive_int),
         resume_attempts=s.get("resume_attempts", d.resume_attempts, _positive_int),
         access=access,
+        max_size=s.get("max_size", None, _positive_size),
+        max_unused=s.get("max_unused", None, _positive_duration),
     )
     s.finish()
     return config
@@ -524,9 +528,14 @@ def parse_config(data: dict[str, Any], path: str = "mirror.toml", base: Path = P
     names = [u.name for u in upstreams]
     if len(set(names)) != len(names):
         raise ConfigError(path, "upstream.name", f"duplicate upstream names in {names}")
+    cache = _cache(path, data.get("cache", {}), base)
+    for i, u in enumerate(upstreams):
+        if u.max_size is not None and u.max_size > cache.max_size:
+            raise ConfigError(path, f"upstream[{i}].max_size", f"{u.max_size} bytes is more "
+                              f"than [cache] max_size ({cache.max_size}): a share is within it")
     return Config(
         server=_server(path, data.get("server", {})),
-        cache=_cache(path, data.get("cache", {}), base),
+        cache=cache,
         upstreams=upstreams,
         auth=_auth(path, data.get("auth", {})),
         cluster=_cluster(path, data["cluster"]) if "cluster" in data else None,

@@ -26,6 +26,8 @@ from mirror.oci.routing import parse_image
 
 log = logging.getLogger("mirror.eviction")
 
+LOW_SHARE = 0.9  # an upstream over its max_size share is evicted down to this part of it
+
 
 @dataclass(frozen=True)
 class EvictionResult:
@@ -157,6 +159,67 @@ def trim_relay_copies(config: Config, store: BlobStore, index: Index, budget: in
             return None
         return trim_copies(store, index, budget, owns, _pinned(config, store, index),
                            on_evict, _in_use_since())
+
+
+def enforce_shares(config: Config, store: BlobStore, index: Index,
+                   on_evict: Callable[[Digest], None] | None = None, now: float | None = None
+                   ) -> list[EvictionResult] | None:
+    """Each upstream's own bounds: its content beyond its `max_size` share goes, least
+    recently used first, down to LOW_SHARE of it; its content unpulled for `max_unused` goes
+    even under every size bound. Pins and content in use stay. None when another process
+    holds the evict lock."""
+    bounded = [u for u in config.upstreams if u.max_size is not None or u.max_unused]
+    if not bounded:
+        return []
+    with try_exclusive(str(store.lock_path("evict"))) as mine:
+        if not mine:
+            return None
+        index.flush()
+        pinned = _pinned(config, store, index)
+        in_use = _in_use_since()
+        now = time.time() if now is None else now
+        results = []
+        for u in bounded:
+            total = index.upstream_total(u.name)
+            stale = [] if u.max_unused is None else [
+                e for e in _entries_of(index, u.name) if e.last_access < now - u.max_unused]
+            if stale:
+                results.append(_evict_lru(store, index, stale, sum(e.size for e in stale), 0,
+                                          pinned, on_evict, in_use,
+                                          f"unused past {u.name}'s max_unused: evicted"))
+                total = index.upstream_total(u.name)
+            if u.max_size is not None and total > u.max_size:
+                results.append(_evict_lru(store, index, list(_entries_of(index, u.name)),
+                                          total, int(u.max_size * LOW_SHARE), pinned,
+                                          on_evict, in_use, f"over {u.name}'s max_size: "
+                                          "evicted"))
+        return results
+
+
+def pins_over_bounds(config: Config, store: BlobStore, index: Index) -> list[str]:
+    """What the pins alone hold beyond a bound (they cannot be evicted: say so)."""
+    pinned = _pinned(config, store, index)
+    sizes = {d: store.size(d) or 0 for d in pinned}
+    found = []
+    if (total := sum(sizes.values())) > config.cache.max_size:
+        found.append(f"pinned images hold {total} bytes, more than [cache] max_size "
+                     f"({config.cache.max_size}): the cache cannot get under it")
+    for u in config.upstreams:
+        share = sum(n for d, n in sizes.items() if index.upstream_of(d) == u.name)
+        if u.max_size is not None and share > u.max_size:
+            found.append(f"pinned images of {u.name} hold {share} bytes, more than its "
+                         f"max_size ({u.max_size})")
+    return found
+
+
+def _entries_of(index: Index, upstream: str) -> Iterable[Entry]:
+    return (e for e in index.entries() if index.upstream_of(e.digest) == upstream)
+
+
+def shares_due(config: Config, index: Index) -> bool:
+    """Whether an upstream is over its share (cheap: kept totals)."""
+    return any(u.max_size is not None and index.upstream_total(u.name) > u.max_size
+               for u in config.upstreams)
 
 
 def _pinned(config: Config, store: BlobStore, index: Index) -> set[Digest]:

@@ -282,6 +282,9 @@ class Index:
                 self.db.incr(COUNT)
                 if self.db.get(f"c\0{digest}") is not None:
                     self.db.incr(COPY_TOTAL, size)
+                upstream = self.db.get(f"up\0{digest}")
+                if upstream is not None:
+                    self.db.incr(f"total\0{upstream}", size)
             self.db.set(key, (size, time.time() if last_access is None else last_access, kind))
 
     def remove_entry(self, digest: Digest) -> None:
@@ -294,7 +297,25 @@ class Index:
                 self.db.decr(COUNT)
                 if self.db.delete(f"c\0{digest}"):
                     self.db.decr(COPY_TOTAL, value[0])
+                upstream = self.db.get(f"up\0{digest}")
+                if upstream is not None:
+                    self.db.decr(f"total\0{upstream}", value[0])
+            self.db.delete(f"up\0{digest}")
             self.db.delete(f"mt\0{digest}")
+
+    # the upstream each digest came through first, for per-upstream bounds -----------------
+    def attribute(self, digest: Digest, upstream: str) -> None:
+        """Before `digest` enters the store from `upstream` (the first upstream keeps it)."""
+        if self.db.get(f"up\0{digest}") is None:
+            self.db.add(f"up\0{digest}", upstream)
+
+    def upstream_of(self, digest: Digest) -> str | None:
+        value = self.db.get(f"up\0{digest}")
+        return value if isinstance(value, str) else None
+
+    def upstream_total(self, upstream: str) -> int:
+        """Bytes stored that came through `upstream` first."""
+        return int(self.db.get(f"total\0{upstream}", 0))
 
     def mark_copy(self, digest: Digest) -> None:
         """`digest` is being relayed from the node that owns it: once stored it is a relay
@@ -500,12 +521,20 @@ class Index:
             for key in list(self.db.iterkeys()):
                 if isinstance(key, str) and key.startswith("e\0"):
                     self.db.delete(key)
+            shares: dict[str, int] = {}
             for digest, size, mtime in stored:
                 kind = "manifest" if self.is_manifest(digest) else "blob"
                 self.db.set(f"e\0{digest}", (size, mtime, kind))
                 count += 1
                 total += size
                 copies += size if self.is_copy(digest) else 0
+                if (upstream := self.upstream_of(digest)) is not None:
+                    shares[upstream] = shares.get(upstream, 0) + size
+            for key in list(self.db.iterkeys()):
+                if isinstance(key, str) and key.startswith("total\0"):
+                    self.db.delete(key)
+            for upstream, size in shares.items():
+                self.db.set(f"total\0{upstream}", size)
             self.db.set(TOTAL, total)
             self.db.set(COUNT, count)
             self.db.set(COPY_TOTAL, copies)

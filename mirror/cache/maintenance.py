@@ -15,7 +15,13 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable
 
-from mirror.cache.eviction import evict_to_watermark, trim_relay_copies
+from mirror.cache.eviction import (
+    enforce_shares,
+    evict_to_watermark,
+    pins_over_bounds,
+    shares_due,
+    trim_relay_copies,
+)
 from mirror.cache.index import ACCESS_FLUSH_SECONDS, Index
 from mirror.cache.locks import try_exclusive
 from mirror.cache.store import BlobStore
@@ -25,6 +31,7 @@ from mirror.oci.reference import Digest
 log = logging.getLogger("mirror.maintenance")
 
 TRIM_SECONDS = 5.0  # relay copies past relay_cache are looked for at most this often
+UNUSED_SECONDS = 60.0  # content past an upstream's max_unused is looked for this often
 # (upstream name, its `ratelimit-limit`, its `ratelimit-remaining`) as last seen
 RateLimit = tuple[str, str | None, str]
 
@@ -45,6 +52,7 @@ class Maintenance:
         # is awaited in turn and its failure logged.
         self.extra: list[Callable[[], Awaitable[None]]] = []
         self._trimmed_at = 0.0
+        self._unused_at = float("-inf")
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -71,6 +79,8 @@ class Maintenance:
             # A new or lost index: recreate entries from the files, off the event loop, while
             # requests are served; one worker does it.
             await asyncio.to_thread(self._rebuild_index)
+        for warning in await asyncio.to_thread(self._pins_over_bounds):
+            log.warning("pins exceed a bound", extra={"problem": warning})
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), ACCESS_FLUSH_SECONDS)
@@ -82,6 +92,7 @@ class Maintenance:
                     await asyncio.to_thread(evict_to_watermark, self.config, self.store,
                                             self.index, self.on_evict)
                 await self._trim_relay_copies()
+                await self._enforce_shares()
             except Exception:
                 log.exception("cache maintenance failed")
             for work in self.extra:
@@ -100,6 +111,25 @@ class Maintenance:
             self._trimmed_at = now
             await asyncio.to_thread(trim_relay_copies, self.config, self.store, self.index,
                                     budget, self.owns, self.on_evict)
+
+    async def _enforce_shares(self) -> None:
+        """An upstream over its share: at once; its max_unused: at most every UNUSED_SECONDS
+        (that looks at every entry)."""
+        now = time.monotonic()
+        unused_due = any(u.max_unused for u in self.config.upstreams) \
+            and now - self._unused_at >= UNUSED_SECONDS
+        if unused_due or shares_due(self.config, self.index):
+            if unused_due:
+                self._unused_at = now
+            await asyncio.to_thread(enforce_shares, self.config, self.store, self.index,
+                                    self.on_evict)
+
+    def _pins_over_bounds(self) -> list[str]:
+        """Once per start (the first worker), and only with bounds to exceed."""
+        if not self.config.cache.pin:
+            return []
+        with try_exclusive(str(self.store.lock_path("pins-check"))) as mine:
+            return pins_over_bounds(self.config, self.store, self.index) if mine else []
 
     def _rebuild_index(self) -> None:
         with try_exclusive(str(self.store.lock_path("rebuild"))) as mine:

@@ -41,6 +41,14 @@ def status_lines(config: Config, index: Index) -> list[str]:
         cached = isinstance(ref.reference, str) and index.get_tag(
             ref.upstream, ref.repository, ref.reference) is not None
         lines.append(f"pinned:       {pin}{'' if cached else ' (not cached yet)'}")
+    for u in config.upstreams:
+        if u.max_size is not None or u.max_unused is not None:
+            share = index.upstream_total(u.name)
+            bound = (f"of its share {human(u.max_size)} ({100 * share / u.max_size:.1f}%)"
+                     if u.max_size else "(no share)")
+            unused = (f", unpulled for {human_age(u.max_unused)} evicted"
+                      if u.max_unused else "")
+            lines.append(f"upstream:     {u.name}: {human(share)} {bound}{unused}")
     for name in names:
         rl = index.ratelimit(name)
         if rl is not None:

@@ -22,6 +22,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from mirror import metrics
+from mirror.cache.eviction import pins_over_bounds
 from mirror.config import Config
 from mirror.http import access, health, statuspage
 from mirror.http.activity import Activity, in_flight, merged_top
@@ -100,6 +101,11 @@ async def status_page(request: web.Request) -> web.Response:
                           decision=d) for d in ("allowed", "denied", "warned")))
             for p in mirror.config.policies],
         denials=mirror.index.recent_denials() if mirror.config.policies else [],
+        shares=[(u.name, mirror.index.upstream_total(u.name), u.max_size)
+                for u in mirror.config.upstreams
+                if u.max_size is not None or u.max_unused is not None],
+        warnings=await asyncio.to_thread(pins_over_bounds, mirror.config, mirror.store,
+                                         mirror.index) if mirror.config.cache.pin else [],
     )
     return web.Response(body=statuspage.render(view).encode(), headers={
         "Content-Type": "text/html; charset=utf-8", "Cache-Control": "no-store"})

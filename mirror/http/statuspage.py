@@ -104,6 +104,8 @@ class StatusView:
     cluster: ClusterView | None = None
     bucket: BucketView | None = None
     policies: list[PolicyView] = field(default_factory=list)
+    shares: list[tuple[str, float, float | None]] = field(default_factory=list)  # name, bytes, max
+    warnings: list[str] = field(default_factory=list)
     denials: list[tuple[float, str, str, str]] = field(default_factory=list)  # newest last
 
     @property
@@ -253,6 +255,18 @@ def _bucket(b: BucketView) -> str:
     return _bar(use, held) + f'<table style="margin-top:.5em">{body}</table>'
 
 
+def _shares(view: StatusView) -> str:
+    if not view.shares:
+        return ""
+    rows = "".join(
+        f'<tr class="share"><td>{html.escape(name)}</td>'
+        f'<td data-value="{held:g}">{human_bytes(held)}</td>'
+        f"<td>{'none' if bound is None else human_bytes(bound)}</td></tr>"
+        for name, held, bound in view.shares)
+    return ('<table style="margin-top:.5em"><tr><th>upstream</th><th>holds</th>'
+            f"<th>its max_size</th></tr>{rows}</table>")
+
+
 def _policies(view: StatusView) -> str:
     rows = "".join(
         f'<tr class="policy"><td>{html.escape(p.name)}</td><td>{html.escape(p.mode)}</td>'
@@ -335,7 +349,9 @@ def render(view: StatusView) -> str:
 {human_seconds(view.generated - view.started)} · {generated} · refreshes every
 {REFRESH_SECONDS}s · <a href="/metrics">/metrics</a> · <a href="/readyz">/readyz</a></div>
 <h2>Cache</h2>
+{"".join(f'<p class="bad warning">{html.escape(w)}</p>' for w in view.warnings)}
 {_bar(use, use_label)}
+{_shares(view)}
 <div class="cards" style="margin-top:1em">{card_html}</div>
 <h2>Downloads in flight</h2>
 {_downloads(view)}

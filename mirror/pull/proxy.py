@@ -475,6 +475,7 @@ class Proxy:
 
     def _entering(self, source: Source, digest: Digest) -> None:
         """Before bytes from `source` can reach the store (or another worker)."""
+        self.index.attribute(digest, source.name)  # counted in its upstream's share
         if source.private:
             self.index.mark_private(digest)
 

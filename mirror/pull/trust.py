@@ -19,6 +19,7 @@ import hashlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from cachetools import LRUCache, TTLCache
 
@@ -80,6 +81,9 @@ class Trust:
         self._matched: LRUCache[tuple[str, str], Policy | None] = LRUCache(4096)
         self._allowed: LRUCache[tuple[str, Digest], bool] = LRUCache(65536)
         self._denied: TTLCache[tuple[str, Digest], str] = TTLCache(4096, tag_ttl)
+        # manifests allowed with what they reference covered: a hit costs two lookups
+        self._settled: LRUCache[tuple[str, Digest], bool] = LRUCache(65536)
+        self._counters: dict[tuple[str, str], Any] = {}
 
     def policy_for(self, upstream: str, repository: str) -> Policy | None:
         """The first policy whose patterns match `<upstream>/<repository>`."""
@@ -101,12 +105,18 @@ class Trust:
         policy = self.policy_for(source.name, repository)
         if policy is None:
             return None, None
+        settled = (policy.fingerprint, m.digest)
+        if m.data is not None and settled in self._settled:  # a hit: nothing to parse again
+            self._counted(policy, "allowed").inc()
+            return policy, None
         if m.data is not None and _is_attached_artifact(m.media_type, m.data):
             self._cover(policy, m.data)  # its blobs, for the client that reads them next
+            self._settled[settled] = True
             return policy, None
         reason = await self._verdict(policy, source, repository, m.digest)
         if reason is None and m.data is not None:
             self._cover(policy, m.data)
+            self._settled[settled] = True
             if m.cache == "miss":  # held back by the proxy until now
                 self.proxy.prefetch(source, repository, m.media_type, m.data)
         return policy, reason
@@ -121,6 +131,13 @@ class Trust:
             return
         self._refuse(policy, source, repository, digest, "no manifest this mirror allowed "
                      "references this blob (pull the image by its tag or digest first)")
+
+    def _counted(self, policy: Policy, decision: str) -> Any:
+        """The decision's counter, its labels looked up once (a manifest hit counts too)."""
+        key = (policy.name, decision)
+        if key not in self._counters:
+            self._counters[key] = metrics.POLICY_DECISIONS.labels(policy.name, decision)
+        return self._counters[key]
 
     # verdicts -----------------------------------------------------------------------------
     def _is_allowed(self, policy: Policy, digest: Digest) -> bool:
@@ -140,7 +157,7 @@ class Trust:
                        digest: Digest) -> str | None:
         """None when `digest` is allowed, else why not."""
         if self._is_allowed(policy, digest):
-            metrics.POLICY_DECISIONS.labels(policy.name, "allowed").inc()
+            self._counted(policy, "allowed").inc()
             return None
         key = (policy.fingerprint, digest)
         if key in self._denied:
@@ -149,7 +166,7 @@ class Trust:
         reason, final = await self._verify(policy, source, repository, digest)
         if reason is None:
             self._allow(policy, digest)
-            metrics.POLICY_DECISIONS.labels(policy.name, "allowed").inc()
+            self._counted(policy, "allowed").inc()
             log.info("signature verified", extra={
                 "policy": policy.name, "upstream": source.name, "repository": repository,
                 "digest": str(digest)})
@@ -251,7 +268,7 @@ class Trust:
     def _refuse(self, policy: Policy, source: Source, repository: str, digest: Digest,
                 reason: str) -> None:
         decision = "denied" if policy.enforce else "warned"
-        metrics.POLICY_DECISIONS.labels(policy.name, decision).inc()
+        self._counted(policy, decision).inc()
         log.warning("refused by signature policy" if policy.enforce
                     else "signature policy (warn): served anyway", extra={
                         "policy": policy.name, "upstream": source.name,

@@ -1,0 +1,61 @@
+"""Per-upstream shares with the real upstreams and skopeo: two upstreams filling past their
+`max_size` shares each lose their own least recently used content (not the other's), under a
+global bound nowhere near reached; `mirror status` and the status page show the shares."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.support import oci
+from tests.support.clients import UpstreamRegistry, skopeo_pull, write_registries_conf
+from tests.support.mirror import MirrorProcess, Upstream
+from tests.support.registry import BASIC_PASSWORD, BASIC_USER, ClosedPort, wait_until
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("workers", [1, 2], ids=lambda w: f"w{w}")
+def test_two_upstreams_past_their_shares_each_lose_their_own_oldest_content(
+        mirror_factory: Any, upstream: UpstreamRegistry, basic_upstream: UpstreamRegistry,
+        test_images: oci.ImageSet, tmp_path: Path, workers: int) -> None:
+    a, b = ClosedPort(), "quota-b.test"  # b: a name that resolves nowhere
+    try:
+        mirror: MirrorProcess = mirror_factory([
+            Upstream(name=a.host, url=upstream.url, extra={"max_size": "20MiB"}),
+            Upstream(name=b, url=basic_upstream.url, username=BASIC_USER,
+                     password=BASIC_PASSWORD, extra={"max_size": "200KiB"}),
+        ], server_extra={"workers": workers}, cache_extra={"prefetch": False})
+        conf = write_registries_conf(tmp_path / "b.conf", b, [f"{mirror.host}/{b}"])
+        small, big = test_images.small, test_images.big
+
+        def held_of(image: oci.Image) -> int:
+            held = mirror.cached_digests()
+            return sum(x.size for x in image.all_blobs if x.digest in held)
+
+        skopeo_pull(conf, b, "test/small", "v1", tmp_path / "small")
+        assert held_of(small) > 200 << 10  # it came in whole, past its share
+        wait_until(lambda: held_of(small) <= 200 << 10, 60, interval=0.3,
+                   what="b's share enforced")
+        b_kept = mirror.cached_digests()
+        conf = write_registries_conf(tmp_path / "a.conf", a.host, [mirror.host])
+        skopeo_pull(conf, a.host, "test/big", "v1", tmp_path / "big")
+        wait_until(lambda: held_of(big) <= 20 << 20, 60, interval=0.3,
+                   what="a's share enforced")
+        assert b_kept <= mirror.cached_digests()  # a's eviction took nothing of b's
+        status = subprocess.run([sys.executable, "-m", "mirror", "status", "--config",
+                                 str(mirror.config_path)], capture_output=True, text=True,
+                                timeout=60)
+        lines = [ln for ln in status.stdout.splitlines() if ln.startswith("upstream:")]
+        assert any(a.host in ln and "of its share 20.0 MiB" in ln for ln in lines), lines
+        assert any(b in ln and "of its share 200.0 KiB" in ln for ln in lines), lines
+        page = httpx.get(f"{mirror.url}/", trust_env=False, timeout=10).text
+        assert page.count('class="share"') == 2
+    finally:
+        a.close()
