@@ -219,8 +219,8 @@ BUCKET_QUEUE = Gauge(
 # signature policies ([[policy]], pull/trust.py)
 POLICY_DECISIONS = Counter(
     "mirror_policy_decisions_total",
-    "Signature policy decisions on manifests and blobs: allowed (verified now or before), "
-    "denied (enforce), warned (warn mode: served anyway)",
+    "Signature policy decisions: allowed (a digest verified, per worker; its hits are not "
+    "counted), denied and warned (warn mode: served anyway), per request",
     ["policy", "decision"])
 SIGNATURE_LOOKUPS = Counter(
     "mirror_signature_lookups_total",

@@ -45,7 +45,7 @@ async def manifest_of(request: web.Request, proxy: Proxy, source: Source, reposi
     head = request.method == "HEAD"
     m = await proxy.manifest(source, repository, reference, accept, head)
     request[CACHE] = m.cache
-    if trust is not None:
+    if trust is not None and not trust.settled(source, repository, m):
         await trust.check_manifest(source, repository, m)
     if not isinstance(reference, Digest):  # a pull resolves a tag once
         request.app[ACTIVITY].top.add(f"{source.name}/{repository}")
