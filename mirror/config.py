@@ -15,6 +15,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from mirror.oci.errors import RegistryError
+from mirror.oci.reference import Digest, parse_digest
+from mirror.oci.rules import PatternError, Rules, UpstreamRules, parse_pattern
+
 _SIZE_UNITS = {
     "": 1, "b": 1,
     "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
@@ -46,6 +50,8 @@ class UpstreamConfig:
     max_connections: int = 16
     resume_attempts: int = 5
     access: str = "public"
+    allow: tuple[str, ...] = ()  # repository patterns; empty: every repository
+    deny: tuple[str, ...] = ()  # repository patterns refused (deny wins over allow)
 
 
 @dataclass(frozen=True)
@@ -145,6 +151,8 @@ class Config:
     redis: RedisConfig | None = None
     s3: S3Config | None = None
     path: str = "mirror.toml"
+    deny_digests: tuple[Digest, ...] = ()  # [rules]: content refused through every upstream
+    rules: Rules = field(default_factory=Rules)  # compiled allow/deny and deny_digests
 
     def upstream(self, name: str) -> UpstreamConfig | None:
         return next((u for u in self.upstreams if u.name == name), None)
@@ -334,9 +342,48 @@ def _upstream(path: str, index: int, table: object) -> UpstreamConfig:
         max_connections=s.get("max_connections", d.max_connections, _positive_int),
         resume_attempts=s.get("resume_attempts", d.resume_attempts, _positive_int),
         access=access,
+        allow=s.get("allow", list(d.allow), _strings),
+        deny=s.get("deny", list(d.deny), _strings),
     )
     s.finish()
     return config
+
+
+def _strings(values: object) -> tuple[str, ...]:
+    if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+        raise ValueError(f"expected a list of strings, got {values!r}")
+    return tuple(values)
+
+
+def _compiled_rules(path: str, upstreams: tuple[UpstreamConfig, ...],
+                    deny_digests: tuple[Digest, ...]) -> Rules:
+    """Every pattern validated (a bad one names its key: upstream[0].deny[2]) and compiled."""
+    names = [u.name for u in upstreams]
+    compiled = []
+    for i, u in enumerate(upstreams):
+        lists: dict[str, list[Any]] = {"allow": [], "deny": []}
+        for key, patterns in lists.items():
+            for j, text in enumerate(getattr(u, key)):
+                try:
+                    patterns.append(parse_pattern(text, u.name, names))
+                except PatternError as exc:
+                    raise ConfigError(path, f"upstream[{i}].{key}[{j}]", str(exc)) from None
+        compiled.append(UpstreamRules(u.name, (u.url, *u.fallback_urls),
+                                      tuple(lists["allow"]), tuple(lists["deny"])))
+    return Rules(compiled, deny_digests)
+
+
+def _deny_digests(path: str, table: object) -> tuple[Digest, ...]:
+    s = _Section(path, "rules", table)
+    values = s.get("deny_digests", [], _strings)
+    s.finish()
+    digests = []
+    for j, value in enumerate(values):
+        try:
+            digests.append(parse_digest(value))
+        except RegistryError as exc:
+            raise ConfigError(path, f"rules.deny_digests[{j}]", exc.message) from None
+    return tuple(dict.fromkeys(digests))
 
 
 def _auth(path: str, table: object) -> AuthConfig:
@@ -498,7 +545,7 @@ def load_config(path: str | os.PathLike[str]) -> Config:
 
 def parse_config(data: dict[str, Any], path: str = "mirror.toml", base: Path = Path()) -> Config:
     unknown = sorted(set(data) - {"server", "cache", "upstream", "auth", "cluster", "redis",
-                                  "s3"})
+                                  "s3", "rules"})
     if unknown:
         raise ConfigError(path, unknown[0], "unknown section")
     raw_upstreams = data.get("upstream", [])
@@ -508,6 +555,7 @@ def parse_config(data: dict[str, Any], path: str = "mirror.toml", base: Path = P
     names = [u.name for u in upstreams]
     if len(set(names)) != len(names):
         raise ConfigError(path, "upstream.name", f"duplicate upstream names in {names}")
+    deny_digests = _deny_digests(path, data.get("rules", {}))
     return Config(
         server=_server(path, data.get("server", {})),
         cache=_cache(path, data.get("cache", {}), base),
@@ -517,4 +565,6 @@ def parse_config(data: dict[str, Any], path: str = "mirror.toml", base: Path = P
         redis=_redis(path, data["redis"]) if "redis" in data else None,
         s3=_s3(path, data["s3"]) if "s3" in data else None,
         path=path,
+        deny_digests=deny_digests,
+        rules=_compiled_rules(path, upstreams, deny_digests),
     )
