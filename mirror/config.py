@@ -16,7 +16,9 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from mirror.oci.cosign import load_public_key
-from mirror.oci.patterns import compile_patterns
+from mirror.oci.errors import RegistryError
+from mirror.oci.reference import Digest, parse_digest
+from mirror.oci.rules import PatternError, Rules, UpstreamRules, parse_pattern, policy_pattern
 
 _SIZE_UNITS = {
     "": 1, "b": 1,
@@ -51,6 +53,8 @@ class UpstreamConfig:
     access: str = "public"
     max_size: int | None = None  # its share of [cache] max_size (LRU inside it); None: none
     max_unused: float | None = None  # seconds its content may go unpulled; None: forever
+    allow: tuple[str, ...] = ()  # repository patterns; empty: every repository
+    deny: tuple[str, ...] = ()  # repository patterns refused (deny wins over allow)
 
 
 @dataclass(frozen=True)
@@ -146,7 +150,7 @@ class PolicyConfig:
     that verifies with one of `keys` (checked by pull/trust.py)."""
 
     name: str
-    match: tuple[str, ...]  # patterns over "<upstream>/<repository>" (oci/patterns.py)
+    match: tuple[str, ...]  # patterns over "<upstream>/<repository>" (oci/rules.py policy_pattern)
     keys: tuple[tuple[str, bytes], ...] = field(repr=False)  # (file, PEM), all valid keys
     require: str = "cosign"
     mode: str = "enforce"  # enforce | warn (logged and counted, served anyway)
@@ -163,6 +167,8 @@ class Config:
     policies: tuple[PolicyConfig, ...] = ()
     s3: S3Config | None = None
     path: str = "mirror.toml"
+    deny_digests: tuple[Digest, ...] = ()  # [rules]: content refused through every upstream
+    rules: Rules = field(default_factory=Rules)  # compiled allow/deny and deny_digests
 
     def upstream(self, name: str) -> UpstreamConfig | None:
         return next((u for u in self.upstreams if u.name == name), None)
@@ -354,9 +360,48 @@ def _upstream(path: str, index: int, table: object) -> UpstreamConfig:
         access=access,
         max_size=s.get("max_size", None, _positive_size),
         max_unused=s.get("max_unused", None, _positive_duration),
+        allow=s.get("allow", list(d.allow), _strings),
+        deny=s.get("deny", list(d.deny), _strings),
     )
     s.finish()
     return config
+
+
+def _strings(values: object) -> tuple[str, ...]:
+    if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+        raise ValueError(f"expected a list of strings, got {values!r}")
+    return tuple(values)
+
+
+def _compiled_rules(path: str, upstreams: tuple[UpstreamConfig, ...],
+                    deny_digests: tuple[Digest, ...]) -> Rules:
+    """Every pattern validated (a bad one names its key: upstream[0].deny[2]) and compiled."""
+    names = [u.name for u in upstreams]
+    compiled = []
+    for i, u in enumerate(upstreams):
+        lists: dict[str, list[Any]] = {"allow": [], "deny": []}
+        for key, patterns in lists.items():
+            for j, text in enumerate(getattr(u, key)):
+                try:
+                    patterns.append(parse_pattern(text, u.name, names))
+                except PatternError as exc:
+                    raise ConfigError(path, f"upstream[{i}].{key}[{j}]", str(exc)) from None
+        compiled.append(UpstreamRules(u.name, (u.url, *u.fallback_urls),
+                                      tuple(lists["allow"]), tuple(lists["deny"])))
+    return Rules(compiled, deny_digests)
+
+
+def _deny_digests(path: str, table: object) -> tuple[Digest, ...]:
+    s = _Section(path, "rules", table)
+    values = s.get("deny_digests", [], _strings)
+    s.finish()
+    digests = []
+    for j, value in enumerate(values):
+        try:
+            digests.append(parse_digest(value))
+        except RegistryError as exc:
+            raise ConfigError(path, f"rules.deny_digests[{j}]", exc.message) from None
+    return tuple(dict.fromkeys(digests))
 
 
 def _auth(path: str, table: object) -> AuthConfig:
@@ -518,7 +563,7 @@ def load_config(path: str | os.PathLike[str]) -> Config:
 
 def parse_config(data: dict[str, Any], path: str = "mirror.toml", base: Path = Path()) -> Config:
     unknown = sorted(set(data) - {"server", "cache", "upstream", "auth", "cluster", "redis",
-                                  "s3", "policy"})
+                                  "s3", "policy", "rules"})
     if unknown:
         raise ConfigError(path, unknown[0], "unknown section")
     raw_upstreams = data.get("upstream", [])
@@ -533,6 +578,7 @@ def parse_config(data: dict[str, Any], path: str = "mirror.toml", base: Path = P
         if u.max_size is not None and u.max_size > cache.max_size:
             raise ConfigError(path, f"upstream[{i}].max_size", f"{u.max_size} bytes is more "
                               f"than [cache] max_size ({cache.max_size}): a share is within it")
+    deny_digests = _deny_digests(path, data.get("rules", {}))
     return Config(
         server=_server(path, data.get("server", {})),
         cache=cache,
@@ -543,6 +589,8 @@ def parse_config(data: dict[str, Any], path: str = "mirror.toml", base: Path = P
         s3=_s3(path, data["s3"]) if "s3" in data else None,
         policies=_policies(path, data.get("policy", []), names),
         path=path,
+        deny_digests=deny_digests,
+        rules=_compiled_rules(path, upstreams, deny_digests),
     )
 
 
@@ -559,14 +607,10 @@ def _policies(path: str, tables: object, upstreams: list[str]) -> tuple[PolicyCo
 def _policy(path: str, index: int, table: object, upstreams: list[str]) -> PolicyConfig:
     s = _Section(path, f"policy[{index}]", table)
     name = s.get("name", f"policy[{index}]", kind=str)
-    match = tuple(s.get("match", None, _patterns))
+    match = tuple(s.get("match", None, lambda v: _policy_patterns(v, upstreams)))
     if not match:
         raise ConfigError(path, f"policy[{index}].match", "missing: the names it applies to, "
                           'e.g. ["docker.io/library/*"]')
-    if not any(p.split("/", 1)[0] in upstreams or p.startswith("*") for p in match):
-        raise ConfigError(path, f"policy[{index}].match", f"no pattern starts with a "
-                          f"configured upstream ({', '.join(upstreams)}): it would match "
-                          "nothing")
     require = s.get("require", "cosign", kind=str)
     if require != "cosign":
         raise ConfigError(path, f"policy[{index}].require", f"{require!r}: expected cosign")
@@ -582,10 +626,12 @@ def _policy(path: str, index: int, table: object, upstreams: list[str]) -> Polic
     return PolicyConfig(name, match, keys, require, mode)
 
 
-def _patterns(value: object) -> list[str]:
+def _policy_patterns(value: object, upstreams: list[str]) -> list[str]:
+    """`<upstream>/<repository pattern>` each (oci/rules.py's patterns)."""
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise ValueError(f"expected a list of patterns, got {value!r}")
-    compile_patterns(value)  # raises ValueError naming the bad one
+    for pattern in value:
+        policy_pattern(pattern, upstreams)  # raises ValueError naming the bad one
     return value
 
 

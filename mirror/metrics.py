@@ -95,6 +95,11 @@ INDEX_FAILURES = Counter(
 STALE_ANSWERS = Counter(
     "mirror_stale_answers_total", "Answers served from cache because the upstream failed",
     ["kind"])
+DENIED = Counter(
+    "mirror_denied_total",
+    "Requests refused by the rules (403 DENIED), by the upstream they named and why: deny (a "
+    "[[upstream]] deny pattern), allow (not in a non-empty allow list), digest ([rules] "
+    "deny_digests: the content, or the digest a tag resolved to)", ["upstream", "reason"])
 CACHE_BYTES = Gauge("mirror_cache_bytes", "Bytes of verified content in the cache",
                     multiprocess_mode="livemax")
 CACHE_ENTRIES = Gauge("mirror_cache_entries", "Blobs and manifests in the cache",

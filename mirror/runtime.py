@@ -123,8 +123,9 @@ async def open_mirror(config: Config) -> AsyncIterator[Mirror]:
         if cluster is not None:
             maintenance.owns = cluster.membership.owns
         try:
-            trust = None if not config.policies else Trust(config.policies, proxy, index,
-                                                           config.cache.tag_ttl)
+            trust = None if not config.policies else Trust(
+                config.policies, [u.name for u in config.upstreams], proxy, index,
+                config.cache.tag_ttl)
             proxy.prefetch_held = None if trust is None else trust.holds
             yield Mirror(config, store, index, downloads, proxy, upstreams, sources, cluster,
                          bucket, trust)

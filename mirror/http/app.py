@@ -1,8 +1,9 @@
 """The aiohttp application: routes `/v2/...` requests to the proxy layer.
 
 Request flow: middleware (errors, access log) → parse path (routes.py) → choose upstream
-(routing.py) → access checks (access.py, only with [auth]) → proxy.py (cache lookup,
-single-flight fetch) → the response (content.py: blobs with zero-copy sendfile).
+(routing.py) → access checks (access.py, only with [auth]) → proxy.py (the allow / deny
+rules, cache lookup, single-flight fetch) → the response (content.py: blobs with zero-copy
+sendfile).
 """
 
 from __future__ import annotations
@@ -154,7 +155,8 @@ async def v2(request: web.Request) -> web.StreamResponse:
         digest = parse_digest(route.reference)
         if mirror.trust is not None:
             mirror.trust.check_blob(source, repository, digest)
-        if (location := await _bucket_redirect(request, mirror, source, digest)) is not None:
+        if (location := await _bucket_redirect(request, mirror, source, repository, digest)
+                ) is not None:
             request[CACHE] = "redirect"
             return web.Response(status=307, headers={
                 **content_headers(digest, "application/octet-stream", None),
@@ -164,7 +166,7 @@ async def v2(request: web.Request) -> web.StreamResponse:
 
 
 async def _bucket_redirect(request: web.Request, mirror: Mirror, source: Source,
-                           digest: Digest) -> str | None:
+                           repository: str, digest: Digest) -> str | None:
     """With `[s3] redirect`, a GET of a public blob that only the bucket holds is sent there
     (the CDN-origin case: the bytes go from the bucket, or the CDN before it, to the client).
     Private content never is: a presigned URL would serve it to anyone holding the URL."""
@@ -172,6 +174,7 @@ async def _bucket_redirect(request: web.Request, mirror: Mirror, source: Source,
     if bucket is None or not bucket.config.redirect or request.method != "GET" \
             or source.private or mirror.store.has(digest):
         return None
+    mirror.proxy.admit(source, repository, digest)  # the rules, before the bucket answers
     return await bucket.presigned(digest)
 
 

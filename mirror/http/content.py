@@ -74,6 +74,7 @@ async def _head(request: web.Request, headers: dict[str, str]) -> web.StreamResp
 
 async def blob(request: web.Request, proxy: Proxy, source: Source, repository: str,
                digest: Digest) -> web.StreamResponse:
+    proxy.admit(source, repository, digest)  # the rules first, even for a 304
     if etag_matches(request.headers.get("If-None-Match"), digest):
         # Content named by its digest never changes: a client holding that ETag holds the
         # blob, whether or not it is cached here.

@@ -111,6 +111,12 @@ def _select(raw_name: str, ns: str | None, upstreams: tuple[str, ...]) -> tuple[
         else:
             chosen, repository = upstreams[0], raw_name
     validate_name(repository)
-    if _canonical(chosen) == DOCKER_HUB and "/" not in repository:
-        repository = f"library/{repository}"
-    return chosen, repository
+    return chosen, upstream_repository(chosen, repository)
+
+
+def upstream_repository(upstream: str, repository: str) -> str:
+    """The repository as `upstream` names it: Docker Hub's official images are `library/`
+    ones (`nginx` is `library/nginx`); any other registry takes a name as it is."""
+    if "/" not in repository and _canonical(upstream.lower()) == DOCKER_HUB:
+        return f"library/{repository}"
+    return repository

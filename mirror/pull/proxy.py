@@ -7,7 +7,10 @@ owns the caching policy: digests are immutable and cached for good; tags are tru
 within `tag_ttl` is taken from the shared tags instead); an unreachable, failing or
 rate-limiting source is answered from cache where possible (stale-if-error); offline, nothing
 is asked; concurrent manifest fetches are coalesced; private content is confirmed per
-repository; a manifest is verified before it is cached. It speaks no wire format: the source
+repository; a manifest is verified before it is cached; the rules (`[[upstream]] allow`,
+`deny`, `[rules] deny_digests`: oci/rules.py) refuse a request before anything is asked of a
+source, a tag by the digest it resolves to (with deny_digests set, a tag not known yet is
+resolved with a HEAD before its manifest is fetched). It speaks no wire format: the source
 does.
 """
 
@@ -41,6 +44,7 @@ from mirror.oci.mediatypes import (
     is_acceptable,
 )
 from mirror.oci.reference import Digest, digest_of, parse_digest
+from mirror.oci.rules import REASONS, Denial
 from mirror.pull.body import BlobBody, DownloadBody, HeadOnlyBody, StoredBody
 from mirror.pull.content import ContentStore
 from mirror.pull.downloads import Download, Downloads, Fetch
@@ -56,6 +60,14 @@ WORKER_LOCK_WAIT = 30.0  # seconds a worker waits for another's manifest fetch
 # Answers from a source that stale-if-error covers (it is down, failing or rate limiting).
 STALE_CODES = frozenset({ErrorCode.UPSTREAM_UNREACHABLE, ErrorCode.UPSTREAM_UNAVAILABLE,
                          ErrorCode.UPSTREAM_TIMEOUT, ErrorCode.TOOMANYREQUESTS})
+
+
+class Denied(RegistryError):
+    """403 DENIED by the rules; `denial` says which."""
+
+    def __init__(self, denial: Denial, context: str = "") -> None:
+        super().__init__(ErrorCode.DENIED, f"{denial}{context}")
+        self.denial = denial
 
 
 @dataclass(frozen=True)
@@ -104,6 +116,11 @@ class Proxy:
         self._public: LRUCache[Digest, bool] = LRUCache(CONFIRMATIONS_IN_MEMORY)
         self._confirmed: LRUCache[tuple[str, str, Digest], bool] = LRUCache(
             CONFIRMATIONS_IN_MEMORY)
+        self.rules = config.rules
+        if self.rules:  # the series exist (at 0) before the first denial
+            for upstream in config.upstreams:
+                for reason in REASONS:
+                    metrics.DENIED.labels(upstream.name, reason)
 
     # the cache's maintenance, wired by runtime.py -----------------------------------------
     on_disk_full: Callable[[], None] | None = None  # asks for eviction
@@ -218,8 +235,56 @@ class Proxy:
         return self._set_tag(source.name, repository, tag, digest, shared.media_type,
                              shared.fetched_at)
 
+    # the rules ------------------------------------------------------------------------------
+    def admit(self, source: Source, repository: str, digest: Digest | None = None,
+              reference: str | None = None) -> None:
+        """Refuse what the rules deny (403 DENIED, logged and counted): blobs and relays here,
+        and an edge answering without the proxy (http/app.py's redirect to the bucket)."""
+        try:
+            self._check(source, repository, digest)
+        except Denied as exc:
+            self._record(source, repository, reference or str(digest or ""), exc)
+            raise
+
+    def _check(self, source: Source, repository: str, digest: Digest | None = None) -> None:
+        """Before anything is asked of the source or read from the cache."""
+        if not self.rules:
+            return
+        denial = self.rules.repository(source.name, repository)
+        if denial is not None:
+            raise Denied(denial)
+        if digest is not None and (denial := self.rules.digest(digest)) is not None:
+            raise Denied(denial, f" (asked as {source.name}/{repository})")
+
+    def _check_resolved(self, source: Source, repository: str, tag: str,
+                        digest: Digest) -> None:
+        """A tag is denied when the digest it resolves to is."""
+        if self.rules.deny_digests and (denial := self.rules.digest(digest)) is not None:
+            raise Denied(denial, f" ({source.name}/{repository}:{tag} resolves to it)")
+
+    def _record(self, source: Source, repository: str, reference: str, exc: Denied) -> None:
+        """One log line and one count per request denied."""
+        metrics.DENIED.labels(source.name, exc.denial.reason).inc()
+        log.warning("denied by the rules", extra={
+            "upstream": source.name, "repository": repository, "reference": reference,
+            "reason": exc.denial.reason, "rule": exc.denial.rule, "error": exc.message})
+
+    # manifests, the entry ------------------------------------------------------------------
     async def manifest(self, source: Source, repository: str, reference: Digest | str,
                        accept: tuple[str, ...], head: bool) -> Manifest:
+        try:
+            self._check(source, repository,
+                        reference if isinstance(reference, Digest) else None)
+            found = await self._manifest(source, repository, reference, accept, head)
+            if not isinstance(reference, Digest):  # a hit may be older than the rule
+                self._check_resolved(source, repository, reference, found.digest)
+            return found
+        except Denied as exc:
+            self._record(source, repository, str(reference), exc)
+            raise
+
+    async def _manifest(self, source: Source, repository: str, reference: Digest | str,
+                        accept: tuple[str, ...], head: bool) -> Manifest:
         if isinstance(reference, Digest):
             cached = self._from_cache(reference, "hit")
             if cached is not None:
@@ -242,6 +307,7 @@ class Proxy:
             age = usable.age()
             if age < ttl or self.offline:
                 digest = parse_digest(usable.digest)
+                self._check_resolved(source, repository, tag, digest)
                 cached = self._from_cache(digest, "hit", max(0.0, ttl - age))
                 if cached is not None:
                     return cached
@@ -266,6 +332,12 @@ class Proxy:
         self._require_online(ErrorCode.MANIFEST_UNKNOWN, f"manifest {repository}:{tag}")
         if head:
             return await self._head_manifest(source, repository, tag, accept)
+        if self.rules.deny_digests:
+            # The digest is judged before the manifest (and, by the prefetch, its layers) is
+            # fetched: the tag is resolved with a HEAD first (Docker Hub does not count it).
+            resolved = await self._head_manifest(source, repository, tag, accept)
+            if resolved.data is not None:
+                return resolved
         return await self._fetch_manifest(source, repository, tag, accept)
 
     async def _revalidate(self, source: Source, repository: str, tag: str, entry: TagEntry,
@@ -298,6 +370,7 @@ class Proxy:
                                           stored[1] if stored else reply.media_type,
                                           reply.fresh_for)
             max_age = self._trust_left(entry)
+            self._check_resolved(source, repository, tag, digest)
         cached = self._from_cache(digest, "hit", max_age)
         if cached is not None:
             return cached
@@ -336,8 +409,12 @@ class Proxy:
             # verified byte for byte. Relayed as it came, never cached.
             claimed = reply.digest
             digest = _claimed_digest(source, claimed) if claimed else digest_of(data)
+            if tag is not None:
+                self._check_resolved(source, repository, tag, digest)
             return Manifest(digest, media_type, len(data), data, "miss", ttl)
         digest = self._verify_manifest(source, reference, reply, data)
+        if tag is not None:  # the tag moved since its HEAD, or no HEAD was needed
+            self._check_resolved(source, repository, tag, digest)
         self._entering(source, digest)
         self._store_manifest(digest, data)
         self._remember(digest, data, media_type)
@@ -409,7 +486,10 @@ class Proxy:
     def _start_download(self, source: Source, repository: str, digest: Digest
                         ) -> Download | None:
         """Join the download of `digest` in this process, follow another worker's, or lead a
-        new one fetching from (source, repository) — then `origin` says so."""
+        new one fetching from (source, repository) — then `origin` says so. None for a denied
+        digest (the prefetch skips it; a client's request was refused before)."""
+        if self.rules.deny_digests and self.rules.digest(digest) is not None:
+            return None
         self._entering(source, digest)
         existing = self.downloads.get(digest)
         download = self.downloads.start(digest, self.blob_fetch(source, repository, digest),
@@ -422,6 +502,7 @@ class Proxy:
                    head: bool) -> tuple[BlobBody, str]:
         """The body to answer with, and how the cache answered: hit (stored), inflight
         (joined a download already running) or miss (this request started it)."""
+        self.admit(source, repository, digest)
         for _ in range(3):
             stored = self._open_stored(digest)
             if stored is not None:
@@ -513,7 +594,8 @@ class Proxy:
     # tags lists, referrers ----------------------------------------------------------------
     async def relay(self, source: Source, repository: str, suffix: str,
                     query: dict[str, str], unknown: ErrorCode) -> Relayed:
-        """Pass a small uncached GET through (tags lists)."""
+        """Pass a small uncached GET through (tags lists). The repository rules apply."""
+        self.admit(source, repository, reference=suffix)
         self._require_online(unknown, f"{suffix} of {repository}")
         return await source.relay(repository, suffix, query, unknown)
 
@@ -521,7 +603,10 @@ class Proxy:
                         artifact_type: str) -> Referrers:
         """The referrers of `subject` (signatures, SBOMs, attestations), cached like a tag:
         trusted for tag_ttl, then asked again; the last answer served when the source fails
-        or the mirror is offline. Only a one-page index is kept (a Link header: relayed)."""
+        or the mirror is offline. Only a one-page index is kept (a Link header: relayed).
+        The repository rules apply; deny_digests does not (a referrers list is not the
+        subject's content)."""
+        self.admit(source, repository, reference=f"referrers/{subject}")
         kept = self.index.get_referrers(source.name, repository, subject, artifact_type)
         stored = None if kept is None else self._stored_referrers(*kept)
         if stored is not None and kept is not None and (

@@ -39,9 +39,9 @@ from mirror.oci.cosign import (
     verifies,
 )
 from mirror.oci.errors import ErrorCode, RegistryError
-from mirror.oci.patterns import compile_patterns
 from mirror.oci.reference import Digest, parse_digest
 from mirror.oci.referrers import fallback_tags
+from mirror.oci.rules import policy_pattern
 from mirror.pull.proxy import Manifest, Proxy
 from mirror.pull.source import Source
 
@@ -74,10 +74,11 @@ class Trust:
     """Used by: http/content.py (check_manifest before a manifest is answered, check_blob
     before a blob is), runtime (built from the configuration)."""
 
-    def __init__(self, policies: Sequence[PolicyConfig], proxy: Proxy, index: Index,
-                 tag_ttl: float) -> None:
+    def __init__(self, policies: Sequence[PolicyConfig], upstreams: Sequence[str],
+                 proxy: Proxy, index: Index, tag_ttl: float) -> None:
         self.proxy, self.index = proxy, index
-        self._policies = [(compile_patterns(p.match), Policy.of(p)) for p in policies]
+        self._policies = [([policy_pattern(m, upstreams) for m in p.match], Policy.of(p))
+                          for p in policies]
         self._matched: LRUCache[tuple[str, str], Policy | None] = LRUCache(4096)
         self._allowed: LRUCache[tuple[str, Digest], bool] = LRUCache(65536)
         self._denied: TTLCache[tuple[str, Digest], str] = TTLCache(4096, tag_ttl)
@@ -89,9 +90,9 @@ class Trust:
         """The first policy whose patterns match `<upstream>/<repository>`."""
         key = (upstream, repository)
         if key not in self._matched:
-            name = f"{upstream}/{repository}"
             self._matched[key] = next(
-                (policy for pattern, policy in self._policies if pattern.fullmatch(name)), None)
+                (policy for patterns, policy in self._policies
+                 if any(u == upstream and p.matches(repository) for u, p in patterns)), None)
         return self._matched[key]
 
     def settled(self, source: Source, repository: str, m: Manifest) -> bool:

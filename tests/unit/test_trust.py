@@ -71,7 +71,7 @@ def signed_image(w: World, key: PrivateKey, repo: str = "app", names: str | None
 def trust_with(w: World, *keys: PrivateKey, mode: str = "enforce") -> Trust:
     policy = PolicyConfig("acme", ("fake.test/**",), tuple(
         (f"key{i}.pub", pem(k)) for i, k in enumerate(keys)), mode=mode)
-    return Trust([policy], w.proxy, w.index, tag_ttl=60)
+    return Trust([policy], ["fake.test"], w.proxy, w.index, tag_ttl=60)
 
 
 KEYS = {
@@ -224,8 +224,9 @@ def config_with(tmp_path: Path, **policy: Any) -> None:
 
 @pytest.mark.parametrize("policy,key,problem", [
     ({"keys": ["/nonexistent.pub"]}, "policy[0].keys", "/nonexistent.pub: No such file"),
-    ({"keys": ["KEYFILE"], "match": ["docker.io/Library/*"]}, "policy[0].match", "'Library'"),
-    ({"keys": ["KEYFILE"], "match": ["quay.io/x/*"]}, "policy[0].match", "configured upstream"),
+    ({"keys": ["KEYFILE"], "match": ["docker.io/Library/*"]}, "policy[0].match", "lowercase"),
+    ({"keys": ["KEYFILE"], "match": ["quay.io/x/*"]}, "policy[0].match", "configured [[upst"),
+    ({"keys": ["KEYFILE"], "match": ["docker.io"]}, "policy[0].match", "<upstream>/<repo"),
     ({"keys": ["KEYFILE"], "mode": "audit"}, "policy[0].mode", "expected enforce or warn"),
     ({"keys": ["KEYFILE"], "require": "notation"}, "policy[0].require", "expected cosign"),
     ({"keys": ["BADKEY"]}, "policy[0].keys", "not a PEM public key"),
