@@ -231,3 +231,11 @@ SIGNATURE_LOOKUPS = Counter(
     "mirror_signature_lookups_total",
     "First verifications of a digest under a policy (each looks its signatures up)",
     ["policy"])
+
+# the one hit ratio (http/history.py), set when /metrics is scraped
+HIT_RATIO = Gauge(
+    "mirror_hit_ratio",
+    "Manifest and blob requests (basis=requests) or content bytes (basis=bytes) answered "
+    "from the cache, since the server started (window=start) or over the last hour "
+    "(window=1h); set once something was answered", ["basis", "window"],
+    multiprocess_mode="livemostrecent")

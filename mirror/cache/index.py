@@ -198,7 +198,6 @@ class Index:
             shutil.rmtree(directory, ignore_errors=True)
             self.db = _open(directory)
         self._accessed: dict[str, float] = {}
-        self._counts: dict[str, int] = {}
 
     # tags ----------------------------------------------------------------------------------
     @staticmethod
@@ -260,6 +259,20 @@ class Index:
     def recent_denials(self) -> list[tuple[float, str, str, str]]:
         """(wall-clock time, policy, upstream/repository@digest, reason), oldest first."""
         return [(float(t), str(p), str(w), str(r)) for t, p, w, r in self.db.get("denials", [])]
+
+    # the status page's history (http/history.py): one row of counters per slot ------------
+    def history_slot(self) -> int:
+        return int(self.db.get("history-slot", -1))
+
+    def append_history(self, slot: int, row: dict[str, float], keep: int) -> None:
+        with self.db.transact():
+            rows = list(self.db.get("history", []))[-(keep - 1):]
+            self.db.set("history", [*rows, row])
+            self.db.set("history-slot", slot)
+
+    def history(self) -> list[dict[str, float]]:
+        """The rows, oldest first."""
+        return list(self.db.get("history", []))
 
     # manifests -----------------------------------------------------------------------------
     def set_media_type(self, digest: Digest, media_type: str) -> None:
@@ -437,13 +450,9 @@ class Index:
         written at the next flush()."""
         self._accessed[str(digest)] = time.time()
 
-    def count(self, name: str, n: int = 1) -> None:
-        self._counts[name] = self._counts.get(name, 0) + n
-
     def flush(self) -> None:
         accessed, self._accessed = self._accessed, {}
-        counts, self._counts = self._counts, {}
-        if not accessed and not counts:
+        if not accessed:
             return
         with self.db.transact():
             for digest, when in accessed.items():
@@ -453,8 +462,6 @@ class Index:
                 value = self.db.get(f"b\0{digest}")
                 if value is not None and value[1] < when:
                     self.db.set(f"b\0{digest}", (value[0], when))
-            for name, n in counts.items():
-                self.db.incr(f"count\0{name}", n)
 
     def set_ratelimit(self, upstream: str, limit: str | None, remaining: str) -> None:
         self.db.set(f"ratelimit\0{upstream}", (limit, remaining, time.time()))
@@ -491,10 +498,6 @@ class Index:
     def mark_public(self, digest: Digest) -> None:
         """Only once an anonymous upstream actually served or confirmed the digest."""
         self.db.set(self._provenance_key(digest), "public")
-
-    def counter(self, name: str) -> int:
-        value = self.db.get(f"count\0{name}", 0)
-        return int(value)
 
     def total_bytes(self) -> int:
         return int(self.db.get(TOTAL, 0))

@@ -6,6 +6,7 @@ import time
 
 from mirror.cache.index import Index
 from mirror.config import Config
+from mirror.http import history
 from mirror.oci.routing import parse_image
 from mirror.tiers.bounds import identity
 
@@ -22,15 +23,17 @@ def status_lines(config: Config, index: Index) -> list[str]:
     index.flush()
     entries = list(index.entries())
     total = index.total_bytes()
-    hits = index.counter("blob_hit") + index.counter("manifest_hit")
-    misses = index.counter("blob_miss") + index.counter("manifest_miss")
-    ratio = f"{100 * hits / (hits + misses):.1f}%" if hits + misses else "n/a"
+    rows = index.history()
+    start, hour = history.since_start(rows), history.last_hour(rows)
+    as_of = time.strftime("%H:%M:%S UTC", time.gmtime(rows[-1]["at"])) if rows else "n/a"
     lines = [
         f"cache dir:    {config.cache.dir}",
         f"size:         {human(total)} of {human(config.cache.max_size)} "
         f"({100 * total / config.cache.max_size:.1f}%)",
         f"entries:      {len(entries)} ({sum(e.kind == 'manifest' for e in entries)} manifests)",
-        f"hit ratio:    {ratio} ({hits} hits, {misses} misses)",
+        f"hit ratio:    requests {pct(start.requests)} since start, {pct(hour.requests)} "
+        f"last hour; bytes {pct(start.bytes)} since start, {pct(hour.bytes)} last hour "
+        f"(as of {as_of})",
     ]
     if entries:
         oldest = min(e.last_access for e in entries)
@@ -76,6 +79,10 @@ def bucket_lines(config: Config, index: Index) -> list[str]:
         oldest = min(e.last_access for e in objects)
         lines.append(f"bucket oldest: last used {human_age(time.time() - oldest)} ago")
     return lines
+
+
+def pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}%"
 
 
 def human_age(seconds: float) -> str:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from mirror import metrics
+from mirror.http import history
 from mirror.runtime import Mirror
 
 log = logging.getLogger("mirror.activity")
@@ -127,17 +128,22 @@ class Activity:
         _write_top(self.top)
 
     async def _loop(self) -> None:
+        shared = metrics.multiprocess_dir() is not None
         while True:
-            self.refresh()
+            if shared:  # alone, a scrape refreshes the gauges itself
+                self.refresh()
+            try:
+                await asyncio.to_thread(history.record_due, self.mirror.store,
+                                        self.mirror.index)
+            except Exception:  # a busy or full index: the next slot is tried again
+                log.warning("status history not recorded", exc_info=True)
             await asyncio.sleep(REFRESH_SECONDS)
 
     def start(self) -> None:
-        """Keep the gauges fresh for scrapes answered by other workers (alone, a scrape
-        refreshes them itself)."""
-        if metrics.multiprocess_dir() is not None:
-            self._task = asyncio.ensure_future(self._loop())
-        else:
-            self.refresh()
+        """Keep the gauges fresh for scrapes answered by other workers, and the status
+        page's history recorded (http/history.py)."""
+        self.refresh()
+        self._task = asyncio.ensure_future(self._loop())
 
     async def stop(self) -> None:
         if self._task is not None:

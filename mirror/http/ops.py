@@ -24,7 +24,7 @@ from aiohttp import web
 from mirror import metrics
 from mirror.cache.eviction import pins_over_bounds
 from mirror.config import Config
-from mirror.http import access, health, statuspage
+from mirror.http import access, health, history, statuspage
 from mirror.http.activity import Activity, in_flight, merged_top
 from mirror.http.keys import ACTIVITY, MIRROR
 from mirror.runtime import Mirror
@@ -63,9 +63,20 @@ async def readyz(request: web.Request) -> web.Response:
 async def metrics_page(request: web.Request) -> web.Response:
     await access.check_status(request, _mirror(request).config.auth)
     request.app[ACTIVITY].refresh()
-    body = await asyncio.to_thread(metrics.exposition)
+    body = await asyncio.to_thread(_exposition, _mirror(request))
     return web.Response(body=body, headers={"Content-Type": metrics.CONTENT_TYPE,
                                             "Cache-Control": "no-store"})
+
+
+def _exposition(mirror: Mirror) -> bytes:
+    """The scrape, with the hit ratios of history.py set from the same counters."""
+    ratios = {"start": history.since_start([{"at": 0.0, **history.values(metrics.samples())}]),
+              "1h": history.last_hour(mirror.index.history())}
+    for window, r in ratios.items():
+        for basis, value in (("requests", r.requests), ("bytes", r.bytes)):
+            if value is not None:
+                metrics.HIT_RATIO.labels(basis, window).set(value)
+    return metrics.exposition()
 
 
 async def status_page(request: web.Request) -> web.Response:
@@ -75,6 +86,7 @@ async def status_page(request: web.Request) -> web.Response:
     await health.refresh_upstreams(list(mirror.upstreams.values()), mirror.offline)
     activity.refresh()
     snapshot = await asyncio.to_thread(metrics.samples)
+    rows = await asyncio.to_thread(mirror.index.history)
     upstreams = []
     for name, u in mirror.upstreams.items():
         remaining = metrics.total(snapshot, "mirror_upstream_ratelimit_remaining", upstream=name)
@@ -89,6 +101,9 @@ async def status_page(request: web.Request) -> web.Response:
             offline=mirror.offline))
     view = statuspage.StatusView(
         **statuspage.counts_from(snapshot),
+        ratio_start=history.since_start([{"at": 0.0, **history.values(snapshot)}]),
+        ratio_hour=history.last_hour(rows),
+        history=rows,
         downloads=in_flight(mirror),
         upstreams=upstreams,
         top=merged_top(activity.top, TOP_SHOWN),

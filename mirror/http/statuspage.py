@@ -13,7 +13,10 @@ import time
 from dataclasses import dataclass, field
 
 from mirror import __version__, metrics
+from mirror.http import charts
 from mirror.http.activity import InFlight
+from mirror.http.charts import human_bytes
+from mirror.http.history import NO_RATIO, HitRatio
 from mirror.upstream.client import redact_url
 
 REFRESH_SECONDS = 5
@@ -103,15 +106,13 @@ class StatusView:
     generated: float = field(default_factory=time.time)
     cluster: ClusterView | None = None
     bucket: BucketView | None = None
+    ratio_start: HitRatio = NO_RATIO  # http/history.py: the one definition
+    ratio_hour: HitRatio = NO_RATIO
+    history: list[dict[str, float]] = field(default_factory=list)  # rows, oldest first
     policies: list[PolicyView] = field(default_factory=list)
     shares: list[tuple[str, float, float | None]] = field(default_factory=list)  # name, bytes, max
     warnings: list[str] = field(default_factory=list)
     denials: list[tuple[float, str, str, str]] = field(default_factory=list)  # newest last
-
-    @property
-    def hit_ratio(self) -> float | None:
-        answered = self.hits + self.misses
-        return self.hits / answered if answered else None
 
 
 def counts_from(snapshot: metrics.Samples) -> dict[str, float]:
@@ -132,16 +133,6 @@ def counts_from(snapshot: metrics.Samples) -> dict[str, float]:
     }
 
 
-def human_bytes(n: float | None) -> str:
-    if n is None:
-        return "?"
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")
-
-
 def human_seconds(s: float) -> str:
     s = int(s)
     if s < 120:
@@ -154,6 +145,10 @@ def human_seconds(s: float) -> str:
 def _num(id_: str, value: float | None, text: str) -> str:
     raw = "" if value is None else repr(float(value))
     return f'<span id="{id_}" data-value="{raw}">{html.escape(text)}</span>'
+
+
+def _pct(id_: str, value: float | None) -> str:
+    return _num(id_, value, "n/a" if value is None else f"{value:.1%}")
 
 
 def _bar(fraction: float | None, label: str) -> str:
@@ -310,11 +305,13 @@ th{background:#eef1f6;font-weight:600}
 .bar span{position:absolute;left:.5em;top:0;font-size:.85em;line-height:1.3em}
 .ok{color:#17803d}.bad{color:#b42318}.unknown{color:#667}.none{color:#667}
 .digest,.url{font-family:ui-monospace,monospace;font-size:.9em}
+.charts{display:flex;flex-wrap:wrap;gap:1em}.chart-box{margin:0}
+.chart-box figcaption{color:#667;font-size:.85em}
 """
 
 
 def render(view: StatusView) -> str:
-    ratio = view.hit_ratio
+    start, hour = view.ratio_start, view.ratio_hour
     use = view.cache_bytes / view.cache_max_bytes if view.cache_max_bytes else None
     use_label = (f"{human_bytes(view.cache_bytes)} of {human_bytes(view.cache_max_bytes)}"
                  + (f" ({use:.1%})" if use is not None else ""))
@@ -324,7 +321,10 @@ def render(view: StatusView) -> str:
          + " of " + _num("cache-max-bytes", view.cache_max_bytes,
                          human_bytes(view.cache_max_bytes))),
         ("Entries", _num("cache-entries", view.cache_entries, f"{view.cache_entries:g}")),
-        ("Hit ratio", _num("hit-ratio", ratio, "n/a" if ratio is None else f"{ratio:.1%}")),
+        ("Hit ratio, requests", _pct("hit-ratio", start.requests) + " since start · "
+         + _pct("hit-ratio-hour", hour.requests) + " last hour"),
+        ("Hit ratio, bytes", _pct("hit-ratio-bytes", start.bytes) + " since start · "
+         + _pct("hit-ratio-bytes-hour", hour.bytes) + " last hour"),
         ("Hits / misses", _num("hits", view.hits, f"{view.hits:g}") + " / "
          + _num("misses", view.misses, f"{view.misses:g}")),
         ("Requests", _num("requests", view.requests, f"{view.requests:g}")),
@@ -332,10 +332,11 @@ def render(view: StatusView) -> str:
                                    human_bytes(view.bytes_from_cache))),
         ("Served from upstream", _num("bytes-from-upstream", view.bytes_from_upstream,
                                       human_bytes(view.bytes_from_upstream))),
-        ("Downloads in flight", _num("downloads-in-flight", view.downloads_in_flight,
-                                     f"{view.downloads_in_flight:g}")
-         + " (" + _num("followers", view.followers, f"{view.followers:g}") + " clients)"),
     ]
+    in_flight = (_num("downloads-in-flight", view.downloads_in_flight,
+                      f"{view.downloads_in_flight:g}")
+                 + " (" + _num("followers", view.followers, f"{view.followers:g}")
+                 + " clients)")
     card_html = "".join(f'<div class="card"><div class="label">{label}</div>'
                         f'<div class="big">{value}</div></div>' for label, value in cards)
     return f"""<!DOCTYPE html>
@@ -353,7 +354,9 @@ def render(view: StatusView) -> str:
 {_bar(use, use_label)}
 {_shares(view)}
 <div class="cards" style="margin-top:1em">{card_html}</div>
-<h2>Downloads in flight</h2>
+<h2>Over time</h2>
+{charts.render(view.history, view.generated)}
+<h2>Downloads in flight: {in_flight}</h2>
 {_downloads(view)}
 <h2>Upstreams</h2>
 {_upstreams(view)}

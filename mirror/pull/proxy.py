@@ -186,7 +186,6 @@ class Proxy:
             return None
         data, media_type = hit
         self.index.touch(digest)
-        self.index.count("manifest_hit")
         return Manifest(digest, media_type, len(data), data, cache, max_age)
 
     def _get_tag(self, upstream: str, repository: str, tag: str) -> TagEntry | None:
@@ -419,7 +418,6 @@ class Proxy:
         self._store_manifest(digest, data)
         self._remember(digest, data, media_type)
         self.index.set_media_type(digest, media_type)
-        self.index.count("manifest_miss")
         self._served_by(source, repository, digest)
         if tag is not None:
             entry = await self._learn_tag(source, repository, tag, digest, media_type,
@@ -512,7 +510,6 @@ class Proxy:
                     stored.close()
                     raise
                 self.index.touch(digest)
-                self.index.count("blob_hit")
                 return stored, "hit"
             download, cache = self.downloads.get(digest), "inflight"
             if download is None:
@@ -525,7 +522,6 @@ class Proxy:
             ours = download.origin == (source.name, repository)
             if not ours:  # led for another name, or by another worker: not proof for this one
                 await self._confirm_access(source, repository, digest, "blobs")
-            self.index.count("blob_miss")
             try:
                 size = await download.wait_headers()
             except RegistryError:

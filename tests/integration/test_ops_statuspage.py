@@ -8,6 +8,7 @@ import re
 import shutil
 import struct
 import subprocess
+import sys
 import zlib
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support import clients, oci
-from tests.support.mirror import MirrorProcess
+from tests.support.mirror import MirrorProcess, Upstream
 from tests.support.mirrorfixtures import MirrorFactory
 from tests.support.registry import ClosedPort, env_without_proxies, wait_until
 
@@ -154,3 +155,60 @@ def test_status_page_in_chromium(tmp_path: Path, mirror_factory: MirrorFactory,
     assert bytes(BAR_BLUE) in {row[i:i + 3] for row in rows for i in range(0, len(row), 3)}, \
         "the cache-use progress bar is not drawn"
     assert any(max(p) < 0x50 for p in pixels), "no dark text"
+
+
+UPSTREAM_ORANGE = (0xE8, 0x91, 0x2D)  # http/charts.py: the "upstream" line
+
+
+def test_charts_show_the_traffic_and_the_hit_ratio_is_one_everywhere(
+        tmp_path: Path, blackhole: ClosedPort, test_images: oci.ImageSet,
+        upstream: clients.UpstreamRegistry) -> None:
+    """With a history slot of 1 s: the bytes a cold and a warm pull moved are in the charts'
+    numbers and drawn; the hit ratios on the page, in /metrics and in `mirror status` are the
+    same numbers, kept by two workers and across a restart."""
+    mirror = MirrorProcess(tmp_path / "m", [Upstream(name=blackhole.host, url=upstream.url)],
+                           server_extra={"workers": 2}, cache_extra={"prefetch": False})
+    mirror.env["MIRROR_HISTORY_SECONDS"] = "1"
+    mirror.start()
+    try:
+        conf = clients.write_registries_conf(tmp_path / "r.conf", blackhole.host,
+                                             [mirror.host])
+        small = test_images.small
+        clients.skopeo_pull(conf, blackhole.host, "test/small", "v1", tmp_path / "cold")
+        clients.skopeo_pull(conf, blackhole.host, "test/small", "v1", tmp_path / "warm")
+        size = sum(b.size for b in small.blobs)
+
+        def drawn(series: str) -> float:
+            page = httpx.get(f"{mirror.url}/", trust_env=False, timeout=10).text
+            hour = page.split("<h3>Last day</h3>")[0]
+            found = re.search(f'data-series="{series}" data-points="([0-9.,e+-]*)"', hour)
+            return sum(float(v) for v in found[1].split(",") if v) if found else 0.0
+
+        wait_until(lambda: drawn("cache") >= size and drawn("upstream") >= size, 30,
+                   interval=0.5, what="both pulls' bytes in the charts")
+        mirror.stop()
+        mirror.start()  # the history survives a restart (counters start again from zero)
+        assert drawn("cache") >= size
+
+        dom = run_chromium(tmp_path, "--dump-dom", f"{mirror.url}/")
+        numbers = page_numbers(dom)
+        metrics = scrape(mirror)
+        status = subprocess.run([sys.executable, "-m", "mirror", "status", "--config",
+                                 str(mirror.config_path)], capture_output=True, text=True,
+                                timeout=60).stdout
+        for page_id, basis in (("hit-ratio-hour", "requests"), ("hit-ratio-bytes-hour", "bytes")):
+            value = numbers.get(page_id)
+            assert value is not None, re.findall(r'id="hit-ratio[^<]*', dom)
+            assert 0 < value < 1
+            assert total(metrics, "mirror_hit_ratio", basis=basis, window="1h") == value
+            assert f"{100 * value:.1f}% last hour" in status, status
+        shot = tmp_path / "charts.png"
+        run_chromium(tmp_path, f"--screenshot={shot}", f"{mirror.url}/")
+        keep = Path(__file__).resolve().parents[2] / ".pytest_cache" / "charts.png"
+        keep.parent.mkdir(exist_ok=True)  # for a person to look at after the run
+        shutil.copy(shot, keep)
+        _, _, rows = png_pixels(shot)
+        colours = {row[i:i + 3] for row in rows for i in range(0, len(row), 3)}
+        assert bytes(UPSTREAM_ORANGE) in colours, "the upstream line is not drawn"
+    finally:
+        mirror.stop()

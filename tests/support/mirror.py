@@ -112,6 +112,7 @@ class MirrorProcess:
         self.launcher: tuple[str, ...] = ()  # a prefix that execs the command (a cgroup)
         self.sections: dict[str, dict[str, Any]] = {}  # more tables: [s3], ...
         self.arrays: dict[str, list[dict[str, Any]]] = {}  # more arrays: [[policy]], ...
+        self.env: dict[str, str] = {}  # more environment (MIRROR_HISTORY_SECONDS, ...)
 
     # --- configuration ---------------------------------------------------------------
 
@@ -147,6 +148,7 @@ class MirrorProcess:
             [str(REPO_ROOT), *filter(None, [env.get("PYTHONPATH")])]
         )
         env["PYTHONUNBUFFERED"] = "1"
+        env.update(self.env)
         with self.stderr_path.open("ab") as err, self.stdout_path.open("ab") as out:
             self.proc = subprocess.Popen(
                 self.command(),
