@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import aiohttp
 
@@ -20,7 +21,7 @@ from mirror.cache.store import BlobStore, OnCommit
 from mirror.cluster.peers import Membership
 from mirror.cluster.shared import RedisTags, SharedState
 from mirror.cluster.source import ClusterSource, FillLocks
-from mirror.config import ClusterConfig, Config, UpstreamConfig
+from mirror.config import ClusterConfig, Config, ConfigError, UpstreamConfig, load_config
 from mirror.oci.reference import Digest
 from mirror.pull.downloads import Downloads
 from mirror.pull.proxy import Proxy
@@ -39,13 +40,27 @@ class ClusterNode:
     """This node's part in a cluster: who is up, and the sources `/_cluster/` answers with."""
 
     membership: Membership
-    fill_sources: Mapping[str, Source]  # a peer's fill request: never relayed again
-    local_sources: Mapping[str, Source]  # a stored-only probe, a lock holder's: the upstream
+    fill_sources: dict[str, Source]  # a peer's fill request: never relayed again
+    local_sources: dict[str, Source]  # a stored-only probe, a lock holder's: the upstream
+
+    def rewire(self, name: str, source: Source | None, fill_locks: FillLocks | None) -> None:
+        """An upstream added, changed (its new source) or removed (None) by a reload."""
+        self.fill_sources.pop(name, None)
+        self.local_sources.pop(name, None)
+        if source is not None:
+            self.fill_sources[name] = ClusterSource(source, self.membership, relays=False,
+                                                    fill_locks=fill_locks)
+            self.local_sources[name] = source
 
 
-@dataclass(frozen=True)
+Reloader = Callable[[Config, Config], Awaitable[None]]  # (running, new): apply the new one
+
+
+@dataclass
 class Mirror:
-    """A running mirror: the proxy, and the pieces the HTTP edge and the commands read."""
+    """A running mirror: the proxy, and the pieces the HTTP edge and the commands read.
+    `reload()` (SIGHUP) applies a new configuration to it in place; the mappings are
+    updated, not replaced, so what holds them sees the change."""
 
     config: Config
     store: BlobStore
@@ -55,15 +70,61 @@ class Mirror:
     # By name, in configuration order (the first answers names without a registry): the
     # clients, for their configuration and health, and the sources the proxy is handed
     # for each (the client itself on a single node).
-    upstreams: Mapping[str, Upstream]
-    sources: Mapping[str, Source]
+    upstreams: dict[str, Upstream]
+    sources: dict[str, Source]
     cluster: ClusterNode | None = None
     bucket: Bucket | None = None  # the second tier, with [s3]
     trust: Trust | None = None  # the signature policies, with [[policy]]
+    # What a reload applies, in order (runtime.py's own first; the HTTP edge adds its
+    # authenticator and certificate): each is given the running and the new configuration.
+    reloaders: list[Reloader] = field(default_factory=list)
 
     @property
     def offline(self) -> bool:
         return self.config.cache.offline
+
+    async def reload(self) -> bool:
+        """Read the configuration file again and apply it; a file with an error keeps the
+        running configuration (False, the reason logged in one line)."""
+        try:
+            new = await asyncio.to_thread(load_config, self.config.path)
+        except ConfigError as exc:
+            log.error("reload refused: the running configuration is kept", extra={
+                "error": str(exc)})
+            return False
+        new, restart = restart_only(self.config, new)
+        old = self.config
+        for apply in self.reloaders:
+            try:
+                await apply(old, new)
+            except Exception:  # one part that cannot follow must not stop the others
+                log.exception("reload: a part kept its running configuration")
+        self.config = new
+        log.info("configuration reloaded", extra={"path": new.path,
+                                                   "needs_restart": restart})
+        if restart:
+            log.warning("reload: changes that take effect only after a restart", extra={
+                "keys": restart})
+        return True
+
+
+def restart_only(running: Config, new: Config) -> tuple[Config, list[str]]:
+    """`new` with what only a restart can change kept as it runs (the listening socket and
+    its limits, the workers, the cache dir, the cluster, Redis and the bucket; the [server]
+    certificate files are reloaded), and the keys of it that differ."""
+    changed = [f"server.{f.name}" for f in dataclasses.fields(running.server)
+               if f.name not in ("tls_cert", "tls_key")
+               and getattr(running.server, f.name) != getattr(new.server, f.name)]
+    if running.cache.dir != new.cache.dir:
+        changed.append("cache.dir")
+    changed += [f"[{name}]" for name in ("cluster", "redis", "s3")
+                if getattr(running, name) != getattr(new, name)]
+    kept = dataclasses.replace(
+        new, server=dataclasses.replace(running.server, tls_cert=new.server.tls_cert,
+                                        tls_key=new.server.tls_key),
+        cache=dataclasses.replace(new.cache, dir=running.cache.dir),
+        cluster=running.cluster, redis=running.redis, s3=running.s3)
+    return kept, changed
 
 
 @asynccontextmanager
@@ -98,7 +159,8 @@ async def open_mirror(config: Config) -> AsyncIterator[Mirror]:
         maintenance = Maintenance(config, store, index, lambda: _rate_limits(upstreams),
                                   on_evict=proxy.forget)
         # Every callback between the pieces, set once, here.
-        bucket, tiered, write_behind = await _tiers(config, stack, store, index, upstreams)
+        bucket, tier, write_behind = await _tiers(config, stack, store, index)
+        tiered = {name: tier(u) for name, u in upstreams.items()}
         if bucket is not None and write_behind is not None:
             maintenance.extra.append(BucketKeeper(config, store, index, bucket,
                                                   write_behind.requeue).tick)
@@ -116,31 +178,71 @@ async def open_mirror(config: Config) -> AsyncIterator[Mirror]:
             proxy.shared_tags = RedisTags(shared)
         cluster = None if config.cluster is None else await stack.enter_async_context(
             _join_cluster(config.cluster, tiered, shared))
-        sources: Mapping[str, Source] = dict(tiered) if cluster is None else {
-            name: ClusterSource(u, cluster.membership, relays=True, fill_locks=shared,
-                                on_copy=index.mark_copy)
-            for name, u in tiered.items()}
+
+        def client_source(source: Source) -> Source:
+            """What the proxy is handed for a client's request to one upstream."""
+            if cluster is None:
+                return source
+            return ClusterSource(source, cluster.membership, relays=True, fill_locks=shared,
+                                 on_copy=index.mark_copy)
+
+        sources = {name: client_source(u) for name, u in tiered.items()}
         if cluster is not None:
             maintenance.owns = cluster.membership.owns
+        mirror = Mirror(config, store, index, downloads, proxy, upstreams, sources, cluster,
+                        bucket)
+
+        async def reload_upstreams(old: Config, new: Config) -> None:
+            """New or changed [[upstream]] tables get a client of their own (the old one
+            stays open for the downloads using it, until the server stops); removed ones
+            are no longer routed to."""
+            kept = {u.name: mirror.upstreams[u.name] for u in new.upstreams
+                    if u.name in mirror.upstreams and old.upstream(u.name) == u}
+            fresh = {u.name: Upstream(u, await stack.enter_async_context(_session(u)))
+                     for u in new.upstreams if u.name not in kept}
+            ordered = {u.name: kept.get(u.name) or fresh[u.name] for u in new.upstreams}
+            for name in ordered.keys() - kept.keys():
+                wrapped = tier(ordered[name])
+                sources[name] = client_source(wrapped)
+                if cluster is not None:
+                    cluster.rewire(name, wrapped, shared)
+            for name in set(sources) - set(ordered):
+                del sources[name]
+                if cluster is not None:
+                    cluster.rewire(name, None, shared)
+            upstreams.clear()
+            upstreams.update(ordered)
+            proxy.set_any_private(any(u.private for u in upstreams.values()))
+
+        async def reload_pull(old: Config, new: Config) -> None:
+            proxy.reconfigure(new)
+            maintenance.config = new
+            mirror.trust = _trust(new, proxy, index)
+            proxy.prefetch_held = None if mirror.trust is None else mirror.trust.holds
+
+        mirror.reloaders += [reload_upstreams, reload_pull]
         try:
-            trust = None if not config.policies else Trust(
-                config.policies, [u.name for u in config.upstreams], proxy, index,
-                config.cache.tag_ttl)
-            proxy.prefetch_held = None if trust is None else trust.holds
-            yield Mirror(config, store, index, downloads, proxy, upstreams, sources, cluster,
-                         bucket, trust)
+            mirror.trust = _trust(config, proxy, index)
+            proxy.prefetch_held = None if mirror.trust is None else mirror.trust.holds
+            yield mirror
         finally:
             await maintenance.stop()
             await downloads.drain(0)
 
 
-async def _tiers(config: Config, stack: AsyncExitStack, store: BlobStore, index: Index,
-                 upstreams: Mapping[str, Upstream]
-                 ) -> tuple[Bucket | None, Mapping[str, Source], WriteBehind | None]:
-    """With [s3]: the bucket, each upstream's Source behind it, and the write-behind (its
-    uploads a kill -9 interrupted aborted first). Without: the upstreams themselves."""
+def _trust(config: Config, proxy: Proxy, index: Index) -> Trust | None:
+    if not config.policies:
+        return None
+    return Trust(config.policies, [u.name for u in config.upstreams], proxy, index,
+                 config.cache.tag_ttl)
+
+
+async def _tiers(config: Config, stack: AsyncExitStack, store: BlobStore, index: Index
+                 ) -> tuple[Bucket | None, Callable[[Upstream], Source], WriteBehind | None]:
+    """With [s3]: the bucket, what puts an upstream's Source behind it, and the write-behind
+    (its uploads a kill -9 interrupted aborted first). Without: the upstreams themselves."""
     if config.s3 is None:
-        return None, dict(upstreams), None
+        return None, lambda u: u, None
     bucket = await stack.enter_async_context(open_bucket(config.s3))
     bucket.on_present, bucket.on_gone = index.bucket_add, index.bucket_remove
     if (problem := await bucket.check()) is not None:
@@ -158,8 +260,7 @@ async def _tiers(config: Config, stack: AsyncExitStack, store: BlobStore, index:
         index.record_upload(upload_id, os.getpid() if active else None)))
     write_behind.start()
     stack.push_async_callback(write_behind.stop)
-    return bucket, {name: TieredSource(u, bucket, from_bucket)
-                    for name, u in upstreams.items()}, write_behind
+    return bucket, lambda u: TieredSource(u, bucket, from_bucket), write_behind
 
 
 def _alive(pid: int) -> bool:

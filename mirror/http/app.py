@@ -8,6 +8,8 @@ sendfile).
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -18,7 +20,7 @@ from aiohttp import web, web_protocol
 
 from mirror.config import Config
 from mirror.http import access, activity
-from mirror.http.clientauth import FailureLimiter
+from mirror.http.clientauth import FailureLimiter, load_htpasswd
 from mirror.http.cluster import cluster
 from mirror.http.content import blob, manifest
 from mirror.http.keys import BYTES, CACHE, ERROR, MIRROR, ROUTE, UPSTREAM
@@ -233,6 +235,17 @@ async def not_found(request: web.Request) -> web.Response:
                         "registry mirror; the API is under /v2/")
 
 
+async def _reload_edge(app: web.Application, old: Config, new: Config) -> None:
+    """A reload, for the HTTP edge: the htpasswd users (turning [auth] on or off needs a
+    restart: the challenge every client has seen would change under it)."""
+    authenticator = app[access.AUTHENTICATOR]
+    if (authenticator is None) != (new.auth.htpasswd is None):
+        log.warning("reload: [auth] htpasswd turned on or off takes effect after a restart")
+    elif authenticator is not None and new.auth.htpasswd is not None:
+        users = await asyncio.to_thread(load_htpasswd, new.auth.htpasswd)
+        authenticator.replace(users, new.auth.token_lifetime)
+
+
 def build_app(config: Config) -> web.Application:
     app = web.Application(middlewares=[errors_and_access_log], client_max_size=1024**2)
     app.router.add_route("*", "/v2", base)
@@ -250,4 +263,5 @@ def build_app(config: Config) -> web.Application:
 async def _lifecycle(app: web.Application, config: Config):  # type: ignore[no-untyped-def]
     async with open_mirror(config) as mirror:
         app[MIRROR] = mirror
+        mirror.reloaders.append(functools.partial(_reload_edge, app))
         yield

@@ -118,6 +118,11 @@ class Authenticator:
         self._pool = ThreadPoolExecutor(max_workers=BCRYPT_THREADS,
                                         thread_name_prefix="bcrypt")
 
+    def replace(self, users: dict[str, bytes], token_lifetime: float) -> None:
+        """A reload: the users now in the htpasswd file (verdicts about the old ones go)."""
+        self.users, self.token_lifetime = users, token_lifetime
+        self._verdicts.clear()
+
     async def check_password(self, user: str, password: str) -> bool:
         key = hmac.new(self.secret, f"{user}\0{password}".encode(), hashlib.sha256).hexdigest()
         verdict = self._verdicts.get(key)

@@ -5,9 +5,9 @@ forked workers, each with its own uvloop event loop and its own listening socket
 port (SO_REUSEPORT: the kernel spreads connections over them), all sharing the cache dir
 (single-flight across processes goes through flocks on tmp/*.partial, see pull/downloads.py).
 The supervisor cleans tmp/ once before forking, tells systemd READY=1 when every worker
-listens, forwards SIGTERM/SIGINT (stop) and SIGHUP (reload the TLS certificate), and restarts
-a worker that dies. A worker dies with its supervisor (PR_SET_PDEATHSIG), so a supervisor killed
-with -9 leaves nothing serving.
+listens, forwards SIGTERM/SIGINT (stop) and SIGHUP (reload the configuration and the TLS
+certificate), and restarts a worker that dies. A worker dies with its supervisor
+(PR_SET_PDEATHSIG), so a supervisor killed with -9 leaves nothing serving.
 
 One instance per cache dir: `serve` holds a flock on locks/serve.lock for its whole life (its
 workers share the open file, so the lock outlives a killed supervisor until its last worker is
@@ -37,12 +37,14 @@ import selectors
 import shutil
 import signal
 import socket
+import ssl
 import sys
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 import uvloop
 
@@ -200,10 +202,14 @@ async def _serve_until_stopped(config: Config, reuse_port: bool, on_ready: Calla
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    if ssl_context is not None and cert and key:
-        loop.add_signal_handler(signal.SIGHUP, tls.reload, ssl_context, cert, key)
-    else:
-        loop.add_signal_handler(signal.SIGHUP, lambda: log.info("SIGHUP: nothing to reload"))
+    reloads: set[asyncio.Task[None]] = set()
+
+    def on_hup() -> None:
+        task = asyncio.ensure_future(_reload(runner.app, ssl_context))
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
     try:
         try:
             await site.start()
@@ -216,6 +222,19 @@ async def _serve_until_stopped(config: Config, reuse_port: bool, on_ready: Calla
     finally:
         await runner.cleanup()
     log.info("stopped", extra={"pid": os.getpid()})
+
+
+async def _reload(app: Any, ssl_context: ssl.SSLContext | None) -> None:
+    """SIGHUP: the configuration file again (runtime.Mirror.reload: a bad one is refused
+    whole), then the certificate files it names, loaded into the live context."""
+    from mirror.http.keys import MIRROR
+
+    mirror = app.get(MIRROR)
+    if mirror is not None:
+        await mirror.reload()
+    server = mirror.config.server if mirror is not None else None
+    if ssl_context is not None and server is not None and server.tls_cert and server.tls_key:
+        tls.reload(ssl_context, server.tls_cert, server.tls_key)
 
 
 # --- the supervisor of several ----------------------------------------------------------------

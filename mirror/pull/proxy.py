@@ -99,14 +99,12 @@ class Proxy:
         self.index = index
         self.downloads = downloads
         self.offline = config.cache.offline
+        self._tags = self._tag_memory(config.cache.tag_ttl)
         # Hot manifests (bytes, media type) and fresh tags, so hits read no file and touch no
         # SQLite (a memory hit costs one stat: see _cached_manifest).
         self._memory: LRUCache[Digest, tuple[bytes, str]] = LRUCache(
             MEMORY_MANIFEST_BYTES, getsizeof=lambda v: len(v[0]))
         self._restore_failure_logged = 0.0
-        ttl = config.cache.tag_ttl
-        self._tags: TLRUCache[tuple[str, str, str], TagEntry] = TLRUCache(
-            maxsize=65536, ttu=lambda _k, e, now: now + ttl - e.age(), timer=time.monotonic)
         self._flights: dict[tuple[str, ...], asyncio.Future[Any]] = {}
         self.prefetcher = Prefetcher(store, downloads, self._start_download)
         # Names whose prefetch waits for a verdict (pull/trust.py starts it for an image it
@@ -117,6 +115,25 @@ class Proxy:
         self._confirmed: LRUCache[tuple[str, str, Digest], bool] = LRUCache(
             CONFIRMATIONS_IN_MEMORY)
         self.rules = config.rules
+        self._name_denial_series(config)
+
+    def reconfigure(self, config: Config) -> None:
+        """A reload: the new [cache] policy (tag_ttl, offline, prefetch) and rules; tags
+        remembered in memory are forgotten (the index still has them, with their age)."""
+        self.config, self.offline, self.rules = config, config.cache.offline, config.rules
+        self._tags = self._tag_memory(config.cache.tag_ttl)
+        self._name_denial_series(config)
+
+    def set_any_private(self, any_private: bool) -> None:
+        """After a reload: whether some source now gives private content."""
+        self._any_private = any_private
+
+    @staticmethod
+    def _tag_memory(ttl: float) -> TLRUCache[tuple[str, str, str], TagEntry]:
+        return TLRUCache(maxsize=65536, ttu=lambda _k, e, now: now + ttl - e.age(),
+                         timer=time.monotonic)
+
+    def _name_denial_series(self, config: Config) -> None:
         if self.rules:  # the series exist (at 0) before the first denial
             for upstream in config.upstreams:
                 for reason in REASONS:

@@ -1,0 +1,92 @@
+"""SIGHUP reloads the whole configuration file (runtime.Mirror.reload) in every worker:
+a changed upstream gets a new client while a download through the old one goes on to the
+last byte; an added upstream is routed to, a removed one no longer; a file with an error is
+refused whole with its reason in one line and the running configuration serves on; what only
+a restart can change is said."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from typing import Any
+
+import pytest
+
+from tests.support.faultmatrix import Act, Outcome, Upstreams, check_outcome, fetch
+from tests.support.faultupstream import random_bytes
+from tests.support.mirror import MirrorProcess, Upstream
+from tests.support.mirrorfixtures import MirrorFactory
+from tests.support.registry import wait_until
+
+from .matrix import start_mirror
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def hup(mirror: MirrorProcess, workers: int, what: str) -> list[dict[str, Any]]:
+    """SIGHUP the mirror; wait for every worker's answer to it (reloaded or refused)."""
+    msgs = ("configuration reloaded", "reload refused: the running configuration is kept")
+    before = sum(e.get("msg") in msgs for e in mirror.log_entries())
+    assert mirror.proc is not None
+    os.kill(mirror.proc.pid, signal.SIGHUP)
+    box: list[list[dict[str, Any]]] = [[]]
+
+    def answered() -> bool:
+        box[0] = mirror.log_entries()
+        return sum(e.get("msg") in msgs for e in box[0]) >= before + workers
+
+    wait_until(answered, 20, interval=0.05, what=what)
+    return box[0]
+
+
+@pytest.mark.parametrize("workers", [1, 2], ids=lambda w: f"w{w}")
+def test_a_reload_changes_upstreams_under_a_download_in_flight(
+        mirror_factory: MirrorFactory, upstreams: Upstreams, workers: int) -> None:
+    pub = upstreams.public
+    mirror = start_mirror(mirror_factory, upstreams, workers)
+    data = random_bytes(3 << 20)
+    digest = pub.add_blob(data)
+    reached = pub.set_actions(digest, [Act("ok", at=1 << 20, gate=True)])
+    result: dict[str, Outcome] = {}
+    client = threading.Thread(target=lambda: result.setdefault("out", fetch(
+        mirror.host, f"/v2/pub.test/team/app/blobs/{digest}", timeout=60)))
+    client.start()
+    assert reached.wait(20), "the download never reached its gate"
+
+    # pub.test changes (a new client for it), priv.test goes, new.test comes
+    mirror.upstreams = [Upstream(name="pub.test", url=pub.url, extra={"read_timeout": "20s"}),
+                        Upstream(name="new.test", url=pub.url)]
+    mirror.write_config()
+    log = hup(mirror, workers, "the reload")
+    assert any(e.get("msg") == "configuration reloaded" for e in log)
+    upstreams.release(pub, digest)
+    client.join(60)
+    check_outcome(result["out"], data)  # the download through the old client finished
+    assert result["out"].status == 200 and result["out"].complete
+
+    again = fetch(mirror.host, f"/v2/new.test/team/app/blobs/{digest}")
+    assert again.status == 200 and again.body == data  # the added upstream is routed to
+    gone = fetch(mirror.host, "/v2/team/app/tags/list?ns=priv.test")
+    assert gone.status == 404 and b"NAME_UNKNOWN" in gone.body, gone  # not routed to
+
+
+@pytest.mark.parametrize("workers", [1, 2], ids=lambda w: f"w{w}")
+def test_a_bad_file_is_refused_whole_and_restart_only_changes_are_said(
+        mirror_factory: MirrorFactory, upstreams: Upstreams, workers: int) -> None:
+    pub = upstreams.public
+    mirror = start_mirror(mirror_factory, upstreams, workers)
+    digest = pub.add_blob(random_bytes(1000))
+    good = mirror.config_path.read_text()
+    mirror.config_path.write_text(good + "\n[cache]\nmax_size = \"lots\"\n")
+    log = hup(mirror, workers, "the refused reload")
+    refused = [e for e in log if e.get("msg", "").startswith("reload refused")]
+    assert len(refused) >= workers and "mirror.toml" in refused[-1]["error"]
+    assert fetch(mirror.host, f"/v2/pub.test/team/app/blobs/{digest}").status == 200
+
+    mirror.server_extra["workers"] = workers + 1  # only a restart can do that
+    mirror.write_config()
+    log = hup(mirror, workers, "the reload")
+    said = [e for e in log if e.get("msg", "").startswith("reload: changes that take effect")]
+    assert said and "server.workers" in said[-1]["keys"]
+    assert fetch(mirror.host, f"/v2/pub.test/team/app/blobs/{digest}").status == 200
