@@ -17,6 +17,7 @@ asked again upstream.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import os
 import shutil
@@ -176,11 +177,32 @@ def _temporary_copy(directory: Path) -> Path:
     return copy
 
 
+@contextlib.contextmanager
+def _opening(directory: Path) -> Iterator[None]:
+    """Workers open the index one at a time: one that finds it damaged replaces it while no
+    other is half-way through opening the files it deletes."""
+    try:
+        fd = os.open(directory.parent / f".{directory.name}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError:  # a read-only or full cache dir: nothing is replaced there anyway
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
 class Index:
     def __init__(self, directory: Path) -> None:
         self._temporary: Path | None = None
         if not _writable(directory):
             directory = self._temporary = _temporary_copy(directory)
+        with _opening(directory):
+            self._open(directory)
+        self._accessed: dict[str, float] = {}
+
+    def _open(self, directory: Path) -> None:
         try:
             self.db = _open(directory)
             diskcache.Cache.get(self.db, ENTRIES_COMPLETE)  # unguarded: does it read at all?
@@ -197,7 +219,6 @@ class Index:
             log.warning("index damaged: starting a new one", extra={"error": str(exc)})
             shutil.rmtree(directory, ignore_errors=True)
             self.db = _open(directory)
-        self._accessed: dict[str, float] = {}
 
     # tags ----------------------------------------------------------------------------------
     @staticmethod

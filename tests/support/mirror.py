@@ -318,7 +318,10 @@ class MirrorProcess:
             rel = p.relative_to(self.blobs_dir).parts
             assert len(rel) == 3 and rel[0] == "sha256", f"unexpected file in blobs/: {p}"
             assert rel[1] == rel[2][:2], f"blob in the wrong fan-out dir: {p}"
-            got = sha256_file(p)
+            try:
+                got = sha256_file(p)
+            except FileNotFoundError:  # evicted since it was listed: nothing to verify
+                continue
             assert got == f"sha256:{rel[2]}", f"cached blob {p} hashes to {got}"
             verified.add(got)
         return verified

@@ -1,0 +1,49 @@
+"""A damaged index is replaced once, even when every worker opens it at the same moment."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+from pathlib import Path
+
+from mirror.cache.index import Index
+from mirror.oci.reference import parse_digest
+
+WORKERS = 8
+DIGEST = parse_digest("sha256:" + "ab" * 32)
+
+
+def _damage(directory: Path) -> None:
+    for p in sorted(directory.rglob("*")):
+        if p.is_file():
+            with open(p, "r+b") as f:
+                f.write(os.urandom(min(4096, max(p.stat().st_size, 100))))
+
+
+def _open_and_write(directory: str, start: object, results: object) -> None:
+    start.wait()  # type: ignore[attr-defined]
+    try:
+        index = Index(Path(directory))
+        index.set_tag("up", "repo", f"t{os.getpid()}", DIGEST, "application/x")
+        results.put("ok")  # type: ignore[attr-defined]
+    except Exception as exc:  # the test reports what a worker hit
+        results.put(f"{type(exc).__name__}: {exc}")  # type: ignore[attr-defined]
+
+
+def test_workers_opening_a_damaged_index_together_all_start(tmp_path: Path) -> None:
+    directory = tmp_path / "index"
+    Index(directory).set_tag("up", "repo", "old", DIGEST, "application/x")
+    _damage(directory)
+    ctx = multiprocessing.get_context("fork")
+    start, results = ctx.Event(), ctx.Queue()
+    procs = [ctx.Process(target=_open_and_write, args=(str(directory), start, results))
+             for _ in range(WORKERS)]
+    for p in procs:
+        p.start()
+    start.set()
+    outcomes = [results.get(timeout=60) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+    assert outcomes == ["ok"] * WORKERS, outcomes
+    tags = {t for _, _, t, _ in Index(directory).tags()}
+    assert len(tags) == WORKERS and "old" not in tags, tags  # every worker writes to one index
