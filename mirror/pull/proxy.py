@@ -24,7 +24,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
-from cachetools import LRUCache, TLRUCache
+from cachetools import LRUCache, TLRUCache, TTLCache
 
 from mirror import metrics
 from mirror.cache.index import Index, TagEntry
@@ -53,6 +53,7 @@ T = TypeVar("T")
 MEMORY_MANIFEST_BYTES = 64 * 1024 * 1024
 CONFIRMATIONS_IN_MEMORY = 65536  # provenance and access answers kept off SQLite
 WORKER_LOCK_WAIT = 30.0  # seconds a worker waits for another's manifest fetch
+HELD_SECONDS = 60.0  # a hit writes that its repository holds the manifest at most this often
 # Answers from a source that stale-if-error covers (it is down, failing or rate limiting).
 STALE_CODES = frozenset({ErrorCode.UPSTREAM_UNREACHABLE, ErrorCode.UPSTREAM_UNAVAILABLE,
                          ErrorCode.UPSTREAM_TIMEOUT, ErrorCode.TOOMANYREQUESTS})
@@ -104,6 +105,8 @@ class Proxy:
         self._public: LRUCache[Digest, bool] = LRUCache(CONFIRMATIONS_IN_MEMORY)
         self._confirmed: LRUCache[tuple[str, str, Digest], bool] = LRUCache(
             CONFIRMATIONS_IN_MEMORY)
+        self._held: TTLCache[tuple[str, str, Digest], bool] = TTLCache(
+            CONFIRMATIONS_IN_MEMORY, HELD_SECONDS, timer=time.monotonic)
 
     # the cache's maintenance, wired by runtime.py -----------------------------------------
     on_disk_full: Callable[[], None] | None = None  # asks for eviction
@@ -135,6 +138,9 @@ class Proxy:
             # (or a restart with the upstream down loses the hottest manifests). A stat per
             # hit is the cheapest check that needs no message between worker processes.
             if not self.store.has(digest):
+                if self.index.was_purged(digest):  # `mirror purge` removed it: not again
+                    self._memory.pop(digest, None)
+                    return None
                 self._restore(digest, data, media_type)
             return hit
         stored = self.store.read_bytes(digest)
@@ -220,6 +226,22 @@ class Proxy:
 
     async def manifest(self, source: Source, repository: str, reference: Digest | str,
                        accept: tuple[str, ...], head: bool) -> Manifest:
+        answer = await self._manifest(source, repository, reference, accept, head)
+        if answer.data is not None and answer.media_type not in SCHEMA1_TYPES:
+            self._holds(source.name, repository, answer)
+        return answer
+
+    def _holds(self, upstream: str, repository: str, answer: Manifest) -> None:
+        """The repository holds the manifest (for the catalog and `mirror purge`): written
+        to the index at a miss, and for hits at most once a minute per process (a purge
+        may have dropped it meanwhile)."""
+        key = (upstream, repository, answer.digest)
+        if answer.cache == "miss" or key not in self._held:
+            self._held[key] = True
+            self.index.hold(upstream, repository, answer.digest)
+
+    async def _manifest(self, source: Source, repository: str, reference: Digest | str,
+                        accept: tuple[str, ...], head: bool) -> Manifest:
         if isinstance(reference, Digest):
             cached = self._from_cache(reference, "hit")
             if cached is not None:
