@@ -119,6 +119,12 @@ def cmd_warm(config: Config, args: argparse.Namespace) -> int:
     return 1 if asyncio.run(warm(config, args.images, platforms, not args.no_referrers)) else 0
 
 
+def cmd_purge(config: Config, args: argparse.Namespace) -> int:
+    from mirror.commands.purge import purge
+
+    return 1 if asyncio.run(purge(config, args.targets, args.dry_run)) else 0
+
+
 def cmd_policy(config: Config, args: argparse.Namespace) -> int:
     from mirror.commands.policy import check
 
@@ -216,6 +222,17 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--all-platforms", action="store_true",
                        help="cache every platform of multi-platform images")
     warm.add_argument("--no-referrers", action="store_true", help=NO_REFERRERS)
+    purge = add("purge", cmd_purge, "remove images or repositories from the cache",
+                "Remove each named image (docker.io/library/nginx:1.27, …@sha256:…) or, named "
+                "without a tag or digest, the whole repository (docker.io/library/nginx): its "
+                "manifests (an index's platform manifests too), tags, signatures, attestations "
+                "and SBOMs, and every blob no other cached image uses. Never a pinned image "
+                "(refused when named; kept in a repository), nor a blob being downloaded. "
+                "With [s3], the purged blobs' bucket objects are deleted too. Exit 1 if a "
+                "target is not cached or is pinned.")
+    purge.add_argument("targets", nargs="+", metavar="IMAGE|REPOSITORY")
+    purge.add_argument("--dry-run", action="store_true",
+                       help="print what would be removed and kept; change nothing")
     policy = add("policy", cmd_policy, "show what the signature policies decide for images",
                  "policy check IMAGE…: resolve each image, look up its cosign signatures and "
                  "print what [[policy]] decides and why (no layers are pulled); exit 1 if an "

@@ -69,6 +69,7 @@ class ServerConfig:
     keepalive_timeout: float = 75.0  # an idle keep-alive connection is closed after this
     max_connections: int = 10_000  # per worker process
     max_connections_per_client: int = 256  # per client address, per worker process
+    catalog: bool = False  # /v2/_catalog lists the cached repositories (else 404)
 
 
 MAX_SIZE = 20 * 1024**3
@@ -265,10 +266,12 @@ def _server(path: str, table: object) -> ServerConfig:
     tls_key = s.get("tls_key", d.tls_key, kind=str)
     shutdown_timeout = s.get("shutdown_timeout", d.shutdown_timeout, parse_duration)
     limits = _connection_limits(path, s, d)
+    catalog = s.get("catalog", d.catalog, kind=bool)
     s.finish()
     if bool(tls_cert) != bool(tls_key):
         raise ConfigError(path, "server.tls_cert", "tls_cert and tls_key go together")
-    return ServerConfig(host, port, workers, tls_cert, tls_key, shutdown_timeout, **limits)
+    return ServerConfig(host, port, workers, tls_cert, tls_key, shutdown_timeout, **limits,
+                        catalog=catalog)
 
 
 def _positive_duration(value: object) -> float:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import heapq
 import logging
 import os
 import shutil
@@ -47,6 +48,7 @@ ENTRIES_COMPLETE = "entries_complete"
 BUCKET_TOTAL = "bucket_bytes"
 BUCKET_COUNT = "bucket_count"
 BUCKET_KNOWN = "bucket_known"  # the bucket (endpoint, bucket, prefix) whose listing is held
+SCAN_PAGE = 256  # keys read at a time by Index.scan
 
 
 @dataclass(frozen=True, slots=True)
@@ -239,12 +241,58 @@ class Index:
 
     def tags(self) -> Iterator[tuple[str, str, str, TagEntry]]:
         """Every known tag as (upstream, repository, tag, entry)."""
-        for key in self.db.iterkeys():
-            if isinstance(key, str) and key.startswith("tag\0"):
-                value = self.db.get(key)
-                if value:
-                    _, upstream, repository, tag = key.split("\0")
-                    yield upstream, repository, tag, TagEntry(*value)
+        for key in self.scan("tag\0"):
+            value = self.db.get(key)
+            if value:
+                _, upstream, repository, tag = key.split("\0")
+                yield upstream, repository, tag, TagEntry(*value)
+
+    def repository_tags(self, upstream: str, repository: str) -> dict[str, TagEntry]:
+        """The known tags of one repository."""
+        found = {}
+        for key in self.scan(f"tag\0{upstream}\0{repository}\0"):
+            value = self.db.get(key)
+            if value:
+                found[key.rsplit("\0", 1)[1]] = TagEntry(*value)
+        return found
+
+    def delete_tag(self, upstream: str, repository: str, tag: str) -> None:
+        self.db.delete(self._tag_key(upstream, repository, tag))
+
+    # the keys under a prefix, in order: an indexed range of diskcache's SQLite table ------
+    def scan(self, prefix: str, after: str | None = None, page: int = SCAN_PAGE
+             ) -> Iterator[str]:
+        """The str keys starting with `prefix`, in order, those after `after` only (a key).
+        A page at a time, so a scan costs what it reads, not the whole index; a failed read
+        ends it (as a failed get answers unknown)."""
+        stop = prefix[:-1] + chr(ord(prefix[-1]) + 1)
+        low, op = (prefix, ">=") if after is None or after < prefix else (after, ">")
+        while True:
+            try:
+                rows = self.db._sql(
+                    f"SELECT key FROM Cache WHERE key {op} ? AND key < ? AND raw = 1 "
+                    "ORDER BY key LIMIT ?", (low, stop, page)).fetchall()
+            except INDEX_ERRORS as exc:
+                _failed("scan", exc)
+                return
+            keys = [key for (key,) in rows if isinstance(key, str)]
+            yield from keys
+            if len(rows) < page:
+                return
+            low, op = rows[-1][0], ">"
+
+    def _components(self, kind: str, upstream: str, after: str | None) -> Iterator[str]:
+        """The distinct repositories under `kind\0upstream\0`, in order, those after `after`
+        only: one indexed lookup per repository (the keys of one are skipped at once)."""
+        base = f"{kind}\0{upstream}\0"
+        start = None if after is None else f"{base}{after}\x01"  # past every key of `after`
+        while True:
+            key = next(self.scan(base, start, page=1), None)
+            if key is None:
+                return
+            repository = key[len(base):].split("\0", 1)[0]
+            yield repository
+            start = f"{base}{repository}\x01"
 
     # referrers indexes (cached like tags: what a subject's referrers were, and when) --------
     @staticmethod
@@ -263,6 +311,96 @@ class Index:
                       filters_applied: str) -> None:
         self.db.set(self._referrers_key(upstream, repository, subject, artifact_type),
                     (str(digest), content_type, time.time(), filters_applied))
+
+    def repository_referrers(self, upstream: str, repository: str
+                             ) -> list[tuple[Digest, str, TagEntry]]:
+        """The referrers answers kept for one repository: (subject, artifactType, entry)."""
+        found = []
+        for key in self.scan(f"ref\0{upstream}\0{repository}\0"):
+            value = self.db.get(key)
+            if value:
+                subject, artifact_type = key.split("\0")[3:5]
+                with contextlib.suppress(Exception):
+                    found.append((parse_digest(subject), artifact_type, TagEntry(*value[:3])))
+        return found
+
+    def referrers_digests(self) -> Iterator[tuple[str, str, Digest, str, Digest]]:
+        """Every referrers answer kept: (upstream, repository, subject, artifactType, its
+        index's digest)."""
+        for key in self.scan("ref\0"):
+            value = self.db.get(key)
+            if value:
+                _, upstream, repository, subject, artifact_type = key.split("\0")
+                with contextlib.suppress(Exception):
+                    yield (upstream, repository, parse_digest(subject), artifact_type,
+                           parse_digest(value[0]))
+
+    def delete_referrers(self, upstream: str, repository: str, subject: Digest,
+                         artifact_type: str) -> None:
+        self.db.delete(self._referrers_key(upstream, repository, subject, artifact_type))
+
+    # which repositories hold a manifest (for the catalog and `mirror purge`) ----------------
+    @staticmethod
+    def _held_key(upstream: str, repository: str, digest: Digest) -> str:
+        return f"held\0{upstream}\0{repository}\0{digest}"
+
+    def hold(self, upstream: str, repository: str, digest: Digest) -> None:
+        """A manifest was answered under (upstream, repository): the repository holds it
+        (the proxy writes it at a miss and at most once a minute per process for hits; tags
+        say the same for what is tagged). Dropped by `mirror purge`, not by eviction: a
+        reader checks that the manifest is still stored."""
+        self.db.add(self._held_key(upstream, repository, digest), time.time())
+
+    def repository_held(self, upstream: str, repository: str) -> set[Digest]:
+        found = set()
+        for key in self.scan(f"held\0{upstream}\0{repository}\0"):
+            with contextlib.suppress(Exception):
+                found.add(parse_digest(key.rsplit("\0", 1)[1]))
+        return found
+
+    def held(self) -> Iterator[tuple[str, str, Digest]]:
+        """Every (upstream, repository, manifest digest) a repository was seen to hold."""
+        for key in self.scan("held\0"):
+            _, upstream, repository, digest = key.split("\0")
+            with contextlib.suppress(Exception):
+                yield upstream, repository, parse_digest(digest)
+
+    def release(self, upstream: str, repository: str, digest: Digest) -> None:
+        self.db.delete(self._held_key(upstream, repository, digest))
+
+    def repositories(self, upstream: str, after: str | None = None) -> Iterator[str]:
+        """The repositories of `upstream` with a tag or a held manifest, in order, those
+        after `after` only (whether their manifests are still stored is the caller's to
+        check: `repository_digests`)."""
+        seen = None
+        for repository in heapq.merge(self._components("tag", upstream, after),
+                                      self._components("held", upstream, after)):
+            if repository != seen:
+                seen = repository
+                yield repository
+
+    def repository_digests(self, upstream: str, repository: str) -> Iterator[Digest]:
+        """The manifests a repository's tags point to, then those it holds (lazily: the
+        catalog stops at the first one stored)."""
+        for entry in self.repository_tags(upstream, repository).values():
+            with contextlib.suppress(Exception):
+                yield parse_digest(entry.digest)
+        yield from self.repository_held(upstream, repository)
+
+    # content `mirror purge` removed: a worker holding it in memory must not store it again -
+    def mark_purged(self, digest: Digest) -> None:
+        self.db.set(f"purged\0{digest}", time.time())
+
+    def was_purged(self, digest: Digest) -> bool:
+        """Whether `mirror purge` removed this content (and it was not stored since)."""
+        return self.db.get(f"purged\0{digest}") is not None
+
+    def forget_access(self, upstream: str, repository: str, digest: Digest) -> None:
+        self.db.delete(self._access_key(upstream, repository, digest))
+
+    def forget_provenance(self, digest: Digest) -> None:
+        """The content is gone: whatever brings it back says again where it came from."""
+        self.db.delete(self._provenance_key(digest))
 
     # signature policy verdicts (pull/trust.py): digests a policy allows, by its fingerprint -
     def set_trusted(self, policy: str, digest: Digest) -> None:
@@ -311,6 +449,7 @@ class Index:
                   last_access: float | None = None) -> None:
         key = f"e\0{digest}"
         with self.db.transact():
+            self.db.delete(f"purged\0{digest}")  # stored again: no longer purged
             if self.db.get(key) is None:
                 self.db.incr(TOTAL, size)
                 self.db.incr(COUNT)

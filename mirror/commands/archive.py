@@ -167,6 +167,7 @@ def _media_types(store: BlobStore, index: Index, descriptor: dict[str, object],
                          else mt.sniff_media_type(data))
     index.add_entry(digest, len(data), "manifest")
     if owner is not None:
+        index.hold(*owner, digest)
         for held in [str(digest), *mt.referenced_blobs(data)[0]]:
             with contextlib.suppress(RegistryError):
                 index.remember_access(*owner, parse_digest(held))

@@ -95,6 +95,17 @@ async def check_status(request: web.Request, config: AuthConfig) -> None:
                                 bearer_challenge(_realm(request))))
 
 
+async def check_catalog(request: web.Request) -> None:
+    """`/v2/_catalog` names every cached repository, those of `access = "authenticated"`
+    upstreams too: with access control on, it needs a user (never the anonymous token)."""
+    if request.app[AUTHENTICATOR] is None:
+        return
+    who = await identity(request)
+    if who is None or who.anonymous:
+        raise unauthorized(request, "the catalog is readable by authenticated users only",
+                           "registry:catalog:*")
+
+
 async def check_upstream(request: web.Request, upstream: UpstreamConfig, repository: str
                          ) -> None:
     if request.app[AUTHENTICATOR] is None or upstream.access == "public":

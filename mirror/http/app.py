@@ -20,6 +20,7 @@ from aiohttp import web, web_protocol
 
 from mirror.config import Config
 from mirror.http import access, activity
+from mirror.http.catalog import catalog
 from mirror.http.clientauth import FailureLimiter, load_htpasswd
 from mirror.http.cluster import cluster
 from mirror.http.content import blob, manifest
@@ -139,12 +140,15 @@ async def v2(request: web.Request) -> web.StreamResponse:
         _refuse_write(request, route)
     if route.kind is Kind.BASE:
         return await base(request)
-    if route.kind in (Kind.CATALOG, Kind.UPLOAD):
-        # No catalog is a missing endpoint (404, as registries without one answer); an upload
-        # is a write, refused as read-only.
-        raise RegistryError(ErrorCode.UNSUPPORTED, "a pull-through mirror has no catalog or "
-                            "uploads", status=404 if route.kind is Kind.CATALOG else None)
     mirror = request.app[MIRROR]
+    if route.kind is Kind.CATALOG and mirror.config.server.catalog:
+        await access.check_catalog(request)
+        return await catalog(request, mirror)
+    if route.kind is Kind.CATALOG:  # off: a missing endpoint, as registries without one
+        raise RegistryError(ErrorCode.UNSUPPORTED, "this mirror lists no catalog ([server] "
+                            "catalog is off)", status=404)
+    if route.kind is Kind.UPLOAD:  # a write, refused as read-only
+        raise RegistryError(ErrorCode.UNSUPPORTED, "a pull-through mirror takes no uploads")
     upstream_name, repository = select_upstream(route.name, request.query.get("ns"),
                                                 list(mirror.upstreams))
     warn_unconfigured_registry(route.name, request.query.get("ns"), mirror.upstreams)

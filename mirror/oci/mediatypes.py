@@ -169,3 +169,16 @@ def referenced_blobs(data: bytes) -> tuple[list[str], list[str]]:
     blobs = [str(d["digest"]) for d in _descriptors(doc, "config") + _descriptors(doc, "layers")
              if not d.get("urls")]
     return blobs, [str(d["digest"]) for d in _descriptors(doc, "manifests")]
+
+
+def manifest_references(data: bytes) -> tuple[list[str], list[str]] | None:
+    """`referenced_blobs` of bytes that are a manifest (an image manifest, an index, an
+    artifact manifest), None for anything else (a config, a layer, a signature payload)."""
+    doc = _document(data)
+    media_type = doc.get("mediaType")
+    shaped = doc.get("schemaVersion") == 2 and (
+        isinstance(doc.get("manifests"), list) or isinstance(doc.get("layers"), list)
+        or bool(_descriptors(doc, "config")))
+    if media_type not in ALL_MANIFEST_TYPES and not shaped:
+        return None
+    return referenced_blobs(data)

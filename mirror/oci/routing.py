@@ -74,15 +74,41 @@ def parse_image(ref: str, upstreams: Sequence[str], *, strict: bool = False) -> 
         slash, colon = name.rfind("/"), name.rfind(":")
         if colon > slash:
             name, tag = name[:colon], name[colon + 1:]
-    host = unconfigured_registry(name, None, upstreams) if strict else None
+    if strict:
+        _configured(ref, name, upstreams)
+    upstream, repository = select_upstream(name, None, upstreams)
+    return ImageRef(upstream, repository, parse_digest(digest) if at else validate_tag(tag))
+
+
+def parse_target(ref: str, upstreams: Sequence[str]) -> tuple[str, str, Digest | str | None]:
+    """(upstream, repository, reference) for what an operator names to remove: an image
+    (`docker.io/library/nginx:1.27`, `…@sha256:…`), or with neither a tag nor a digest the
+    whole repository (`docker.io/library/nginx`: reference None). A registry part that names
+    no configured upstream is refused, as `parse_image(strict=True)` does."""
+    name, at, _ = ref.partition("@")
+    if at or name.rfind(":") > name.rfind("/"):
+        image = parse_image(ref, upstreams, strict=True)
+        return image.upstream, image.repository, image.reference
+    _configured(ref, name, upstreams)
+    upstream, repository = select_upstream(name, None, upstreams)
+    return upstream, repository, None
+
+
+def _configured(ref: str, name: str, upstreams: Sequence[str]) -> None:
+    host = unconfigured_registry(name, None, upstreams)
     if host is not None:
         raise RegistryError(
             ErrorCode.NAME_INVALID,
             f"{ref}: {host} is not a configured upstream (configured: {', '.join(upstreams)}); "
             f"add an [[upstream]] for it, or name the image without a registry to use "
             f"{upstreams[0]}")
-    upstream, repository = select_upstream(name, None, upstreams)
-    return ImageRef(upstream, repository, parse_digest(digest) if at else validate_tag(tag))
+
+
+def catalog_name(upstream: str, repository: str, upstreams: Sequence[str]) -> str:
+    """A cached repository as a client pulls it through the mirror: the plain repository
+    for the default (first) upstream, `<upstream>/<repository>` for the others (the path
+    prefix select_upstream routes)."""
+    return repository if upstream == upstreams[0] else f"{upstream}/{repository}"
 
 
 def select_upstream(raw_name: str, ns: str | None, upstreams: Sequence[str]) -> tuple[str, str]:

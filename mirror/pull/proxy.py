@@ -27,7 +27,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
-from cachetools import LRUCache, TLRUCache
+from cachetools import LRUCache, TLRUCache, TTLCache
 
 from mirror import metrics
 from mirror.cache.index import Index, TagEntry
@@ -57,6 +57,7 @@ T = TypeVar("T")
 MEMORY_MANIFEST_BYTES = 64 * 1024 * 1024
 CONFIRMATIONS_IN_MEMORY = 65536  # provenance and access answers kept off SQLite
 WORKER_LOCK_WAIT = 30.0  # seconds a worker waits for another's manifest fetch
+HELD_SECONDS = 60.0  # a hit writes that its repository holds the manifest at most this often
 # Answers from a source that stale-if-error covers (it is down, failing or rate limiting).
 STALE_CODES = frozenset({ErrorCode.UPSTREAM_UNREACHABLE, ErrorCode.UPSTREAM_UNAVAILABLE,
                          ErrorCode.UPSTREAM_TIMEOUT, ErrorCode.TOOMANYREQUESTS})
@@ -114,6 +115,8 @@ class Proxy:
         self._public: LRUCache[Digest, bool] = LRUCache(CONFIRMATIONS_IN_MEMORY)
         self._confirmed: LRUCache[tuple[str, str, Digest], bool] = LRUCache(
             CONFIRMATIONS_IN_MEMORY)
+        self._held: TTLCache[tuple[str, str, Digest], bool] = TTLCache(
+            CONFIRMATIONS_IN_MEMORY, HELD_SECONDS, timer=time.monotonic)
         self.rules = config.rules
         self._name_denial_series(config)
 
@@ -169,6 +172,9 @@ class Proxy:
             # (or a restart with the upstream down loses the hottest manifests). A stat per
             # hit is the cheapest check that needs no message between worker processes.
             if not self.store.has(digest):
+                if self.index.was_purged(digest):  # `mirror purge` removed it: not again
+                    self._memory.pop(digest, None)
+                    return None
                 self._restore(digest, data, media_type)
             return hit
         stored = self.store.read_bytes(digest)
@@ -294,10 +300,21 @@ class Proxy:
             found = await self._manifest(source, repository, reference, accept, head)
             if not isinstance(reference, Digest):  # a hit may be older than the rule
                 self._check_resolved(source, repository, reference, found.digest)
-            return found
         except Denied as exc:
             self._record(source, repository, str(reference), exc)
             raise
+        if found.data is not None and found.media_type not in SCHEMA1_TYPES:
+            self._holds(source.name, repository, found)
+        return found
+
+    def _holds(self, upstream: str, repository: str, answer: Manifest) -> None:
+        """The repository holds the manifest (for the catalog and `mirror purge`): written
+        to the index at a miss, and for hits at most once a minute per process (a purge
+        may have dropped it meanwhile)."""
+        key = (upstream, repository, answer.digest)
+        if answer.cache == "miss" or key not in self._held:
+            self._held[key] = True
+            self.index.hold(upstream, repository, answer.digest)
 
     async def _manifest(self, source: Source, repository: str, reference: Digest | str,
                         accept: tuple[str, ...], head: bool) -> Manifest:

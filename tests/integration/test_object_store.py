@@ -4,6 +4,8 @@ gateway (tests/support/seaweed.py), the real upstream registry, skopeo."""
 from __future__ import annotations
 
 import hashlib
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -238,3 +240,26 @@ def test_redirect_mode_sends_containerd_to_the_bucket(
                   for e in edge.request_log() if e["status"] == 307}
     assert redirected == set(digests)
     assert not edge.cached_digests() & set(digests)
+
+
+def test_purge_deletes_the_purged_blobs_from_the_bucket_too(
+        tmp_path: Path, upstream: clients.UpstreamRegistry, space: Space,
+        started: list[MirrorProcess]) -> None:
+    """The bucket is a copy of the local tier: a purged blob left there would be served
+    again (with 0 upstream GETs), so `mirror purge` deletes its object too."""
+    mirror = mirror_with(started, tmp_path / "m", upstream, space.table(), workers=2)
+    pull(mirror, tmp_path / "out", "test/small")
+    digests = blobs(upstream, "test/small")
+    wait_until(lambda: {space.key(d) for d in digests} <= set(space.objects()), 30,
+               interval=0.1, what="the blobs written behind")
+    purged = subprocess.run([sys.executable, "-m", "mirror", "purge",
+                             f"{upstream.host}/test/small:v1", "--config",
+                             str(mirror.config_path)], capture_output=True, text=True,
+                            timeout=120)
+    assert purged.returncode == 0, purged
+    assert f"bucket: {len(digests)} objects deleted" in purged.stdout, purged.stdout
+    assert not {space.key(d) for d in digests} & set(space.objects())
+    mark = upstream.registry.mark()
+    pull(mirror, tmp_path / "again", "test/small")
+    assert upstream.registry.blob_gets(mark) == {d: 1 for d in digests}
+    assert metric(mirror, "mirror_bucket_hits_total") == 0

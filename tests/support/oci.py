@@ -246,7 +246,24 @@ def build_image(
             diff_id = blob.digest
         layer_list.append(blob)
         diff_ids.append(diff_id)
+    return image_of(blobs_dir, layer_list, diff_ids, arch=arch, os_name=os_name, labels=labels,
+                    docker=docker)
+
+
+def image_of(
+    blobs_dir: Path,
+    layer_list: Iterable[Blob],
+    diff_ids: Iterable[str] | None = None,
+    *,
+    arch: str = "amd64",
+    os_name: str = "linux",
+    labels: dict[str, str] | None = None,
+    docker: bool = False,
+) -> Image:
+    """An image of layers written already (e.g. shared with another image: pass the same
+    Blob); diff_ids default to the layers' digests (uncompressed tar layers)."""
     layers = tuple(layer_list)
+    diff_ids = list(diff_ids) if diff_ids is not None else [b.digest for b in layers]
     config_obj = {
         "architecture": arch,
         "os": os_name,

@@ -620,3 +620,35 @@ async def test_tags_of_a_private_source_are_never_shared(world: Any) -> None:
     await b.proxy.manifest(b.source, "app", "v1", ACCEPT, head=False)
     assert shared.calls == {}
     assert a.source.manifest_gets == ["v1", "v1"]
+
+
+# `mirror purge` and the manifests a worker holds in memory ---------------------------------
+async def test_a_purged_manifest_held_in_memory_is_fetched_again_an_evicted_one_restored(
+        world: Any) -> None:
+    """Eviction by another worker: the hot manifest in memory is stored again, the source
+    asked nothing. `mirror purge`: it is dropped and fetched from the source again (the tag
+    still trusted in memory, the content is not)."""
+    from mirror.cache.purge import Target, execute, plan_purge
+
+    w = world()
+    w.store.on_commit = w.index.add_entry  # as runtime.py sets it
+    digest = w.source.add_manifest("app", "v1", image_manifest())
+    await w.proxy.manifest(w.source, "app", "v1", ACCEPT, head=False)
+    assert w.index.repository_held("fake.test", "app") == {digest}
+
+    w.store.delete(digest)  # evicted by another worker
+    w.index.remove_entry(digest)
+    again = await w.proxy.manifest(w.source, "app", "v1", ACCEPT, head=False)
+    assert again.cache == "hit" and w.store.has(digest)
+    assert w.source.calls == {"get_manifest": 1}
+
+    plan = plan_purge(w.store, w.index, Target("fake.test", "app", "v1"), (), ["fake.test"])
+    assert set(plan.manifests) == {digest}
+    execute(w.store, w.index, plan)
+    fetched = await w.proxy.manifest(w.source, "app", "v1", ACCEPT, head=False)
+    assert fetched.cache == "miss" and w.store.has(digest)
+    assert w.source.calls == {"get_manifest": 2}
+    assert not w.index.was_purged(digest)
+    assert w.index.repository_held("fake.test", "app") == {digest}
+    by_digest = await w.proxy.manifest(w.source, "app", digest, ACCEPT, head=False)
+    assert by_digest.cache == "hit"
