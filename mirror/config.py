@@ -7,6 +7,7 @@ below; the parsers read it from there (mirror.toml documents the same values).
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import tomllib
@@ -57,6 +58,9 @@ class UpstreamConfig:
     deny: tuple[str, ...] = ()  # repository patterns refused (deny wins over allow)
 
 
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     host: str = "0.0.0.0"
@@ -70,6 +74,8 @@ class ServerConfig:
     max_connections: int = 10_000  # per worker process
     max_connections_per_client: int = 256  # per client address, per worker process
     catalog: bool = False  # /v2/_catalog lists the cached repositories (else 404)
+    # X-Forwarded-For is believed from these (http/clientaddr.py)
+    trusted_proxies: tuple[Network, ...] = ()
 
 
 MAX_SIZE = 20 * 1024**3
@@ -267,11 +273,19 @@ def _server(path: str, table: object) -> ServerConfig:
     shutdown_timeout = s.get("shutdown_timeout", d.shutdown_timeout, parse_duration)
     limits = _connection_limits(path, s, d)
     catalog = s.get("catalog", d.catalog, kind=bool)
+    trusted_proxies = s.get("trusted_proxies", d.trusted_proxies, _networks)
     s.finish()
     if bool(tls_cert) != bool(tls_key):
         raise ConfigError(path, "server.tls_cert", "tls_cert and tls_key go together")
     return ServerConfig(host, port, workers, tls_cert, tls_key, shutdown_timeout, **limits,
-                        catalog=catalog)
+                        catalog=catalog, trusted_proxies=trusted_proxies)
+
+
+def _networks(value: object) -> tuple[Network, ...]:
+    """`10.0.0.0/8`, `127.0.0.1`, `::1`: a bare address is a network of one."""
+    if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+        raise ValueError("expected a list of addresses or networks, e.g. [\"10.0.0.0/8\"]")
+    return tuple(ipaddress.ip_network(v.strip(), strict=False) for v in value)
 
 
 def _positive_duration(value: object) -> float:

@@ -108,20 +108,25 @@ class Mirror:
         return True
 
 
+# [server] keys read per request or per connection's handshake: a reload applies them.
+RELOADED_SERVER_KEYS = ("tls_cert", "tls_key", "catalog", "trusted_proxies")
+
+
 def restart_only(running: Config, new: Config) -> tuple[Config, list[str]]:
     """`new` with what only a restart can change kept as it runs (the listening socket and
     its limits, the workers, the cache dir, the cluster, Redis and the bucket; the [server]
-    certificate files are reloaded), and the keys of it that differ."""
+    certificate files, catalog and trusted proxies are reloaded), and the keys of it that
+    differ."""
     changed = [f"server.{f.name}" for f in dataclasses.fields(running.server)
-               if f.name not in ("tls_cert", "tls_key")
+               if f.name not in RELOADED_SERVER_KEYS
                and getattr(running.server, f.name) != getattr(new.server, f.name)]
     if running.cache.dir != new.cache.dir:
         changed.append("cache.dir")
     changed += [f"[{name}]" for name in ("cluster", "redis", "s3")
                 if getattr(running, name) != getattr(new, name)]
+    reloaded = {key: getattr(new.server, key) for key in RELOADED_SERVER_KEYS}
     kept = dataclasses.replace(
-        new, server=dataclasses.replace(running.server, tls_cert=new.server.tls_cert,
-                                        tls_key=new.server.tls_key),
+        new, server=dataclasses.replace(running.server, **reloaded),
         cache=dataclasses.replace(new.cache, dir=running.cache.dir),
         cluster=running.cluster, redis=running.redis, s3=running.s3)
     return kept, changed

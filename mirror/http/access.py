@@ -21,6 +21,7 @@ from mirror.http.clientauth import (
     load_htpasswd,
     parse_basic,
 )
+from mirror.http.keys import CLIENT, USER
 from mirror.oci.errors import ErrorCode, RegistryError
 
 AUTHENTICATOR: web.AppKey[Authenticator | None] = web.AppKey("authenticator")
@@ -48,7 +49,7 @@ def unauthorized(request: web.Request, message: str, scope: str | None = None
 
 
 def _client(request: web.Request) -> str:
-    return request.remote or "-"
+    return request.get(CLIENT) or request.remote or "-"
 
 
 async def identity(request: web.Request) -> Identity | None:
@@ -60,7 +61,7 @@ async def identity(request: web.Request) -> Identity | None:
         return None
     pair = parse_basic(header)
     if pair is None:
-        return await auth.identify(header)
+        return _known(request, await auth.identify(header))
     limiter, client = request.app[LIMITER], _client(request)
     wait = limiter.attempt(client)
     if wait is not None:
@@ -71,6 +72,13 @@ async def identity(request: web.Request) -> Identity | None:
         log.info("failed login", extra={"client": client, "user": pair[0]})
     else:
         limiter.succeeded(client)
+    return _known(request, who)
+
+
+def _known(request: web.Request, who: Identity | None) -> Identity | None:
+    """The user goes into the request's access log line."""
+    if who is not None:
+        request[USER] = who.user
     return who
 
 

@@ -21,10 +21,11 @@ from aiohttp import web, web_protocol
 from mirror.config import Config
 from mirror.http import access, activity
 from mirror.http.catalog import catalog
+from mirror.http.clientaddr import client_address
 from mirror.http.clientauth import FailureLimiter, load_htpasswd
 from mirror.http.cluster import cluster
 from mirror.http.content import blob, manifest
-from mirror.http.keys import BYTES, CACHE, ERROR, MIRROR, ROUTE, UPSTREAM
+from mirror.http.keys import BYTES, CACHE, CLIENT, ERROR, MIRROR, ROUTE, UPSTREAM, USER
 from mirror.http.notices import warn_unconfigured_registry
 from mirror.http.ops import install as install_ops
 from mirror.http.responses import API_VERSION, content_headers
@@ -79,6 +80,8 @@ async def errors_and_access_log(request: web.Request, handler: Handler) -> web.S
     started = time.perf_counter()
     request[CACHE] = "-"
     request[BYTES] = 0
+    request[CLIENT] = client_address(request.remote, request.headers.getall(
+        "X-Forwarded-For", ()), request.app[MIRROR].config.server.trusted_proxies)
     status = 500
     response: web.StreamResponse | None = None
     try:
@@ -113,8 +116,9 @@ def _access_log(request: web.Request, status: int, started: float) -> None:
         "method": request.method, "path": request.path_qs, "status": status,
         "bytes": request[BYTES], "cache": request[CACHE],
         "duration_ms": round(seconds * 1000, 2),
-        "client": request.remote or "-",
+        "client": request[CLIENT],
         "user_agent": request.headers.get("User-Agent", "-"),
+        "user": request.get(USER, "-"),
     }
     if UPSTREAM in request:
         fields["upstream"] = request[UPSTREAM]

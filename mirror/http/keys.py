@@ -17,3 +17,5 @@ BYTES = web.RequestKey("bytes", int)
 UPSTREAM = web.RequestKey("upstream", str)
 ERROR = web.RequestKey("error", str)
 ROUTE = web.RequestKey("route", str)  # a routes.Kind value or a page name, for metrics
+CLIENT = web.RequestKey("client", str)  # the client address (http/clientaddr.py)
+USER = web.RequestKey("user", str)  # who the request authenticated as

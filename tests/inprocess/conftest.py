@@ -44,9 +44,10 @@ async def start_mirror(tmp_path: Path, upstream: FaultUpstream
     async def start(cache: dict[str, object] | None = None,
                     upstream_extra: dict[str, object] | None = None,
                     upstreams: list[dict[str, object]] | None = None,
-                    auth: dict[str, object] | None = None) -> str:
+                    auth: dict[str, object] | None = None,
+                    server: dict[str, object] | None = None) -> str:
         config = app_config(tmp_path / "cache", upstream.url, cache, upstream_extra,
-                            upstreams, auth)
+                            upstreams, auth, server)
         server, url = await serve_app(config)
         servers.append(server)
         return url

@@ -357,3 +357,36 @@ async def test_a_client_leaving_during_a_hit_is_logged_as_leaving(
 def event_loop_policy() -> asyncio.AbstractEventLoopPolicy:
     """The loop `mirror serve` runs on: uvloop differs from asyncio where a client leaves."""
     return uvloop.EventLoopPolicy()
+
+
+async def test_behind_a_trusted_proxy_the_log_and_login_limit_use_the_forwarded_client(
+        upstream: FaultUpstream, start_mirror: MirrorFactory, client: aiohttp.ClientSession,
+        htpasswd: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    base = await start_mirror(auth={"htpasswd": str(htpasswd)},
+                              server={"trusted_proxies": ["127.0.0.1"]})
+    attacker, victim = {"X-Forwarded-For": "203.0.113.7"}, {"X-Forwarded-For": "203.0.113.8"}
+    statuses = []
+    for _ in range(12):  # past the failed-login budget of one address
+        async with client.get(f"{base}/token", headers={
+                **attacker, "Authorization": basic("alice", "wrong")}) as resp:
+            statuses.append(resp.status)
+    assert statuses[-1] == 429 and 429 not in statuses[:10], statuses
+    async with client.get(f"{base}/token", headers={
+            **victim, "Authorization": basic("alice", "s3cret")}) as resp:
+        assert resp.status == 200  # another client behind the same proxy is not locked out
+    ACCESS_LOG.flush()
+    lines = [line for line in access_lines(capsys.readouterr().err) if line["path"] == "/token"]
+    assert {line["client"] for line in lines} == {"203.0.113.7", "203.0.113.8"}
+    assert [line["user"] for line in lines if line["client"] == "203.0.113.8"] == ["alice"]
+    assert {line["user"] for line in lines if line["client"] == "203.0.113.7"} == {"-"}
+
+
+async def test_forwarded_for_from_an_untrusted_peer_is_ignored(
+        upstream: FaultUpstream, start_mirror: MirrorFactory, client: aiohttp.ClientSession,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    base = await start_mirror(server={"trusted_proxies": ["10.0.0.0/8"]})
+    async with client.get(f"{base}/v2/", headers={"X-Forwarded-For": "203.0.113.7"}) as resp:
+        assert resp.status == 200
+    ACCESS_LOG.flush()
+    (line,) = [x for x in access_lines(capsys.readouterr().err) if x["path"] == "/v2/"]
+    assert line["client"] == "127.0.0.1"

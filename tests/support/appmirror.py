@@ -18,9 +18,11 @@ def app_config(cache_dir: Path, upstream_url: str,
                cache: dict[str, object] | None = None,
                upstream_extra: dict[str, object] | None = None,
                upstreams: list[dict[str, object]] | None = None,
-               auth: dict[str, object] | None = None) -> Config:
+               auth: dict[str, object] | None = None,
+               server: dict[str, object] | None = None) -> Config:
     """A config whose default upstream is `up.test` -> `upstream_url` (1 s read timeout)."""
     return parse_config({
+        "server": server or {},
         "cache": {"dir": str(cache_dir), **(cache or {})},
         "auth": auth or {},
         "upstream": upstreams or [{"name": "up.test", "url": upstream_url,
