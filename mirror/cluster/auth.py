@@ -40,7 +40,7 @@ def verify(secret: bytes, header: str | None, method: str, path_qs: str, now: fl
     if not header:
         raise ClusterAuthError(f"no {HEADER} header: /_cluster/ is for the cluster's nodes")
     parts = header.split(" ")
-    if len(parts) != 4 or parts[0] != VERSION:
+    if not header.isascii() or len(parts) != 4 or parts[0] != VERSION:
         raise ClusterAuthError(f"malformed {HEADER} header (expected {VERSION} NODE TIME MAC)")
     _, node_id, timestamp, mac = parts
     if not timestamp.isdigit() or abs(now - int(timestamp)) > window:

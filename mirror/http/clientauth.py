@@ -29,6 +29,7 @@ ANONYMOUS = ""
 SERVICE = "registry-mirror"
 VERDICT_SECONDS = 60.0  # how long a password check's result is reused
 BCRYPT_THREADS = 2
+MAX_TOKEN = 4096  # characters: ours are about 150
 FAILED_LOGINS_PER_WINDOW = 10  # per client address, then 429 until the window ends
 FAILURE_WINDOW = 60.0
 
@@ -53,7 +54,7 @@ def parse_basic(header: str) -> tuple[str, str] | None:
         return None
     try:
         user, sep, password = base64.b64decode(value.strip(), validate=True).decode().partition(":")
-    except (binascii.Error, UnicodeDecodeError):
+    except ValueError:  # not base64 (or not ASCII at all), or not UTF-8 inside
         return None
     return (user, password) if sep else None
 
@@ -147,7 +148,7 @@ class Authenticator:
 
     def issue(self, user: str, now: float | None = None) -> str:
         now = time.time() if now is None else now
-        claims = {"sub": user, "exp": int(now + self.token_lifetime)}
+        claims = {"sub": user, "aud": SERVICE, "exp": int(now + self.token_lifetime)}
         payload = base64.urlsafe_b64encode(json.dumps(claims).encode()).decode().rstrip("=")
         return f"{payload}.{self._sign(payload)}"
 
@@ -155,15 +156,19 @@ class Authenticator:
         return hmac.new(self.secret, payload.encode(), hashlib.sha256).hexdigest()
 
     def verify_token(self, token: str, now: float | None = None) -> Identity | None:
+        if not token.isascii() or len(token) > MAX_TOKEN:  # not one of ours, whatever it is
+            return None
         payload, _, signature = token.partition(".")
         if not hmac.compare_digest(signature, self._sign(payload)):
             return None
         try:
             claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
-            user, exp = str(claims["sub"]), float(claims["exp"])
+            user, exp, audience = str(claims["sub"]), float(claims["exp"]), claims["aud"]
         except (ValueError, KeyError, TypeError, binascii.Error):
             return None
-        return Identity(user) if exp > (time.time() if now is None else now) else None
+        if audience != SERVICE or exp <= (time.time() if now is None else now):
+            return None
+        return Identity(user)
 
     async def identify(self, authorization: str | None) -> Identity | None:
         """The identity a request's Authorization header proves, or None."""

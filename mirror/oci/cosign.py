@@ -11,7 +11,6 @@ PKCS#1 v1.5 with SHA-256, or Ed25519.
 from __future__ import annotations
 
 import base64
-import binascii
 import json
 from dataclasses import dataclass
 
@@ -74,7 +73,7 @@ def signed_layers(manifest: bytes) -> list[SignedLayer]:
             continue
         try:
             signature = base64.b64decode(encoded, validate=True)
-        except binascii.Error:
+        except ValueError:  # not base64, or not even ASCII
             continue
         found.append(SignedLayer(digest, size, signature))
     if not found:

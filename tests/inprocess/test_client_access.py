@@ -3,12 +3,15 @@ upstreams, and anonymous reads kept possible."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import socket
 from pathlib import Path
 
 import aiohttp
 import bcrypt
 import pytest
+from yarl import URL
 
 from tests.support.appmirror import MirrorFactory
 from tests.support.faultupstream import FaultUpstream, random_bytes
@@ -83,3 +86,32 @@ async def test_access_control_off_by_default(
         assert resp.status == 200 and "WWW-Authenticate" not in resp.headers
     async with client.get(f"{base}/token") as resp:
         assert resp.status == 404
+
+
+def _raw_get(base: str, path: str, authorization: bytes) -> bytes:
+    url = URL(base)
+    with socket.create_connection((url.host or "127.0.0.1", url.port or 80), timeout=10) as s:
+        s.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n".encode()
+                  + b"Authorization: " + authorization + b"\r\n\r\n")
+        chunks = []
+        while chunk := s.recv(1 << 16):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def test_bad_tokens_get_a_challenge_never_a_500(
+        upstream: FaultUpstream, other_origin: FaultUpstream, start_mirror: MirrorFactory,
+        htpasswd: Path) -> None:
+    blob = other_origin.add_blob(random_bytes(100))
+    base = await start_mirror(auth={"htpasswd": str(htpasswd)}, upstreams=[
+        {"name": "pub.test", "url": upstream.url},
+        {"name": "priv.test", "url": other_origin.url, "access": "authenticated"}])
+    expired = base64.urlsafe_b64encode(b'{"sub":"alice","exp":1}').decode().rstrip("=")
+    for token in (b"Bearer \xc3\xa9t\xc3\xa9.abc", b"Bearer \xe9\xff", b"Bearer ",
+                  b"Bearer " + b"a" * 6000, b"Bearer e30.e30.e30",
+                  b"Bearer " + expired.encode() + b".00", b"Basic \xe9\xe9", b"Digest x"):
+        for path in ("/v2/", f"/v2/priv.test/r/blobs/{blob}", "/"):
+            response = await asyncio.to_thread(_raw_get, base, path, token)
+            head = response.split(b"\r\n\r\n", 1)[0].decode("latin-1")
+            assert head.startswith("HTTP/1.1 401"), (token, path, head)
+            assert "WWW-Authenticate:" in head, (token, path, head)

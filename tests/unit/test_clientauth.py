@@ -1,4 +1,5 @@
 import base64
+import json
 from pathlib import Path
 
 import bcrypt
@@ -34,6 +35,7 @@ def test_htpasswd_bcrypt_only(tmp_path: Path) -> None:
 def test_basic_parsing() -> None:
     assert parse_basic(basic("u", "p:w")) == ("u", "p:w")
     assert parse_basic("Basic !!!") is None
+    assert parse_basic("Basic \xe9\xe9") is None
     assert parse_basic("Bearer x") is None
     assert parse_basic("Basic " + base64.b64encode(b"nocolon").decode()) is None
 
@@ -62,3 +64,26 @@ def test_tokens_sign_expire_and_resist_tampering(auth: Authenticator) -> None:
 def test_challenge() -> None:
     assert bearer_challenge("https://m/token", "repository:a:pull") == \
         'Bearer realm="https://m/token",service="registry-mirror",scope="repository:a:pull"'
+
+
+def _signed(auth: Authenticator, claims: dict[str, object]) -> str:
+    payload = base64.urlsafe_b64encode(json.dumps(claims).encode()).decode().rstrip("=")
+    return f"{payload}.{auth._sign(payload)}"
+
+
+@pytest.mark.parametrize("token", [
+    "", ".", "x", "\xe9.abc", "abc.\udce9", "a" * 5000, "e30.e30.e30",  # JWT-shaped
+])
+def test_tokens_that_are_not_ours_are_refused_not_raised(auth: Authenticator,
+                                                          token: str) -> None:
+    assert auth.verify_token(token) is None
+
+
+def test_a_token_for_another_service_or_without_one_is_refused(auth: Authenticator) -> None:
+    assert auth.verify_token(_signed(auth, {"sub": "alice", "exp": 9e9,
+                                            "aud": "registry-mirror"})) is not None
+    assert auth.verify_token(_signed(auth, {"sub": "alice", "exp": 9e9,
+                                            "aud": "other-service"})) is None
+    assert auth.verify_token(_signed(auth, {"sub": "alice", "exp": 9e9})) is None
+    assert auth.verify_token(_signed(auth, {"sub": "alice", "exp": "soon",
+                                            "aud": "registry-mirror"})) is None

@@ -60,7 +60,8 @@ def test_a_request_altered_replayed_late_or_keyed_otherwise_is_refused(
 
 
 @pytest.mark.parametrize("header", [None, "", "v1 m2 1000", "v2 m2 1000 00", "v1 m2 abc 00",
-                                    "v1 m3 1000 " + "0" * 64])
+                                    "v1 m3 1000 " + "0" * 64, "v1 m2 1000 \xe9\xe9",
+                                    "v1 \udce9 1000 00", "v1 m2 \xb2\xb2 00"])
 def test_a_missing_or_forged_header_is_refused(header: str | None) -> None:
     with pytest.raises(auth.ClusterAuthError):
         auth.verify(SECRET, header, "GET", PATH, now=1000.0)

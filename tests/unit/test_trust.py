@@ -132,6 +132,8 @@ async def test_each_refusal_says_why(world: Any) -> None:
     (json.dumps({"layers": [{"mediaType": "x"}]}).encode(), "no signed simple-signing"),
     (sig_manifest(str(digest_of(b"gone")), 10, b"sig"), "cannot be read"),
     (sig_manifest(str(digest_of(b"big")), cosign.MAX_PAYLOAD + 1, b"sig"), "bytes (at most"),
+    (sig_manifest(str(digest_of(b"x")), 1, b"sig").replace(
+        base64.b64encode(b"sig"), "\u00e9t\u00e9".encode()), "no signed simple-signing"),
 ])
 async def test_a_malformed_signature_is_a_denial_with_a_reason_never_a_crash(
         world: Any, signature: bytes, why: str) -> None:
