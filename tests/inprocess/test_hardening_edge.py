@@ -390,3 +390,37 @@ async def test_forwarded_for_from_an_untrusted_peer_is_ignored(
     ACCESS_LOG.flush()
     (line,) = [x for x in access_lines(capsys.readouterr().err) if x["path"] == "/v2/"]
     assert line["client"] == "127.0.0.1"
+
+
+def _raw(base: str, request: bytes) -> bytes:
+    url = URL(base)
+    with socket.create_connection((url.host or "127.0.0.1", url.port or 80), timeout=10) as s:
+        s.sendall(request)
+        chunks = []
+        while chunk := s.recv(1 << 16):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def test_non_ascii_bytes_in_any_header_or_path_are_never_a_500(
+        upstream: FaultUpstream, start_mirror: MirrorFactory, client: aiohttp.ClientSession
+        ) -> None:
+    digest = upstream.add_blob(random_bytes(1000))
+    base = await start_mirror(server={"trusted_proxies": ["127.0.0.1"]})
+    async with client.get(f"{base}/v2/r/blobs/{digest}") as resp:
+        assert resp.status == 200  # cached: the hit path sees the headers too
+    junk = b"\xe9\xff\xc3\xa9"
+    paths = [f"/v2/r/blobs/{digest}".encode(), b"/v2/r/manifests/" + junk,
+             b"/v2/" + junk + b"/blobs/sha256:" + junk, b"/v2/r/tags/list?n=" + junk,
+             b"/v2/r/blobs/" + digest.encode() + b"?ns=" + junk, b"/" + junk]
+    headers = [b"Range: bytes=" + junk, b"Accept: " + junk, b"If-None-Match: " + junk,
+               b"X-Forwarded-For: " + junk, b"User-Agent: " + junk, b"Host: " + junk,
+               b"Cookie: " + junk]
+    for path in paths:
+        for header in headers:
+            response = await asyncio.to_thread(
+                _raw, base, b"GET " + path + b" HTTP/1.1\r\nConnection: close\r\n"
+                + (b"" if header.startswith(b"Host") else b"Host: x\r\n") + header + b"\r\n\r\n")
+            status = response[9:12]
+            assert status and status != b"500" and not status.startswith(b"5"), (
+                path, header, response[:300])
