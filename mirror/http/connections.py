@@ -15,16 +15,20 @@ through as is). What it lacks, added here by subclassing its RequestHandler:
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ipaddress
 import json
 import logging
 import resource
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
-from mirror.config import ServerConfig
+from mirror.config import Network, ServerConfig
+from mirror.http.keys import MIRROR
 from mirror.http.notices import Throttle
 from mirror.oci.errors import ErrorCode
 
@@ -63,8 +67,12 @@ CLIENT_FULL = _refusal(429, "Too Many Requests",
 class Admission:
     """Open connections of one worker process, in total and per client address."""
 
-    def __init__(self, limits: Limits) -> None:
+    def __init__(self, limits: Limits,
+                 trusted_proxies: Callable[[], Sequence[Network]] = tuple) -> None:
+        """`trusted_proxies`: the reverse proxies ([server] trusted_proxies, as reloaded),
+        whose connections carry many clients: the per-client bound does not apply to them."""
         self.limits = limits
+        self.trusted_proxies = trusted_proxies
         self.open = 0
         self.by_client: dict[str, int] = {}
         self._worker_full = Throttle()
@@ -80,7 +88,7 @@ class Admission:
                     "refused_before_unlogged": held})
             return WORKER_FULL
         count = self.by_client.get(client, 0)
-        if count >= self.limits.max_connections_per_client:
+        if count >= self.limits.max_connections_per_client and not self._proxy(client):
             if (held := self._client_full.allow()) is not None:
                 log.warning("a client reached its connection limit: refusing its new "
                             "connections", extra={
@@ -92,6 +100,12 @@ class Admission:
         self.open += 1
         self.by_client[client] = count + 1
         return None
+
+    def _proxy(self, client: str) -> bool:
+        with contextlib.suppress(ValueError):
+            address = ipaddress.ip_address(client)
+            return any(address in network for network in self.trusted_proxies())
+        return False
 
     def release(self, client: str) -> None:
         self.open -= 1
@@ -202,7 +216,9 @@ class GuardedRunner(web.AppRunner):
 
     async def _make_server(self) -> web.Server:
         plain = await super()._make_server()  # runs the app's startup
-        return GuardedServer(Admission(self._limits), plain, loop=asyncio.get_running_loop(),
+        mirror = self.app[MIRROR]  # set by the startup: the configuration as reloaded
+        admission = Admission(self._limits, lambda: mirror.config.server.trusted_proxies)
+        return GuardedServer(admission, plain, loop=asyncio.get_running_loop(),
                              **self._handler_kwargs)
 
 

@@ -230,3 +230,19 @@ async def test_long_blob_to_a_slow_reader_is_not_cut(guarded: Start,
         assert elapsed > 1.5, f"{attempt}: too fast ({elapsed:.1f}s) to test the timeouts"
         writer.close()
     assert hashlib.sha256(data).hexdigest() in digest
+
+
+async def test_a_trusted_proxy_is_not_held_to_the_per_client_bound(guarded: Start) -> None:
+    port = await guarded(header_timeout="10s", max_connections=8, max_connections_per_client=2,
+                         trusted_proxies=["127.0.0.9"])
+    proxy = [await connect(port, "127.0.0.9") for _ in range(5)]  # many clients behind it
+    for reader, writer in proxy:
+        writer.write(request())
+        status, _ = await response(reader)
+        assert status == 200
+    held = [await connect(port, "127.0.0.1") for _ in range(2)]
+    over = await connect(port, "127.0.0.1")  # anyone else still is
+    refused = await closed_within(over[0], 3)
+    assert refused is not None and (refused == b"" or refused.startswith(b"HTTP/1.1 429"))
+    for _, w in proxy + held:
+        w.close()
