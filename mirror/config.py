@@ -56,6 +56,7 @@ class UpstreamConfig:
     max_unused: float | None = None  # seconds its content may go unpulled; None: forever
     allow: tuple[str, ...] = ()  # repository patterns; empty: every repository
     deny: tuple[str, ...] = ()  # repository patterns refused (deny wins over allow)
+    proxy: str | None = None  # a proxy URL or "direct"; None: the environment's (egress.py)
 
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -379,9 +380,23 @@ def _upstream(path: str, index: int, table: object) -> UpstreamConfig:
         max_unused=s.get("max_unused", None, _positive_duration),
         allow=s.get("allow", list(d.allow), _strings),
         deny=s.get("deny", list(d.deny), _strings),
+        proxy=s.get("proxy", d.proxy, _proxy_url),
     )
     s.finish()
     return config
+
+
+def _proxy_url(value: object) -> str:
+    if value == "direct":
+        return value
+    if isinstance(value, str) and "@" in urlsplit(value).netloc:
+        raise ValueError("credentials in the proxy URL are refused (they would show in logs); "
+                         "a proxy that needs a login is not supported yet")
+    try:
+        return parse_url(value)
+    except ValueError:
+        raise ValueError(f"expected \"direct\" or a proxy URL http(s)://host:port, got "
+                         f"{value!r}") from None
 
 
 def _strings(values: object) -> tuple[str, ...]:

@@ -20,6 +20,7 @@ command -v nsenter >/dev/null         || need+=(util-linux)
 command -v redis-server >/dev/null    || need+=(redis-server)
 command -v iptables >/dev/null        || need+=(iptables)
 command -v haproxy >/dev/null         || need+=(haproxy)
+command -v tinyproxy >/dev/null       || need+=(tinyproxy)
 if [ ${#need[@]} -gt 0 ]; then
     echo "installing: ${need[*]}"
     export DEBIAN_FRONTEND=noninteractive
@@ -40,7 +41,8 @@ if [ ${#need[@]} -gt 0 ]; then
         rm -f "$policy"
         trap - EXIT
     fi
-    for svc in docker-registry containerd nginx docker.socket docker redis-server haproxy; do
+    for svc in docker-registry containerd nginx docker.socket docker redis-server haproxy \
+               tinyproxy; do
         if command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then
             systemctl disable --now "$svc" >/dev/null 2>&1 || true
         fi

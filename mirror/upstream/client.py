@@ -26,6 +26,7 @@ from mirror.oci.errors import ErrorCode, RegistryError, UpstreamError
 from mirror.oci.mediatypes import upstream_accept
 from mirror.oci.reference import Digest
 from mirror.oci.routing import tier_ns
+from mirror.upstream.egress import Egress, environment_proxies
 from mirror.upstream.tokens import Credentials, TokenError
 
 log = logging.getLogger("mirror.upstream")
@@ -57,13 +58,20 @@ def _origin(url: str) -> tuple[str, str | None, int | None]:
 class Upstream:
     """One configured upstream registry, reached through a shared aiohttp session."""
 
-    def __init__(self, config: UpstreamConfig, session: aiohttp.ClientSession) -> None:
+    def __init__(self, config: UpstreamConfig, session: aiohttp.ClientSession,
+                 environment: Mapping[str, str] | None = None) -> None:
+        """`environment`: the proxy variables (egress.py), read once at start."""
         self.config = config
         self.name = config.name
         self.session = session
+        self.proxy = Egress(config.proxy, environment_proxies() if environment is None
+                            else environment)
         self.credentials = Credentials(config.username, config.password,
                                        config.credential_helper,
-                                       urlsplit(config.url).netloc)
+                                       urlsplit(config.url).netloc, proxy=self.proxy)
+        if (proxy := self.proxy(config.url)) is not None:
+            log.info("upstream reached through a proxy", extra={
+                "upstream": self.name, "proxy": redact_url(proxy)})
         self.urls = (config.url, *config.fallback_urls)
         self._held_until: dict[str, float] = {}  # a URL that failed: tried last until then
         self.slots = asyncio.Semaphore(config.max_connections)
@@ -164,7 +172,8 @@ class Upstream:
         """Whether the upstream answers `GET /v2/` at all (401 included: it is there)."""
         started = time.perf_counter()
         try:
-            async with self.session.get(f"{self.bases()[0]}/v2/", allow_redirects=False,
+            url = f"{self.bases()[0]}/v2/"
+            async with self.session.get(url, allow_redirects=False, proxy=self.proxy(url),
                                         timeout=aiohttp.ClientTimeout(
                                             total=self.config.connect_timeout)) as resp:
                 status = resp.status
@@ -321,7 +330,7 @@ class Upstream:
             try:
                 return await self.session.request(
                     method, url, headers=headers, params=params, allow_redirects=False,
-                    timeout=self.timeout, auto_decompress=False)
+                    timeout=self.timeout, auto_decompress=False, proxy=self.proxy(url))
             except aiohttp.SocketTimeoutError:
                 if not attempt or time.monotonic() - started >= self.config.read_timeout:
                     raise

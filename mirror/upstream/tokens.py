@@ -10,6 +10,7 @@ import asyncio
 import base64
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import aiohttp
@@ -69,7 +70,10 @@ class Credentials:
     """What one upstream authenticates with, and the tokens obtained with it."""
 
     def __init__(self, username: str | None, password: str | None,
-                 helper: str | None = None, server: str = "") -> None:
+                 helper: str | None = None, server: str = "",
+                 proxy: Callable[[str], str | None] = lambda _url: None) -> None:
+        """`proxy`: the proxy a token service's URL is reached through (egress.py)."""
+        self.proxy = proxy
         self.username = username
         self.password = password
         self.helper = helper
@@ -144,7 +148,8 @@ class Credentials:
             headers["Authorization"] = basic
         assert challenge.realm is not None
         async with session.get(challenge.realm, params=params, headers=headers,
-                               allow_redirects=False) as resp:
+                               allow_redirects=False,
+                               proxy=self.proxy(challenge.realm)) as resp:
             body = await resp.read()
             if resp.status != 200:
                 raise TokenError(f"token service {challenge.realm} answered {resp.status}",
