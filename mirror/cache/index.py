@@ -183,8 +183,10 @@ def _temporary_copy(directory: Path) -> Path:
 def _opening(directory: Path) -> Iterator[None]:
     """Workers open the index one at a time: one that finds it damaged replaces it while no
     other is half-way through opening the files it deletes."""
+    locks = directory.parent / "locks"  # the store's lock directory (cache/store.py)
     try:
-        fd = os.open(directory.parent / f".{directory.name}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        locks.mkdir(exist_ok=True)
+        fd = os.open(locks / f"{directory.name}.lock", os.O_RDWR | os.O_CREAT, 0o600)
     except OSError:  # a read-only or full cache dir: nothing is replaced there anyway
         yield
         return

@@ -41,7 +41,7 @@ class TLSMirror(MirrorProcess):
             with contextlib.suppress(httpx.TransportError):
                 httpx.get(f"{self.https_url}/v2/", trust_env=False, timeout=1.0,
                           verify=ssl.create_default_context(cafile=str(self.ca)))
-                return True
+                return self._all_workers_listening()
             return False
 
         wait_until(ready, timeout, interval=0.05, what=f"mirror at {self.https_url}")

@@ -174,9 +174,17 @@ class MirrorProcess:
                 httpx.get(f"{self.url}/v2/", timeout=1.0, trust_env=False)
             except httpx.TransportError:
                 return False
-            return True
+            return self._all_workers_listening()
 
         wait_until(ready, timeout, interval=0.05, what=f"mirror at {self.url}/v2/")
+
+    def _all_workers_listening(self) -> bool:
+        """One worker answering is not all of them: with several, the supervisor says when the
+        last one listens (a test spreading connections over workers needs them all)."""
+        if int(self.server_extra.get("workers", 1)) <= 1:
+            return True
+        said = sum(e.get("msg") == "all workers listening" for e in self.log_entries())
+        return said >= self.starts
 
     @property
     def running(self) -> bool:
