@@ -20,10 +20,11 @@ from .report import render_table, write_results
 from .scenarios import GROUPS as BENCH_GROUPS
 from .scenarios import Ctx, Options
 from .soak import bench_soak
+from .webhooks import bench_webhooks
 
 # the soak last: it runs longest
-GROUPS = {**BENCH_GROUPS, "policy": bench_policy, "ring": bench_ring, "cluster": bench_cluster,
-          "soak": bench_soak}
+GROUPS = {**BENCH_GROUPS, "policy": bench_policy, "webhooks": bench_webhooks, "ring": bench_ring,
+          "cluster": bench_cluster, "soak": bench_soak}
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results.json"
 

@@ -54,7 +54,10 @@ class Registry(Server):
         port: int | None = None,
         remoteurl: str | None = None,
         netns: str | None = None,
+        notify_url: str | None = None,
     ) -> None:
+        """`notify_url`: an endpoint of distribution's notifications (the webhooks group's
+        anchor)."""
         port = port or free_port()
         workdir.mkdir(parents=True, exist_ok=True)
         storage.mkdir(parents=True, exist_ok=True)
@@ -82,6 +85,10 @@ class Registry(Server):
         ]
         if remoteurl:
             lines += ["proxy:", f"  remoteurl: {remoteurl}"]
+        if notify_url:
+            lines += ["notifications:", "  endpoints:", "    - name: bench",
+                      f"      url: {notify_url}", "      timeout: 1s", "      threshold: 5",
+                      "      backoff: 1s"]
         cfg.write_text("\n".join(lines) + "\n")
         argv = ["docker-registry", "serve", str(cfg)]
         if netns:

@@ -164,6 +164,23 @@ class PolicyConfig:
     mode: str = "enforce"  # enforce | warn (logged and counted, served anyway)
 
 
+WEBHOOK_EVENTS = ("pull", "fill", "evict", "upstream_down", "upstream_up", "denied")
+
+
+@dataclass(frozen=True)
+class WebhookConfig:
+    """A `[[webhook]]`: events POSTed in the registry's notification envelope (events/)."""
+
+    name: str  # names its queue (cache dir events/<name>) and its metrics
+    url: str
+    events: tuple[str, ...] = WEBHOOK_EVENTS
+    headers: tuple[tuple[str, str], ...] = field(default=(), repr=False)
+    secret: bytes | None = field(default=None, repr=False)  # HMAC-SHA256 key of the body
+    timeout: float = 5.0
+    max_queue: int = 100_000  # events kept on disk while the receiver is away; then dropped
+    max_batch: int = 100  # events per POST
+
+
 @dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
@@ -174,6 +191,7 @@ class Config:
     redis: RedisConfig | None = None
     policies: tuple[PolicyConfig, ...] = ()
     s3: S3Config | None = None
+    webhooks: tuple[WebhookConfig, ...] = ()
     path: str = "mirror.toml"
     deny_digests: tuple[Digest, ...] = ()  # [rules]: content refused through every upstream
     rules: Rules = field(default_factory=Rules)  # compiled allow/deny and deny_digests
@@ -595,7 +613,7 @@ def load_config(path: str | os.PathLike[str]) -> Config:
 
 def parse_config(data: dict[str, Any], path: str = "mirror.toml", base: Path = Path()) -> Config:
     unknown = sorted(set(data) - {"server", "cache", "upstream", "auth", "cluster", "redis",
-                                  "s3", "policy", "rules"})
+                                  "s3", "policy", "rules", "webhook"})
     if unknown:
         raise ConfigError(path, unknown[0], "unknown section")
     raw_upstreams = data.get("upstream", [])
@@ -620,6 +638,7 @@ def parse_config(data: dict[str, Any], path: str = "mirror.toml", base: Path = P
         redis=_redis(path, data["redis"]) if "redis" in data else None,
         s3=_s3(path, data["s3"]) if "s3" in data else None,
         policies=_policies(path, data.get("policy", []), names),
+        webhooks=_webhooks(path, data.get("webhook", [])),
         path=path,
         deny_digests=deny_digests,
         rules=_compiled_rules(path, upstreams, deny_digests),
@@ -677,3 +696,66 @@ def _public_key(path: str, key: str, file: str) -> bytes:
     except ValueError as exc:
         raise ConfigError(path, key, f"{file}: {exc}") from None
     return pem
+
+
+def _webhooks(path: str, tables: object) -> tuple[WebhookConfig, ...]:
+    if not isinstance(tables, list):
+        raise ConfigError(path, "webhook", "expected [[webhook]] tables")
+    hooks = tuple(_webhook(path, i, t) for i, t in enumerate(tables))
+    names = [h.name for h in hooks]
+    if len(set(names)) != len(names):
+        raise ConfigError(path, "webhook.name", f"duplicate webhook names in {names}: each "
+                          "names its own queue")
+    return hooks
+
+
+def _webhook(path: str, index: int, table: object) -> WebhookConfig:
+    key = f"webhook[{index}]"
+    s, d = _Section(path, key, table), WebhookConfig(name="", url="")
+    url = s.get("url", None, parse_url)
+    if not url:
+        raise ConfigError(path, f"{key}.url", "missing (e.g. https://hooks.example/registry)")
+    name = s.get("name", urlsplit(url).hostname or "", _webhook_name)
+    secret = s.get("secret", None, kind=str)
+    secret_file = s.get("secret_file", None, kind=str)
+    if secret is not None and secret_file is not None:
+        raise ConfigError(path, f"{key}.secret_file", "give secret or secret_file, not both")
+    config = WebhookConfig(
+        name=name,
+        url=url,
+        events=s.get("events", list(d.events), _webhook_events),
+        headers=s.get("headers", {}, _headers),
+        secret=_read_secret(path, f"{key}.secret_file", secret_file) if secret_file
+        else (secret.encode() if secret else None),
+        timeout=s.get("timeout", d.timeout, _positive_duration),
+        max_queue=s.get("max_queue", d.max_queue, _positive_int),
+        max_batch=s.get("max_batch", d.max_batch, _positive_int),
+    )
+    s.finish()
+    return config
+
+
+def _webhook_name(value: object) -> str:
+    if not isinstance(value, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", value):
+        raise ValueError(f"expected a name of letters, digits, '.', '_' or '-', got {value!r}")
+    return value
+
+
+def _webhook_events(value: object) -> tuple[str, ...]:
+    events = _strings(value)
+    unknown = [e for e in events if e not in WEBHOOK_EVENTS]
+    if unknown or not events:
+        what = f"unknown event {unknown[0]!r}" if unknown else "no events listed"
+        raise ValueError(f"{what}: expected some of {', '.join(WEBHOOK_EVENTS)}")
+    return tuple(dict.fromkeys(events))
+
+
+def _headers(value: object) -> tuple[tuple[str, str], ...]:
+    if not isinstance(value, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+        raise ValueError(f"expected a table of header names to strings, got {value!r}")
+    for name, text in value.items():
+        if not re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", name) or any(
+                c in text for c in "\r\n\0"):
+            raise ValueError(f"invalid header {name!r}")
+    return tuple(value.items())

@@ -152,6 +152,20 @@ def total(snapshot: Samples, name: str, **match: str) -> float:
                if n == name and all((k, w) in labels for k, w in match.items()))
 
 
+# --- webhooks (events/) ---------------------------------------------------------------------
+WEBHOOK_QUEUE = Gauge(
+    "mirror_webhook_queue_length", "Events waiting in a webhook's queue on disk", ["webhook"],
+    multiprocess_mode="livemostrecent")
+WEBHOOK_EVENTS = Counter(
+    "mirror_webhook_events_total",
+    "Webhook events by result: sent (acknowledged by the receiver), failed (in a delivery "
+    "attempt that failed; they stay queued), dropped (the queue was full)",
+    ["webhook", "result"])
+WEBHOOK_DELAY = Histogram(
+    "mirror_webhook_delivery_seconds",
+    "Time from an event to its receiver's acknowledgement", ["webhook"],
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 3600))
+
 # --- redis (cluster shared state) ---
 REDIS_UP = Gauge(
     "mirror_redis_up",

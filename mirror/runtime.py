@@ -22,6 +22,7 @@ from mirror.cluster.peers import Membership
 from mirror.cluster.shared import RedisTags, SharedState
 from mirror.cluster.source import ClusterSource, FillLocks
 from mirror.config import ClusterConfig, Config, ConfigError, UpstreamConfig, load_config
+from mirror.events.bus import Events
 from mirror.oci.reference import Digest
 from mirror.pull.downloads import Downloads
 from mirror.pull.proxy import Proxy
@@ -75,6 +76,7 @@ class Mirror:
     cluster: ClusterNode | None = None
     bucket: Bucket | None = None  # the second tier, with [s3]
     trust: Trust | None = None  # the signature policies, with [[policy]]
+    events: Events | None = None  # what [[webhook]] receivers are told (events/bus.py)
     # What a reload applies, in order (runtime.py's own first; the HTTP edge adds its
     # authenticator and certificate): each is given the running and the new configuration.
     reloaders: list[Reloader] = field(default_factory=list)
@@ -161,8 +163,9 @@ async def open_mirror(config: Config) -> AsyncIterator[Mirror]:
         downloads = Downloads(store, config.cache.finish_abandoned)
         proxy = Proxy(config, store, index, downloads,
                       any_private=any(u.private for u in upstreams.values()))
+        events = Events(store.root / "events", config.server.port)
         maintenance = Maintenance(config, store, index, lambda: _rate_limits(upstreams),
-                                  on_evict=proxy.forget)
+                                  on_evict=lambda digest: _evicted(proxy, events, digest))
         # Every callback between the pieces, set once, here.
         bucket, tier, write_behind = await _tiers(config, stack, store, index)
         tiered = {name: tier(u) for name, u in upstreams.items()}
@@ -170,7 +173,11 @@ async def open_mirror(config: Config) -> AsyncIterator[Mirror]:
             maintenance.extra.append(BucketKeeper(config, store, index, bucket,
                                                   write_behind.requeue).tick)
         store.on_commit = _in_turn(index.add_entry, maintenance.committed,
-                                   *([write_behind.committed] if write_behind else []))
+                                   *([write_behind.committed] if write_behind else []),
+                                   lambda digest, size, kind: events.emit(
+                                       "fill", target=_target(digest, size, kind)))
+        for u in upstreams.values():
+            u.on_health = events.upstream_health
         downloads.on_disk_full = maintenance.request_eviction
         proxy.on_disk_full = maintenance.request_eviction
         maintenance.start()
@@ -195,7 +202,9 @@ async def open_mirror(config: Config) -> AsyncIterator[Mirror]:
         if cluster is not None:
             maintenance.owns = cluster.membership.owns
         mirror = Mirror(config, store, index, downloads, proxy, upstreams, sources, cluster,
-                        bucket)
+                        bucket, events=events)
+        await events.start(config.webhooks)
+        stack.push_async_callback(events.close)
 
         async def reload_upstreams(old: Config, new: Config) -> None:
             """New or changed [[upstream]] tables get a client of their own (the old one
@@ -205,6 +214,8 @@ async def open_mirror(config: Config) -> AsyncIterator[Mirror]:
                     if u.name in mirror.upstreams and old.upstream(u.name) == u}
             fresh = {u.name: Upstream(u, await stack.enter_async_context(_session(u)))
                      for u in new.upstreams if u.name not in kept}
+            for u in fresh.values():
+                u.on_health = events.upstream_health
             ordered = {u.name: kept.get(u.name) or fresh[u.name] for u in new.upstreams}
             for name in ordered.keys() - kept.keys():
                 wrapped = tier(ordered[name])
@@ -225,7 +236,10 @@ async def open_mirror(config: Config) -> AsyncIterator[Mirror]:
             mirror.trust = _trust(new, proxy, index)
             proxy.prefetch_held = None if mirror.trust is None else mirror.trust.holds
 
-        mirror.reloaders += [reload_upstreams, reload_pull]
+        async def reload_events(old: Config, new: Config) -> None:
+            await events.configure(new.webhooks)
+
+        mirror.reloaders += [reload_upstreams, reload_pull, reload_events]
         try:
             mirror.trust = _trust(config, proxy, index)
             proxy.prefetch_held = None if mirror.trust is None else mirror.trust.holds
@@ -316,6 +330,15 @@ async def _session(uc: UpstreamConfig) -> AsyncIterator[aiohttp.ClientSession]:
     async with aiohttp.ClientSession(connector=connector, auto_decompress=False,
                                      headers={"User-Agent": "registry-mirror"}) as session:
         yield session
+
+
+def _evicted(proxy: Proxy, events: Events, digest: Digest) -> None:
+    proxy.forget(digest)
+    events.emit("evict", target={"digest": str(digest)})
+
+
+def _target(digest: Digest, size: int, kind: str) -> dict[str, object]:
+    return {"digest": str(digest), "size": size, "length": size, "kind": kind}
 
 
 def _in_turn(*listeners: OnCommit) -> OnCommit:

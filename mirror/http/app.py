@@ -25,7 +25,18 @@ from mirror.http.clientaddr import client_address
 from mirror.http.clientauth import FailureLimiter, load_htpasswd
 from mirror.http.cluster import cluster
 from mirror.http.content import blob, manifest
-from mirror.http.keys import BYTES, CACHE, CLIENT, ERROR, MIRROR, ROUTE, UPSTREAM, USER
+from mirror.http.keys import (
+    BYTES,
+    CACHE,
+    CLIENT,
+    CODE,
+    ERROR,
+    MIRROR,
+    ROUTE,
+    TARGET,
+    UPSTREAM,
+    USER,
+)
 from mirror.http.notices import warn_unconfigured_registry
 from mirror.http.ops import install as install_ops
 from mirror.http.responses import API_VERSION, content_headers
@@ -100,6 +111,7 @@ async def errors_and_access_log(request: web.Request, handler: Handler) -> web.S
                                   "the details")
         elif not isinstance(exc, web.HTTPException):
             request[ERROR] = error.message
+        request[CODE] = error.code.value
         status = error.status
         response = error_response(error)
         return response
@@ -108,6 +120,8 @@ async def errors_and_access_log(request: web.Request, handler: Handler) -> web.S
                 and request.method != "HEAD" and isinstance(response.body, bytes):
             request[BYTES] = len(response.body)  # pages, probes and error bodies
         _access_log(request, status, started)
+        if TARGET in request:
+            _notify(request, status, response)
 
 
 def _access_log(request: web.Request, status: int, started: float) -> None:
@@ -127,6 +141,38 @@ def _access_log(request: web.Request, status: int, started: float) -> None:
     ACCESS_LOG.emit(fields)
     activity.observe(request.get(ROUTE) or activity.ROUTE_NAMES.get(request.path, "other"),
                      request.method, status, request[CACHE], request[BYTES], seconds)
+
+
+PULLED = (Kind.MANIFEST.value, Kind.BLOB.value)
+
+
+def _notify(request: web.Request, status: int, response: web.StreamResponse | None) -> None:
+    """The events of a request for content: `pull` for content sent, `denied` for a 403
+    DENIED (a rule, a signature policy, an access rule)."""
+    events = request.app[MIRROR].events
+    if events is None or not events.wanted:
+        return
+    upstream, repository, reference = request[TARGET]
+    target: dict[str, object] = {"repository": repository, "url": str(request.url)}
+    if reference.startswith("sha256:") or reference.startswith("sha512:"):
+        target["digest"] = reference
+    else:
+        target["tag"] = reference
+    if 200 <= status < 300 and request.method == "GET" and response is not None \
+            and request[ROUTE] in PULLED:
+        target["digest"] = response.headers.get("Docker-Content-Digest", target.get("digest"))
+        target["mediaType"] = response.headers.get("Content-Type")
+        target["length"] = request[BYTES]
+        events.emit("pull", target=target, request=_request_record(request),
+                    actor=request.get(USER), upstream=upstream)
+    elif status == 403 and request.get(CODE) == ErrorCode.DENIED.value:
+        events.emit("denied", target=target, request=_request_record(request),
+                    actor=request.get(USER), upstream=upstream, reason=request.get(ERROR))
+
+
+def _request_record(request: web.Request) -> dict[str, object]:
+    return {"addr": request[CLIENT], "host": request.host, "method": request.method,
+            "useragent": request.headers.get("User-Agent", "")}
 
 
 async def base(request: web.Request) -> web.Response:
@@ -156,6 +202,7 @@ async def v2(request: web.Request) -> web.StreamResponse:
     upstream_name, repository = select_upstream(route.name, request.query.get("ns"),
                                                 list(mirror.upstreams))
     warn_unconfigured_registry(route.name, request.query.get("ns"), mirror.upstreams)
+    request[TARGET] = (upstream_name, repository, route.reference)
     await access.check_upstream(request, mirror.upstreams[upstream_name].config, repository)
     request[UPSTREAM] = upstream_name
     proxy, source = mirror.proxy, mirror.sources[upstream_name]

@@ -19,3 +19,6 @@ ERROR = web.RequestKey("error", str)
 ROUTE = web.RequestKey("route", str)  # a routes.Kind value or a page name, for metrics
 CLIENT = web.RequestKey("client", str)  # the client address (http/clientaddr.py)
 USER = web.RequestKey("user", str)  # who the request authenticated as
+# What a /v2/ request named (upstream, repository, tag or digest), for the events it causes
+TARGET = web.RequestKey("target", tuple)
+CODE = web.RequestKey("code", str)  # the registry error code of an error response

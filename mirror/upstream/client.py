@@ -13,7 +13,7 @@ import email.utils
 import logging
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from urllib.parse import urljoin, urlsplit, urlunsplit
 
@@ -82,6 +82,9 @@ class Upstream:
         self.last_answer: float | None = None  # time.time()
         self.last_failure: float | None = None
         self.last_error: str | None = None
+        self._up: bool | None = None
+        # Told when this worker's view of reachability changes: (name, up, error).
+        self.on_health: Callable[[str, bool, str], None] | None = None
         # No total timeout (it would kill large layers) and no bound on waiting for a pooled
         # connection (prefetch queues many downloads behind max_connections): only the TCP
         # connect and each read are bounded.
@@ -280,6 +283,7 @@ class Upstream:
         if status < 500:
             self.last_answer = time.time()
             metrics.UPSTREAM_UP.labels(self.name).set(1)
+            self._changed(True, "")
         else:
             self._set_failure(f"HTTP {status}")
 
@@ -292,6 +296,13 @@ class Upstream:
         self.last_failure = time.time()
         self.last_error = error
         metrics.UPSTREAM_UP.labels(self.name).set(0)
+        self._changed(False, error)
+
+    def _changed(self, up: bool, error: str) -> None:
+        if self._up is not up:
+            self._up = up
+            if self.on_health is not None:
+                self.on_health(self.name, up, error)
 
     async def _send(
         self,

@@ -60,6 +60,8 @@ def _toml_value(v: Any) -> str:
         return json.dumps(str(v))  # a JSON string is a valid TOML basic string
     if isinstance(v, list | tuple):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):  # an inline table
+        return "{" + ", ".join(f"{json.dumps(k)} = {_toml_value(x)}" for k, x in v.items()) + "}"
     raise TypeError(f"cannot write {v!r} as TOML")
 
 
@@ -248,6 +250,14 @@ class MirrorProcess:
             if isinstance(obj, dict):
                 out.append(obj)
         return out
+
+    def metric(self, name: str, **labels: str) -> float:
+        """The sum of a metric's samples (all workers) whose labels include `labels`."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        text = httpx.get(f"{self.url}/metrics", trust_env=False, timeout=10).text
+        return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
+                   if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
 
     def request_log(self) -> list[dict[str, Any]]:
         """The per-request log lines (those with method, path and status)."""
