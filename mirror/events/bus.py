@@ -88,8 +88,8 @@ class Events:
             queue = self._queues.get(hook.name)
             if queue is None:
                 queue = self._queues[hook.name] = await asyncio.to_thread(
-                    EventQueue, self.directory / hook.name, hook.max_queue)
-            queue.bound = hook.max_queue
+                    EventQueue, self.directory / hook.name, hook.max_queue, hook.max_batch)
+            queue.bound, queue.chunk = hook.max_queue, hook.max_batch
         self.hooks = tuple(hooks)
         self.wanted = frozenset(a for h in hooks for a in h.events)
         for hook in self.hooks:

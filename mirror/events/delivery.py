@@ -50,15 +50,16 @@ class Sender:
 
     async def _deliver(self) -> None:
         while not self._stop.is_set():
-            batch = await asyncio.to_thread(self.queue.peek, self.config.max_batch)
+            chunks = await asyncio.to_thread(self.queue.peek, self.config.max_batch)
             metrics.WEBHOOK_QUEUE.labels(self.config.name).set(len(self.queue))
-            if not batch:
+            if not chunks:
                 self.wake.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.wake.wait(), POLL_SECONDS)
                 continue
+            batch = [item for chunk in chunks for item in chunk]
             if await self._post(batch):
-                await asyncio.to_thread(self.queue.remove, len(batch))
+                await asyncio.to_thread(self.queue.remove, len(chunks))
                 self._delivered(batch)
             else:
                 await self._pause(min(MAX_BACKOFF, FIRST_BACKOFF * 2 ** (self.failures - 1)))
