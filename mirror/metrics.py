@@ -106,6 +106,16 @@ CACHE_ENTRIES = Gauge("mirror_cache_entries", "Blobs and manifests in the cache"
                       multiprocess_mode="livemax")
 CACHE_MAX_BYTES = Gauge("mirror_cache_max_bytes", "The configured [cache] max_size",
                         multiprocess_mode="livemax")
+CACHE_DISK_FREE = Gauge(
+    "mirror_cache_disk_free_bytes",
+    "Bytes available to the mirror on the cache dir's filesystem", multiprocess_mode="livemax")
+CACHE_DISK_SIZE = Gauge(
+    "mirror_cache_disk_size_bytes", "Size of the cache dir's filesystem",
+    multiprocess_mode="livemax")
+PINS_OVER_BOUND = Gauge(
+    "mirror_pins_over_bound",
+    "Bounds ([cache] max_size, an upstream's max_size) that the pinned images alone exceed "
+    "(they cannot be evicted); checked at start", multiprocess_mode="max")
 
 # Labelled series that exist from the start (at 0), so that a dashboard sees them before the
 # first event.

@@ -21,6 +21,7 @@ command -v redis-server >/dev/null    || need+=(redis-server)
 command -v iptables >/dev/null        || need+=(iptables)
 command -v haproxy >/dev/null         || need+=(haproxy)
 command -v tinyproxy >/dev/null       || need+=(tinyproxy)
+command -v promtool >/dev/null        || need+=(prometheus)
 if [ ${#need[@]} -gt 0 ]; then
     echo "installing: ${need[*]}"
     export DEBIAN_FRONTEND=noninteractive

@@ -15,6 +15,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable
 
+from mirror import metrics
 from mirror.cache.eviction import (
     enforce_shares,
     evict_to_watermark,
@@ -79,7 +80,9 @@ class Maintenance:
             # A new or lost index: recreate entries from the files, off the event loop, while
             # requests are served; one worker does it.
             await asyncio.to_thread(self._rebuild_index)
-        for warning in await asyncio.to_thread(self._pins_over_bounds):
+        over = await asyncio.to_thread(self._pins_over_bounds)
+        metrics.PINS_OVER_BOUND.set(len(over))
+        for warning in over:
             log.warning("pins exceed a bound", extra={"problem": warning})
         while True:
             with contextlib.suppress(TimeoutError):

@@ -125,6 +125,10 @@ class Activity:
         with contextlib.suppress(Exception):  # a busy index never fails a scrape
             metrics.CACHE_BYTES.set(self.mirror.index.total_bytes())
             metrics.CACHE_ENTRIES.set(self.mirror.index.entry_count())
+        with contextlib.suppress(OSError):
+            disk = os.statvfs(self.mirror.store.root)
+            metrics.CACHE_DISK_FREE.set(disk.f_bavail * disk.f_frsize)
+            metrics.CACHE_DISK_SIZE.set(disk.f_blocks * disk.f_frsize)
         _write_top(self.top)
 
     async def _loop(self) -> None:

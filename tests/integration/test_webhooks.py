@@ -21,7 +21,7 @@ import pytest
 from mirror.oci import mediatypes as mt
 from tests.support import oci
 from tests.support.clients import UpstreamRegistry
-from tests.support.mirror import MirrorProcess, Upstream
+from tests.support.mirror import MirrorProcess, Upstream, on_both_workers
 from tests.support.registry import ClosedPort, Registry, wait_until
 from tests.support.webhookreceiver import Receiver
 
@@ -208,27 +208,6 @@ def own_upstream(tmp_path: Path, test_images: oci.ImageSet) -> Iterator[Upstream
         registry.stop()
 
 
-def _pid_then(mirror: MirrorProcess, path: str) -> tuple[int, int]:
-    """On one connection: which worker answers, then the status of GET `path`."""
-    with httpx.Client(trust_env=False, timeout=30) as client:
-        pid = int(client.get(f"{mirror.url}/healthz").json()["pid"])
-        return pid, client.get(f"{mirror.url}{path}",
-                               headers={"Accept": mt.OCI_MANIFEST}).status_code
-
-
-def _on_both_workers(mirror: MirrorProcess, status: int) -> None:
-    """Cold manifest GETs (tags never asked before) until both workers have answered one
-    with `status` (5xx: any server error): each worker has seen the upstream's state."""
-    seen: set[int] = set()
-    for n in range(200):
-        pid, got = _pid_then(mirror, f"/v2/{REPO}/manifests/absent-{time.time_ns()}-{n}")
-        if got == status or (status == 500 and got >= 500):
-            seen.add(pid)
-        if len(seen) == 2:
-            return
-    raise AssertionError(f"only workers {seen} answered {status}")
-
-
 @pytest.mark.timeout(240)
 def test_upstream_down_and_up_are_told_once_for_all_workers_and_denials_with_reason(
         tmp_path: Path, own_upstream: UpstreamRegistry, blackhole: ClosedPort,
@@ -238,14 +217,14 @@ def test_upstream_down_and_up_are_told_once_for_all_workers_and_denials_with_rea
                           [hook(receiver, events=["upstream_down", "upstream_up", "denied"])],
                           deny=["secret/**"], read_timeout="2s", connect_timeout="1s")
     try:
-        _on_both_workers(mirror, 404)  # the upstream answers: up, and no event
+        on_both_workers(mirror, 404, REPO)  # the upstream answers: up, and no event
         r = httpx.get(f"{mirror.url}/v2/secret/app/manifests/v1", trust_env=False, timeout=10,
                       headers={"User-Agent": AGENT})
         assert r.status_code == 403
         own_upstream.registry.stop()
-        _on_both_workers(mirror, 500)
+        on_both_workers(mirror, 500, REPO)
         own_upstream.registry.start()
-        _on_both_workers(mirror, 404)
+        on_both_workers(mirror, 404, REPO)
         wait_until(lambda: len(receiver.events()) >= 3, 30, interval=0.1, what="3 events")
         # what is told after these would arrive by now: the queue has drained
         wait_until(lambda: mirror.metric("mirror_webhook_queue_length") == 0, 30,

@@ -18,6 +18,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -343,3 +344,24 @@ class MirrorProcess:
             assert got == f"sha256:{rel[2]}", f"cached blob {p} hashes to {got}"
             verified.add(got)
         return verified
+
+
+def _pid_then(mirror: MirrorProcess, path: str) -> tuple[int, int]:
+    """On one connection: which worker answers, then the status of GET `path`."""
+    with httpx.Client(trust_env=False, timeout=30) as client:
+        pid = int(client.get(f"{mirror.url}/healthz").json()["pid"])
+        accept = {"Accept": "application/vnd.oci.image.manifest.v1+json"}
+        return pid, client.get(f"{mirror.url}{path}", headers=accept).status_code
+
+
+def on_both_workers(mirror: MirrorProcess, status: int, repository: str) -> None:
+    """Cold manifest GETs (tags never asked before) until both workers have answered one
+    with `status` (5xx: any server error): each worker has seen the upstream's state."""
+    seen: set[int] = set()
+    for n in range(200):
+        pid, got = _pid_then(mirror, f"/v2/{repository}/manifests/absent-{time.time_ns()}-{n}")
+        if got == status or (status == 500 and got >= 500):
+            seen.add(pid)
+        if len(seen) == 2:
+            return
+    raise AssertionError(f"only workers {seen} answered {status}")
