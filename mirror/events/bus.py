@@ -36,6 +36,7 @@ log = logging.getLogger("mirror.events")
 FLUSH_SECONDS = 0.05
 GAUGE_TICKS = 20  # the queue-length gauge is refreshed every GAUGE_TICKS flushes
 MAX_BUFFER = 50_000  # events one worker holds between flushes (a burst beyond is dropped)
+QUEUE_ERRORS = (OSError, sqlite3.Error, diskcache.Timeout)  # a full, read-only or locked disk
 
 
 class Events:
@@ -84,15 +85,26 @@ class Events:
         for name in list(self._senders):
             if name not in keep:
                 await self._stop_sender(name)
-        for hook in hooks:
-            queue = self._queues.get(hook.name)
-            if queue is None:
-                queue = self._queues[hook.name] = await asyncio.to_thread(
-                    EventQueue, self.directory / hook.name, hook.max_queue, hook.max_batch)
-            queue.bound, queue.chunk = hook.max_queue, hook.max_batch
         self.hooks = tuple(hooks)
         self.wanted = frozenset(a for h in hooks for a in h.events)
+        await self._open_queues()
+
+    async def _open_queues(self) -> None:
+        """A queue (and its sender) for each webhook; one that cannot be opened (a full or
+        read-only cache dir) is tried again later, its events dropped and counted meanwhile:
+        the mirror serves on without it."""
         for hook in self.hooks:
+            queue = self._queues.get(hook.name)
+            if queue is None:
+                try:
+                    queue = self._queues[hook.name] = await asyncio.to_thread(
+                        EventQueue, self.directory / hook.name, hook.max_queue, hook.max_batch)
+                except QUEUE_ERRORS as exc:
+                    log.error("webhook queue cannot be opened: its events are dropped until "
+                              "it can (free space in the cache dir)", extra={
+                                  "webhook": hook.name, "error": str(exc)})
+                    continue
+            queue.bound, queue.chunk = hook.max_queue, hook.max_batch
             if hook.name not in self._senders:
                 self._start_sender(hook)
 
@@ -128,13 +140,16 @@ class Events:
                 await self.flush()
                 if tick % GAUGE_TICKS == 0:
                     await asyncio.to_thread(self._measure)
+                    if len(self._queues) < len(self.hooks):
+                        await self._open_queues()
             except Exception:  # a full disk, a damaged queue: logged, the requests go on
                 log.exception("events could not be queued")
 
     def _measure(self) -> None:
         """Every worker says how long the queues are (the one sending may be backing off)."""
         for hook in self.hooks:
-            metrics.WEBHOOK_QUEUE.labels(hook.name).set(len(self._queues[hook.name]))
+            if hook.name in self._queues:
+                metrics.WEBHOOK_QUEUE.labels(hook.name).set(len(self._queues[hook.name]))
 
     def _write(self, buffer: list[tuple[str, Item]], health: list[tuple[str, bool, str]]
                ) -> None:
@@ -143,10 +158,12 @@ class Events:
             items = [item for action, item in buffer if action in hook.events]
             if not items:
                 continue
-            queue = self._queues[hook.name]
+            queue = self._queues.get(hook.name)
             try:
+                if queue is None:
+                    raise OSError("the queue could not be opened")
                 dropped = queue.put(items)
-            except (OSError, sqlite3.Error, diskcache.Timeout) as exc:
+            except QUEUE_ERRORS as exc:
                 log.error("webhook queue unwritable: events dropped", extra={
                     "webhook": hook.name, "events": len(items), "error": str(exc)})
                 dropped = len(items)
@@ -154,19 +171,23 @@ class Events:
                 metrics.WEBHOOK_EVENTS.labels(hook.name, "dropped").inc(dropped)
                 log.warning("webhook queue full: newest events dropped", extra={
                     "webhook": hook.name, "dropped": dropped, "max_queue": hook.max_queue})
-            metrics.WEBHOOK_QUEUE.labels(hook.name).set(len(queue))
+            if queue is not None:
+                metrics.WEBHOOK_QUEUE.labels(hook.name).set(len(queue))
 
     def _health_events(self, health: list[tuple[str, bool, str]]) -> list[tuple[str, Item]]:
         """The changes of this worker's views that change the shared state: down is told
         unless it is known down; up only after a down."""
         if not health:
             return []
-        state = self._shared_state()
         out: list[tuple[str, Item]] = []
         for upstream, up, error in health:
-            with state.transact():
-                was = state.get(f"up:{upstream}")
-                state.set(f"up:{upstream}", up)
+            try:
+                state = self._shared_state()
+                with state.transact():
+                    was = state.get(f"up:{upstream}")
+                    state.set(f"up:{upstream}", up)
+            except QUEUE_ERRORS:  # unshared: told as this worker saw it
+                was = not up
             if (up and was is False) or (not up and was is not False):
                 action = "upstream_up" if up else "upstream_down"
                 now = time.time()

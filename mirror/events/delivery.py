@@ -10,9 +10,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sqlite3
 import time
 
 import aiohttp
+import diskcache
 
 from mirror import metrics
 from mirror.cache import locks
@@ -50,19 +52,28 @@ class Sender:
 
     async def _deliver(self) -> None:
         while not self._stop.is_set():
-            chunks = await asyncio.to_thread(self.queue.peek, self.config.max_batch)
-            metrics.WEBHOOK_QUEUE.labels(self.config.name).set(len(self.queue))
-            if not chunks:
-                self.wake.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.wake.wait(), POLL_SECONDS)
-                continue
-            batch = [item for chunk in chunks for item in chunk]
-            if await self._post(batch):
-                await asyncio.to_thread(self.queue.remove, len(chunks))
-                self._delivered(batch)
-            else:
-                await self._pause(min(MAX_BACKOFF, FIRST_BACKOFF * 2 ** (self.failures - 1)))
+            try:
+                await self._deliver_one()
+            except (OSError, sqlite3.Error, diskcache.Timeout) as exc:  # the disk, not the hook
+                log.warning("webhook queue unreadable: tried again", extra={
+                    "webhook": self.config.name, "error": str(exc)})
+                await self._pause(TAKEOVER_SECONDS)
+
+    async def _deliver_one(self) -> None:
+        """One batch: peeked, POSTed, removed on a 2xx; or a wait."""
+        chunks = await asyncio.to_thread(self.queue.peek, self.config.max_batch)
+        metrics.WEBHOOK_QUEUE.labels(self.config.name).set(len(self.queue))
+        if not chunks:
+            self.wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.wake.wait(), POLL_SECONDS)
+            return
+        batch = [item for chunk in chunks for item in chunk]
+        if await self._post(batch):
+            await asyncio.to_thread(self.queue.remove, len(chunks))
+            self._delivered(batch)
+        else:
+            await self._pause(min(MAX_BACKOFF, FIRST_BACKOFF * 2 ** (self.failures - 1)))
 
     async def _post(self, batch: list[Item]) -> bool:
         body = envelope([encoded for _when, encoded in batch])

@@ -153,3 +153,21 @@ async def test_events_no_webhook_wants_are_not_made(tmp_path: Path) -> None:
         queue.close()
     finally:
         await events.close()
+
+
+async def test_a_cache_dir_that_cannot_hold_queues_drops_and_counts_but_never_fails(
+        tmp_path: Path) -> None:
+    from mirror import metrics
+
+    (blocked := tmp_path / "not-a-dir").write_text("")  # full or read-only, as root can't be
+    events = Events(blocked / "events", 5000)
+    await events.configure(webhooks({"name": "blocked", "url": CLOSED, "events": ["pull"]}))
+    dropped = metrics.WEBHOOK_EVENTS.labels("blocked", "dropped")
+    before = dropped._value.get()
+    try:
+        events.emit("pull", target={"digest": "x"})
+        events.upstream_health("docker.io", False, "refused")
+        await events.flush()
+        assert dropped._value.get() == before + 1
+    finally:
+        await events.close()
