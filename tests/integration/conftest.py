@@ -18,6 +18,7 @@ Function-scoped:
   registries_conf  a registries.conf routing blackhole.host through `mirror`
   hosts_dir        a containerd hosts dir routing blackhole.host through `mirror`
   ctd              `containerd` emptied of images and content (a cold client)
+  own_upstream     an upstream of this test's own, holding test/small:v1 (to stop and start)
 From tests/support/mirrorfixtures.py (shared with tests/faults): blackhole, mirror_factory.
 """
 
@@ -163,6 +164,17 @@ def redis(tmp_path: Path) -> Iterator[RedisServer]:
     server = RedisServer(tmp_path / "redis").start()
     yield server
     server.stop()
+
+
+@pytest.fixture
+def own_upstream(tmp_path: Path, test_images: oci.ImageSet) -> Iterator[clients.UpstreamRegistry]:
+    registry = Registry(tmp_path / "own-upstream").start()
+    up = clients.UpstreamRegistry(registry)
+    try:
+        up.push(test_images.layout, "small", test_images.small, "test/small", "v1")
+        yield up
+    finally:
+        registry.stop()
 
 
 @pytest.fixture

@@ -8,17 +8,15 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from tests.support import oci
 from tests.support.clients import UpstreamRegistry
 from tests.support.mirror import MirrorProcess, Upstream, on_both_workers
-from tests.support.registry import HOST, ClosedPort, Registry, free_port, wait_until
+from tests.support.registry import HOST, ClosedPort, free_port, wait_until
 
 pytestmark = [pytest.mark.integration,
               pytest.mark.skipif(shutil.which("prometheus") is None,
@@ -76,17 +74,6 @@ class Prometheus:
             self.proc.kill()
             self.proc.wait(10)
         self.log.close()
-
-
-@pytest.fixture
-def own_upstream(tmp_path: Path, test_images: oci.ImageSet) -> Iterator[UpstreamRegistry]:
-    registry = Registry(tmp_path / "upstream").start()
-    up = UpstreamRegistry(registry)
-    try:
-        up.push(test_images.layout, "small", test_images.small, REPO, "v1")
-        yield up
-    finally:
-        registry.stop()
 
 
 @pytest.mark.timeout(240)

@@ -22,7 +22,7 @@ from mirror.oci import mediatypes as mt
 from tests.support import oci
 from tests.support.clients import UpstreamRegistry
 from tests.support.mirror import MirrorProcess, Upstream, on_both_workers
-from tests.support.registry import ClosedPort, Registry, wait_until
+from tests.support.registry import ClosedPort, wait_until
 from tests.support.webhookreceiver import Receiver
 
 pytestmark = pytest.mark.integration
@@ -195,17 +195,6 @@ def test_queued_events_survive_kill_9_and_a_webhook_added_by_sighup(
         assert sorted(e["target"]["digest"] for e in receiver.events()) == sorted(pulled)
     finally:
         mirror.stop()
-
-
-@pytest.fixture
-def own_upstream(tmp_path: Path, test_images: oci.ImageSet) -> Iterator[UpstreamRegistry]:
-    registry = Registry(tmp_path / "upstream").start()
-    up = UpstreamRegistry(registry)
-    try:
-        up.push(test_images.layout, "small", test_images.small, REPO, "v1")
-        yield up
-    finally:
-        registry.stop()
 
 
 @pytest.mark.timeout(240)
