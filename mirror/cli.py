@@ -113,10 +113,17 @@ def cmd_gc(config: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_warm(config: Config, args: argparse.Namespace) -> int:
-    from mirror.commands.warm import default_platform, warm
+    from mirror.commands.warm import warm
+    from mirror.pull.images import default_platform
 
     platforms = None if args.all_platforms else (args.platform or [default_platform()])
     return 1 if asyncio.run(warm(config, args.images, platforms, not args.no_referrers)) else 0
+
+
+def cmd_sync(config: Config, args: argparse.Namespace) -> int:
+    from mirror.commands.sync import sync
+
+    return asyncio.run(sync(config, args.rule or [], args.dry_run))
 
 
 def cmd_purge(config: Config, args: argparse.Namespace) -> int:
@@ -222,6 +229,16 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--all-platforms", action="store_true",
                        help="cache every platform of multi-platform images")
     warm.add_argument("--no-referrers", action="store_true", help=NO_REFERRERS)
+    sync = add("sync", cmd_sync, "run the [[sync]] rules once, now",
+               "List each rule's repositories' tags, HEAD every tag it selects and cache the "
+               "images it does not hold whole yet (as the server does every interval), with a "
+               "progress bar; a rule the server is running right now is skipped. Exit 1 if "
+               "something failed, 2 for a rule not configured.")
+    sync.add_argument("--rule", action="append", metavar="NAME",
+                      help="run only this rule (repeatable; default: every rule)")
+    sync.add_argument("--dry-run", action="store_true",
+                      help="list what would be cached and unpinned; fetch only tags lists "
+                           "and HEADs, change nothing")
     purge = add("purge", cmd_purge, "remove images or repositories from the cache",
                 "Remove each named image (docker.io/library/nginx:1.27, …@sha256:…) or, named "
                 "without a tag or digest, the whole repository (docker.io/library/nginx): its "

@@ -19,7 +19,14 @@ from urllib.parse import urlsplit
 from mirror.oci.cosign import load_public_key
 from mirror.oci.errors import RegistryError
 from mirror.oci.reference import Digest, parse_digest
-from mirror.oci.rules import PatternError, Rules, UpstreamRules, parse_pattern, policy_pattern
+from mirror.oci.rules import (
+    Pattern,
+    PatternError,
+    Rules,
+    UpstreamRules,
+    parse_pattern,
+    policy_pattern,
+)
 
 _SIZE_UNITS = {
     "": 1, "b": 1,
@@ -182,6 +189,22 @@ class WebhookConfig:
 
 
 @dataclass(frozen=True)
+class SyncConfig:
+    """A `[[sync]]` rule: the tags of `repositories` that `tags` selects, kept cached
+    (pull/sync.py runs it every `interval`)."""
+
+    name: str  # names its lock, its state in the index and `mirror sync --rule`
+    upstream: str
+    repositories: tuple[Pattern, ...]  # names, or patterns listed from the upstream's catalog
+    tags: re.Pattern[str] = field(compare=False)  # searched in each tag (anchor it: ^…$)
+    tags_text: str = ""  # as written (compared, so a reload sees a change)
+    platforms: tuple[str, ...] | None = ()  # (): this machine's, as `mirror warm`; None: all
+    interval: float = 3600.0
+    pin: bool = False  # what the rule selects is kept from eviction, until it no longer is
+    referrers: bool = False  # also the images' signatures, attestations and SBOMs
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
@@ -192,6 +215,7 @@ class Config:
     policies: tuple[PolicyConfig, ...] = ()
     s3: S3Config | None = None
     webhooks: tuple[WebhookConfig, ...] = ()
+    syncs: tuple[SyncConfig, ...] = ()
     path: str = "mirror.toml"
     deny_digests: tuple[Digest, ...] = ()  # [rules]: content refused through every upstream
     rules: Rules = field(default_factory=Rules)  # compiled allow/deny and deny_digests
@@ -613,7 +637,7 @@ def load_config(path: str | os.PathLike[str]) -> Config:
 
 def parse_config(data: dict[str, Any], path: str = "mirror.toml", base: Path = Path()) -> Config:
     unknown = sorted(set(data) - {"server", "cache", "upstream", "auth", "cluster", "redis",
-                                  "s3", "policy", "rules", "webhook"})
+                                  "s3", "policy", "rules", "webhook", "sync"})
     if unknown:
         raise ConfigError(path, unknown[0], "unknown section")
     raw_upstreams = data.get("upstream", [])
@@ -639,6 +663,7 @@ def parse_config(data: dict[str, Any], path: str = "mirror.toml", base: Path = P
         s3=_s3(path, data["s3"]) if "s3" in data else None,
         policies=_policies(path, data.get("policy", []), names),
         webhooks=_webhooks(path, data.get("webhook", [])),
+        syncs=_syncs(path, data.get("sync", []), names),
         path=path,
         deny_digests=deny_digests,
         rules=_compiled_rules(path, upstreams, deny_digests),
@@ -759,3 +784,72 @@ def _headers(value: object) -> tuple[tuple[str, str], ...]:
                 c in text for c in "\r\n\0"):
             raise ValueError(f"invalid header {name!r}")
     return tuple(value.items())
+
+
+def _syncs(path: str, tables: object, upstreams: list[str]) -> tuple[SyncConfig, ...]:
+    if not isinstance(tables, list):
+        raise ConfigError(path, "sync", "expected [[sync]] tables")
+    rules = tuple(_sync(path, i, t, upstreams) for i, t in enumerate(tables))
+    names = [r.name for r in rules]
+    if len(set(names)) != len(names):
+        raise ConfigError(path, "sync.name", f"duplicate sync rule names in {names}: each "
+                          "names its own lock and state")
+    return rules
+
+
+def _sync(path: str, index: int, table: object, upstreams: list[str]) -> SyncConfig:
+    key = f"sync[{index}]"
+    s, d = _Section(path, key, table), SyncConfig("", "", (), re.compile(""))
+    upstream = s.get("upstream", None, kind=str)
+    if upstream not in upstreams:
+        raise ConfigError(path, f"{key}.upstream", f"{upstream!r}: expected the name of an "
+                          f"[[upstream]] ({', '.join(upstreams)})" if upstream is not None
+                          else "missing: the [[upstream]] whose images it keeps")
+    repositories = s.get("repositories", None,
+                         lambda v: _sync_repositories(v, upstream, upstreams))
+    if not repositories:
+        raise ConfigError(path, f"{key}.repositories", 'missing: e.g. ["library/nginx"]')
+    tags_text = s.get("tags", None, kind=str)
+    if tags_text is None:
+        raise ConfigError(path, f"{key}.tags", "missing: a regular expression over the "
+                          r"upstream's tags, e.g. '^1\.27(\.\d+)?$' ('.' selects every tag)")
+    config = SyncConfig(
+        name=s.get("name", f"sync-{index + 1}", _webhook_name),
+        upstream=upstream,
+        repositories=repositories,
+        tags=s.get("tags", None, _regex),
+        tags_text=tags_text,
+        platforms=s.get("platforms", list(d.platforms or ()), _platforms),
+        interval=s.get("interval", d.interval, _positive_duration),
+        pin=s.get("pin", d.pin, kind=bool),
+        referrers=s.get("referrers", d.referrers, kind=bool),
+    )
+    s.finish()
+    return config
+
+
+def _sync_repositories(value: object, upstream: str, upstreams: list[str]
+                       ) -> tuple[Pattern, ...]:
+    try:
+        return tuple(parse_pattern(v, upstream, upstreams) for v in _strings(value))
+    except PatternError as exc:
+        raise ValueError(str(exc)) from None
+
+
+def _regex(value: object) -> re.Pattern[str]:
+    assert isinstance(value, str)
+    try:
+        return re.compile(value)
+    except re.error as exc:
+        raise ValueError(f"{value!r} is not a valid regular expression: {exc}") from None
+
+
+def _platforms(value: object) -> tuple[str, ...] | None:
+    if value == "all":
+        return None
+    platforms = _strings(value)
+    for p in platforms:
+        if not re.fullmatch(r"[a-z0-9]+/[a-z0-9_]+(/[a-z0-9]+)?", p):
+            raise ValueError(f"{p!r}: expected os/architecture[/variant], e.g. linux/arm64/v8, "
+                             'or "all"')
+    return platforms

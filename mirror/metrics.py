@@ -176,6 +176,15 @@ WEBHOOK_DELAY = Histogram(
     "Time from an event to its receiver's acknowledgement", ["webhook"],
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 3600))
 
+# --- sync rules (pull/sync.py) ---------------------------------------------------------------
+SYNC_RUNS = Counter(
+    "mirror_sync_runs_total", "Runs of a [[sync]] rule, by result (ok, failed)",
+    ["rule", "result"])
+SYNC_LAST_OK = Gauge(
+    "mirror_sync_last_success_timestamp_seconds",
+    "When a [[sync]] rule's last run that failed nothing finished (Unix time)", ["rule"],
+    multiprocess_mode="max")
+
 # --- redis (cluster shared state) ---
 REDIS_UP = Gauge(
     "mirror_redis_up",

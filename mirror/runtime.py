@@ -27,6 +27,7 @@ from mirror.oci.reference import Digest
 from mirror.pull.downloads import Downloads
 from mirror.pull.proxy import Proxy
 from mirror.pull.source import Source
+from mirror.pull.sync import Scheduler, new_run
 from mirror.pull.trust import Trust
 from mirror.tiers.bounds import BucketKeeper
 from mirror.tiers.bucket import Bucket, BucketBlob, open_bucket
@@ -77,6 +78,7 @@ class Mirror:
     bucket: Bucket | None = None  # the second tier, with [s3]
     trust: Trust | None = None  # the signature policies, with [[policy]]
     events: Events | None = None  # what [[webhook]] receivers are told (events/bus.py)
+    sync: Scheduler | None = None  # the [[sync]] rules on their interval (the server starts it)
     # What a reload applies, in order (runtime.py's own first; the HTTP edge adds its
     # authenticator and certificate): each is given the running and the new configuration.
     reloaders: list[Reloader] = field(default_factory=list)
@@ -205,6 +207,8 @@ async def open_mirror(config: Config) -> AsyncIterator[Mirror]:
                         bucket, events=events)
         await events.start(config.webhooks)
         stack.push_async_callback(events.close)
+        mirror.sync = Scheduler(lambda: mirror.config.syncs, lambda rule: new_run(
+            rule, proxy, sources, store, index), index, store.lock_path)
 
         async def reload_upstreams(old: Config, new: Config) -> None:
             """New or changed [[upstream]] tables get a client of their own (the old one
@@ -245,6 +249,7 @@ async def open_mirror(config: Config) -> AsyncIterator[Mirror]:
             proxy.prefetch_held = None if mirror.trust is None else mirror.trust.holds
             yield mirror
         finally:
+            await mirror.sync.stop()  # a run stopped between steps: tried again at start
             await maintenance.stop()
             await downloads.drain(0)
 

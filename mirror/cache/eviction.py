@@ -223,7 +223,17 @@ def shares_due(config: Config, index: Index) -> bool:
 
 
 def _pinned(config: Config, store: BlobStore, index: Index) -> set[Digest]:
-    return pinned_digests(config.cache.pin, [u.name for u in config.upstreams], store, index)
+    return pinned_digests(pins(config, index), [u.name for u in config.upstreams], store, index)
+
+
+def pins(config: Config, index: Index) -> list[str]:
+    """`[cache] pin`, and the tags the `pin = true` sync rules select, each also by the digest
+    the rule last cached whole for it (kept while the tag moves on and the new image
+    downloads)."""
+    synced = [pin for rule in config.syncs if rule.pin
+              for image, digest in index.synced(rule.name).items()
+              for pin in (image, f"{image.rpartition(':')[0]}@{digest}")]
+    return [*config.cache.pin, *synced]
 
 
 def _in_use_since() -> float:

@@ -421,6 +421,21 @@ class Index:
         """(wall-clock time, policy, upstream/repository@digest, reason), oldest first."""
         return [(float(t), str(p), str(w), str(r)) for t, p, w, r in self.db.get("denials", [])]
 
+    # sync rules (pull/sync.py): each rule's last run, and the images it keeps -------------
+    def sync_state(self, rule: str) -> dict[str, Any]:
+        """The rule's run record (started, finished, ok, result, next…); {} before any."""
+        return dict(self.db.get(f"sync\0{rule}", {}))
+
+    def set_sync_state(self, rule: str, state: dict[str, Any]) -> None:
+        self.db.set(f"sync\0{rule}", state)
+
+    def synced(self, rule: str) -> dict[str, str]:
+        """`upstream/repository:tag` → the digest the rule cached whole for it."""
+        return dict(self.db.get(f"synced\0{rule}", {}))
+
+    def set_synced(self, rule: str, images: dict[str, str]) -> None:
+        self.db.set(f"synced\0{rule}", images)
+
     # the status page's history (http/history.py): one row of counters per slot ------------
     def history_slot(self) -> int:
         return int(self.db.get("history-slot", -1))

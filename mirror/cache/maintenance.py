@@ -19,6 +19,7 @@ from mirror import metrics
 from mirror.cache.eviction import (
     enforce_shares,
     evict_to_watermark,
+    pins,
     pins_over_bounds,
     shares_due,
     trim_relay_copies,
@@ -129,7 +130,7 @@ class Maintenance:
 
     def _pins_over_bounds(self) -> list[str]:
         """Once per start (the first worker), and only with bounds to exceed."""
-        if not self.config.cache.pin:
+        if not pins(self.config, self.index):
             return []
         with try_exclusive(str(self.store.lock_path("pins-check"))) as mine:
             return pins_over_bounds(self.config, self.store, self.index) if mine else []

@@ -8,6 +8,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
+from mirror.cache.eviction import pins
 from mirror.cache.index import Index
 from mirror.cache.locks import exclusive
 from mirror.cache.purge import NotCached, Pinned, Plan, Result, Target, execute, plan_purge
@@ -48,7 +49,7 @@ async def _one(config: Config, store: BlobStore, index: Index, target: Target, d
                   "process; try again shortly", file=sys.stderr)
             return False
         try:
-            plan = plan_purge(store, index, target, config.cache.pin, names)
+            plan = plan_purge(store, index, target, pins(config, index), names)
         except (NotCached, Pinned) as exc:
             print(f"mirror: purge: {exc}", file=sys.stderr)
             return False

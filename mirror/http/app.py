@@ -319,4 +319,6 @@ async def _lifecycle(app: web.Application, config: Config):  # type: ignore[no-u
     async with open_mirror(config) as mirror:
         app[MIRROR] = mirror
         mirror.reloaders.append(functools.partial(_reload_edge, app))
+        if mirror.sync is not None:
+            mirror.sync.start()  # the server's alone: the commands run rules themselves
         yield

@@ -22,11 +22,13 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from mirror import metrics
-from mirror.cache.eviction import pins_over_bounds
-from mirror.config import Config
+from mirror.cache.eviction import pins, pins_over_bounds
+from mirror.cache.locks import is_locked
+from mirror.config import Config, SyncConfig
 from mirror.http import access, health, history, statuspage
 from mirror.http.activity import Activity, in_flight, merged_top
 from mirror.http.keys import ACTIVITY, MIRROR
+from mirror.pull.sync import lock_name
 from mirror.runtime import Mirror
 from mirror.tiers.bounds import identity
 from mirror.upstream.client import ratelimit_number
@@ -119,11 +121,25 @@ async def status_page(request: web.Request) -> web.Response:
         shares=[(u.name, mirror.index.upstream_total(u.name), u.max_size)
                 for u in mirror.config.upstreams
                 if u.max_size is not None or u.max_unused is not None],
+        syncs=[sync_view(rule, mirror) for rule in mirror.config.syncs],
         warnings=await asyncio.to_thread(pins_over_bounds, mirror.config, mirror.store,
-                                         mirror.index) if mirror.config.cache.pin else [],
+                                         mirror.index) if pins(mirror.config, mirror.index) else [],
     )
     return web.Response(body=statuspage.render(view).encode(), headers={
         "Content-Type": "text/html; charset=utf-8", "Cache-Control": "no-store"})
+
+
+def sync_view(rule: SyncConfig, mirror: Mirror) -> statuspage.SyncView:
+    index = mirror.index
+    state = index.sync_state(rule.name)
+    started = state.get("started")
+    running = is_locked(mirror.store.lock_path(lock_name(rule)))
+    return statuspage.SyncView(
+        rule.name, f"{rule.upstream}: {', '.join(p.text for p in rule.repositories)} "
+        f"tags {rule.tags_text}", started, state.get("finished"), state.get("ok"),
+        str(state.get("summary", "")),
+        None if started is None else started + rule.interval, running,
+        len(index.synced(rule.name)), rule.pin)
 
 
 def _bucket_view(mirror: Mirror, snapshot: metrics.Samples) -> statuspage.BucketView | None:

@@ -87,6 +87,22 @@ class PolicyView:
 
 
 @dataclass(frozen=True)
+class SyncView:
+    """A [[sync]] rule: its last run (times are wall-clock seconds; None: not yet)."""
+
+    name: str
+    what: str  # upstream, repositories and tags, as configured
+    started: float | None
+    finished: float | None
+    ok: bool | None
+    summary: str
+    next_run: float | None
+    running: bool
+    images: int  # images it holds (pinned with pin = true)
+    pin: bool
+
+
+@dataclass(frozen=True)
 class StatusView:
     cache_bytes: float
     cache_max_bytes: float
@@ -113,6 +129,7 @@ class StatusView:
     shares: list[tuple[str, float, float | None]] = field(default_factory=list)  # name, bytes, max
     warnings: list[str] = field(default_factory=list)
     denials: list[tuple[float, str, str, str]] = field(default_factory=list)  # newest last
+    syncs: list[SyncView] = field(default_factory=list)
 
 
 def counts_from(snapshot: metrics.Samples) -> dict[str, float]:
@@ -281,6 +298,30 @@ def _policies(view: StatusView) -> str:
             f"<th>image</th><th>why</th></tr>{denied}</table>")
 
 
+def _when(at: float | None) -> str:
+    return "—" if at is None else time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(at))
+
+
+def _syncs(view: StatusView) -> str:
+    rows = []
+    for r in view.syncs:
+        if r.running:
+            state, cls = "running", "unknown"
+        elif r.ok is None:
+            state, cls = "not run yet", "unknown"
+        else:
+            state, cls = ("ok", "ok") if r.ok else ("failed", "bad")
+        rows.append(
+            f'<tr class="sync-rule" data-name="{html.escape(r.name)}">'
+            f"<td>{html.escape(r.name)}</td><td>{html.escape(r.what)}</td>"
+            f'<td data-value="{r.finished or ""}">{_when(r.finished)}</td>'
+            f'<td class="{cls}">{state}</td><td>{html.escape(r.summary)}</td>'
+            f'<td data-value="{r.next_run or ""}">{_when(r.next_run)}</td>'
+            f'<td data-value="{r.images}">{r.images}{" pinned" if r.pin else ""}</td></tr>')
+    return ("<table><tr><th>rule</th><th>what</th><th>last run (UTC)</th><th>result</th>"
+            "<th></th><th>next run</th><th>images</th></tr>" + "".join(rows) + "</table>")
+
+
 def _top(view: StatusView) -> str:
     if not view.top:
         return '<p class="none">Nothing pulled yet.</p>'
@@ -363,6 +404,7 @@ def render(view: StatusView) -> str:
 {"" if view.cluster is None else "<h2>Cluster</h2>" + _cluster(view.cluster)}
 {"" if view.bucket is None else "<h2>Object store</h2>" + _bucket(view.bucket)}
 {"" if not view.policies else "<h2>Signature policies</h2>" + _policies(view)}
+{"" if not view.syncs else "<h2>Sync rules</h2>" + _syncs(view)}
 <h2>Most pulled repositories</h2>
 {_top(view)}
 </body></html>

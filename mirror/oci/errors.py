@@ -10,7 +10,7 @@ The exceptions, who raises them, and where they become a wire error::
     │     raised by oci/ (a bad name, tag, digest or route), http/ (access, read-only,
     │     Range), upstream/client and pull/ (an upstream's refusal passed on: DENIED,
     │     MANIFEST_UNKNOWN, TOOMANYREQUESTS …; pull.proxy.Denied: the rules' 403 DENIED),
-    │     commands/warm (no image for a platform)
+    │     pull/images (no image for a platform)
     └── UpstreamError                         the upstream answered something the mirror
                                               refuses, or broke off: 502 (504 for a timeout)
           raised by upstream/client (unreachable, timed out, a 5xx), pull/proxy and

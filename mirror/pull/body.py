@@ -38,9 +38,9 @@ class BlobBody(Protocol):
 
     async def send(self, sink: BodySink, pieces: Sequence[Piece]) -> None: ...  # used by: app
 
-    async def stored(self) -> None: ...  # used by: commands/warm (until it is in the store)
+    async def stored(self) -> None: ...  # used by: pull/images (until it is in the store)
 
-    def close(self) -> None: ...  # used by: http/app, commands/warm
+    def close(self) -> None: ...  # used by: http/app, pull/images
 
 
 class StoredBody:

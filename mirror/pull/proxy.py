@@ -307,6 +307,19 @@ class Proxy:
             self._holds(source.name, repository, found)
         return found
 
+    async def resolve_tag(self, source: Source, repository: str, tag: str,
+                          accept: tuple[str, ...]) -> Manifest:
+        """What `tag` names at the source now, asked with a HEAD whatever `tag_ttl` says (a
+        sync rule revalidates every run) and recorded as a client's lookup is; the manifest
+        is fetched only when the source's HEAD names no digest."""
+        try:
+            self._check(source, repository)
+            self._require_online(ErrorCode.MANIFEST_UNKNOWN, f"manifest {repository}:{tag}")
+            return await self._head_manifest(source, repository, tag, accept)
+        except Denied as exc:
+            self._record(source, repository, tag, exc)
+            raise
+
     def _holds(self, upstream: str, repository: str, answer: Manifest) -> None:
         """The repository holds the manifest (for the catalog and `mirror purge`): written
         to the index at a miss, and for hits at most once a minute per process (a purge

@@ -24,7 +24,7 @@ from collections.abc import Callable, Container, Iterable
 from dataclasses import dataclass, field
 
 from mirror import metrics
-from mirror.cache.eviction import pinned_digests
+from mirror.cache.eviction import pinned_digests, pins
 from mirror.cache.index import ACCESS_FLUSH_SECONDS, Entry, Index
 from mirror.cache.locks import try_exclusive
 from mirror.cache.store import BlobStore
@@ -183,8 +183,8 @@ class BucketKeeper:
             return result
 
     def _pinned(self) -> set[Digest]:
-        return pinned_digests(self.config.cache.pin, [u.name for u in self.config.upstreams],
-                              self.store, self.index)
+        names = [u.name for u in self.config.upstreams]
+        return pinned_digests(pins(self.config, self.index), names, self.store, self.index)
 
     def write_missing(self) -> int:
         """Queue local blobs the bucket index lacks (a kill -9 lost the write-behind queue,

@@ -1,0 +1,326 @@
+"""Sync rules (`[[sync]]`): the images a site will need, cached before it needs them.
+
+A run of a rule lists each repository's tags (paginated `tags/list`), asks the upstream what
+every selected tag names now with one HEAD, and caches through the proxy (so through the
+same single-flight downloads a client's pull uses) only the images it does not already hold
+whole. What it cached is recorded per rule (`upstream/repository:tag` → digest): the next
+run skips those, a `pin = true` rule keeps them from eviction (cache/eviction.py `pins`),
+and a tag the rule no longer selects drops out, and with it its pin.
+
+The server runs every rule every `interval` in one worker at a time (a flock per rule, which
+`mirror sync` takes too, so a rule never runs twice at once); a failed run is tried again
+the next interval. An upstream's 429 is waited out (its Retry-After) and the step retried.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import json
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import parse_qs, urlsplit
+
+from mirror import metrics
+from mirror.cache.index import Index
+from mirror.cache.locks import try_exclusive
+from mirror.config import SyncConfig
+from mirror.oci.errors import ErrorCode, RegistryError
+from mirror.oci.rules import Pattern
+from mirror.pull.content import ContentStore
+from mirror.pull.images import (
+    ACCEPT_ALL,
+    Counter,
+    Progress,
+    cache_image,
+    default_platform,
+    is_complete,
+)
+from mirror.pull.proxy import Proxy
+from mirror.pull.source import Source
+
+log = logging.getLogger("mirror.sync")
+
+PAGE = 1000  # tags asked for per tags/list page
+MAX_PAGES = 100  # a repository's tags read at most (100 000: a hostile list ends)
+RATE_LIMIT_TRIES = 5  # a step refused with 429 this many times fails the image
+MAX_RATE_WAIT = 300.0  # seconds waited at most for one 429's Retry-After
+CHECK_SECONDS = 5.0  # how often the server looks for a rule that is due
+T = TypeVar("T")
+
+
+@dataclass
+class RunResult:
+    """What one run of a rule did (or, with `dry_run`, would do)."""
+
+    rule: str
+    selected: int = 0  # tags the rule selects
+    cached: list[str] = field(default_factory=list)  # images cached (or to be) this run
+    blobs: int = 0  # blobs those needed (most already stored by other images)
+    dropped: list[str] = field(default_factory=list)  # no longer selected: unpinned
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (what, why)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+    def summary(self) -> str:
+        text = (f"{self.selected} tags selected, {len(self.cached)} images cached, "
+                f"{len(self.dropped)} no longer selected")
+        if self.failed:
+            what, why = self.failed[0]
+            text += f"; {len(self.failed)} failed (first: {what}: {why})"
+        return text
+
+
+def platforms_of(rule: SyncConfig) -> Sequence[str] | None:
+    return [default_platform()] if rule.platforms == () else rule.platforms
+
+
+def literal_name(pattern: Pattern) -> str | None:
+    """The repository a pattern without wildcards names (library/ added on Docker Hub as
+    routing adds it), None for a pattern."""
+    if "*" in pattern.text:
+        return None
+    for candidate in (pattern.text, f"library/{pattern.text}"):
+        if pattern.matches(candidate):
+            return candidate
+    return None
+
+
+def next_page(link: str | None) -> str | None:
+    """The `last` of a `Link: <…?last=x&n=…>; rel="next"` header (pure)."""
+    if not link or 'rel="next"' not in link:
+        return None
+    target = link.partition("<")[2].partition(">")[0]
+    values = parse_qs(urlsplit(target).query).get("last")
+    return values[0] if values else None
+
+
+class RuleRun:
+    """One run of one rule over the proxy and the rule's upstream source."""
+
+    def __init__(self, rule: SyncConfig, proxy: Proxy, source: Source, store: ContentStore,
+                 index: Index, progress: Progress, dry_run: bool = False,
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
+        self.rule, self.proxy, self.source = rule, proxy, source
+        self.store, self.index, self.progress = store, index, progress
+        self.dry_run, self.sleep = dry_run, sleep
+        self.result = RunResult(rule.name)
+
+    async def run(self) -> RunResult:
+        done = self.index.synced(self.rule.name)
+        kept: dict[str, str] = {}
+        selected = await self._selected()
+        self.result.selected = len(selected)
+        for image, (repository, tag) in selected.items():
+            digest = await self._image(image, repository, tag, done.get(image))
+            if digest is not None:
+                kept[image] = digest
+        self.result.dropped = sorted(done.keys() - selected.keys())
+        if not self.dry_run:
+            self.index.set_synced(self.rule.name, kept)
+        return self.result
+
+    async def _selected(self) -> dict[str, tuple[str, str]]:
+        """`upstream/repository:tag` → (repository, tag), for every tag the rule selects."""
+        found: dict[str, tuple[str, str]] = {}
+        for pattern in self.rule.repositories:
+            repository = literal_name(pattern)
+            if repository is None:
+                self.result.failed.append((pattern.text, "patterns need the upstream's "
+                                           "catalog, which sync does not read yet: name "
+                                           "the repositories"))
+                continue
+            try:
+                tags = await self._tags(repository)
+            except RegistryError as exc:
+                self.result.failed.append((f"{self.source.name}/{repository}", exc.message))
+                continue
+            for tag in tags:
+                if self.rule.tags.search(tag):
+                    found[f"{self.source.name}/{repository}:{tag}"] = (repository, tag)
+        return found
+
+    async def _tags(self, repository: str) -> list[str]:
+        tags: list[str] = []
+        last: str | None = None
+        for _ in range(MAX_PAGES):
+            query = {"n": str(PAGE), **({"last": last} if last else {})}
+            answer = await self._patient(functools.partial(
+                self.proxy.relay, self.source, repository, "tags/list", query,
+                ErrorCode.NAME_UNKNOWN))
+            page = _tag_page(answer.body)
+            tags += page
+            last = next_page(answer.headers.get("Link"))
+            if last is None or not page:
+                return tags
+        log.warning("sync: a tags list past its bound, the rest not read", extra={
+            "rule": self.rule.name, "repository": repository, "tags": len(tags)})
+        return tags
+
+    async def _image(self, image: str, repository: str, tag: str, had: str | None
+                     ) -> str | None:
+        """The digest the rule holds for the tag after this run (None: none)."""
+        try:
+            answer = await self._patient(lambda: self.proxy.resolve_tag(
+                self.source, repository, tag, ACCEPT_ALL))
+            digest = answer.digest
+            if had == str(digest) and is_complete(self.store, digest, platforms_of(self.rule)):
+                return had
+            self.result.cached.append(image)
+            if self.dry_run:
+                return had
+            self.result.blobs += await self._patient(lambda: cache_image(
+                self.proxy, self.source, repository, digest, platforms_of(self.rule),
+                self.progress, self.rule.referrers))
+            return str(digest)
+        except RegistryError as exc:
+            self.result.failed.append((image, exc.message))
+            return had  # what it held stays held (and pinned) until the new one is whole
+
+    async def _patient(self, step: Callable[[], Awaitable[T]]) -> T:
+        """`step`, with an upstream's 429 waited out (its Retry-After, bounded)."""
+        for attempt in range(RATE_LIMIT_TRIES):
+            try:
+                return await step()
+            except RegistryError as exc:
+                if exc.code is not ErrorCode.TOOMANYREQUESTS or attempt == RATE_LIMIT_TRIES - 1:
+                    raise
+                wait = _retry_after(exc.headers)
+                log.info("sync: rate limited by the upstream, waiting", extra={
+                    "rule": self.rule.name, "upstream": self.source.name, "seconds": wait})
+                await self.sleep(wait)
+        raise AssertionError("unreachable")
+
+
+def _retry_after(headers: Mapping[str, str] | None) -> float:
+    try:
+        return min(MAX_RATE_WAIT, max(1.0, float((headers or {}).get("Retry-After", "30"))))
+    except ValueError:
+        return 30.0
+
+
+def _tag_page(body: bytes) -> list[str]:
+    try:
+        tags = json.loads(body).get("tags") or []
+    except (ValueError, AttributeError):
+        raise RegistryError(ErrorCode.UPSTREAM_UNAVAILABLE,
+                            "the upstream's tags list is not JSON") from None
+    if not isinstance(tags, list):
+        raise RegistryError(ErrorCode.UPSTREAM_UNAVAILABLE, "the upstream's tags list has no "
+                            "list of tags")
+    return [t for t in tags if isinstance(t, str)]
+
+
+# running rules: by the server on their interval, by `mirror sync` at once ------------------
+def lock_name(rule: SyncConfig) -> str:
+    return f"sync-{rule.name}"
+
+
+def is_due(state: Mapping[str, Any], interval: float, now: float) -> bool:
+    """A rule never run is due; else `interval` after its last run started (so a failed run
+    is tried again the next interval, and a changed interval applies at once)."""
+    started = state.get("started")
+    return started is None or now >= float(started) + interval
+
+
+async def run_locked(rule: SyncConfig, run: RuleRun, index: Index, lock: Path,
+                     due: Callable[[Mapping[str, Any]], bool] = lambda state: True
+                     ) -> RunResult | None:
+    """Run under the rule's lock, recording the run (not a dry one) in the index; None when
+    another process holds the lock, or `due` says the state it finds is not due."""
+    with try_exclusive(str(lock)) as mine:
+        state = index.sync_state(rule.name)
+        if not mine or not due(state):
+            return None
+        started = time.time()
+        if not run.dry_run:
+            index.set_sync_state(rule.name, {**state, "started": started,
+                                             "running": os.getpid()})
+        try:
+            result = await run.run()
+        except Exception as exc:  # a bug or the disk: recorded, tried again next interval
+            log.exception("sync: a run failed", extra={"rule": rule.name})
+            result = RunResult(rule.name, failed=[(rule.name, f"{type(exc).__name__}: {exc}")])
+        if not run.dry_run:
+            _record(rule, index, state, started, result)
+        return result
+
+
+def _record(rule: SyncConfig, index: Index, state: Mapping[str, Any], started: float,
+            result: RunResult) -> None:
+    finished = time.time()
+    index.set_sync_state(rule.name, {
+        "started": started, "finished": finished, "ok": result.ok,
+        "summary": result.summary(), "cached": len(result.cached),
+        "last_ok": finished if result.ok else state.get("last_ok")})
+    metrics.SYNC_RUNS.labels(rule.name, "ok" if result.ok else "failed").inc()
+    if result.ok:
+        metrics.SYNC_LAST_OK.labels(rule.name).set(finished)
+    log.log(logging.INFO if result.ok else logging.WARNING, "sync: run finished", extra={
+        "rule": rule.name, "ok": result.ok, "selected": result.selected,
+        "cached": len(result.cached), "blobs": result.blobs, "dropped": len(result.dropped),
+        "failed": len(result.failed), "seconds": round(finished - started, 3),
+        **({"error": f"{result.failed[0][0]}: {result.failed[0][1]}"} if result.failed
+           else {})})
+
+
+class Scheduler:
+    """In each serving worker: every CHECK_SECONDS, each rule that is due is run by the
+    worker that takes its lock first (the others find it held, or no longer due)."""
+
+    def __init__(self, rules: Callable[[], Sequence[SyncConfig]],
+                 make_run: Callable[[SyncConfig], RuleRun | None], index: Index,
+                 lock_path: Callable[[str], Path]) -> None:
+        self.rules, self.make_run = rules, make_run
+        self.index, self.lock_path = index, lock_path
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.ensure_future(self._loop())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _loop(self) -> None:
+        while True:
+            for rule in self.rules():
+                await self.tick(rule)
+            await asyncio.sleep(CHECK_SECONDS)
+
+    async def tick(self, rule: SyncConfig) -> RunResult | None:
+        def due(state: Mapping[str, Any]) -> bool:
+            return is_due(state, rule.interval, time.time())
+
+        try:
+            if not due(self.index.sync_state(rule.name)):
+                return None
+            run = self.make_run(rule)
+            if run is None:  # its upstream gone by a reload, or offline
+                return None
+            return await run_locked(rule, run, self.index, self.lock_path(lock_name(rule)),
+                                    due)
+        except Exception:  # the index unreadable (a full disk): tried again next check
+            log.exception("sync: the rule could not be started", extra={"rule": rule.name})
+            return None
+
+
+def new_run(rule: SyncConfig, proxy: Proxy, sources: Mapping[str, Source],
+            store: ContentStore, index: Index, progress: Progress | None = None,
+            dry_run: bool = False) -> RuleRun | None:
+    """A run of `rule` over the running sources (None: its upstream is not configured, or
+    the mirror is offline and would only fail)."""
+    source = sources.get(rule.upstream)
+    if source is None or proxy.offline:
+        return None
+    return RuleRun(rule, proxy, source, store, index, progress or Counter(), dry_run)
