@@ -56,7 +56,24 @@ def status_lines(config: Config, index: Index) -> list[str]:
         rl = index.ratelimit(name)
         if rl is not None:
             lines.append(f"rate limit:   {name}: {rl[1]} remaining (limit {rl[0]})")
-    return lines + bucket_lines(config, index)
+    return lines + sync_lines(config, index) + bucket_lines(config, index)
+
+
+def sync_lines(config: Config, index: Index) -> list[str]:
+    """Each [[sync]] rule's last run and next one."""
+    lines = []
+    for rule in config.syncs:
+        state = index.sync_state(rule.name)
+        started = state.get("started")
+        held = f"{len(index.synced(rule.name))} images{' pinned' if rule.pin else ''}"
+        if started is None:
+            lines.append(f"sync rule:    {rule.name}: not run yet; {held}")
+            continue
+        result = "ok" if state.get("ok") else "failed" if "ok" in state else "running"
+        lines.append(f"sync rule:    {rule.name}: {result} {human_age(time.time() - started)} "
+                     f"ago ({state.get('summary', '')}); next in "
+                     f"{human_age(max(0.0, started + rule.interval - time.time()))}; {held}")
+    return lines
 
 
 def bucket_lines(config: Config, index: Index) -> list[str]:

@@ -90,5 +90,8 @@ def parse_all(headers: list[str]) -> list[Challenge]:
     return [c for h in headers for c in parse_www_authenticate(h)]
 
 
+CATALOG_SCOPE = "registry:catalog:*"  # a token for /v2/_catalog (distribution's token spec)
+
+
 def pull_scope(repository: str) -> str:
     return f"repository:{repository}:pull"

@@ -103,7 +103,8 @@ class Source(Protocol):
     # used by: proxy, private content: returns when `repository` holds `digest`, else raises
     async def confirm(self, repository: str, digest: Digest, kind: Kind) -> None: ...
 
-    # used by: proxy, tags lists and the referrers API (`suffix` as in /v2/<name>/<suffix>)
+    # used by: proxy, tags lists and the referrers API (`suffix` as in /v2/<name>/<suffix>);
+    # pull/sync, the catalog (`repository` "", `suffix` "_catalog")
     async def relay(self, repository: str, suffix: str, query: Mapping[str, str],
                     unknown: ErrorCode) -> Relayed: ...
 

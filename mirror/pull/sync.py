@@ -42,8 +42,8 @@ from mirror.pull.images import (
     default_platform,
     is_complete,
 )
-from mirror.pull.proxy import Proxy
-from mirror.pull.source import Source
+from mirror.pull.proxy import Denied, Proxy
+from mirror.pull.source import Relayed, Source
 
 log = logging.getLogger("mirror.sync")
 
@@ -131,16 +131,13 @@ class RuleRun:
     async def _selected(self) -> dict[str, tuple[str, str]]:
         """`upstream/repository:tag` → (repository, tag), for every tag the rule selects."""
         found: dict[str, tuple[str, str]] = {}
-        for pattern in self.rule.repositories:
-            repository = literal_name(pattern)
-            if repository is None:
-                self.result.failed.append((pattern.text, "patterns need the upstream's "
-                                           "catalog, which sync does not read yet: name "
-                                           "the repositories"))
-                continue
+        for repository, named in await self._repositories():
             try:
-                tags = await self._tags(repository)
+                tags = await self._pages(functools.partial(
+                    self.proxy.relay, self.source, repository, "tags/list"), "tags")
             except RegistryError as exc:
+                if isinstance(exc, Denied) and not named:
+                    continue  # a pattern's repository the rules deny: not the rule's
                 self.result.failed.append((f"{self.source.name}/{repository}", exc.message))
                 continue
             for tag in tags:
@@ -148,22 +145,42 @@ class RuleRun:
                     found[f"{self.source.name}/{repository}:{tag}"] = (repository, tag)
         return found
 
-    async def _tags(self, repository: str) -> list[str]:
-        tags: list[str] = []
+    async def _repositories(self) -> list[tuple[str, bool]]:
+        """(repository, named by the rule rather than matched by a pattern)."""
+        names = [literal_name(p) for p in self.rule.repositories]
+        found = [(name, True) for name in names if name is not None]
+        patterns = [p for p, name in zip(self.rule.repositories, names, strict=True)
+                    if name is None]
+        if patterns:
+            try:
+                listed = await self._pages(functools.partial(
+                    self.source.relay, "", "_catalog"), "repositories")
+            except RegistryError as exc:
+                self.result.failed.append((", ".join(p.text for p in patterns), "the "
+                                           f"upstream's catalog: {exc.message} (patterns "
+                                           "need /v2/_catalog: name the repositories)"))
+                listed = []
+            named = {name for name, _ in found}
+            found += [(r, False) for r in listed if r not in named
+                      and any(p.matches(r) for p in patterns)]
+        return found
+
+    async def _pages(self, get: Callable[[dict[str, str], ErrorCode], Awaitable[Relayed]],
+                     key: str) -> list[str]:
+        """Every page of a tags list or the catalog, following `Link` (bounded)."""
+        items: list[str] = []
         last: str | None = None
         for _ in range(MAX_PAGES):
             query = {"n": str(PAGE), **({"last": last} if last else {})}
-            answer = await self._patient(functools.partial(
-                self.proxy.relay, self.source, repository, "tags/list", query,
-                ErrorCode.NAME_UNKNOWN))
-            page = _tag_page(answer.body)
-            tags += page
+            answer = await self._patient(functools.partial(get, query, ErrorCode.NAME_UNKNOWN))
+            page = _page(answer.body, key)
+            items += page
             last = next_page(answer.headers.get("Link"))
             if last is None or not page:
-                return tags
-        log.warning("sync: a tags list past its bound, the rest not read", extra={
-            "rule": self.rule.name, "repository": repository, "tags": len(tags)})
-        return tags
+                return items
+        log.warning("sync: a list past its bound, the rest not read", extra={
+            "rule": self.rule.name, "list": key, "items": len(items)})
+        return items
 
     async def _image(self, image: str, repository: str, tag: str, had: str | None
                      ) -> str | None:
@@ -207,16 +224,17 @@ def _retry_after(headers: Mapping[str, str] | None) -> float:
         return 30.0
 
 
-def _tag_page(body: bytes) -> list[str]:
+def _page(body: bytes, key: str) -> list[str]:
+    """The `tags` of a tags list page, the `repositories` of a catalog page."""
     try:
-        tags = json.loads(body).get("tags") or []
+        items = json.loads(body).get(key) or []
     except (ValueError, AttributeError):
         raise RegistryError(ErrorCode.UPSTREAM_UNAVAILABLE,
-                            "the upstream's tags list is not JSON") from None
-    if not isinstance(tags, list):
-        raise RegistryError(ErrorCode.UPSTREAM_UNAVAILABLE, "the upstream's tags list has no "
-                            "list of tags")
-    return [t for t in tags if isinstance(t, str)]
+                            f"the upstream's list of {key} is not JSON") from None
+    if not isinstance(items, list):
+        raise RegistryError(ErrorCode.UPSTREAM_UNAVAILABLE, f"the upstream's list of {key} "
+                            "is not a list")
+    return [t for t in items if isinstance(t, str)]
 
 
 # running rules: by the server on their interval, by `mirror sync` at once ------------------

@@ -21,7 +21,7 @@ import aiohttp
 
 from mirror import metrics
 from mirror.config import UpstreamConfig
-from mirror.oci.challenge import parse_all, pull_scope
+from mirror.oci.challenge import CATALOG_SCOPE, parse_all, pull_scope
 from mirror.oci.errors import ErrorCode, RegistryError, UpstreamError
 from mirror.oci.mediatypes import upstream_accept
 from mirror.oci.reference import Digest
@@ -136,8 +136,9 @@ class Upstream:
     async def _request_at(self, base: str, method: str, repository: str, suffix: str,
                           headers: Mapping[str, str] | None,
                           params: Mapping[str, str] | None) -> aiohttp.ClientResponse:
-        scope = pull_scope(repository)
-        url = f"{base}/v2/{repository}/{suffix}"
+        # "" names no repository: the registry's own /v2/_catalog
+        scope = pull_scope(repository) if repository else CATALOG_SCOPE
+        url = f"{base}/v2/{repository}/{suffix}" if repository else f"{base}/v2/{suffix}"
         if (ns := tier_ns(self.name, base)) is not None:
             params = {**(params or {}), "ns": ns}
         started = time.perf_counter()
@@ -266,7 +267,8 @@ class Upstream:
         resp = await self.request("GET", repository, suffix, params=query)
         if resp.status != 200:
             raise await error_from_response(self, resp, unknown)
-        what = "a tags list" if suffix.startswith("tags/") else "a referrers index"
+        what = ("a tags list" if suffix.startswith("tags/") else
+                "a catalog page" if not repository else "a referrers index")
         try:
             body = await read_bounded(self, resp, MAX_RELAYED_BYTES, what,
                                       ErrorCode.UPSTREAM_UNAVAILABLE,

@@ -119,6 +119,11 @@ def test_a_run_over_100_tags_of_which_3_changed_asks_100_heads_and_the_3_new_ima
     assert third.returncode == 0 and "0 images cached" in third.stdout, third.stdout
     up.registry.barrier()
     assert _requests(up, mark) == {"tags": 1, "manifest HEAD": 100}
+    status = subprocess.run([sys.executable, "-m", "mirror", "status", "--config",
+                             str(m.config_path)], capture_output=True, text=True, timeout=60,
+                            env=env_without_proxies())
+    line = next(x for x in status.stdout.splitlines() if x.startswith("sync rule:"))
+    assert "app: ok" in line and "0 images cached" in line and "100 images" in line, line
 
 
 @pytest.mark.timeout(300)
@@ -231,5 +236,47 @@ def test_a_reload_with_a_bad_rule_keeps_the_running_rules(
         assert "sync[0].tags" in refused["error"]
         page = httpx.get(f"{m.url}/", timeout=10).text
         assert "1 images cached" in page
+    finally:
+        m.stop()
+
+
+@pytest.mark.timeout(120)
+def test_a_pattern_is_matched_against_the_upstreams_catalog(
+        tmp_path: Path, hundred: tuple[UpstreamRegistry, Path], blackhole: ClosedPort) -> None:
+    up, blobs = hundred
+    for repo in ("sync/other", "elsewhere/app"):
+        push_direct(up.url, repo, "1.0.0", _image(blobs, repo))
+    m = _mirror(tmp_path, up, blackhole, repositories=["sync/*"], tags=r"^1\.0\.0$")
+    done = _sync(m)
+    assert done.returncode == 0, done.stderr
+    host = blackhole.host
+    assert sorted(line.split()[-1] for line in done.stdout.splitlines()
+                  if " cached " in line) == [f"{host}/sync/app:1.0.0",
+                                             f"{host}/sync/other:1.0.0"]
+
+
+@pytest.mark.timeout(120)
+def test_a_rule_added_by_a_reload_is_run_by_the_server(
+        tmp_path: Path, hundred: tuple[UpstreamRegistry, Path], blackhole: ClosedPort) -> None:
+    up, _ = hundred
+    m = _mirror(tmp_path, up, blackhole, tags=r"^1\.0\.0$")
+    m.server_extra["workers"] = 2
+    m.start()
+    try:
+        _logged(m, "sync: run finished")
+        m.arrays["sync"].append({"upstream": blackhole.host, **RULE, "name": "more",
+                                 "tags": r"^1\.0\.[12]$"})
+        m.write_config()
+        assert m.proc is not None
+        m.proc.send_signal(signal.SIGHUP)
+
+        def ran() -> bool:
+            return any(e.get("msg") == "sync: run finished" and e.get("rule") == "more"
+                       for e in m.log_entries())
+
+        wait_until(ran, 60, what="the new rule's run")
+        runs = [e for e in m.log_entries() if e.get("msg") == "sync: run finished"]
+        assert sorted(e["rule"] for e in runs) == ["app", "more"], runs
+        assert next(e for e in runs if e["rule"] == "more")["cached"] == 2
     finally:
         m.stop()

@@ -39,6 +39,8 @@ class TagSource(FakeSource):
             self.limited -= 1
             raise RegistryError(ErrorCode.TOOMANYREQUESTS, "slow down",
                                 headers={"Retry-After": "7"})
+        if suffix == "_catalog":
+            raise RegistryError(ErrorCode.UNSUPPORTED, "no catalog here", status=404)
         self.queries.append(dict(query))
         tags = sorted({tag for repo, tag in self.manifests
                        if repo == repository and not tag.startswith("sha256:")})
@@ -146,6 +148,17 @@ async def test_a_rule_whose_lock_is_held_does_not_run(world: Any, tmp_path: Path
     assert not is_due(state, rule.interval, state["started"] + rule.interval - 1)
     assert is_due(state, rule.interval, state["started"] + rule.interval)
     assert is_due({}, rule.interval, 0.0)
+
+
+async def test_a_pattern_without_a_catalog_fails_the_run_and_names_what_to_do(
+        world: Any, tmp_path: Path) -> None:
+    w, source = world(), TagSource()
+    add_image(w, source, "v1", b"1")
+    rule = rule_config(tmp_path, repositories=["app", "team/*"]).syncs[0]
+    result = await RuleRun(rule, w.proxy, source, w.store, w.index, Counter()).run()
+    assert result.cached == ["fake.test/app:v1"]  # the named repository is still synced
+    assert result.failed == [("team/*", "the upstream's catalog: no catalog here (patterns "
+                              "need /v2/_catalog: name the repositories)")]
 
 
 def test_next_page_reads_the_link_header() -> None:
