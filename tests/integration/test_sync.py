@@ -280,3 +280,23 @@ def test_a_rule_added_by_a_reload_is_run_by_the_server(
         assert next(e for e in runs if e["rule"] == "more")["cached"] == 2
     finally:
         m.stop()
+
+
+@pytest.mark.timeout(120)
+def test_a_tag_removed_upstream_drops_out_of_the_rule_and_its_pin(
+        tmp_path: Path, hundred: tuple[UpstreamRegistry, Path], blackhole: ClosedPort) -> None:
+    up, _ = hundred
+    m = _mirror(tmp_path, up, blackhole, tags=r"^1\.0\.[01]$", pin=True)
+    assert _sync(m).returncode == 0
+    name = f"{blackhole.host}/{REPO}"
+    with httpx.Client(base_url=up.url, timeout=30, trust_env=False) as c:
+        head = c.head(f"/v2/{REPO}/manifests/1.0.1", headers={
+            "Accept": "application/vnd.oci.image.manifest.v1+json"})
+        digest = head.headers["Docker-Content-Digest"]
+        assert c.delete(f"/v2/{REPO}/manifests/{digest}").status_code == 202
+    again = _sync(m)
+    assert again.returncode == 0, again.stderr
+    assert f"no longer selected (unpinned): {name}:1.0.1" in again.stdout, again.stdout
+    assert "1 tags selected" in again.stdout
+    assert _purge(m, f"{name}:1.0.1").returncode == 0  # no longer pinned
+    assert _purge(m, f"{name}:1.0.0").returncode == 1
