@@ -60,11 +60,17 @@ def _mirror(tmp_path: Path, up: UpstreamRegistry, blackhole: ClosedPort, name: s
     return m
 
 
-def _sync(m: MirrorProcess, *args: str) -> subprocess.CompletedProcess[str]:
+def _command(m: MirrorProcess, *args: str, timeout: float = 60
+             ) -> subprocess.CompletedProcess[str]:
+    """`mirror ARGS… --config <m's file>`, as an operator runs it beside the server."""
     return subprocess.run(
-        [sys.executable, "-m", "mirror", "sync", "--config", str(m.config_path), *args],
-        capture_output=True, text=True, timeout=300, env=env_without_proxies(),
+        [sys.executable, "-m", "mirror", *args, "--config", str(m.config_path)],
+        capture_output=True, text=True, timeout=timeout, env=env_without_proxies(),
         cwd=m.workdir)
+
+
+def _sync(m: MirrorProcess, *args: str) -> subprocess.CompletedProcess[str]:
+    return _command(m, "sync", *args, timeout=300)
 
 
 def _logged(m: MirrorProcess, msg: str, timeout: float = 60.0) -> dict[str, Any]:
@@ -119,9 +125,7 @@ def test_a_run_over_100_tags_of_which_3_changed_asks_100_heads_and_the_3_new_ima
     assert third.returncode == 0 and "0 images cached" in third.stdout, third.stdout
     up.registry.barrier()
     assert _requests(up, mark) == {"tags": 1, "manifest HEAD": 100}
-    status = subprocess.run([sys.executable, "-m", "mirror", "status", "--config",
-                             str(m.config_path)], capture_output=True, text=True, timeout=60,
-                            env=env_without_proxies())
+    status = _command(m, "status")
     line = next(x for x in status.stdout.splitlines() if x.startswith("sync rule:"))
     assert "app: ok" in line and "0 images cached" in line and "100 images" in line, line
 
@@ -179,9 +183,7 @@ def test_the_server_runs_a_rule_once_for_all_workers_and_shows_it(
 
 
 def _purge(m: MirrorProcess, image: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "mirror", "purge", "--config",
-                           str(m.config_path), image], capture_output=True, text=True,
-                          timeout=60, env=env_without_proxies())
+    return _command(m, "purge", image)
 
 
 @pytest.mark.timeout(300)
