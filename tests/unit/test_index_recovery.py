@@ -10,6 +10,7 @@ from mirror.cache.index import Index
 from mirror.oci.reference import parse_digest
 
 WORKERS = 8
+WRITE_TRIES = 5
 DIGEST = parse_digest("sha256:" + "ab" * 32)
 
 
@@ -24,7 +25,14 @@ def _open_and_write(directory: str, start: object, results: object) -> None:
     start.wait()  # type: ignore[attr-defined]
     try:
         index = Index(Path(directory))
-        index.set_tag("up", "repo", f"t{os.getpid()}", DIGEST, "application/x")
+        tag = f"t{os.getpid()}"
+        # The index may lose a write to a busy SQLite (_GuardedCache: the tag is asked again),
+        # so a worker writes until it reads its tag back; one that wrote to a replaced index
+        # reads it back too, and the final check below finds it missing.
+        for _ in range(WRITE_TRIES):
+            index.set_tag("up", "repo", tag, DIGEST, "application/x")
+            if index.get_tag("up", "repo", tag) is not None:
+                break
         results.put("ok")  # type: ignore[attr-defined]
     except Exception as exc:  # the test reports what a worker hit
         results.put(f"{type(exc).__name__}: {exc}")  # type: ignore[attr-defined]
