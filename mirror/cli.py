@@ -120,6 +120,22 @@ def cmd_warm(config: Config, args: argparse.Namespace) -> int:
     return 1 if asyncio.run(warm(config, args.images, platforms, not args.no_referrers)) else 0
 
 
+def cmd_token(config: Config, args: argparse.Namespace) -> int:
+    from mirror.commands import token
+
+    if args.action == "create":
+        if not args.name:
+            print("mirror: token create: --name is required", file=sys.stderr)
+            return 2
+        return token.create(config, args.name, args.allow or [], args.expires)
+    if args.action == "revoke":
+        if not args.name:
+            print("mirror: token revoke: --name is required", file=sys.stderr)
+            return 2
+        return token.revoke(config, args.name)
+    return token.listing(config)
+
+
 def cmd_sync(config: Config, args: argparse.Namespace) -> int:
     from mirror.commands.sync import sync
 
@@ -239,6 +255,17 @@ def build_parser() -> argparse.ArgumentParser:
     sync.add_argument("--dry-run", action="store_true",
                       help="list what would be cached and unpinned; fetch only tags lists "
                            "and HEADs, change nothing")
+    tok = add("token", cmd_token, "create, list or revoke robot tokens for CI",
+              "token create --name NAME --allow 'docker.io/**' [--expires 90d]: a robot "
+              "account that may pull what its patterns allow; the token is printed once (use "
+              "it as the password with the robot's name as the user). token list; token "
+              "revoke --name NAME (takes effect within a second, no restart).")
+    tok.add_argument("action", choices=["create", "list", "revoke"])
+    tok.add_argument("--name", metavar="NAME", help="the robot's name (its user name)")
+    tok.add_argument("--allow", action="append", metavar="UPSTREAM/PATTERN",
+                     help="what it may pull, as [[auth.rule]] allow (repeatable)")
+    tok.add_argument("--expires", default="90d", metavar="DURATION",
+                     help="lifetime (e.g. 90d, 12h) or 'never' (default 90d)")
     purge = add("purge", cmd_purge, "remove images or repositories from the cache",
                 "Remove each named image (docker.io/library/nginx:1.27, …@sha256:…) or, named "
                 "without a tag or digest, the whole repository (docker.io/library/nginx): its "

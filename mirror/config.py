@@ -11,6 +11,7 @@ import ipaddress
 import os
 import re
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -103,10 +104,26 @@ class CacheConfig:
 
 
 @dataclass(frozen=True)
+class AccessRule:
+    """An `[[auth.rule]]`: who (users, groups, anonymous clients) may pull what (`allow`:
+    `<upstream>/<repository pattern>`, oci/rules.py policy_pattern), and the admin role."""
+
+    users: tuple[str, ...] = ()  # "*": every htpasswd user
+    groups: tuple[str, ...] = ()
+    anonymous: bool = False  # the rule is for clients without a user (and so for everyone)
+    allow: tuple[str, ...] = ()
+    admin: bool = False  # purge, pin, sync now and the cache browser
+
+
+@dataclass(frozen=True)
 class AuthConfig:
     htpasswd: Path | None = None  # client access control is off without it
     token_lifetime: float = 300.0
     status: str = "authenticated"  # who may read / and /metrics with [auth] on
+    # group -> users: [auth.groups] and the `groups_file` ("group: user user" lines) merged
+    groups: Mapping[str, frozenset[str]] = field(default_factory=dict)
+    rules: tuple[AccessRule, ...] = ()  # none: anonymous reads public upstreams, users all
+    robots_file: Path | None = None  # robot tokens (mirror token); default <cache dir>
 
 
 CLUSTER_SECRET_MIN = 32  # bytes in the cluster's secret file
@@ -478,20 +495,79 @@ def _deny_digests(path: str, table: object) -> tuple[Digest, ...]:
     return tuple(dict.fromkeys(digests))
 
 
-def _auth(path: str, table: object) -> AuthConfig:
+def _auth(path: str, table: object, upstreams: list[str]) -> AuthConfig:
     s, d = _Section(path, "auth", table), AuthConfig()
     htpasswd = s.get("htpasswd", None, kind=str)
+    robots = s.get("robots_file", None, kind=str)
+    groups_file = s.get("groups_file", None, kind=str)
+    groups = _merged_groups(path, s.get("groups", {}, kind=dict), groups_file)
     config = AuthConfig(
         htpasswd=Path(htpasswd) if htpasswd else d.htpasswd,
         token_lifetime=s.get("token_lifetime", d.token_lifetime, parse_duration),
         status=s.get("status", d.status, kind=str),
+        groups=groups,
+        rules=_access_rules(path, s.get("rule", [], kind=list), upstreams, groups),
+        robots_file=Path(robots) if robots else None,
     )
     if config.status not in ("public", "authenticated"):
         raise ConfigError(path, "auth.status", "expected public or authenticated")
     s.finish()
     if config.htpasswd is not None and not config.htpasswd.is_file():
         raise ConfigError(path, "auth.htpasswd", f"{config.htpasswd} is not a file")
+    if config.rules and config.htpasswd is None:
+        raise ConfigError(path, "auth.rule", "access rules need [auth] htpasswd (access "
+                          "control is off without it)")
     return config
+
+
+def _merged_groups(path: str, table: dict[str, object], file: str | None
+                   ) -> dict[str, frozenset[str]]:
+    groups: dict[str, set[str]] = {}
+    for name, users in table.items():
+        try:
+            groups.setdefault(name, set()).update(_strings(users))
+        except ValueError as exc:
+            raise ConfigError(path, f"auth.groups.{name}", str(exc)) from None
+    if file is not None:
+        try:
+            text = Path(file).read_text()
+        except OSError as exc:
+            raise ConfigError(path, "auth.groups_file", f"{file}: {exc.strerror or exc}"
+                              ) from None
+        for number, line in enumerate(text.splitlines(), 1):
+            if not line.strip() or line.lstrip().startswith("#"):
+                continue
+            name, sep, users = line.partition(":")
+            if not sep or not name.strip():
+                raise ConfigError(path, "auth.groups_file", f"{file}:{number}: expected "
+                                  "'group: user user ...'")
+            groups.setdefault(name.strip(), set()).update(users.split())
+    return {name: frozenset(users) for name, users in groups.items()}
+
+
+def _access_rules(path: str, tables: list[object], upstreams: list[str],
+                  groups: Mapping[str, frozenset[str]]) -> tuple[AccessRule, ...]:
+    rules = []
+    for index, table in enumerate(tables):
+        s, key = _Section(path, f"auth.rule[{index}]", table), f"auth.rule[{index}]"
+        rule = AccessRule(
+            users=s.get("users", [], _strings), groups=s.get("groups", [], _strings),
+            anonymous=s.get("anonymous", False, kind=bool),
+            allow=tuple(s.get("allow", [], lambda v: _policy_patterns(v, upstreams))),
+            admin=s.get("admin", False, kind=bool))
+        s.finish()
+        if not (rule.users or rule.groups or rule.anonymous):
+            raise ConfigError(path, key, "names nobody: give users, groups or anonymous = true")
+        if not (rule.allow or rule.admin):
+            raise ConfigError(path, key, "grants nothing: give allow patterns or admin = true")
+        if rule.anonymous and rule.admin:
+            raise ConfigError(path, f"{key}.admin", "anonymous clients cannot be admins")
+        unknown = [g for g in rule.groups if g not in groups]
+        if unknown:
+            raise ConfigError(path, f"{key}.groups", f"no group {unknown[0]!r} in [auth.groups] "
+                              "or the groups_file")
+        rules.append(rule)
+    return tuple(rules)
 
 
 def _read_secret(path: str, key: str, file: str, minimum: int = 1) -> bytes:
@@ -657,7 +733,7 @@ def parse_config(data: dict[str, Any], path: str = "mirror.toml", base: Path = P
         server=_server(path, data.get("server", {})),
         cache=cache,
         upstreams=upstreams,
-        auth=_auth(path, data.get("auth", {})),
+        auth=_auth(path, data.get("auth", {}), names),
         cluster=_cluster(path, data["cluster"]) if "cluster" in data else None,
         redis=_redis(path, data["redis"]) if "redis" in data else None,
         s3=_s3(path, data["s3"]) if "s3" in data else None,

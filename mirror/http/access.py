@@ -6,11 +6,14 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
+from pathlib import Path
 
 from aiohttp import web
 
 from mirror.cache.cachedir import token_secret
-from mirror.config import AuthConfig, Config, UpstreamConfig
+from mirror.cache.robots import Robots
+from mirror.config import AuthConfig, Config
 from mirror.http.clientauth import (
     ANONYMOUS,
     SERVICE,
@@ -21,10 +24,12 @@ from mirror.http.clientauth import (
     load_htpasswd,
     parse_basic,
 )
+from mirror.http.grants import Grants
 from mirror.http.keys import CLIENT, USER
 from mirror.oci.errors import ErrorCode, RegistryError
 
 AUTHENTICATOR: web.AppKey[Authenticator | None] = web.AppKey("authenticator")
+GRANTS: web.AppKey[Grants] = web.AppKey("grants", Grants)
 LIMITER: web.AppKey[FailureLimiter] = web.AppKey("limiter", FailureLimiter)
 
 log = logging.getLogger("mirror.access")
@@ -35,7 +40,15 @@ def build_authenticator(config: Config) -> Authenticator | None:
     if config.auth.htpasswd is None:
         return None
     return Authenticator(load_htpasswd(config.auth.htpasswd), token_secret(config.cache.dir),
-                         config.auth.token_lifetime)
+                         config.auth.token_lifetime, Robots(robots_file(config)))
+
+
+def build_grants(config: Config) -> Grants:
+    return Grants(config.auth, config.upstreams)
+
+
+def robots_file(config: Config) -> Path:
+    return config.auth.robots_file or config.cache.dir / "robots.json"
 
 
 def _realm(request: web.Request) -> str:
@@ -103,25 +116,49 @@ async def check_status(request: web.Request, config: AuthConfig) -> None:
                                 bearer_challenge(_realm(request))))
 
 
-async def check_catalog(request: web.Request) -> None:
-    """`/v2/_catalog` names every cached repository, those of `access = "authenticated"`
-    upstreams too: with access control on, it needs a user (never the anonymous token)."""
+async def check_catalog(request: web.Request) -> Callable[[str, str], bool]:
+    """`/v2/_catalog` names cached repositories: with access control on, it needs a user
+    (never the anonymous token), and lists only the repositories that user may pull.
+    Answers the filter (upstream, repository) -> listed."""
     if request.app[AUTHENTICATOR] is None:
-        return
+        return lambda upstream, repository: True
     who = await identity(request)
     if who is None or who.anonymous:
         raise unauthorized(request, "the catalog is readable by authenticated users only",
                            "registry:catalog:*")
+    grants = request.app[GRANTS]
+    return lambda upstream, repository: grants.decide(who, upstream, repository)  # a thread's
 
 
-async def check_upstream(request: web.Request, upstream: UpstreamConfig, repository: str
-                         ) -> None:
-    if request.app[AUTHENTICATOR] is None or upstream.access == "public":
+async def check_pull(request: web.Request, upstream: str, repository: str) -> None:
+    """May the request's identity pull `upstream`'s `repository` (http/grants.py)? Without a
+    user: 401 with a challenge for the repository's scope; with one: 403 DENIED."""
+    if request.app[AUTHENTICATOR] is None:
         return
     who = await identity(request)
+    if request.app[GRANTS].may_pull(who, upstream, repository):
+        return
     if who is None or who.anonymous:
-        raise unauthorized(request, f"{upstream.name} is readable by authenticated users only",
+        raise unauthorized(request, f"{upstream}/{repository} needs a user: log in",
                            f"repository:{repository}:pull")
+    why = ("no [[auth.rule]] allows it" if who.robot is None
+           else f"the robot's token allows {', '.join(who.robot) or 'nothing'}")
+    raise RegistryError(ErrorCode.DENIED, f"{who.user!r} may not pull {upstream}/{repository}: "
+                        f"{why}")
+
+
+async def check_admin(request: web.Request) -> Identity:
+    """The admin role (an [[auth.rule]] with admin = true): a browser is asked for a user
+    (Basic), a user without the role gets 403."""
+    who = await identity(request) if request.app[AUTHENTICATOR] is not None else None
+    if who is None or who.anonymous:
+        raise RegistryError(ErrorCode.UNAUTHORIZED, "admin actions need a user with the admin "
+                            "role ([[auth.rule]] admin = true)", challenges=(
+                                f'Basic realm="{SERVICE}", charset="UTF-8"',))
+    if not request.app[GRANTS].is_admin(who):
+        raise RegistryError(ErrorCode.DENIED, f"{who.user!r} is not an admin ([[auth.rule]] "
+                            "admin = true)")
+    return who
 
 
 async def token(request: web.Request) -> web.Response:
@@ -132,13 +169,13 @@ async def token(request: web.Request) -> web.Response:
         raise RegistryError(ErrorCode.UNSUPPORTED, "access control is off: no token needed",
                             status=404)
     header = request.headers.get("Authorization")
-    user = ANONYMOUS
+    user = Identity(ANONYMOUS)
     if header:
         who = await identity(request)
         if who is None:
             raise RegistryError(ErrorCode.UNAUTHORIZED, "wrong user name or password",
                                 headers={"WWW-Authenticate": f'Basic realm="{SERVICE}"'})
-        user = who.user
+        user = who
     value = auth.issue(user)
     body = {"token": value, "access_token": value, "expires_in": int(auth.token_lifetime),
             "issued_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}

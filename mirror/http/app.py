@@ -192,8 +192,8 @@ async def v2(request: web.Request) -> web.StreamResponse:
         return await base(request)
     mirror = request.app[MIRROR]
     if route.kind is Kind.CATALOG and mirror.config.server.catalog:
-        await access.check_catalog(request)
-        return await catalog(request, mirror)
+        listed = await access.check_catalog(request)
+        return await catalog(request, mirror, listed)
     if route.kind is Kind.CATALOG:  # off: a missing endpoint, as registries without one
         raise RegistryError(ErrorCode.UNSUPPORTED, "this mirror lists no catalog ([server] "
                             "catalog is off)", status=404)
@@ -203,7 +203,7 @@ async def v2(request: web.Request) -> web.StreamResponse:
                                                 list(mirror.upstreams))
     warn_unconfigured_registry(route.name, request.query.get("ns"), mirror.upstreams)
     request[TARGET] = (upstream_name, repository, route.reference)
-    await access.check_upstream(request, mirror.upstreams[upstream_name].config, repository)
+    await access.check_pull(request, upstream_name, repository)
     request[UPSTREAM] = upstream_name
     proxy, source = mirror.proxy, mirror.sources[upstream_name]
     if route.kind is Kind.MANIFEST:
@@ -291,8 +291,9 @@ async def not_found(request: web.Request) -> web.Response:
 
 
 async def _reload_edge(app: web.Application, old: Config, new: Config) -> None:
-    """A reload, for the HTTP edge: the htpasswd users (turning [auth] on or off needs a
-    restart: the challenge every client has seen would change under it)."""
+    """A reload, for the HTTP edge: the htpasswd users and the access rules (turning [auth]
+    on or off needs a restart: the challenge every client has seen would change under it)."""
+    app[access.GRANTS] = access.build_grants(new)
     authenticator = app[access.AUTHENTICATOR]
     if (authenticator is None) != (new.auth.htpasswd is None):
         log.warning("reload: [auth] htpasswd turned on or off takes effect after a restart")
@@ -306,6 +307,7 @@ def build_app(config: Config) -> web.Application:
     app.router.add_route("*", "/v2", base)
     app.router.add_route("*", "/v2/{tail:.*}", v2)
     app[access.AUTHENTICATOR] = access.build_authenticator(config)
+    app[access.GRANTS] = access.build_grants(config)
     app[access.LIMITER] = FailureLimiter()
     app.router.add_get("/token", access.token)
     install_ops(app, config)  # the operator's pages: /, /metrics, /healthz, /readyz

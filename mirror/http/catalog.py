@@ -7,8 +7,9 @@ after `last`, and a `Link: </v2/_catalog?last=…&n=…>; rel="next"` while more
 Each page reads only what it lists: per upstream, the repositories after `last` from the
 index's tags and held records (one indexed lookup each, cache/index.py `repositories`), a
 repository listed once a manifest it names is in the store; the upstreams' lists merged.
-With `[auth]`, only an authenticated user gets it (http/access.py `check_catalog`), so the
-repositories of an `access = "authenticated"` upstream never reach an anonymous client.
+With `[auth]`, only an authenticated user gets it (http/access.py `check_catalog`), and it lists
+only the repositories that user may pull (http/grants.py), so no client learns the names of
+repositories it may not read.
 """
 
 from __future__ import annotations
@@ -31,10 +32,14 @@ from mirror.runtime import Mirror
 PAGE = 1000  # names per page when `n` is absent, and at most
 
 
+Listed = Callable[[str, str], bool]  # (upstream, repository): may the client see it?
+
+
 def page(index: Index, stored: Callable[[Digest], bool], upstreams: Sequence[str],
-         last: str | None, n: int) -> tuple[list[str], bool]:
+         last: str | None, n: int, listed: Listed = lambda u, r: True
+         ) -> tuple[list[str], bool]:
     """Up to `n` cached repositories' names after `last`, sorted, and whether more follow."""
-    streams = [_names(index, stored, upstreams, u, last) for u in upstreams]
+    streams = [_names(index, stored, upstreams, u, last, listed) for u in upstreams]
     names: list[str] = []
     for name in heapq.merge(*streams):
         if names and names[-1] == name:
@@ -49,13 +54,14 @@ _NONE_AFTER = "\0"  # every name of an upstream sorts before `last`
 
 
 def _names(index: Index, stored: Callable[[Digest], bool], upstreams: Sequence[str],
-           upstream: str, last: str | None) -> Iterator[str]:
+           upstream: str, last: str | None, listed: Listed) -> Iterator[str]:
     prefix = catalog_name(upstream, "", upstreams)
     after = _repository_after(prefix, last)
     if after == _NONE_AFTER:
         return
     for repository in index.repositories(upstream, after):
-        if any(stored(d) for d in index.repository_digests(upstream, repository)):
+        digests = index.repository_digests(upstream, repository)
+        if listed(upstream, repository) and any(stored(d) for d in digests):
             name = catalog_name(upstream, repository, upstreams)
             if last is None or name > last:
                 yield name
@@ -84,11 +90,12 @@ def _count(value: str | None) -> int:
     return min(n, PAGE)
 
 
-async def catalog(request: web.Request, mirror: Mirror) -> web.Response:
+async def catalog(request: web.Request, mirror: Mirror, listed: Listed) -> web.Response:
     n = _count(request.query.get("n"))
     last = request.query.get("last") or None
     names, more = await asyncio.to_thread(page, mirror.index, mirror.store.has,
-                                          list(mirror.upstreams), last, n) if n else ([], False)
+                                          list(mirror.upstreams), last, n, listed
+                                          ) if n else ([], False)
     headers = {**API_VERSION, "Content-Type": "application/json"}
     if more:
         headers["Link"] = (f'</v2/_catalog?{urlencode({"last": names[-1], "n": n})}>; '

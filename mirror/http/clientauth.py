@@ -1,10 +1,10 @@
 """Client access control (off unless `[auth] htpasswd` is set): who may read through the mirror.
 
-Pure apart from reading the htpasswd file. Clients authenticate the way they do with Docker
-Hub: a 401 with a Bearer challenge sends them to `/token`, with Basic credentials from
-htpasswd (bcrypt entries, as `htpasswd -B` writes them) or anonymously; the token is an
-HMAC-signed claim set. Anonymous clients may read upstreams whose `access` is "public";
-"authenticated" upstreams need a user.
+Pure apart from reading the htpasswd and robots files. Clients authenticate the way they do
+with Docker Hub: a 401 with a Bearer challenge sends them to `/token`, with Basic credentials
+from htpasswd (bcrypt entries, as `htpasswd -B` writes them), a robot's name and token
+(cache/robots.py), or anonymously; the token is an HMAC-signed claim set. What an identity may
+pull is http/grants.py's to say.
 """
 
 from __future__ import annotations
@@ -24,6 +24,9 @@ from pathlib import Path
 
 import bcrypt
 from cachetools import TTLCache
+
+from mirror.cache.robots import PREFIX as ROBOT_PREFIX
+from mirror.cache.robots import Robots
 
 ANONYMOUS = ""
 SERVICE = "registry-mirror"
@@ -66,7 +69,8 @@ def bearer_challenge(realm: str, scope: str | None = None) -> str:
 
 @dataclass(frozen=True)
 class Identity:
-    user: str  # ANONYMOUS for an anonymous token
+    user: str  # ANONYMOUS for an anonymous token; a robot's name for a robot
+    robot: tuple[str, ...] | None = None  # a robot's allow patterns (cache/robots.py)
 
     @property
     def anonymous(self) -> bool:
@@ -107,8 +111,10 @@ class FailureLimiter:
 
 
 class Authenticator:
-    def __init__(self, users: dict[str, bytes], secret: bytes, token_lifetime: float) -> None:
+    def __init__(self, users: dict[str, bytes], secret: bytes, token_lifetime: float,
+                 robots: Robots | None = None) -> None:
         self.users = users
+        self.robots = robots
         self.secret = secret
         self.token_lifetime = token_lifetime
         # bcrypt is slow on purpose (tens of ms): it runs in a small thread pool, equal
@@ -146,9 +152,12 @@ class Authenticator:
         if not future.cancelled() and future.exception() is None:
             self._verdicts[key] = future.result()
 
-    def issue(self, user: str, now: float | None = None) -> str:
+    def issue(self, who: Identity, now: float | None = None) -> str:
         now = time.time() if now is None else now
-        claims = {"sub": user, "aud": SERVICE, "exp": int(now + self.token_lifetime)}
+        claims: dict[str, object] = {"sub": who.user, "aud": SERVICE,
+                                     "exp": int(now + self.token_lifetime)}
+        if who.robot is not None:
+            claims["robot"] = True  # looked up again at each use: revoking it ends the token
         payload = base64.urlsafe_b64encode(json.dumps(claims).encode()).decode().rstrip("=")
         return f"{payload}.{self._sign(payload)}"
 
@@ -164,11 +173,19 @@ class Authenticator:
         try:
             claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
             user, exp, audience = str(claims["sub"]), float(claims["exp"]), claims["aud"]
-        except (ValueError, KeyError, TypeError, binascii.Error):
+            robot = claims.get("robot") is True
+        except (ValueError, KeyError, TypeError, AttributeError, binascii.Error):
             return None
         if audience != SERVICE or exp <= (time.time() if now is None else now):
             return None
-        return Identity(user)
+        return self._robot(user) if robot else Identity(user)
+
+    def _robot(self, name: str, token: str | None = None) -> Identity | None:
+        """A robot that exists and has not expired (with its token right, when given)."""
+        if self.robots is None:
+            return None
+        robot = self.robots.get(name) if token is None else self.robots.verify(name, token)
+        return None if robot is None else Identity(name, robot.allow)
 
     async def identify(self, authorization: str | None) -> Identity | None:
         """The identity a request's Authorization header proves, or None."""
@@ -178,7 +195,11 @@ class Authenticator:
         if scheme.lower() == "bearer":
             return self.verify_token(value.strip())
         pair = parse_basic(authorization)
-        if pair is not None and await self.check_password(*pair):
+        if pair is None:
+            return None
+        if pair[1].startswith(ROBOT_PREFIX):  # a robot token is never an htpasswd password
+            return self._robot(*pair)
+        if await self.check_password(*pair):
             return Identity(pair[0])
         return None
 

@@ -7,6 +7,7 @@ import pytest
 
 from mirror.http.clientauth import (
     Authenticator,
+    Identity,
     bearer_challenge,
     load_htpasswd,
     parse_basic,
@@ -48,7 +49,7 @@ async def test_identify(auth: Authenticator) -> None:
 
 
 def test_tokens_sign_expire_and_resist_tampering(auth: Authenticator) -> None:
-    token = auth.issue("alice", now=1000)
+    token = auth.issue(Identity("alice"), now=1000)
     ident = auth.verify_token(token, now=1030)
     assert ident is not None and ident.user == "alice" and not ident.anonymous
     assert auth.verify_token(token, now=1061) is None  # expired
@@ -56,8 +57,8 @@ def test_tokens_sign_expire_and_resist_tampering(auth: Authenticator) -> None:
     forged = base64.urlsafe_b64encode(b'{"sub": "root", "exp": 9999999999}').decode()
     assert auth.verify_token(f"{forged.rstrip('=')}.{sig}") is None
     other = Authenticator({}, b"other-secret", 60)
-    assert other.verify_token(auth.issue("alice")) is None
-    anon = auth.verify_token(auth.issue(""))
+    assert other.verify_token(auth.issue(Identity("alice"))) is None
+    anon = auth.verify_token(auth.issue(Identity("")))
     assert anon is not None and anon.anonymous
 
 
