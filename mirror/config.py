@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import regex
+
 from mirror.oci.cosign import load_public_key
 from mirror.oci.errors import RegistryError
 from mirror.oci.reference import Digest, parse_digest
@@ -213,7 +215,7 @@ class SyncConfig:
     name: str  # names its lock, its state in the index and `mirror sync --rule`
     upstream: str
     repositories: tuple[Pattern, ...]  # names, or patterns listed from the upstream's catalog
-    tags: re.Pattern[str] = field(compare=False)  # searched in each tag (anchor it: ^…$)
+    tags: regex.Pattern[str] = field(compare=False)  # searched in each tag (anchor it: ^…$)
     tags_text: str = ""  # as written (compared, so a reload sees a change)
     platforms: tuple[str, ...] | None = ()  # (): this machine's, as `mirror warm`; None: all
     interval: float = 3600.0
@@ -875,7 +877,7 @@ def _syncs(path: str, tables: object, upstreams: list[str]) -> tuple[SyncConfig,
 
 def _sync(path: str, index: int, table: object, upstreams: list[str]) -> SyncConfig:
     key = f"sync[{index}]"
-    s, d = _Section(path, key, table), SyncConfig("", "", (), re.compile(""))
+    s, d = _Section(path, key, table), SyncConfig("", "", (), regex.compile(""))
     upstream = s.get("upstream", None, kind=str)
     if upstream not in upstreams:
         raise ConfigError(path, f"{key}.upstream", f"{upstream!r}: expected the name of an "
@@ -912,11 +914,11 @@ def _sync_repositories(value: object, upstream: str, upstreams: list[str]
         raise ValueError(str(exc)) from None
 
 
-def _regex(value: object) -> re.Pattern[str]:
+def _regex(value: object) -> regex.Pattern[str]:
     assert isinstance(value, str)
     try:
-        return re.compile(value)
-    except re.error as exc:
+        return regex.compile(value)
+    except regex.error as exc:
         raise ValueError(f"{value!r} is not a valid regular expression: {exc}") from None
 
 

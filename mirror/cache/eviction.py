@@ -63,7 +63,10 @@ def pinned_digests(pins: Iterable[str], upstreams: list[str], store: BlobStore,
                    index: Index) -> set[Digest]:
     pinned: set[Digest] = set()
     for pin in pins:
-        ref = parse_image(pin, upstreams)
+        try:
+            ref = parse_image(pin, upstreams)
+        except RegistryError:  # e.g. recorded before its upstream was removed: pins nothing
+            continue
         if isinstance(ref.reference, Digest):
             root: Digest | None = ref.reference
         else:

@@ -46,6 +46,16 @@ def _open(path: str) -> int | None:
         return None
 
 
+def lock_problem(path: Path) -> str | None:
+    """Why the lock file at `path` cannot be opened (a read-only or full disk), or None: for
+    a caller that found a lock not taken and must tell "held" from "impossible"."""
+    try:
+        os.close(os.open(path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o644))
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return None
+
+
 @contextlib.contextmanager
 def try_exclusive(path: str) -> Iterator[bool]:
     """Yields whether this process got the lock at once (another may hold it)."""

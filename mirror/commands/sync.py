@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 from tqdm import tqdm
 
+from mirror.cache.locks import lock_problem
 from mirror.config import Config, SyncConfig
 from mirror.pull.sync import RunResult, lock_name, new_run, run_locked
 from mirror.runtime import Mirror, open_mirror
@@ -42,11 +43,14 @@ async def _one(mirror: Mirror, rule: SyncConfig, dry_run: bool) -> int:
             print(f"mirror: sync: {rule.name}: offline mode: nothing can be fetched",
                   file=sys.stderr)
             return 1
-        result = await run_locked(rule, run, mirror.index,
-                                  mirror.store.lock_path(lock_name(rule)))
+        lock = mirror.store.lock_path(lock_name(rule))
+        result = await run_locked(rule, run, mirror.index, lock)
     if result is None:
-        print(f"mirror: sync: {rule.name}: running in another process (the server); "
-              "skipped", file=sys.stderr)
+        problem = lock_problem(lock)
+        print(f"mirror: sync: {rule.name}: " + (
+            "running in another process (the server); skipped" if problem is None else
+            f"its lock file cannot be made ({problem}): the cache dir is read-only or full; "
+            "nothing ran"), file=sys.stderr)
         return 1
     _report(result, dry_run)
     return 0 if result.ok else 1

@@ -102,7 +102,10 @@ async def _attached(proxy: Proxy, source: Source, repository: str,
             answer = await proxy.referrers(source, repository, subject, "")
             pending += _children(answer.body)
     found: list[bytes] = []
-    for reference in pending[:MAX_ATTACHED]:
+    for position in range(MAX_ATTACHED):  # what an index below adds is followed too
+        if position >= len(pending):
+            break
+        reference = pending[position]
         try:
             m = await proxy.manifest(source, repository, reference, ACCEPT_ALL, head=False)
         except RegistryError as exc:

@@ -9,7 +9,15 @@ and a tag the rule no longer selects drops out, and with it its pin.
 
 The server runs every rule every `interval` in one worker at a time (a flock per rule, which
 `mirror sync` takes too, so a rule never runs twice at once); a failed run is tried again
-the next interval. An upstream's 429 is waited out (its Retry-After) and the step retried.
+the next interval, and a rule a reload changed is run at the next check. An upstream's 429
+is waited out (its Retry-After) and the step retried.
+
+What the upstream lists is not trusted: names and tags outside the OCI grammar are skipped
+(a catalog's `team/../secret` must not pass a pattern the deny rules would refuse), a `Link`
+that comes back to a page already read ends the list, and the tags regex runs with a time
+limit per tag (the `regex` engine's), so a catastrophic pattern fails the rule, not the
+worker. A repository whose list could not be read keeps what the rule held for it, pinned:
+a failed run never unpins.
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import hashlib
 import json
 import logging
 import os
@@ -30,8 +39,10 @@ from urllib.parse import parse_qs, urlsplit
 from mirror import metrics
 from mirror.cache.index import Index
 from mirror.cache.locks import try_exclusive
+from mirror.cache.store import StorageFailed
 from mirror.config import SyncConfig
 from mirror.oci.errors import ErrorCode, RegistryError
+from mirror.oci.reference import validate_name, validate_tag
 from mirror.oci.rules import Pattern
 from mirror.pull.content import ContentStore
 from mirror.pull.images import (
@@ -52,6 +63,7 @@ MAX_PAGES = 100  # a repository's tags read at most (100 000: a hostile list end
 RATE_LIMIT_TRIES = 5  # a step refused with 429 this many times fails the image
 MAX_RATE_WAIT = 300.0  # seconds waited at most for one 429's Retry-After
 CHECK_SECONDS = 5.0  # how often the server looks for a rule that is due
+MATCH_SECONDS = 0.05  # the tags regex over one tag at most (a catastrophic pattern fails)
 T = TypeVar("T")
 
 
@@ -113,6 +125,8 @@ class RuleRun:
         self.store, self.index, self.progress = store, index, progress
         self.dry_run, self.sleep = dry_run, sleep
         self.result = RunResult(rule.name)
+        self._unlisted: set[str] = set()  # repositories whose tags could not be read
+        self._catalog_failed = False  # so the patterns' repositories are not known
 
     async def run(self) -> RunResult:
         done = self.index.synced(self.rule.name)
@@ -123,10 +137,22 @@ class RuleRun:
             digest = await self._image(image, repository, tag, done.get(image))
             if digest is not None:
                 kept[image] = digest
-        self.result.dropped = sorted(done.keys() - selected.keys())
+        unknown = {image: digest for image, digest in done.items()
+                   if image not in selected and self._unknown(image)}
+        kept.update(unknown)  # not listed this run: still held (and pinned)
+        self.result.dropped = sorted(done.keys() - selected.keys() - unknown.keys())
         if not self.dry_run:
             self.index.set_synced(self.rule.name, kept)
         return self.result
+
+    def _unknown(self, image: str) -> bool:
+        """Whether this run could not say if the rule still selects `image` (a held
+        `upstream/repository:tag`): its repository's list failed, or the catalog did."""
+        repository = image[len(self.source.name) + 1:].rpartition(":")[0]
+        if repository in self._unlisted:
+            return True
+        literal = {literal_name(p) for p in self.rule.repositories}
+        return self._catalog_failed and repository not in literal
 
     async def _selected(self) -> dict[str, tuple[str, str]]:
         """`upstream/repository:tag` → (repository, tag), for every tag the rule selects."""
@@ -138,12 +164,30 @@ class RuleRun:
             except RegistryError as exc:
                 if isinstance(exc, Denied) and not named:
                     continue  # a pattern's repository the rules deny: not the rule's
+                self._unlisted.add(repository)
                 self.result.failed.append((f"{self.source.name}/{repository}", exc.message))
                 continue
-            for tag in tags:
-                if self.rule.tags.search(tag):
-                    found[f"{self.source.name}/{repository}:{tag}"] = (repository, tag)
+            for tag in self._matching(repository, tags):
+                found[f"{self.source.name}/{repository}:{tag}"] = (repository, tag)
         return found
+
+    def _matching(self, repository: str, tags: list[str]) -> list[str]:
+        """The tags the rule's regex selects, of those that are tags at all."""
+        matching = []
+        for tag in tags:
+            try:
+                validate_tag(tag)
+                if self.rule.tags.search(tag, timeout=MATCH_SECONDS):
+                    matching.append(tag)
+            except RegistryError:
+                continue  # not an OCI tag: nothing a client could pull by it
+            except TimeoutError:
+                self._unlisted.add(repository)
+                self.result.failed.append((f"{self.source.name}/{repository}", (
+                    f"the tags regex {self.rule.tags_text!r} took over {MATCH_SECONDS}s on "
+                    f"tag {tag!r}: simplify it (no nested repetition like (a+)+)")))
+                return []
+        return matching
 
     async def _repositories(self) -> list[tuple[str, bool]]:
         """(repository, named by the rule rather than matched by a pattern)."""
@@ -159,9 +203,9 @@ class RuleRun:
                 self.result.failed.append((", ".join(p.text for p in patterns), "the "
                                            f"upstream's catalog: {exc.message} (patterns "
                                            "need /v2/_catalog: name the repositories)"))
-                listed = []
+                self._catalog_failed, listed = True, []
             named = {name for name, _ in found}
-            found += [(r, False) for r in listed if r not in named
+            found += [(r, False) for r in listed if r not in named and _is_name(r)
                       and any(p.matches(r) for p in patterns)]
         return found
 
@@ -170,14 +214,16 @@ class RuleRun:
         """Every page of a tags list or the catalog, following `Link` (bounded)."""
         items: list[str] = []
         last: str | None = None
+        asked: set[str] = set()
         for _ in range(MAX_PAGES):
             query = {"n": str(PAGE), **({"last": last} if last else {})}
             answer = await self._patient(functools.partial(get, query, ErrorCode.NAME_UNKNOWN))
             page = _page(answer.body, key)
             items += page
             last = next_page(answer.headers.get("Link"))
-            if last is None or not page:
+            if last is None or not page or last in asked:  # a Link back: the list is read
                 return items
+            asked.add(last)
         log.warning("sync: a list past its bound, the rest not read", extra={
             "rule": self.rule.name, "list": key, "items": len(items)})
         return items
@@ -200,7 +246,10 @@ class RuleRun:
             return str(digest)
         except RegistryError as exc:
             self.result.failed.append((image, exc.message))
-            return had  # what it held stays held (and pinned) until the new one is whole
+        except (StorageFailed, OSError) as exc:
+            self.result.failed.append((image, f"the cache disk could not store it (full or "
+                                       f"read-only?): {exc}; free space in the cache dir"))
+        return had  # what it held stays held (and pinned) until the new one is whole
 
     async def _patient(self, step: Callable[[], Awaitable[T]]) -> T:
         """`step`, with an upstream's 429 waited out (its Retry-After, bounded)."""
@@ -224,6 +273,14 @@ def _retry_after(headers: Mapping[str, str] | None) -> float:
         return 30.0
 
 
+def _is_name(repository: str) -> bool:
+    try:
+        validate_name(repository)
+    except RegistryError:
+        return False
+    return True
+
+
 def _page(body: bytes, key: str) -> list[str]:
     """The `tags` of a tags list page, the `repositories` of a catalog page."""
     try:
@@ -242,11 +299,20 @@ def lock_name(rule: SyncConfig) -> str:
     return f"sync-{rule.name}"
 
 
-def is_due(state: Mapping[str, Any], interval: float, now: float) -> bool:
-    """A rule never run is due; else `interval` after its last run started (so a failed run
-    is tried again the next interval, and a changed interval applies at once)."""
+def fingerprint(rule: SyncConfig) -> str:
+    """What a run of the rule selects and keeps (its interval aside): a change is run now."""
+    what = (rule.upstream, [p.text for p in rule.repositories], rule.tags_text,
+            rule.platforms, rule.pin, rule.referrers)
+    return hashlib.sha256(repr(what).encode()).hexdigest()[:16]
+
+
+def is_due(state: Mapping[str, Any], rule: SyncConfig, now: float) -> bool:
+    """A rule never run, or changed since its last run, is due; else `interval` after its
+    last run started (so a failed run is tried again the next interval, and a changed
+    interval applies at once)."""
     started = state.get("started")
-    return started is None or now >= float(started) + interval
+    return (started is None or state.get("rule") != fingerprint(rule)
+            or now >= float(started) + rule.interval)
 
 
 async def run_locked(rule: SyncConfig, run: RuleRun, index: Index, lock: Path,
@@ -261,7 +327,8 @@ async def run_locked(rule: SyncConfig, run: RuleRun, index: Index, lock: Path,
         started = time.time()
         if not run.dry_run:
             index.set_sync_state(rule.name, {**state, "started": started,
-                                             "running": os.getpid()})
+                                             "running": os.getpid(),
+                                             "rule": fingerprint(rule)})
         try:
             result = await run.run()
         except Exception as exc:  # a bug or the disk: recorded, tried again next interval
@@ -276,7 +343,7 @@ def _record(rule: SyncConfig, index: Index, state: Mapping[str, Any], started: f
             result: RunResult) -> None:
     finished = time.time()
     index.set_sync_state(rule.name, {
-        "started": started, "finished": finished, "ok": result.ok,
+        "started": started, "finished": finished, "ok": result.ok, "rule": fingerprint(rule),
         "summary": result.summary(), "cached": len(result.cached),
         "last_ok": finished if result.ok else state.get("last_ok")})
     metrics.SYNC_RUNS.labels(rule.name, "ok" if result.ok else "failed").inc()
@@ -318,7 +385,7 @@ class Scheduler:
 
     async def tick(self, rule: SyncConfig) -> RunResult | None:
         def due(state: Mapping[str, Any]) -> bool:
-            return is_due(state, rule.interval, time.time())
+            return is_due(state, rule, time.time())
 
         try:
             if not due(self.index.sync_state(rule.name)):

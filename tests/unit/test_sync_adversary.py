@@ -1,9 +1,9 @@
 """Sync rules (pull/sync.py, pull/images.py) against a hostile or broken upstream and an
 unlucky operator, over the real proxy, store and index with a fake source and no HTTP.
 
-The xfail(strict=True) tests are bugs found by trying to break the feature: each asserts the
-behaviour the README promises and fails today. The others guard properties that were tried
-and hold."""
+Each case was tried by an adversary review; those that were bugs then (a failed list
+unpinning, odd tags breaking eviction, dot segments past the deny rules, a looping Link, the
+tag schema's referrers, a changed rule waiting an interval) are regression tests now."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from mirror.oci.reference import digest_of
 from mirror.pull.downloads import Downloads
 from mirror.pull.images import Counter
 from mirror.pull.proxy import Proxy
-from mirror.pull.sync import MAX_PAGES, RuleRun, Scheduler, run_locked
+from mirror.pull.sync import RuleRun, Scheduler, run_locked
 from tests.unit.test_proxy_policy import (
     OCI_INDEX,
     OCI_MANIFEST,
@@ -65,10 +65,6 @@ class BrokenLists(TagSource):
         return await super().relay(repository, suffix, query, unknown)
 
 
-@pytest.mark.xfail(strict=True, reason="a tags list that fails (upstream down, 503, a non-JSON "
-                   "body) leaves the repository's tags out of `selected`, so run() drops them "
-                   "from the rule's record and set_synced() removes their pins: the README "
-                   "says 'what it held stays held' after a failed run")
 @pytest.mark.parametrize("failure", ["down", "html"])
 async def test_a_tags_list_that_fails_keeps_what_the_rule_held_pinned(
         world: Any, tmp_path: Path, failure: str) -> None:
@@ -106,12 +102,6 @@ class OddTags(TagSource):
         return Relayed(200, json.dumps({"name": repository, "tags": tags}).encode(), {})
 
 
-@pytest.mark.xfail(strict=True, reason="tags from the upstream's list are not checked against "
-                   "the OCI tag grammar ([A-Za-z0-9_][A-Za-z0-9._-]{0,127}) in "
-                   "RuleRun._selected; a pinned odd tag is written to the rule's record and "
-                   "eviction.pinned_digests -> parse_image raises on it: every eviction fails "
-                   "('cache maintenance failed'), and at the next start Maintenance._run's "
-                   "pins check, outside its try, ends the maintenance task for good")
 async def test_a_listed_tag_that_is_not_an_oci_tag_is_skipped_and_eviction_still_runs(
         world: Any, tmp_path: Path) -> None:
     w = world()
@@ -158,11 +148,6 @@ def _world_with_deny(tmp_path: Path, deny: list[str]) -> tuple[Any, World]:
     return config, World(proxy, FakeSource(), store, index)
 
 
-@pytest.mark.xfail(strict=True, reason="repository names from the upstream's catalog are not "
-                   "validated as OCI names in RuleRun._repositories: `team/**` matches "
-                   "'team/../secret/app', the deny on secret/** does not, and the real client "
-                   "builds /v2/team/../secret/app/... which yarl normalises to "
-                   "/v2/secret/app/...: a denied repository's images are cached")
 async def test_a_catalog_name_with_dot_segments_is_not_synced(tmp_path: Path) -> None:
     config, w = _world_with_deny(tmp_path, ["secret/**"])
     source = Catalog(["team/app", "team/../secret/app", "team/Upper", "team//x"])
@@ -190,10 +175,6 @@ class LoopingLink(TagSource):
             "Link": f'</v2/{repository}/tags/list?last=v1&n=1000>; rel="next"'})
 
 
-@pytest.mark.xfail(strict=True, reason="RuleRun._pages follows a Link whose `last` it has "
-                   f"already asked for, until MAX_PAGES ({MAX_PAGES}): a looping Link costs "
-                   "the upstream 100 requests per repository per run (rate limits), and the "
-                   "run reports ok")
 async def test_a_link_back_to_a_page_already_read_ends_the_list(
         world: Any, tmp_path: Path) -> None:
     w, source = world(), LoopingLink()
@@ -212,11 +193,6 @@ def _put(source: FakeSource, repository: str, reference: str, data: bytes,
     source.holds.add((repository, digest_of(data)))
 
 
-@pytest.mark.xfail(strict=True, reason="images._attached iterates `pending[:MAX_ATTACHED]`, a "
-                   "copy taken before the loop, so the children it appends from the tag "
-                   "schema's index (sha256-<hex>, the OCI 1.1 fallback for registries without "
-                   "the referrers API, such as distribution 2.8) are never fetched: with "
-                   "referrers = true the signatures are not cached")
 async def test_referrers_listed_by_the_tag_schema_index_are_cached(
         world: Any, tmp_path: Path) -> None:
     w, source = world(), TagSource()
@@ -248,10 +224,6 @@ async def test_referrers_listed_by_the_tag_schema_index_are_cached(
 
 # --- a reload that changes a rule -------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="Scheduler.tick/is_due only look at when the rule last "
-                   "started, not at what it was: a rule changed by SIGHUP (narrower tags, more "
-                   "repositories) is not run until its old interval ends, so tags it no "
-                   "longer selects keep their pins (and new ones wait) for up to `interval`")
 async def test_a_rule_changed_by_a_reload_is_run_at_the_next_check(
         world: Any, tmp_path: Path) -> None:
     w, source = world(), TagSource()

@@ -145,9 +145,9 @@ async def test_a_rule_whose_lock_is_held_does_not_run(world: Any, tmp_path: Path
     assert done is not None and done.ok
     state = w.index.sync_state(rule.name)
     assert state["ok"] is True and state["finished"] >= state["started"]
-    assert not is_due(state, rule.interval, state["started"] + rule.interval - 1)
-    assert is_due(state, rule.interval, state["started"] + rule.interval)
-    assert is_due({}, rule.interval, 0.0)
+    assert not is_due(state, rule, state["started"] + rule.interval - 1)
+    assert is_due(state, rule, state["started"] + rule.interval)
+    assert is_due({}, rule, 0.0)
 
 
 async def test_a_pattern_without_a_catalog_fails_the_run_and_names_what_to_do(
