@@ -232,7 +232,8 @@ def plan_purge(store: BlobStore, index: Index, target: Target, pins: Sequence[st
         if entry is None:
             raise NotCached(f"{target} is not in the cache (the tag is not known)")
         if target.reference in pinned_tags:
-            raise Pinned(f"{target} is pinned ([cache] pin): unpin it first")
+            raise Pinned(f"{target} is pinned ([cache] pin, or a [[sync]] rule with pin = "
+                         "true): unpin it first")
         plan.tags = {target.reference}
     else:
         digest = target.reference
@@ -240,7 +241,8 @@ def plan_purge(store: BlobStore, index: Index, target: Target, pins: Sequence[st
         if not store.has(digest) and digest not in held and not named:
             raise NotCached(f"{target} is not in the cache")
         if digest in pinned:
-            raise Pinned(f"{target} is pinned ([cache] pin), or part of a pinned image: "
+            raise Pinned(f"{target} is pinned ([cache] pin or a pinning [[sync]] rule), or part "
+                         "of a pinned image: "
                          "unpin it first")
         plan.tags, roots = named, {digest}
     roots |= {d for t in plan.tags if (d := _digest(tags[t])) is not None}
