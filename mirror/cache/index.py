@@ -652,6 +652,15 @@ class Index:
     def _access_key(upstream: str, repository: str, digest: Digest) -> str:
         return f"acl\0{upstream}\0{repository}\0{digest}"
 
+    def add_count(self, key: str, delta: int, ttl: float) -> int:
+        """A counter shared by the workers (failed logins per address), gone after `ttl`
+        seconds. A failing index answers `delta`: the count of this process's attempt alone."""
+        full, value = f"count\0{key}", delta
+        with self.db.transact():  # guarded: a failure is logged and counted, not raised
+            value = int(self.db.get(full, 0)) + delta
+            self.db.set(full, value, expire=ttl)
+        return value
+
     def remember_access(self, upstream: str, repository: str, digest: Digest) -> None:
         self.db.set(self._access_key(upstream, repository, digest), True)
 

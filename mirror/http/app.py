@@ -308,7 +308,6 @@ def build_app(config: Config) -> web.Application:
     app.router.add_route("*", "/v2/{tail:.*}", v2)
     app[access.AUTHENTICATOR] = access.build_authenticator(config)
     app[access.GRANTS] = access.build_grants(config)
-    app[access.LIMITER] = FailureLimiter()
     app.router.add_get("/token", access.token)
     install_ops(app, config)  # the operator's pages: /, /metrics, /healthz, /readyz
     app.router.add_route("*", "/_cluster/{tail:.*}", cluster)  # the nodes' own API
@@ -320,6 +319,7 @@ def build_app(config: Config) -> web.Application:
 async def _lifecycle(app: web.Application, config: Config):  # type: ignore[no-untyped-def]
     async with open_mirror(config) as mirror:
         app[MIRROR] = mirror
+        app[access.LIMITER] = FailureLimiter(counters=mirror.index)  # shared by the workers
         mirror.reloaders.append(functools.partial(_reload_edge, app))
         if mirror.sync is not None:
             mirror.sync.start()  # the server's alone: the commands run rules themselves

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import bcrypt
 from cachetools import TTLCache
@@ -77,37 +78,56 @@ class Identity:
         return self.user == ANONYMOUS
 
 
+class Counters(Protocol):
+    """Counters that expire, shared by every process that checks logins (cache/index.py's
+    Index.add_count with workers; MemoryCounters alone). Used by FailureLimiter.attempt and
+    .succeeded: add `delta` to `key` and answer the new count."""
+
+    def add_count(self, key: str, delta: int, ttl: float) -> int: ...
+
+
+class MemoryCounters:
+    """One process's counters (the unit tests', or a limiter without an index)."""
+
+    def __init__(self, maxsize: int = 65536, ttl: float = 2 * FAILURE_WINDOW,
+                 timer: Callable[[], float] = time.time) -> None:
+        self._counts: TTLCache[str, int] = TTLCache(maxsize=maxsize, ttl=ttl, timer=timer)
+
+    def add_count(self, key: str, delta: int, ttl: float) -> int:
+        self._counts[key] = self._counts.get(key, 0) + delta
+        return self._counts[key]
+
+
 class FailureLimiter:
-    """Failed logins per client address in fixed windows: after `limit` failures (attempts in
-    progress included) an address is refused until its window ends. Bounded memory (the least
-    recent addresses go first)."""
+    """Failed logins per client address in fixed windows of wall-clock time (the same for
+    every worker: the counts are shared): after `limit` failures (attempts in progress
+    included) an address is refused until its window ends."""
 
     def __init__(self, limit: int = FAILED_LOGINS_PER_WINDOW, window: float = FAILURE_WINDOW,
-                 timer: Callable[[], float] = time.monotonic, maxsize: int = 65536) -> None:
+                 timer: Callable[[], float] = time.time, counters: Counters | None = None
+                 ) -> None:
         self.limit = limit
         self.window = window
         self.timer = timer
-        # address -> [window start, failures]
-        self._windows: TTLCache[str, list[float]] = TTLCache(maxsize=maxsize, ttl=window,
-                                                             timer=timer)
+        self.counters: Counters = counters or MemoryCounters(timer=timer)
+
+    def _key(self, address: str) -> tuple[str, float]:
+        """The address's counter in this window, and when the window ends."""
+        number = math.floor(self.timer() / self.window)
+        return f"login-failures\0{address}\0{number}", (number + 1) * self.window
 
     def attempt(self, address: str) -> int | None:
         """Count an attempt before checking it (so that concurrent attempts count too):
         None when it may go ahead, else the seconds until the address may try again."""
-        entry = self._windows.get(address)
-        if entry is None:
-            self._windows[address] = [self.timer(), 1.0]
+        key, ends = self._key(address)
+        if self.counters.add_count(key, 1, 2 * self.window) <= self.limit:
             return None
-        if entry[1] >= self.limit:
-            return max(1, math.ceil(entry[0] + self.window - self.timer()))
-        entry[1] += 1
-        return None
+        return max(1, math.ceil(ends - self.timer()))
 
     def succeeded(self, address: str) -> None:
         """A good password does not count against its address."""
-        entry = self._windows.get(address)
-        if entry is not None and entry[1] > 0:
-            entry[1] -= 1
+        key, _ = self._key(address)
+        self.counters.add_count(key, -1, 2 * self.window)
 
 
 class Authenticator:

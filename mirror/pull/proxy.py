@@ -112,6 +112,9 @@ class Proxy:
         # allows): a refused image's layers are not fetched.
         self.prefetch_held: Callable[[str, str], bool] | None = None
         self._any_private = any_private
+        # With access rules, who may read a digest depends on the repository it is asked
+        # under: every digest is then confirmed per (upstream, repository), as private ones are.
+        self._scoped = bool(config.auth.rules)
         self._public: LRUCache[Digest, bool] = LRUCache(CONFIRMATIONS_IN_MEMORY)
         self._confirmed: LRUCache[tuple[str, str, Digest], bool] = LRUCache(
             CONFIRMATIONS_IN_MEMORY)
@@ -124,6 +127,7 @@ class Proxy:
         """A reload: the new [cache] policy (tag_ttl, offline, prefetch) and rules; tags
         remembered in memory are forgotten (the index still has them, with their age)."""
         self.config, self.offline, self.rules = config, config.cache.offline, config.rules
+        self._scoped = bool(config.auth.rules)
         self._tags = self._tag_memory(config.cache.tag_ttl)
         self._name_denial_series(config)
 
@@ -586,8 +590,12 @@ class Proxy:
     # Content that entered with credentials (an upstream with credentials, or one whose
     # clients must authenticate) is "private": it is served under an (upstream, repository)
     # only once that upstream, asked with its own credentials or anonymously, confirmed the
-    # repository holds it. What an anonymous upstream served is "public" for every name.
+    # repository holds it. What an anonymous upstream served is "public" for every name,
+    # unless access rules are in force: then a digest cached under a repository one caller
+    # may pull is not served to another under a name the upstream has not confirmed.
     def _is_private(self, digest: Digest) -> bool:
+        if self._scoped:
+            return True
         if digest in self._public:  # public is final: kept in memory, off the hot path
             return False
         provenance = self.index.provenance(digest)
@@ -605,9 +613,9 @@ class Proxy:
 
     def _served_by(self, source: Source, repository: str, digest: Digest) -> None:
         """The source answered for `digest` under `repository`."""
-        if source.private:
+        if source.private or self._scoped:
             self.index.remember_access(source.name, repository, digest)
-        else:
+        if not source.private:
             self.index.mark_public(digest)
 
     async def _confirm_access(self, source: Source, repository: str, digest: Digest,
