@@ -30,10 +30,11 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from mirror.cache.index import Index, TagEntry
+from mirror.cache.locks import exclusive
 from mirror.cache.store import BlobStore
 from mirror.oci.errors import RegistryError
 from mirror.oci.mediatypes import manifest_references
@@ -356,3 +357,38 @@ def execute(store: BlobStore, index: Index, plan: Plan) -> Result:
         index.forget_provenance(digest)
         result.blobs += 1
     return result
+
+
+class Busy(Exception):
+    """An eviction or another purge holds the cache (locks/evict.lock) past the wait."""
+
+
+@dataclass(frozen=True)
+class Outcome:
+    plan: Plan
+    result: Result | None  # None: a dry run
+    deleted: int = 0  # bucket objects deleted
+    failed: int = 0  # bucket deletions failed (the first failure ends them)
+
+
+async def purge_target(store: BlobStore, index: Index, target: Target, pins: Sequence[str],
+                       upstreams: Sequence[str], wait: float, dry_run: bool = False,
+                       delete: Callable[[Digest], Awaitable[bool]] | None = None) -> Outcome:
+    """Plan and (unless `dry_run`) execute a purge, one at a time with eviction and other
+    purges; then `delete` each purged blob's bucket object (with [s3]). Used by `mirror
+    purge` and the status page's cache browser. Raises Busy, NotCached or Pinned."""
+    async with exclusive(str(store.lock_path("evict")), wait) as locked:
+        if not locked:
+            raise Busy(f"{target}: the cache is being evicted or purged by another process; "
+                       "try again shortly")
+        plan = plan_purge(store, index, target, pins, upstreams)
+        if dry_run:
+            return Outcome(plan, None)
+        result = execute(store, index, plan)
+    deleted = failed = 0
+    for digest in sorted(plan.bucket - result.in_flight, key=str) if delete else ():
+        if delete is None or not await delete(digest):
+            failed += 1
+            break  # the bucket is unusable now
+        deleted += 1
+    return Outcome(plan, result, deleted, failed)

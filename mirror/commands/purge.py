@@ -10,8 +10,15 @@ from collections.abc import Sequence
 
 from mirror.cache.eviction import pins
 from mirror.cache.index import Index
-from mirror.cache.locks import exclusive
-from mirror.cache.purge import NotCached, Pinned, Plan, Result, Target, execute, plan_purge
+from mirror.cache.purge import (
+    Busy,
+    NotCached,
+    Pinned,
+    Plan,
+    Result,
+    Target,
+    purge_target,
+)
 from mirror.cache.store import BlobStore
 from mirror.commands.status import human
 from mirror.config import Config
@@ -41,35 +48,21 @@ async def purge(config: Config, targets: Sequence[str], dry_run: bool) -> int:
 
 async def _one(config: Config, store: BlobStore, index: Index, target: Target, dry_run: bool,
                keeper: BucketKeeper | None) -> bool:
-    names = [u.name for u in config.upstreams]
-    # One at a time with eviction and other purges (the server's eviction skips a round).
-    async with exclusive(str(store.lock_path("evict")), LOCK_WAIT) as locked:
-        if not locked:
-            print(f"mirror: purge: {target}: the cache is being evicted or purged by another "
-                  "process; try again shortly", file=sys.stderr)
-            return False
-        try:
-            plan = plan_purge(store, index, target, pins(config, index), names)
-        except (NotCached, Pinned) as exc:
-            print(f"mirror: purge: {exc}", file=sys.stderr)
-            return False
-        if dry_run:
-            _print_plan(plan)
-            return True
-        result = execute(store, index, plan)
-    deleted = failed = 0
-    if keeper is not None:
-        for digest in sorted(plan.bucket - result.in_flight, key=str):
-            if await keeper.bucket.delete(digest):
-                deleted += 1
-            else:
-                failed += 1
-                break  # the bucket is unusable now
-    print(_summary(plan, result)
-          + (f"; bucket: {deleted} objects deleted" if keeper is not None else "")
-          + (f" ({failed} failed: {keeper.bucket.last_error})"
-             if keeper is not None and failed else ""))
-    return not failed
+    try:
+        outcome = await purge_target(
+            store, index, target, pins(config, index), [u.name for u in config.upstreams],
+            LOCK_WAIT, dry_run, None if keeper is None else keeper.bucket.delete)
+    except (Busy, NotCached, Pinned) as exc:
+        print(f"mirror: purge: {exc}", file=sys.stderr)
+        return False
+    if outcome.result is None:
+        _print_plan(outcome.plan)
+        return True
+    print(_summary(outcome.plan, outcome.result)
+          + (f"; bucket: {outcome.deleted} objects deleted" if keeper is not None else "")
+          + (f" ({outcome.failed} failed: {keeper.bucket.last_error})"
+             if keeper is not None and outcome.failed else ""))
+    return not outcome.failed
 
 
 def _print_plan(plan: Plan) -> None:
