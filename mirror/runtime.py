@@ -12,6 +12,7 @@ import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import aiohttp
 
@@ -30,9 +31,11 @@ from mirror.pull.source import Source
 from mirror.pull.sync import Scheduler, new_run
 from mirror.pull.trust import Trust
 from mirror.tiers.bounds import BucketKeeper
-from mirror.tiers.bucket import Bucket, BucketBlob, open_bucket
 from mirror.tiers.source import TieredSource, WriteBehind
 from mirror.upstream.client import Upstream
+
+if TYPE_CHECKING:  # aiobotocore (~13 MiB resident a worker) is imported only with [s3]
+    from mirror.tiers.bucket import Bucket, BucketBlob
 
 log = logging.getLogger("mirror")
 
@@ -141,6 +144,7 @@ async def open_bucket_tier(config: Config, store: BlobStore, index: Index
                            ) -> AsyncIterator[BucketKeeper]:
     """For the commands: the bucket with its index kept (no write-behind)."""
     assert config.s3 is not None
+    from mirror.tiers.bucket import open_bucket
     async with open_bucket(config.s3) as bucket:
         bucket.on_present, bucket.on_gone = index.bucket_add, index.bucket_remove
         yield BucketKeeper(config, store, index, bucket)
@@ -267,6 +271,7 @@ async def _tiers(config: Config, stack: AsyncExitStack, store: BlobStore, index:
     (its uploads a kill -9 interrupted aborted first). Without: the upstreams themselves."""
     if config.s3 is None:
         return None, lambda u: u, None
+    from mirror.tiers.bucket import open_bucket
     bucket = await stack.enter_async_context(open_bucket(config.s3))
     bucket.on_present, bucket.on_gone = index.bucket_add, index.bucket_remove
     if (problem := await bucket.check()) is not None:

@@ -22,6 +22,7 @@ import logging
 import time
 from collections.abc import Callable, Container, Iterable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from mirror import metrics
 from mirror.cache.eviction import pinned_digests, pins
@@ -30,7 +31,9 @@ from mirror.cache.locks import try_exclusive
 from mirror.cache.store import BlobStore
 from mirror.config import Config, S3Config
 from mirror.oci.reference import Digest
-from mirror.tiers.bucket import FAILURES, Bucket
+
+if TYPE_CHECKING:  # aiobotocore is imported only with [s3] (runtime.py opens the bucket)
+    from mirror.tiers.bucket import Bucket
 
 log = logging.getLogger("mirror.bucket")
 
@@ -124,6 +127,7 @@ class BucketKeeper:
         listing failed."""
         if self.index.bucket_known(identity(self.s3)):
             return True
+        from mirror.tiers.bucket import FAILURES  # loaded already: self.bucket exists
         listed = []
         try:
             async for item in self.bucket.listing():

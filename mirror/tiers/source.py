@@ -21,12 +21,15 @@ import contextlib
 import logging
 import os
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from mirror import metrics
 from mirror.oci.reference import Digest
 from mirror.pull.content import ContentStore
 from mirror.pull.source import BlobStream, Source, SourceWrapper
-from mirror.tiers.bucket import Bucket, BucketBlob
+
+if TYPE_CHECKING:  # aiobotocore is imported only with [s3] (runtime.py opens the bucket)
+    from mirror.tiers.bucket import Bucket, BucketBlob
 
 log = logging.getLogger("mirror.bucket")
 
