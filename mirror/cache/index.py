@@ -158,6 +158,23 @@ def _open(directory: Path) -> diskcache.Cache:
                          statistics=False)
 
 
+OPEN_BUSY_SECONDS = 30.0  # how long a starting worker waits for the others' writes
+
+
+def _open_when_free(directory: Path) -> diskcache.Cache:
+    """Other workers writing make SQLite answer "database is locked" to one opening it: that
+    is waited out, never taken for a full disk (a worker on a private copy would keep tags and
+    pins the others never see)."""
+    deadline = time.monotonic() + OPEN_BUSY_SECONDS
+    while True:
+        try:
+            return _open(directory)
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() >= deadline:
+                raise
+            time.sleep(0.01)
+
+
 READ_ONLY_COPY_LIMIT = 256 * 1024 * 1024  # bytes of a read-only index copied to a temp dir
 
 
@@ -208,7 +225,7 @@ class Index:
 
     def _open(self, directory: Path) -> None:
         try:
-            self.db = _open(directory)
+            self.db = _open_when_free(directory)
             diskcache.Cache.get(self.db, ENTRIES_COMPLETE)  # unguarded: does it read at all?
         except (sqlite3.OperationalError, OSError) as exc:
             if self._temporary is not None:

@@ -10,7 +10,7 @@ from mirror.cache.index import Index
 from mirror.oci.reference import parse_digest
 
 WORKERS = 8
-WRITE_TRIES = 5
+WRITE_TRIES = 50
 DIGEST = parse_digest("sha256:" + "ab" * 32)
 
 
@@ -32,8 +32,10 @@ def _open_and_write(directory: str, start: object, results: object) -> None:
         for _ in range(WRITE_TRIES):
             index.set_tag("up", "repo", tag, DIGEST, "application/x")
             if index.get_tag("up", "repo", tag) is not None:
-                break
-        results.put("ok")  # type: ignore[attr-defined]
+                results.put("ok" if index._temporary is None  # type: ignore[attr-defined]
+                            else f"{tag}: on a temporary copy, not the shared index")
+                return
+        results.put(f"{tag}: never read its write back")  # type: ignore[attr-defined]
     except Exception as exc:  # the test reports what a worker hit
         results.put(f"{type(exc).__name__}: {exc}")  # type: ignore[attr-defined]
 
