@@ -1,4 +1,4 @@
-"""A worker without [s3] does not pay for aiobotocore (~13 MiB resident per worker, measured by ru_maxrss)."""
+"""A worker without [s3] does not pay for aiobotocore (~13 MiB resident a worker, by ru_maxrss)."""
 import subprocess
 import sys
 
