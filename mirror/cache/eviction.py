@@ -230,13 +230,13 @@ def _pinned(config: Config, store: BlobStore, index: Index) -> set[Digest]:
 
 
 def pins(config: Config, index: Index) -> list[str]:
-    """`[cache] pin`, and the tags the `pin = true` sync rules select, each also by the digest
-    the rule last cached whole for it (kept while the tag moves on and the new image
-    downloads)."""
+    """`[cache] pin`, the pins admins made in the cache browser, and the tags the `pin = true`
+    sync rules select, each also by the digest the rule last cached whole for it (kept while
+    the tag moves on and the new image downloads)."""
     synced = [pin for rule in config.syncs if rule.pin
               for image, digest in index.synced(rule.name).items()
               for pin in (image, f"{image.rpartition(':')[0]}@{digest}")]
-    return [*config.cache.pin, *synced]
+    return [*config.cache.pin, *index.runtime_pins(), *synced]
 
 
 def _in_use_since() -> float:

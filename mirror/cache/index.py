@@ -453,6 +453,23 @@ class Index:
     def set_synced(self, rule: str, images: dict[str, str]) -> None:
         self.db.set(f"synced\0{rule}", images)
 
+    # pins an admin made at run time (the cache browser), beside `[cache] pin` ---------------
+    def add_pin(self, image: str, user: str) -> None:
+        """`image` as `upstream/repository:tag` or `…@digest` (str of an ImageRef)."""
+        self.db.set(f"pin\0{image}", (user, time.time()))
+
+    def remove_pin(self, image: str) -> bool:
+        return bool(self.db.delete(f"pin\0{image}"))
+
+    def runtime_pins(self) -> dict[str, tuple[str, float]]:
+        """image → (the admin who pinned it, when)."""
+        found = {}
+        for key in self.scan("pin\0"):
+            value = self.db.get(key)
+            if value:
+                found[key[4:]] = (str(value[0]), float(value[1]))
+        return found
+
     # the status page's history (http/history.py): one row of counters per slot ------------
     def history_slot(self) -> int:
         return int(self.db.get("history-slot", -1))
@@ -715,6 +732,10 @@ class Index:
                 if value is not None:
                     with contextlib.suppress(Exception):
                         yield Entry(parse_digest(key[2:]), value[0], value[1], value[2])
+
+    def entry(self, digest: Digest) -> Entry | None:
+        value = self.db.get(f"e\0{digest}")
+        return None if value is None else Entry(digest, value[0], value[1], value[2])
 
     def entries_complete(self) -> bool:
         return bool(self.db.get(ENTRIES_COMPLETE))

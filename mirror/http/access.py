@@ -32,6 +32,8 @@ AUTHENTICATOR: web.AppKey[Authenticator | None] = web.AppKey("authenticator")
 GRANTS: web.AppKey[Grants] = web.AppKey("grants", Grants)
 LIMITER: web.AppKey[FailureLimiter] = web.AppKey("limiter", FailureLimiter)
 
+_IDENTITY = "mirror.identity"  # the request's, once identity() found it
+
 log = logging.getLogger("mirror.access")
 
 
@@ -68,6 +70,14 @@ def _client(request: web.Request) -> str:
 async def identity(request: web.Request) -> Identity | None:
     """Who the request's Authorization proves, or None. Basic credentials count against the
     client address's failed-login budget: past it, 429 until its window ends."""
+    if _IDENTITY in request:  # asked twice (a page and its checks): one login attempt
+        return request[_IDENTITY]  # type: ignore[no-any-return]
+    who = await _identify(request)
+    request[_IDENTITY] = who
+    return who
+
+
+async def _identify(request: web.Request) -> Identity | None:
     auth = request.app[AUTHENTICATOR]
     header = request.headers.get("Authorization")
     if auth is None or not header:

@@ -19,7 +19,7 @@ from urllib.parse import urlencode
 from aiohttp import web, web_protocol
 
 from mirror.config import Config
-from mirror.http import access, activity
+from mirror.http import access, activity, browser
 from mirror.http.catalog import catalog
 from mirror.http.clientaddr import client_address
 from mirror.http.clientauth import FailureLimiter, load_htpasswd
@@ -310,6 +310,7 @@ def build_app(config: Config) -> web.Application:
     app[access.GRANTS] = access.build_grants(config)
     app.router.add_get("/token", access.token)
     install_ops(app, config)  # the operator's pages: /, /metrics, /healthz, /readyz
+    browser.install(app)  # the cache browser: /cache…
     app.router.add_route("*", "/_cluster/{tail:.*}", cluster)  # the nodes' own API
     app.router.add_route("*", "/{tail:.*}", not_found)
     app.cleanup_ctx.append(lambda a: _lifecycle(a, config))

@@ -298,7 +298,7 @@ def _policies(view: StatusView) -> str:
             f"<th>image</th><th>why</th></tr>{denied}</table>")
 
 
-def _when(at: float | None) -> str:
+def when_utc(at: float | None) -> str:
     return "—" if at is None else time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(at))
 
 
@@ -314,9 +314,9 @@ def _syncs(view: StatusView) -> str:
         rows.append(
             f'<tr class="sync-rule" data-name="{html.escape(r.name)}">'
             f"<td>{html.escape(r.name)}</td><td>{html.escape(r.what)}</td>"
-            f'<td data-value="{r.finished or ""}">{_when(r.finished)}</td>'
+            f'<td data-value="{r.finished or ""}">{when_utc(r.finished)}</td>'
             f'<td class="{cls}">{state}</td><td>{html.escape(r.summary)}</td>'
-            f'<td data-value="{r.next_run or ""}">{_when(r.next_run)}</td>'
+            f'<td data-value="{r.next_run or ""}">{when_utc(r.next_run)}</td>'
             f'<td data-value="{r.images}">{r.images}{" pinned" if r.pin else ""}</td></tr>')
     return ("<table><tr><th>rule</th><th>what</th><th>last run (UTC)</th><th>result</th>"
             "<th></th><th>next run</th><th>images</th></tr>" + "".join(rows) + "</table>")
@@ -389,7 +389,8 @@ def render(view: StatusView) -> str:
 <h1>Registry mirror</h1>
 <div class="sub">version {html.escape(__version__)} · {view.workers} worker(s) · up
 {human_seconds(view.generated - view.started)} · {generated} · refreshes every
-{REFRESH_SECONDS}s · <a href="/metrics">/metrics</a> · <a href="/readyz">/readyz</a></div>
+{REFRESH_SECONDS}s · <a href="/cache">cache browser</a> · <a href="/metrics">/metrics</a> ·
+<a href="/readyz">/readyz</a></div>
 <h2>Cache</h2>
 {"".join(f'<p class="bad warning">{html.escape(w)}</p>' for w in view.warnings)}
 {_bar(use, use_label)}
