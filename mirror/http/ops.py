@@ -100,7 +100,7 @@ async def status_page(request: web.Request) -> web.Response:
             name, u.config.url, u.reachable, u.last_error,
             remaining if has_limit else None, limit if has_limit else None,
             metrics.total(snapshot, "mirror_upstream_requests_total", upstream=name),
-            offline=mirror.offline))
+            offline=mirror.offline, last_reached=u.last_answer, down_since=u.down_since))
     view = statuspage.StatusView(
         **statuspage.counts_from(snapshot),
         ratio_start=history.since_start([{"at": 0.0, **history.values(snapshot)}]),
@@ -124,6 +124,7 @@ async def status_page(request: web.Request) -> web.Response:
         syncs=[sync_view(rule, mirror) for rule in mirror.config.syncs],
         warnings=await asyncio.to_thread(pins_over_bounds, mirror.config, mirror.store,
                                          mirror.index) if pins(mirror.config, mirror.index) else [],
+        offline=mirror.offline,
     )
     return web.Response(body=statuspage.render(view).encode(), headers={
         "Content-Type": "text/html; charset=utf-8", "Cache-Control": "no-store"})

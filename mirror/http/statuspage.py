@@ -33,6 +33,8 @@ class UpstreamView:
     ratelimit_limit: float | None
     requests: float
     offline: bool = False  # `offline = true`: never contacted
+    last_reached: float | None = None  # wall-clock seconds, this worker's view
+    down_since: float | None = None
 
 
 @dataclass(frozen=True)
@@ -114,6 +116,11 @@ class StatusView:
     bytes_from_upstream: float
     downloads_in_flight: float
     followers: float
+    disk_free: float
+    disk_size: float
+    stale: float  # answers from the cache because the upstream failed
+    errors: float  # 5xx responses
+    denied: float  # 403 responses (access rules, [[upstream]] allow/deny, policies)
     downloads: list[InFlight]
     upstreams: list[UpstreamView]
     top: list[tuple[str, int]]
@@ -130,12 +137,15 @@ class StatusView:
     warnings: list[str] = field(default_factory=list)
     denials: list[tuple[float, str, str, str]] = field(default_factory=list)  # newest last
     syncs: list[SyncView] = field(default_factory=list)
+    offline: bool = False
 
 
 def counts_from(snapshot: metrics.Samples) -> dict[str, float]:
     """The page's counters, read from one scrape."""
     t = metrics.total
     hits = sum(t(snapshot, "mirror_cache_requests_total", result=r) for r in FROM_CACHE)
+    statuses = [(dict(labels).get("status", ""), v) for (name, labels), v in snapshot.items()
+                if name == "mirror_http_requests_total"]
     return {
         "cache_bytes": t(snapshot, "mirror_cache_bytes"),
         "cache_max_bytes": t(snapshot, "mirror_cache_max_bytes"),
@@ -147,6 +157,11 @@ def counts_from(snapshot: metrics.Samples) -> dict[str, float]:
         "bytes_from_upstream": t(snapshot, "mirror_served_bytes_total", source="upstream"),
         "downloads_in_flight": t(snapshot, "mirror_downloads_in_flight"),
         "followers": t(snapshot, "mirror_download_followers"),
+        "disk_free": t(snapshot, "mirror_cache_disk_free_bytes"),
+        "disk_size": t(snapshot, "mirror_cache_disk_size_bytes"),
+        "stale": t(snapshot, "mirror_stale_answers_total"),
+        "errors": sum(v for status, v in statuses if status.startswith("5")),
+        "denied": sum(v for status, v in statuses if status == "403"),
     }
 
 
@@ -217,9 +232,20 @@ def _upstreams(view: StatusView) -> str:
             f'<td class="ratelimit" data-value="'
             f'{"" if u.ratelimit_remaining is None else f"{u.ratelimit_remaining:g}"}">'
             f'{html.escape(limit)}</td>'
-            f'<td class="requests" data-value="{u.requests:g}">{u.requests:g}</td></tr>')
+            f'<td class="requests" data-value="{u.requests:g}">{u.requests:g}</td>'
+            f'<td class="last-reached" data-value="{u.last_reached or ""}">'
+            f'{when_utc(u.last_reached)}</td><td class="down-since" data-value="'
+            f'{u.down_since or ""}">{when_utc(u.down_since)}</td></tr>')
     return ('<table><tr><th>upstream</th><th>url</th><th>state</th><th>rate limit left</th>'
-            '<th>requests</th></tr>' + "".join(rows) + "</table>")
+            '<th>requests</th><th>last reached (UTC)</th><th>down since</th></tr>'
+            + "".join(rows) + "</table>")
+
+
+def _offline(view: StatusView) -> str:
+    if not view.offline:
+        return ""
+    return ('<p class="bad" id="offline">Offline mode (<code>[cache] offline = true</code>): '
+            "no upstream is contacted; only cached content is served.</p>")
 
 
 def _cluster(c: ClusterView) -> str:
@@ -369,6 +395,11 @@ def render(view: StatusView) -> str:
         ("Hits / misses", _num("hits", view.hits, f"{view.hits:g}") + " / "
          + _num("misses", view.misses, f"{view.misses:g}")),
         ("Requests", _num("requests", view.requests, f"{view.requests:g}")),
+        ("Errors (5xx) / denied (403)", _num("errors", view.errors, f"{view.errors:g}") + " / "
+         + _num("denied", view.denied, f"{view.denied:g}")),
+        ("Stale answers (upstream failed)", _num("stale", view.stale, f"{view.stale:g}")),
+        ("Disk free", _num("disk-free", view.disk_free, human_bytes(view.disk_free)) + " of "
+         + _num("disk-size", view.disk_size, human_bytes(view.disk_size))),
         ("Served from cache", _num("bytes-from-cache", view.bytes_from_cache,
                                    human_bytes(view.bytes_from_cache))),
         ("Served from upstream", _num("bytes-from-upstream", view.bytes_from_upstream,
@@ -391,6 +422,7 @@ def render(view: StatusView) -> str:
 {human_seconds(view.generated - view.started)} · {generated} · refreshes every
 {REFRESH_SECONDS}s · <a href="/cache">cache browser</a> · <a href="/metrics">/metrics</a> ·
 <a href="/readyz">/readyz</a></div>
+{_offline(view)}
 <h2>Cache</h2>
 {"".join(f'<p class="bad warning">{html.escape(w)}</p>' for w in view.warnings)}
 {_bar(use, use_label)}

@@ -83,6 +83,7 @@ class Upstream:
         self.last_failure: float | None = None
         self.last_error: str | None = None
         self._up: bool | None = None
+        self.down_since: float | None = None  # the first failure after the last answer
         # Told when this worker's view of reachability changes: (name, up, error).
         self.on_health: Callable[[str, bool, str], None] | None = None
         # No total timeout (it would kill large layers) and no bound on waiting for a pooled
@@ -303,6 +304,7 @@ class Upstream:
     def _changed(self, up: bool, error: str) -> None:
         if self._up is not up:
             self._up = up
+            self.down_since = None if up else time.time()
             if self.on_health is not None:
                 self.on_health(self.name, up, error)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import re
 import socket
 import time
 from collections.abc import AsyncIterator
@@ -156,8 +157,34 @@ async def test_offline_sends_nothing_upstream(
     async with client.get(f"{base}/v2/r/manifests/v1") as resp:
         assert resp.status == 404
     assert seen == []
-    assert "offline" in page and "unreachable" not in page
+    assert "offline" in page and "unreachable" not in page and 'id="offline"' in page
     assert report["upstreams"]["up.test"]["offline"] is True
+
+
+def _cell(page: str, upstream: str, cls: str) -> str:
+    row = re.search(rf'<tr class="upstream" data-name="{re.escape(upstream)}">.*?</tr>', page)
+    assert row, page
+    found = re.search(rf'<td class="{cls}" data-value="([^"]*)"', row.group(0))
+    assert found, row.group(0)
+    return found.group(1)
+
+
+async def test_the_status_page_says_when_each_upstream_was_reached_or_went_down(
+        counting_upstream: tuple[str, list[str]], start_mirror: MirrorFactory,
+        client: aiohttp.ClientSession) -> None:
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{s.getsockname()[1]}"
+    before = time.time()
+    base = await start_mirror(upstreams=[{"name": "up.test", "url": counting_upstream[0]},
+                                         {"name": "down.test", "url": closed}])
+    async with client.get(f"{base}/") as resp:  # probes both
+        page = await resp.text()
+    assert float(_cell(page, "up.test", "last-reached")) >= before
+    assert _cell(page, "up.test", "down-since") == ""
+    assert float(_cell(page, "down.test", "down-since")) >= before
+    assert _cell(page, "down.test", "last-reached") == ""
+    assert 'id="offline"' not in page and 'id="disk-free" data-value="' in page
 
 
 # --- 4 ------------------------------------------------------------------------------------------

@@ -135,10 +135,18 @@ def test_status_page_in_chromium(tmp_path: Path, mirror_factory: MirrorFactory,
             ("cache-bytes", "mirror_cache_bytes", {}),
             ("cache-max-bytes", "mirror_cache_max_bytes", {}),
             ("cache-entries", "mirror_cache_entries", {}),
-            ("downloads-in-flight", "mirror_downloads_in_flight", {})):
+            ("downloads-in-flight", "mirror_downloads_in_flight", {}),
+            ("disk-size", "mirror_cache_disk_size_bytes", {}),
+            ("stale", "mirror_stale_answers_total", {})):
         assert numbers[page_id] == total(metrics, metric, **labels), page_id
     assert numbers["bytes-from-cache"] >= sum(b.size for b in test_images.small.blobs)
     assert numbers["cache-bytes"] > 0 and numbers["cache-entries"] >= 3
+    assert 0 < numbers["disk-free"] < numbers["disk-size"]
+    assert numbers["disk-free"] == pytest.approx(  # the disk is written to in between
+        total(metrics, "mirror_cache_disk_free_bytes"), rel=0.01)
+    assert numbers["errors"] == sum(v for (n, ls), v in metrics.items()
+                                    if n == "mirror_http_requests_total"
+                                    and dict(ls).get("status", "").startswith("5"))
     assert f'data-name="{blackhole.host}"' in dom and ">reachable<" in dom
     assert re.search(r'<td>' + re.escape(blackhole.host) + r'/test/small</td>'
                      r'<td class="pulls" data-value="(\d+)"', dom)

@@ -167,9 +167,7 @@ async def test_bcrypt_runs_off_the_event_loop() -> None:
 # --- 17 and 4: the status page --------------------------------------------------------------
 
 def _view(upstream: statuspage.UpstreamView) -> statuspage.StatusView:
-    zero = dict.fromkeys(("cache_bytes", "cache_max_bytes", "cache_entries", "hits", "misses",
-                          "requests", "bytes_from_cache", "bytes_from_upstream",
-                          "downloads_in_flight", "followers"), 0.0)
+    zero = dict.fromkeys(statuspage.counts_from({}), 0.0)
     return statuspage.StatusView(**zero, downloads=[], upstreams=[upstream], top=[], workers=1,
                                  started=0.0)
 
