@@ -698,6 +698,12 @@ def _part_size(value: object) -> int:
     return size
 
 
+def _unique(path: str, table: str, what: str, names: list[str], why: str = "") -> None:
+    """Each [[table]]'s name once."""
+    if len(set(names)) != len(names):
+        raise ConfigError(path, f"{table}.name", f"duplicate {what} names in {names}{why}")
+
+
 def load_config(path: str | os.PathLike[str]) -> Config:
     p = Path(path)
     try:
@@ -723,8 +729,7 @@ def parse_config(data: dict[str, Any], path: str = "mirror.toml", base: Path = P
         raise ConfigError(path, "upstream", "at least one [[upstream]] table is needed")
     upstreams = tuple(_upstream(path, i, t) for i, t in enumerate(raw_upstreams))
     names = [u.name for u in upstreams]
-    if len(set(names)) != len(names):
-        raise ConfigError(path, "upstream.name", f"duplicate upstream names in {names}")
+    _unique(path, "upstream", "upstream", names)
     cache = _cache(path, data.get("cache", {}), base)
     for i, u in enumerate(upstreams):
         if u.max_size is not None and u.max_size > cache.max_size:
@@ -752,9 +757,7 @@ def _policies(path: str, tables: object, upstreams: list[str]) -> tuple[PolicyCo
     if not isinstance(tables, list):
         raise ConfigError(path, "policy", "expected [[policy]] tables")
     policies = tuple(_policy(path, i, t, upstreams) for i, t in enumerate(tables))
-    names = [p.name for p in policies]
-    if len(set(names)) != len(names):
-        raise ConfigError(path, "policy.name", f"duplicate policy names in {names}")
+    _unique(path, "policy", "policy", [p.name for p in policies])
     return policies
 
 
@@ -805,10 +808,7 @@ def _webhooks(path: str, tables: object) -> tuple[WebhookConfig, ...]:
     if not isinstance(tables, list):
         raise ConfigError(path, "webhook", "expected [[webhook]] tables")
     hooks = tuple(_webhook(path, i, t) for i, t in enumerate(tables))
-    names = [h.name for h in hooks]
-    if len(set(names)) != len(names):
-        raise ConfigError(path, "webhook.name", f"duplicate webhook names in {names}: each "
-                          "names its own queue")
+    _unique(path, "webhook", "webhook", [h.name for h in hooks], ": each names its own queue")
     return hooks
 
 
@@ -868,10 +868,8 @@ def _syncs(path: str, tables: object, upstreams: list[str]) -> tuple[SyncConfig,
     if not isinstance(tables, list):
         raise ConfigError(path, "sync", "expected [[sync]] tables")
     rules = tuple(_sync(path, i, t, upstreams) for i, t in enumerate(tables))
-    names = [r.name for r in rules]
-    if len(set(names)) != len(names):
-        raise ConfigError(path, "sync.name", f"duplicate sync rule names in {names}: each "
-                          "names its own lock and state")
+    _unique(path, "sync", "sync rule", [r.name for r in rules],
+            ": each names its own lock and state")
     return rules
 
 
