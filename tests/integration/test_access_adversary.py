@@ -12,14 +12,11 @@ xfail(strict=True) with what goes wrong.
 from __future__ import annotations
 
 import base64
-import json
 import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
-from typing import Any
 from urllib.parse import quote
 
 import bcrypt
@@ -29,7 +26,7 @@ import pytest
 from mirror.http.clientauth import FAILED_LOGINS_PER_WINDOW, FAILURE_WINDOW
 from tests.support import oci
 from tests.support.clients import UpstreamRegistry, env_without_proxies
-from tests.support.mirror import MirrorProcess, Upstream
+from tests.support.mirror import MirrorProcess, RulesMirror, Upstream
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -44,17 +41,6 @@ ACCEPT = ("application/vnd.oci.image.manifest.v1+json, "
           "application/vnd.docker.distribution.manifest.list.v2+json")
 
 
-class AdversaryMirror(MirrorProcess):
-    def __init__(self, *args: Any, htpasswd: Path, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.htpasswd = htpasswd
-
-    def config_text(self) -> str:
-        rules = "".join("\n[[auth.rule]]\n" + "".join(
-            f"{k} = {json.dumps(v)}\n" for k, v in rule.items()) for rule in RULES)
-        return super().config_text() + f'\n[auth]\nhtpasswd = "{self.htpasswd}"\n' + rules
-
-
 def basic(user: str, password: str | bytes) -> str:
     raw = password if isinstance(password, bytes) else password.encode()
     return "Basic " + base64.b64encode(user.encode() + b":" + raw).decode()
@@ -62,13 +48,13 @@ def basic(user: str, password: str | bytes) -> str:
 
 @pytest.fixture(scope="module", params=[1, 2], ids=["1worker", "2workers"])
 def mirror(request: pytest.FixtureRequest, upstream: UpstreamRegistry,
-           tmp_path_factory: pytest.TempPathFactory) -> Iterator[AdversaryMirror]:
+           tmp_path_factory: pytest.TempPathFactory) -> Iterator[RulesMirror]:
     workdir = tmp_path_factory.mktemp("adversary")
     htpasswd = workdir / "htpasswd"
     hashed = bcrypt.hashpw(b"pw", bcrypt.gensalt(rounds=4)).decode()
     htpasswd.write_text(f"alice:{hashed}\nops:{hashed}\n")
-    m = AdversaryMirror(workdir / "mirror", [Upstream(name="localhost", url=upstream.url)],
-                        htpasswd=htpasswd, server_extra={"workers": request.param,
+    m = RulesMirror(workdir / "mirror", [Upstream(name="localhost", url=upstream.url)],
+                    rules=RULES, htpasswd=htpasswd, server_extra={"workers": request.param,
                                                          "catalog": True,
                                                          "trusted_proxies": ["127.0.0.1/32"]})
     m.start()
@@ -122,7 +108,7 @@ def _refused(r: httpx.Response) -> bool:
 # --- a denied repository under other names -----------------------------------------------
 
 def test_a_denied_repository_is_refused_under_every_name(
-        mirror: AdversaryMirror, test_images: oci.ImageSet) -> None:
+        mirror: RulesMirror, test_images: oci.ImageSet) -> None:
     image = _secret(mirror, test_images)
     alice = _bearer(mirror, "alice", "pw")
     manifest, layer = image.manifest.digest, image.layers[0].digest
@@ -146,7 +132,7 @@ def test_a_denied_repository_is_refused_under_every_name(
 
 
 def test_a_denied_repository_gets_401_anonymously_and_403_with_a_user(
-        mirror: AdversaryMirror) -> None:
+        mirror: RulesMirror) -> None:
     for what in ("manifests/v1", "tags/list"):
         r = _get(mirror, f"/v2/localhost/test/multi/{what}")
         assert r.status_code == 401 and "WWW-Authenticate" in r.headers, r.text
@@ -157,7 +143,7 @@ def test_a_denied_repository_gets_401_anonymously_and_403_with_a_user(
 # --- content of a denied repository by digest under an allowed one -----------------------
 
 def test_denied_content_is_not_served_by_digest_under_an_allowed_repository(
-        mirror: AdversaryMirror, test_images: oci.ImageSet) -> None:
+        mirror: RulesMirror, test_images: oci.ImageSet) -> None:
     image = _secret(mirror, test_images)
     alice = _bearer(mirror, "alice", "pw")
     served = []
@@ -174,7 +160,7 @@ def test_denied_content_is_not_served_by_digest_under_an_allowed_repository(
 # --- the catalog --------------------------------------------------------------------------
 
 def test_the_catalog_never_names_a_denied_repository(
-        mirror: AdversaryMirror, test_images: oci.ImageSet) -> None:
+        mirror: RulesMirror, test_images: oci.ImageSet) -> None:
     _secret(mirror, test_images)
     alice = _bearer(mirror, "alice", "pw")
     assert _get(mirror, "/v2/localhost/test/docker/manifests/v1", alice).status_code == 200
@@ -208,7 +194,7 @@ BAD_AUTHORIZATION: list[str | bytes] = [
 ]
 
 
-def test_bad_credentials_get_401_never_500(mirror: AdversaryMirror) -> None:
+def test_bad_credentials_get_401_never_500(mirror: RulesMirror) -> None:
     paths = ["/v2/", "/v2/localhost/test/multi/manifests/v1", "/v2/localhost/test/small/tags/list",
              "/v2/_catalog", "/token", "/", "/metrics"]
     for i, header in enumerate(BAD_AUTHORIZATION):
@@ -220,7 +206,7 @@ def test_bad_credentials_get_401_never_500(mirror: AdversaryMirror) -> None:
                 assert status in (400, 401), (header, path, status)
 
 
-def test_a_huge_authorization_header_is_refused_cleanly(mirror: AdversaryMirror) -> None:
+def test_a_huge_authorization_header_is_refused_cleanly(mirror: RulesMirror) -> None:
     for size in (8000, 9000, 64 * 1024):
         with httpx.Client(trust_env=False, timeout=30) as client:
             r = client.get(f"{mirror.url}/v2/", headers={"Authorization": "Bearer " + "a" * size})
@@ -242,7 +228,7 @@ def _windows(started: float) -> int:
     return int(time.time() // FAILURE_WINDOW) - int(started // FAILURE_WINDOW) + 1
 
 
-def test_guessing_a_robot_token_at_token_is_rate_limited(mirror: AdversaryMirror) -> None:
+def test_guessing_a_robot_token_at_token_is_rate_limited(mirror: RulesMirror) -> None:
     created = _token(mirror, "create", "--name", "guessed", "--allow", "localhost/test/docker",
                      "--expires", "1h")
     assert created.returncode == 0, created.stderr
@@ -262,7 +248,7 @@ def test_guessing_a_robot_token_at_token_is_rate_limited(mirror: AdversaryMirror
 
 
 def test_the_failed_login_budget_is_the_addresss_across_workers(
-        mirror: AdversaryMirror) -> None:
+        mirror: RulesMirror) -> None:
     workers = int(mirror.server_extra["workers"])
     failures = 0
     started = time.time()

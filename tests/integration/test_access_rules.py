@@ -10,7 +10,6 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import bcrypt
 import httpx
@@ -19,7 +18,7 @@ import pytest
 from tests.integration.test_client_access import conf, pull
 from tests.support import oci
 from tests.support.clients import UpstreamRegistry, env_without_proxies, verify_dir
-from tests.support.mirror import MirrorProcess, Upstream
+from tests.support.mirror import MirrorProcess, RulesMirror, Upstream
 from tests.support.registry import wait_until
 
 pytestmark = pytest.mark.integration
@@ -34,18 +33,6 @@ ACCEPT = {"Accept": "application/vnd.oci.image.manifest.v1+json, "
                     "application/vnd.docker.distribution.manifest.v2+json"}
 
 
-class RulesMirror(MirrorProcess):
-    def __init__(self, *args: Any, htpasswd: Path, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.htpasswd = htpasswd
-
-    def config_text(self) -> str:
-        rules = "".join("\n[[auth.rule]]\n" + "".join(
-            f"{k} = {json.dumps(v)}\n" for k, v in rule.items()) for rule in RULES)
-        return (super().config_text() + f'\n[auth]\nhtpasswd = "{self.htpasswd}"\n'
-                '[auth.groups]\nci = ["runner"]\n' + rules)
-
-
 @pytest.fixture(params=[1, 2], ids=["1worker", "2workers"])
 def mirror(request: pytest.FixtureRequest, upstream: UpstreamRegistry, tmp_path: Path
            ) -> Iterator[MirrorProcess]:
@@ -53,8 +40,8 @@ def mirror(request: pytest.FixtureRequest, upstream: UpstreamRegistry, tmp_path:
     hashed = bcrypt.hashpw(b"pw", bcrypt.gensalt(rounds=4)).decode()
     htpasswd.write_text("".join(f"{u}:{hashed}\n" for u in USERS))
     m = RulesMirror(tmp_path / "mirror", [Upstream(name="localhost", url=upstream.url)],
-                    htpasswd=htpasswd, server_extra={"workers": request.param,
-                                                     "catalog": True})
+                    htpasswd=htpasswd, rules=RULES, groups={"ci": ["runner"]},
+                    server_extra={"workers": request.param, "catalog": True})
     m.start()
     try:
         yield m

@@ -6,7 +6,6 @@ cross-site, anonymous and non-admin posts change nothing — with one worker and
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 import subprocess
@@ -22,7 +21,7 @@ import pytest
 from tests.integration.test_ops_statuspage import png_pixels
 from tests.support import oci
 from tests.support.clients import UpstreamRegistry, env_without_proxies
-from tests.support.mirror import MirrorProcess, Upstream
+from tests.support.mirror import MirrorProcess, RulesMirror, Upstream
 from tests.support.registry import wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
@@ -40,23 +39,15 @@ BROWSER_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-
 TOKEN = re.compile(r'name="csrf" value="([^"]+)"')
 
 
-class BrowserMirror(MirrorProcess):
-    def __init__(self, *args: Any, htpasswd: Path, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.htpasswd = htpasswd
-
-    def config_text(self) -> str:
-        rules = "".join("\n[[auth.rule]]\n" + "".join(
-            f"{k} = {json.dumps(v)}\n" for k, v in rule.items()) for rule in RULES)
-        return super().config_text() + f'\n[auth]\nhtpasswd = "{self.htpasswd}"\n' + rules
+BrowserMirror = RulesMirror
 
 
 def _mirror(tmp_path: Path, upstream: UpstreamRegistry, workers: int) -> BrowserMirror:
     htpasswd = tmp_path / "htpasswd"
     hashed = bcrypt.hashpw(b"pw", bcrypt.gensalt(rounds=4)).decode()
     htpasswd.write_text("".join(f"{u}:{hashed}\n" for u in ("ops", "ops2", "other")))
-    m = BrowserMirror(tmp_path / "mirror", [Upstream(name=UP, url=upstream.url)],
-                      htpasswd=htpasswd, server_extra={"workers": workers})
+    m = RulesMirror(tmp_path / "mirror", [Upstream(name=UP, url=upstream.url)],
+                    htpasswd=htpasswd, rules=RULES, server_extra={"workers": workers})
     m.arrays["sync"] = [{"name": "small", "upstream": UP, "repositories": ["test/small"],
                          "tags": "^v1$", "interval": "24h"}]
     return m

@@ -346,6 +346,22 @@ class MirrorProcess:
         return verified
 
 
+class RulesMirror(MirrorProcess):
+    """A mirror with `[auth] htpasswd`, `[auth.groups]` and `[[auth.rule]]` tables."""
+
+    def __init__(self, *args: Any, htpasswd: Path, rules: list[dict[str, Any]],
+                 groups: Mapping[str, list[str]] | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.htpasswd, self.rules, self.groups = htpasswd, rules, dict(groups or {})
+
+    def config_text(self) -> str:
+        rules = "".join("\n[[auth.rule]]\n" + "".join(
+            f"{k} = {json.dumps(v)}\n" for k, v in rule.items()) for rule in self.rules)
+        groups = "".join(f"{g} = {json.dumps(users)}\n" for g, users in self.groups.items())
+        return (super().config_text() + f'\n[auth]\nhtpasswd = "{self.htpasswd}"\n'
+                + (f"[auth.groups]\n{groups}" if groups else "") + rules)
+
+
 def _pid_then(mirror: MirrorProcess, path: str) -> tuple[int, int]:
     """On one connection: which worker answers, then the status of GET `path`."""
     with httpx.Client(trust_env=False, timeout=30) as client:
