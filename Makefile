@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY      = $(VENV)/bin/python
 CONFIG ?= mirror.toml
 
-.PHONY: serve test lint bench system-deps clean
+.PHONY: serve test lint bench system-deps clean image
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,10 @@ test: system-deps $(VENV)/.dev-installed
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports
 	$(VENV)/bin/pytest -ra
+
+# The OCI image (packaging/build-image.sh): Debian packages and PyPI wheels, no base image.
+image: system-deps $(VENV)/.installed
+	bash packaging/build-image.sh
 
 bench: system-deps $(VENV)/.dev-installed
 	$(PY) -m benchmarks
