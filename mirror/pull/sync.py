@@ -9,8 +9,12 @@ and a tag the rule no longer selects drops out, and with it its pin.
 
 The server runs every rule every `interval` in one worker at a time (a flock per rule, which
 `mirror sync` takes too, so a rule never runs twice at once); a failed run is tried again
-the next interval, and a rule a reload changed is run at the next check. An upstream's 429
-is waited out (its Retry-After) and the step retried.
+the next interval, and a rule a reload changed is run at the next check. A run the server
+started stops before its next image when a reload removed or changed its rule (the image it
+is caching, and every client download it shares, goes on to the end; what the rule held stays
+held until a run of the new rule decides), and the scheduler takes each rule from the running
+configuration just before it runs it, so a rule removed during another's run never starts.
+An upstream's 429 is waited out (its Retry-After) and the step retried.
 
 What the upstream lists is not trusted: names and tags outside the OCI grammar are skipped
 (a catalog's `team/../secret` must not pass a pattern the deny rules would refuse), a `Link`
@@ -77,6 +81,7 @@ class RunResult:
     blobs: int = 0  # blobs those needed (most already stored by other images)
     dropped: list[str] = field(default_factory=list)  # no longer selected: unpinned
     failed: list[tuple[str, str]] = field(default_factory=list)  # (what, why)
+    stopped: str | None = None  # why the run stopped before its last image (a reload)
 
     @property
     def ok(self) -> bool:
@@ -88,6 +93,8 @@ class RunResult:
         if self.failed:
             what, why = self.failed[0]
             text += f"; {len(self.failed)} failed (first: {what}: {why})"
+        if self.stopped:
+            text += f"; stopped: {self.stopped}"
         return text
 
 
@@ -124,6 +131,9 @@ class RuleRun:
         self.rule, self.proxy, self.source = rule, proxy, source
         self.store, self.index, self.progress = store, index, progress
         self.dry_run, self.sleep = dry_run, sleep
+        # The rule as the running configuration has it now (None: removed); the scheduler
+        # sets it, so a reload stops its run between images. None: never superseded.
+        self.current: Callable[[], SyncConfig | None] | None = None
         self.result = RunResult(rule.name)
         self._unlisted: set[str] = set()  # repositories whose tags could not be read
         self._catalog_failed = False  # so the patterns' repositories are not known
@@ -134,6 +144,13 @@ class RuleRun:
         selected = await self._selected()
         self.result.selected = len(selected)
         for image, (repository, tag) in selected.items():
+            if (why := self._superseded()) is not None:
+                self.result.stopped = why
+                log.info("sync: a reload changed the rule, its run stops", extra={
+                    "rule": self.rule.name, "stopped": why})
+                if not self.dry_run:  # what it held stays held: the next run decides
+                    self.index.set_synced(self.rule.name, {**done, **kept})
+                return self.result
             digest = await self._image(image, repository, tag, done.get(image))
             if digest is not None:
                 kept[image] = digest
@@ -144,6 +161,17 @@ class RuleRun:
         if not self.dry_run:
             self.index.set_synced(self.rule.name, kept)
         return self.result
+
+    def _superseded(self) -> str | None:
+        """Why this run should stop now (its rule removed or changed by a reload), or None."""
+        if self.current is None:
+            return None
+        now = self.current()
+        if now is None:
+            return "the rule was removed by a reload"
+        if fingerprint(now) != fingerprint(self.rule):
+            return "the rule was changed by a reload: the new rule runs next"
+        return None
 
     def _unknown(self, image: str) -> bool:
         """Whether this run could not say if the rule still selects `image` (a held
@@ -342,24 +370,30 @@ async def run_locked(rule: SyncConfig, run: RuleRun, index: Index, lock: Path,
 def _record(rule: SyncConfig, index: Index, state: Mapping[str, Any], started: float,
             result: RunResult) -> None:
     finished = time.time()
+    whole = result.ok and result.stopped is None  # a stopped run is no success to show
     index.set_sync_state(rule.name, {
         "started": started, "finished": finished, "ok": result.ok, "rule": fingerprint(rule),
         "summary": result.summary(), "cached": len(result.cached),
-        "last_ok": finished if result.ok else state.get("last_ok")})
-    metrics.SYNC_RUNS.labels(rule.name, "ok" if result.ok else "failed").inc()
-    if result.ok:
+        "last_ok": finished if whole else state.get("last_ok")})
+    metrics.SYNC_RUNS.labels(rule.name, "stopped" if result.stopped and result.ok else
+                             "ok" if result.ok else "failed").inc()
+    if whole:
         metrics.SYNC_LAST_OK.labels(rule.name).set(finished)
     log.log(logging.INFO if result.ok else logging.WARNING, "sync: run finished", extra={
         "rule": rule.name, "ok": result.ok, "selected": result.selected,
         "cached": len(result.cached), "blobs": result.blobs, "dropped": len(result.dropped),
         "failed": len(result.failed), "seconds": round(finished - started, 3),
+        **({"stopped": result.stopped} if result.stopped else {}),
         **({"error": f"{result.failed[0][0]}: {result.failed[0][1]}"} if result.failed
            else {})})
 
 
 class Scheduler:
     """In each serving worker: every CHECK_SECONDS, each rule that is due is run by the
-    worker that takes its lock first (the others find it held, or no longer due)."""
+    worker that takes its lock first (the others find it held, or no longer due). Each rule
+    is taken from `rules()` just before its turn (a reload during another rule's run
+    applies to it), and its run stops between images once `rules()` no longer has it as
+    it started."""
 
     def __init__(self, rules: Callable[[], Sequence[SyncConfig]],
                  make_run: Callable[[SyncConfig], RuleRun | None], index: Index,
@@ -379,9 +413,15 @@ class Scheduler:
 
     async def _loop(self) -> None:
         while True:
-            for rule in self.rules():
-                await self.tick(rule)
+            for name in [r.name for r in self.rules()]:
+                rule = self.current(name)
+                if rule is not None:  # else removed by a reload during an earlier run
+                    await self.tick(rule)
             await asyncio.sleep(CHECK_SECONDS)
+
+    def current(self, name: str) -> SyncConfig | None:
+        """The rule named `name` in the running configuration (None: not there now)."""
+        return next((r for r in self.rules() if r.name == name), None)
 
     async def tick(self, rule: SyncConfig) -> RunResult | None:
         def due(state: Mapping[str, Any]) -> bool:
@@ -393,6 +433,7 @@ class Scheduler:
             run = self.make_run(rule)
             if run is None:  # its upstream gone by a reload, or offline
                 return None
+            run.current = functools.partial(self.current, rule.name)
             return await run_locked(rule, run, self.index, self.lock_path(lock_name(rule)),
                                     due)
         except Exception:  # the index unreadable (a full disk): tried again next check
