@@ -4,6 +4,7 @@ global bound nowhere near reached; `mirror status` and the status page show the 
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -59,3 +60,45 @@ def test_two_upstreams_past_their_shares_each_lose_their_own_oldest_content(
         assert page.count('class="share"') == 2
     finally:
         a.close()
+
+
+@pytest.mark.timeout(120)
+def test_pins_beyond_a_share_are_warned_at_start_and_on_the_status_page_until_a_reload(
+        mirror_factory: Any, upstream: UpstreamRegistry, test_images: oci.ImageSet,
+        blackhole: ClosedPort) -> None:
+    """A pinned image larger than its upstream's share: kept whole, said on the status page,
+    in the log at the next start and in mirror_pins_over_bound; a reload raising the share
+    (quotas are reloaded) takes the warning off the page."""
+    host = blackhole.host
+    mirror: MirrorProcess = mirror_factory(
+        [Upstream(name=host, url=upstream.url, extra={"max_size": "100KiB"})],
+        cache_extra={"pin": [f"{host}/test/small:v1"], "prefetch": False})
+    small = test_images.small
+    with httpx.Client(base_url=mirror.url, trust_env=False, timeout=30) as c:
+        r = c.get("/v2/test/small/manifests/v1", headers={
+            "Accept": "application/vnd.oci.image.manifest.v1+json"})
+        assert r.status_code == 200, r.text
+        for blob in small.blobs:
+            assert c.get(f"/v2/test/small/blobs/{blob.digest}").status_code == 200
+    said = f"pinned images of {host} hold"
+
+    def warnings() -> list[str]:
+        page = httpx.get(f"{mirror.url}/", trust_env=False, timeout=10).text
+        return [w for w in page.split('<p class="bad warning">')[1:] if said in w]
+
+    wait_until(lambda: bool(warnings()), 30, interval=0.2, what="the status page's warning")
+    assert "more than its max_size (102400)" in warnings()[0]
+    mirror.wait_cached([b.digest for b in small.all_blobs])  # pinned: nothing evicted
+
+    mirror.restart()
+    wait_until(lambda: any(e.get("msg") == "pins exceed a bound" and said in e.get("problem", "")
+                           for e in mirror.log_entries()), 30, interval=0.1,
+               what="the warning at start")
+    assert mirror.metric("mirror_pins_over_bound") == 1
+
+    mirror.upstreams[0].extra["max_size"] = "10MiB"
+    mirror.write_config()
+    assert mirror.proc is not None
+    mirror.proc.send_signal(signal.SIGHUP)
+    wait_until(lambda: not warnings(), 30, interval=0.2, what="the warning gone after reload")
+    assert {b.digest for b in small.all_blobs} <= mirror.cached_digests()
