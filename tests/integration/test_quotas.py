@@ -17,6 +17,7 @@ from tests.support import oci
 from tests.support.clients import UpstreamRegistry, skopeo_pull, write_registries_conf
 from tests.support.mirror import MirrorProcess, Upstream
 from tests.support.registry import BASIC_PASSWORD, BASIC_USER, ClosedPort, wait_until
+from tests.support.webhookreceiver import Receiver
 
 pytestmark = pytest.mark.integration
 
@@ -102,3 +103,51 @@ def test_pins_beyond_a_share_are_warned_at_start_and_on_the_status_page_until_a_
     mirror.proc.send_signal(signal.SIGHUP)
     wait_until(lambda: not warnings(), 30, interval=0.2, what="the warning gone after reload")
     assert {b.digest for b in small.all_blobs} <= mirror.cached_digests()
+
+
+@pytest.mark.timeout(120)
+def test_what_a_share_evicts_is_told_to_a_webhook_once_per_digest(
+        mirror_factory: Any, upstream: UpstreamRegistry, test_images: oci.ImageSet,
+        blackhole: ClosedPort, tmp_path: Path) -> None:
+    """The `evict` events (issue 15 item 3) of a share enforced with two workers: one per
+    digest that left the cache, none for what stayed, each signed."""
+    receiver = Receiver(tmp_path / "receiver", "quota-secret").start()
+    try:
+        host = blackhole.host
+        mirror: MirrorProcess = MirrorProcess(
+            tmp_path / "hooked", [Upstream(name=host, url=upstream.url,
+                                           extra={"max_size": "100KiB"})],
+            server_extra={"workers": 2}, cache_extra={"prefetch": False})
+        mirror.arrays["webhook"] = [{"name": "ops", "url": receiver.url,
+                                     "secret": "quota-secret", "events": ["fill", "evict"]}]
+        mirror.start()
+        try:
+            small = test_images.small
+            with httpx.Client(base_url=mirror.url, trust_env=False, timeout=30) as c:
+                assert c.get("/v2/test/small/manifests/v1", headers={
+                    "Accept": "application/vnd.oci.image.manifest.v1+json"}).status_code == 200
+                for blob in small.blobs:
+                    assert c.get(f"/v2/test/small/blobs/{blob.digest}").status_code == 200
+            every = {b.digest for b in small.all_blobs}
+
+            def held() -> int:
+                return sum(b.size for b in small.all_blobs if b.digest in
+                           mirror.cached_digests())
+
+            wait_until(lambda: held() <= 100 << 10, 60, interval=0.2, what="the share enforced")
+            gone = every - mirror.cached_digests()
+            assert gone, "nothing was evicted"
+
+            def told(action: str) -> list[str]:
+                return [e["target"]["digest"] for e in receiver.actions(action)]
+
+            wait_until(lambda: set(told("evict")) >= gone and mirror.metric(
+                "mirror_webhook_queue_length") == 0, 30, interval=0.1, what="the evictions told")
+        finally:
+            mirror.stop()
+        assert sorted(told("evict")) == sorted(gone)  # once each, nothing that stayed
+        assert sorted(told("fill")) == sorted(every)
+        attempts = receiver.attempts()
+        assert attempts and all(a["good"] for a in attempts), attempts
+    finally:
+        receiver.stop()
