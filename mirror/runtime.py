@@ -85,6 +85,9 @@ class Mirror:
     # What a reload applies, in order (runtime.py's own first; the HTTP edge adds its
     # authenticator and certificate): each is given the running and the new configuration.
     reloaders: list[Reloader] = field(default_factory=list)
+    # One reload at a time, each reading the file when its turn comes: two SIGHUPs close
+    # together end with the file's last state, never an earlier read applied after it.
+    _reloading: asyncio.Lock = field(default_factory=asyncio.Lock, init=False, repr=False)
 
     @property
     def offline(self) -> bool:
@@ -93,6 +96,10 @@ class Mirror:
     async def reload(self) -> bool:
         """Read the configuration file again and apply it; a file with an error keeps the
         running configuration (False, the reason logged in one line)."""
+        async with self._reloading:
+            return await self._reload()
+
+    async def _reload(self) -> bool:
         try:
             new = await asyncio.to_thread(load_config, self.config.path)
         except ConfigError as exc:

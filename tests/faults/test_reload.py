@@ -2,22 +2,26 @@
 a changed upstream gets a new client while a download through the old one goes on to the
 last byte; an added upstream is routed to, a removed one no longer; a file with an error is
 refused whole with its reason in one line and the running configuration serves on; what only
-a restart can change is said."""
+a restart can change is said; two reloads close together end with the file's last state."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import threading
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from mirror import runtime
+from mirror.config import Config
 from tests.support.faultmatrix import Act, Outcome, Upstreams, check_outcome, fetch
 from tests.support.faultupstream import random_bytes
 from tests.support.mirror import MirrorProcess, Upstream
 from tests.support.mirrorfixtures import MirrorFactory
-from tests.support.registry import wait_until
+from tests.support.registry import free_port, wait_until
 
 from .matrix import start_mirror
 
@@ -90,3 +94,41 @@ def test_a_bad_file_is_refused_whole_and_restart_only_changes_are_said(
     said = [e for e in log if e.get("msg", "").startswith("reload: changes that take effect")]
     assert said and "server.workers" in said[-1]["keys"]
     assert fetch(mirror.host, f"/v2/pub.test/team/app/blobs/{digest}").status == 200
+
+
+async def test_two_reloads_close_together_end_with_the_files_last_state(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two SIGHUPs close together (in process: Mirror.reload twice): the first read of the
+    file is held until the second reload had its chance; the file's last state must be the
+    one running after both, never the earlier read applied after the later one."""
+    path = tmp_path / "mirror.toml"
+
+    def write(tag_ttl: str) -> None:
+        path.write_text(f'[server]\nlisten = "127.0.0.1:{free_port()}"\n[cache]\n'
+                        f'dir = "{tmp_path / "cache"}"\ntag_ttl = "{tag_ttl}"\n'
+                        '[[upstream]]\nname = "a.test"\nurl = "http://127.0.0.1:9"\n')
+
+    write("1s")
+    real = runtime.load_config
+    held, release = threading.Event(), threading.Event()
+    reads: list[float] = []
+
+    def load(p: Path) -> Config:
+        config = real(p)
+        reads.append(config.cache.tag_ttl)
+        if len(reads) == 1:  # the first reload's read: held
+            held.set()
+            release.wait(10)
+        return config
+
+    async with runtime.open_mirror(real(path)) as mirror:
+        monkeypatch.setattr(runtime, "load_config", load)
+        write("10s")
+        first = asyncio.ensure_future(mirror.reload())
+        assert await asyncio.to_thread(held.wait, 10)
+        write("20s")
+        second = asyncio.ensure_future(mirror.reload())
+        await asyncio.wait({second}, timeout=1.0)  # its chance to apply (unless it waits)
+        release.set()
+        assert await first and await second
+        assert mirror.config.cache.tag_ttl == 20.0, reads
