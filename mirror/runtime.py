@@ -248,6 +248,7 @@ async def open_mirror(config: Config) -> AsyncIterator[Mirror]:
         async def reload_pull(old: Config, new: Config) -> None:
             proxy.reconfigure(new)
             maintenance.config = new
+            downloads.finish_abandoned = new.cache.finish_abandoned  # read as one is left
             mirror.trust = _trust(new, proxy, index)
             proxy.prefetch_held = None if mirror.trust is None else mirror.trust.holds
 

@@ -132,3 +132,25 @@ async def test_two_reloads_close_together_end_with_the_files_last_state(
         release.set()
         assert await first and await second
         assert mirror.config.cache.tag_ttl == 20.0, reads
+
+
+async def test_every_cache_key_but_dir_is_applied_by_a_reload(tmp_path: Path) -> None:
+    """[cache] keys a reload applies in process (dir only after a restart, and said): the
+    download engine's finish_abandoned too, which was built once and never followed."""
+    path = tmp_path / "mirror.toml"
+
+    def write(cache: str) -> None:
+        path.write_text(f'[server]\nlisten = "127.0.0.1:{free_port()}"\n[cache]\n'
+                        f'dir = "{tmp_path / "cache"}"\n{cache}\n'
+                        '[[upstream]]\nname = "a.test"\nurl = "http://127.0.0.1:9"\n')
+
+    write("")
+    async with runtime.open_mirror(runtime.load_config(path)) as mirror:
+        write('tag_ttl = "7s"\nmax_size = "1GiB"\nfinish_abandoned = false\nprefetch = false\n'
+              'offline = true\npin = ["a.test/app:v1"]')
+        assert await mirror.reload()
+        assert mirror.downloads.finish_abandoned is False
+        assert mirror.proxy.offline and mirror.offline
+        cache = mirror.config.cache
+        assert (cache.tag_ttl, cache.max_size, cache.prefetch, cache.pin) == (
+            7.0, 1 << 30, False, ("a.test/app:v1",))
