@@ -2,7 +2,8 @@
 a changed upstream gets a new client while a download through the old one goes on to the
 last byte; an added upstream is routed to, a removed one no longer; a file with an error is
 refused whole with its reason in one line and the running configuration serves on; what only
-a restart can change is said; two reloads close together end with the file's last state."""
+a restart can change is said; the htpasswd users and the access rules are applied in every
+worker; two reloads close together end with the file's last state."""
 
 from __future__ import annotations
 
@@ -13,17 +14,19 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import bcrypt
+import httpx
 import pytest
 
 from mirror import runtime
 from mirror.config import Config
 from tests.support.faultmatrix import Act, Outcome, Upstreams, check_outcome, fetch
 from tests.support.faultupstream import random_bytes
-from tests.support.mirror import MirrorProcess, Upstream
+from tests.support.mirror import MirrorProcess, RulesMirror, Upstream
 from tests.support.mirrorfixtures import MirrorFactory
 from tests.support.registry import free_port, wait_until
 
-from .matrix import start_mirror
+from .matrix import start_mirror, wait_listening
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -154,3 +157,54 @@ async def test_every_cache_key_but_dir_is_applied_by_a_reload(tmp_path: Path) ->
         cache = mirror.config.cache
         assert (cache.tag_ttl, cache.max_size, cache.prefetch, cache.pin) == (
             7.0, 1 << 30, False, ("a.test/app:v1",))
+
+
+def _per_worker(mirror: MirrorProcess, path: str, token: str, workers: int) -> dict[int, int]:
+    """On new connections until every worker answered: pid -> status of GET `path`."""
+    seen: dict[int, int] = {}
+    for _ in range(100):
+        with httpx.Client(trust_env=False, timeout=20) as client:
+            pid = int(client.get(f"{mirror.url}/healthz").json()["pid"])
+            seen[pid] = client.get(f"{mirror.url}{path}", headers={
+                "Authorization": f"Bearer {token}"}).status_code
+        if len(seen) == workers:
+            return seen
+    raise AssertionError(f"only workers {sorted(seen)} answered")
+
+
+@pytest.mark.parametrize("workers", [1, 2], ids=lambda w: f"w{w}")
+def test_a_reload_applies_the_htpasswd_users_and_the_access_rules_in_every_worker(
+        tmp_path: Path, upstreams: Upstreams, workers: int) -> None:
+    pub = upstreams.public
+    digest = pub.add_blob(random_bytes(1000))
+    path = f"/v2/pub.test/team/app/blobs/{digest}"
+    htpasswd = tmp_path / "htpasswd"
+
+    def users(*names: str) -> None:
+        htpasswd.write_text("".join(
+            f"{n}:{bcrypt.hashpw(b'pw', bcrypt.gensalt(rounds=4)).decode()}\n" for n in names))
+
+    def token(user: str) -> httpx.Response:
+        return httpx.get(f"{mirror.url}/token", auth=(user, "pw"), trust_env=False, timeout=20)
+
+    users("alice")
+    mirror = RulesMirror(tmp_path / "m", [Upstream(name="pub.test", url=pub.url)],
+                         htpasswd=htpasswd, rules=[{"users": ["alice"], "allow": ["pub.test/**"]}],
+                         server_extra={"workers": workers})
+    mirror.start()
+    try:
+        wait_listening(mirror, workers)
+        alice = token("alice").json()["token"]
+        assert set(_per_worker(mirror, path, alice, workers).values()) == {200}
+        assert token("bob").status_code == 401
+
+        users("alice", "bob")
+        mirror.rules = [{"users": ["bob"], "allow": ["pub.test/**"]}]
+        mirror.write_config()
+        hup(mirror, workers, "the reload")
+        bob = token("bob")
+        assert bob.status_code == 200, bob.text  # a user added to the file
+        assert set(_per_worker(mirror, path, bob.json()["token"], workers).values()) == {200}
+        assert set(_per_worker(mirror, path, alice, workers).values()) == {403}  # rules
+    finally:
+        mirror.stop()
