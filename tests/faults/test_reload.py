@@ -20,7 +20,15 @@ import pytest
 
 from mirror import runtime
 from mirror.config import Config
-from tests.support.faultmatrix import Act, Outcome, Upstreams, check_outcome, fetch
+from tests.support.faultmatrix import (
+    PASSWORD,
+    USER,
+    Act,
+    Outcome,
+    Upstreams,
+    check_outcome,
+    fetch,
+)
 from tests.support.faultupstream import random_bytes
 from tests.support.mirror import MirrorProcess, RulesMirror, Upstream
 from tests.support.mirrorfixtures import MirrorFactory
@@ -208,3 +216,27 @@ def test_a_reload_applies_the_htpasswd_users_and_the_access_rules_in_every_worke
         assert set(_per_worker(mirror, path, alice, workers).values()) == {403}  # rules
     finally:
         mirror.stop()
+
+
+@pytest.mark.parametrize("workers", [1, 2], ids=lambda w: f"w{w}")
+def test_a_reload_applies_an_upstreams_new_credentials(
+        mirror_factory: MirrorFactory, upstreams: Upstreams, workers: int) -> None:
+    """A wrong password refused by the private upstream (403 DENIED, saying the mirror has
+    credentials); the right one by a reload: served, in every worker."""
+    priv = upstreams.private
+    data = random_bytes(2000)
+    digest = priv.add_blob(data)
+    path = f"/v2/priv.test/team/app/blobs/{digest}"
+    mirror = mirror_factory(
+        upstreams=[Upstream(name="priv.test", url=priv.url, username=USER, password="wrong")],
+        server_extra={"workers": workers})
+    wait_listening(mirror, workers)
+    refused = fetch(mirror.host, path)
+    assert refused.status == 403 and b"DENIED" in refused.body, refused
+    mirror.upstreams = [Upstream(name="priv.test", url=priv.url, username=USER,
+                                 password=PASSWORD)]
+    mirror.write_config()
+    hup(mirror, workers, "the reload")
+    for _ in range(4 * workers):  # new connections, spread over the workers
+        out = fetch(mirror.host, path)
+        assert out.status == 200 and out.body == data, out
