@@ -84,7 +84,7 @@ class Node(Server):
 
     def __init__(self, workdir: Path, upstream: str, *, node_id: str, address: str,
                  port: int, peers: list[str], secret_file: Path,
-                 redis_url: str | None = None) -> None:
+                 redis_url: str | None = None, launcher: tuple[str, ...] = ()) -> None:
         workdir.mkdir(parents=True, exist_ok=True)
         cache = workdir / "cache"
         shutil.rmtree(cache, ignore_errors=True)
@@ -123,7 +123,7 @@ health_interval = "200ms"
             env.pop(k, None)
         self.proc = Proc(
             f"node-{node_id}",
-            [str(REPO_ROOT / ".venv" / "bin" / "python"), "-m", "mirror", "serve",
+            [*launcher, str(REPO_ROOT / ".venv" / "bin" / "python"), "-m", "mirror", "serve",
              "--config", str(cfg)],
             log_path=workdir / "mirror.log", cwd=REPO_ROOT, env=env,
         )
@@ -170,8 +170,10 @@ def _cluster_dir(ctx: Ctx, name: str) -> Path:
 
 
 @contextlib.contextmanager
-def cluster(ctx: Ctx, name: str, redis_url: str | None = None) -> Iterator[list[Node]]:
-    """Three fresh nodes (empty caches) that see each other up; stopped on leaving."""
+def cluster(ctx: Ctx, name: str, redis_url: str | None = None,
+            launchers: tuple[tuple[str, ...], ...] = ((), (), ())) -> Iterator[list[Node]]:
+    """Three fresh nodes (empty caches) that see each other up; stopped on leaving. Node i
+    is started through `launchers[i]` (a command prefix: a partition's cgroup)."""
     d = _cluster_dir(ctx, name)
     d.mkdir(parents=True)
     secret_file = d / "cluster.key"
@@ -185,7 +187,7 @@ def cluster(ctx: Ctx, name: str, redis_url: str | None = None) -> Iterator[list[
         for i, (a, p) in enumerate(zip(NODE_ADDRESSES, ports, strict=True)):
             nodes.append(Node(d / f"m{i + 1}", upstream, node_id=f"m{i + 1}", address=a,
                               port=p, peers=urls, secret_file=secret_file,
-                              redis_url=redis_url))
+                              redis_url=redis_url, launcher=launchers[i]))
         for n in nodes:
             _wait(_answers(n), READY_TIMEOUT, f"{n.proc.name} to answer /v2/")
         want = [n.node_id for n in nodes]
@@ -539,16 +541,19 @@ def f4(ctx: Ctx, res: dict[str, Any]) -> None:
 
 
 def bench_cluster(ctx: Ctx) -> None:
-    """The `cluster` group of `python -m benchmarks`: F1, F3, F4 (rows for what ran)."""
+    """The `cluster` group of `python -m benchmarks`: F1, F3, F4, and F5, F6
+    (cluster_tiers.py; imported here, as it imports this module); rows for what ran."""
     res: dict[str, Any] = {}
     errors: list[str] = []
-    for fig in (f1, f3, f4):
+    from .cluster_tiers import f5, f6, rows
+
+    for fig in (f1, f3, f4, f5, f6):
         try:
             fig(ctx, res)
         except Exception as exc:  # the other figures still run; the group fails at the end
             errors.append(f"{fig.__name__}: {type(exc).__name__}: {exc}")
             log(f"cluster {fig.__name__} failed: {exc}")
-    ctx.rows.extend(cluster_rows(ctx, res))
+    ctx.rows.extend([*cluster_rows(ctx, res), *rows(res)])
     for key, r in res.items():
         if r.get("failed") or (key == "kill" and r["ok"] < r["clients"]):
             ctx.problem(f"cluster {key}: clients failed: {r.get('errors')}")
