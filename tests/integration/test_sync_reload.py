@@ -7,7 +7,8 @@ first piece, so a run is deterministically in progress while the file changes:
   `mirror status`, what it selected loses its pin at once (the cache browser's "pinned by"),
   and neither it nor a rule removed with it is started again;
 - a rule whose tags regex changes: the next run selects the new set, the tags no longer
-  selected lose their pin, the newly selected ones are fetched (only they) and pinned;
+  selected lose their pin, the newly selected ones are fetched (only they) and pinned; changed
+  while it runs, the run stops after the image it is caching and the new rule runs next;
 - a file with an error mid-run: the running rule goes on, finishes and is still shown."""
 
 from __future__ import annotations
@@ -169,6 +170,7 @@ def _mirror(tmp_path: Path, site: Site, blackhole: ClosedPort, workers: int,
     m = MirrorProcess(tmp_path / "m", [Upstream(name=blackhole.host, url=site.gate.url)])
     m.server_extra["workers"] = workers
     m.arrays["sync"] = rules
+    m.env["MIRROR_SYNC_CHECK_SECONDS"] = "0.5"  # a rule due is run within half a second
     return m.start()
 
 
@@ -334,6 +336,32 @@ def test_a_changed_tags_regex_selects_the_new_set_and_moves_the_pins(
     assert len(gets) == 1 and gets[0] in ("1.0.2", new.manifest.digest), manifests
     assert site.up.registry.blob_gets(mark) == {b.digest: 1 for b in new.blobs}
     assert _status_rules(m) == (["app"], ["app"])
+
+
+@pytest.mark.parametrize("workers", [1, 2], ids=lambda w: f"w{w}")
+def test_a_rule_changed_while_it_runs_stops_and_the_new_rule_runs_next(
+        tmp_path: Path, site: Site, blackhole: ClosedPort, workers: int) -> None:
+    host = blackhole.host
+    app = _rule(host, "app", REPO, r"^1\.0\.\d$")
+    m = _mirror(tmp_path, site, blackhole, workers, [app])
+    assert site.gate.reached.wait(30), "the run never reached the held layer"
+    app["tags"] = r"^1\.0\.[01]$"
+    m.write_config()
+    change = site.up.registry.mark()
+    _hup(m, workers)
+    site.gate.open()
+    old, new = _wait_runs(m, "app", 2)[:2]
+    assert "changed" in str(old.get("stopped")), old
+    assert new["ok"] is True and new["selected"] == 2 and "stopped" not in new, new
+    assert len(_runs(m, "app")) == 2
+    site.up.registry.barrier()
+    by_tag = {ref for e in site.up.registry.entries_since(change)
+              if e.path.startswith(f"/v2/{REPO}/manifests/")
+              and not (ref := e.path.rpartition("/")[2]).startswith(("sha256:", "sha256-"))}
+    assert by_tag <= {"1.0.0", "1.0.1"}, by_tag  # nothing more of the old selection
+    pinned = {tag for tag, by in _pinned(m, host).items() if by}
+    assert pinned == {"1.0.0", "1.0.1"}
+    assert HELD_TAG in _pinned(m, host)  # the image it was caching was finished, unpinned
 
 
 @pytest.mark.parametrize("workers", [1, 2], ids=lambda w: f"w{w}")
