@@ -56,6 +56,7 @@ def _mirror(tmp_path: Path, up: UpstreamRegistry, blackhole: ClosedPort, name: s
             **rule: Any) -> MirrorProcess:
     m = MirrorProcess(tmp_path / name, [Upstream(name=blackhole.host, url=up.url)])
     m.arrays["sync"] = [{"upstream": blackhole.host, **RULE, **rule}]
+    m.env["MIRROR_SYNC_CHECK_SECONDS"] = "0.5"  # a rule a reload added runs at once
     m.write_config()
     return m
 
