@@ -15,7 +15,8 @@
 #   OUT=build/image        where the wheels, the rootfs tar and the archive go
 #   IMAGE=localhost/registry-mirror
 #   STORAGE_ROOT=DIR       a containers storage of its own (buildah --root DIR/root
-#                          --runroot DIR/run) instead of the system's
+#                          --runroot DIR/run, driver STORAGE_DRIVER=overlay) instead of the
+#                          system's (the tests build there, then `podman load` the archive)
 #   SUITE=bookworm  DEBIAN_MIRROR=http://deb.debian.org/debian
 #   PYTHON=python3         the Python that builds the wheel (3.11, like Debian bookworm's)
 # Root only (mmdebstrap --mode=root, buildah's storage). amd64 only: the dependency wheels
@@ -32,7 +33,8 @@ if [ -z "${PYTHON:-}" ]; then
 fi
 BUILDAH=(buildah)
 if [ -n "${STORAGE_ROOT:-}" ]; then
-    BUILDAH+=(--root "$STORAGE_ROOT/root" --runroot "$STORAGE_ROOT/run" --storage-driver vfs)
+    BUILDAH+=(--root "$STORAGE_ROOT/root" --runroot "$STORAGE_ROOT/run"
+              --storage-driver "${STORAGE_DRIVER:-overlay}")
 fi
 
 step() { printf '== %s\n' "$*" >&2; }

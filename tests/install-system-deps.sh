@@ -24,7 +24,6 @@ command -v tinyproxy >/dev/null       || need+=(tinyproxy)
 command -v promtool >/dev/null        || need+=(prometheus)
 command -v mmdebstrap >/dev/null      || need+=(mmdebstrap)
 command -v buildah >/dev/null         || need+=(buildah)
-command -v podman-compose >/dev/null  || need+=(podman-compose)
 command -v strip >/dev/null           || need+=(binutils)
 if [ ${#need[@]} -gt 0 ]; then
     echo "installing: ${need[*]}"
