@@ -6,6 +6,10 @@ from that file as it grows, with sendfile, starting wherever its range starts. T
 is claimed with an flock, so workers in other processes sharing the cache dir follow the file
 instead of downloading again, and take the download over when its holder dies (the lock dies
 with it). Only content whose digest matched is renamed into the store.
+
+The event loop only moves bytes: a chunk of OFF_LOOP_BYTES or more is written and hashed in a
+thread (`off_loop`; hashlib and os.write release the GIL), the leader awaiting it before it
+reads the next one, so the bytes land in order and readers see `written` grow as before.
 """
 
 from __future__ import annotations
@@ -15,13 +19,14 @@ import collections
 import contextlib
 import enum
 import errno
+import functools
 import hashlib
 import logging
 import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol, TypeVar
 
 from mirror import metrics
 from mirror.cache.locks import try_lock
@@ -35,6 +40,34 @@ log = logging.getLogger("mirror.download")
 
 REMOTE_POLL_SECONDS = 0.01
 SPILL_BYTES = 16 * 1024 * 1024
+# A chunk this large is hashed (and written) in a thread: on the loop, SHA-256 and the write
+# of the bytes a fill streams took most of its CPU time, and every other request waited. A
+# smaller one costs the loop less than the thread hop would.
+OFF_LOOP_BYTES = 64 * 1024
+
+_T = TypeVar("_T")
+
+
+async def off_loop(fn: Callable[..., _T], *args: Any) -> _T:
+    """`fn(*args)` in the default executor's thread. A caller cancelled meanwhile still waits
+    for it to return before the cancellation goes on: it may be reading or writing a file
+    descriptor the caller closes once cancelled (and the number could be reused)."""
+    future = asyncio.get_running_loop().run_in_executor(None, functools.partial(fn, *args))
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        while not future.done():
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait({future})
+        raise
+
+
+async def hash_update(hasher: Any, data: bytes | memoryview) -> None:
+    """`hasher.update(data)`, in a thread when `data` is OFF_LOOP_BYTES or more."""
+    if len(data) >= OFF_LOOP_BYTES:
+        await off_loop(hasher.update, data)
+    else:
+        hasher.update(data)
 
 # fetch(offset) -> the blob's body from `offset` (pull/source.py BlobStream: offset > 0 is a
 # resume); a source refusing is a RegistryError, a body breaking off a ConnectionError.
@@ -216,7 +249,7 @@ class Download:
         metrics.UNCACHED_RELAYS.labels("direct").inc()
         log.info("relaying a client's rest straight from the upstream", extra={
             "digest": str(self.digest), "offset": pos, "end": end})
-        hasher = await asyncio.to_thread(self._hash_prefix, fd, pos)
+        hasher = await off_loop(self._hash_prefix, fd, pos)
         attempts = self.attempts
         while True:
             try:
@@ -265,7 +298,7 @@ class Download:
                     raise _UpstreamBroke(read, ConnectionError("upstream body ended early"))
                 chunk = chunk[: end - read]
                 if hasher is not None:
-                    hasher.update(chunk)
+                    await hash_update(hasher, chunk)
                 read += len(chunk)
                 if last is not None and read > last:
                     chunk, held = chunk[:-1], chunk[-1:]  # the final byte waits for the digest
@@ -320,7 +353,7 @@ class Download:
     async def lead(self, fetch: Fetch, attempts: int) -> None:
         """Download the blob into the partial file, resuming with Range after breaks."""
         hasher = self.digest.hasher()
-        self.written = self._rehash_existing(hasher)
+        self.written = await off_loop(self._rehash_existing, hasher)
         body = None
         try:
             if self.written and hasher.copy().hexdigest() == self.digest.hex:
@@ -399,7 +432,7 @@ class Download:
         readable through our fd and are served uncached."""
         assert self.fd is not None
         try:
-            await asyncio.to_thread(os.fdatasync, self.fd)
+            await off_loop(os.fdatasync, self.fd)
             self.store.commit_partial(self.digest)
             self.owns_partial = False
         except OSError as exc:
@@ -429,15 +462,21 @@ class Download:
         os.lseek(self.fd, pos, os.SEEK_SET)
         return pos
 
-    def _write(self, chunk: bytes) -> None:
+    def _write_hashed(self, chunk: bytes, hasher: hashlib._Hash) -> OSError | None:
+        """Append `chunk` to the partial file and hash it (in a thread for a large chunk:
+        nothing here touches the download's state); the write's error, if any (the bytes
+        are hashed all the same: they are relayed from memory instead)."""
         assert self.fd is not None
         view = memoryview(chunk)
+        error = None
         try:
             while view:
                 n = os.write(self.fd, view)
                 view = view[n:]
         except OSError as exc:  # full, read-only now, quota, I/O error: stop caching
-            self._disk_full(exc)
+            error = exc
+        hasher.update(chunk)
+        return error
 
     def _disk_full(self, exc: OSError) -> None:
         """The disk refused a write: drop the partial file and keep relaying the upstream's
@@ -484,8 +523,14 @@ class Download:
                 raise UpstreamError(ErrorCode.DIGEST_INVALID,
                                     f"upstream sent more than {self.size} bytes for {self.digest}")
             if self.disk_end is None:
-                self._write(chunk)
-            hasher.update(chunk)
+                if len(chunk) >= OFF_LOOP_BYTES:
+                    error = await off_loop(self._write_hashed, chunk, hasher)
+                else:
+                    error = self._write_hashed(chunk, hasher)
+                if error is not None:
+                    self._disk_full(error)
+            else:
+                await hash_update(hasher, chunk)
             if self.disk_end is not None:
                 await self._relay(chunk)
             self.written += len(chunk)
@@ -642,6 +687,8 @@ class Downloads:
                     download.disk_end is None:
                 log.info("download abandoned by every client: cancelling",
                          extra={"digest": str(download.digest)})
+                # Not joined meanwhile: the task may finish a write in a thread first.
+                download.takes_joiners = False
                 download.task.cancel()
                 return
             await download._changed()

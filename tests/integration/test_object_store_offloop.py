@@ -1,0 +1,80 @@
+"""The bucket tier does not block the event loop (issue 13) against the real object store
+(SeaweedFS, tests/support/seaweed.py): a 64 MiB blob uploaded (one PUT, and a multipart
+upload of 16 MiB parts), verified and copied into the local dir with the loop in asyncio's
+debug mode, which reports every callback that ran longer than `slow_callback_duration`.
+
+Before the hashing moved off the loop, the one PUT held the loop for well over 100 ms
+(the mirror's SHA-256 of the body, then botocore's SigV4 payload SHA-256 and CRC-32, then
+aiohttp unsharing the body's buffer) and each 16 MiB part for 22-35 ms. A callback's wall
+time includes the process being descheduled on a loaded machine, hence the margin."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from mirror.cache.store import BlobStore
+from mirror.config import S3Config
+from mirror.oci.reference import parse_digest
+from mirror.tiers.bucket import open_bucket
+from tests.support.seaweed import SeaweedS3
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
+BUCKET = "offloop"
+MiB = 1024 * 1024
+SIZE = 64 * MiB
+SLOW = 0.05  # seconds: a callback this long is the loop blocked
+
+
+@pytest.fixture(scope="module")
+def seaweed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedS3]:
+    store = SeaweedS3(tmp_path_factory.mktemp("seaweed")).start()
+    store.create_bucket(BUCKET)
+    yield store
+    store.stop()
+
+
+@pytest.mark.parametrize("part_size", [SIZE, 16 * MiB], ids=["put", "multipart"])
+async def test_uploading_verifying_and_copying_a_large_blob_never_blocks_the_loop(
+        tmp_path: Path, seaweed: SeaweedS3, caplog: pytest.LogCaptureFixture,
+        part_size: int) -> None:
+    data = os.urandom(SIZE)
+    digest = parse_digest("sha256:" + hashlib.sha256(data).hexdigest())
+    (tmp_path / "blob").write_bytes(data)
+    warm = os.urandom(MiB)  # the client's first requests build its caches: not measured
+    (tmp_path / "warm").write_bytes(warm)
+    warm_digest = parse_digest("sha256:" + hashlib.sha256(warm).hexdigest())
+    config = S3Config(endpoint=seaweed.endpoint, bucket=BUCKET,
+                      prefix=f"t-{uuid.uuid4().hex[:10]}/", access_key=seaweed.access_key,
+                      secret_key=seaweed.secret_key, part_size=part_size, timeout=60.0)
+    store = BlobStore(tmp_path / "cache")
+    loop = asyncio.get_running_loop()
+    fd = os.open(tmp_path / "blob", os.O_RDONLY)
+    warm_fd = os.open(tmp_path / "warm", os.O_RDONLY)
+    try:
+        async with open_bucket(config) as bucket:
+            assert await bucket.upload(warm_digest, warm_fd, len(warm))
+            assert await bucket.matches(warm_digest) is True
+            caplog.set_level(logging.WARNING, logger="asyncio")
+            loop.slow_callback_duration = SLOW
+            loop.set_debug(True)
+            try:
+                assert await bucket.upload(digest, fd, SIZE)
+                assert await bucket.matches(digest) is True
+                assert await bucket.copy_to(store, digest)
+            finally:
+                loop.set_debug(False)
+    finally:
+        os.close(fd)
+        os.close(warm_fd)
+    assert store.read_bytes(digest) == data
+    slow = [r.getMessage()[:300] for r in caplog.records
+            if r.name == "asyncio" and r.getMessage().startswith("Executing")]
+    assert not slow, slow
