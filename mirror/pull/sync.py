@@ -336,11 +336,14 @@ def fingerprint(rule: SyncConfig) -> str:
 
 
 def is_due(state: Mapping[str, Any], rule: SyncConfig, now: float) -> bool:
-    """A rule never run, or changed since its last run, is due; else `interval` after its
-    last run started (so a failed run is tried again the next interval, and a changed
-    interval applies at once)."""
+    """A rule never run, or changed since its last run, is due; so is one whose last run
+    never finished (the server stopped or was killed under it: its lock is free again, so
+    it is run again at start, not an interval later); else `interval` after its last run
+    started (so a failed run is tried again the next interval, and a changed interval
+    applies at once). While another process runs the rule it looks due too: its lock says
+    no."""
     started = state.get("started")
-    return (started is None or state.get("rule") != fingerprint(rule)
+    return (started is None or state.get("rule") != fingerprint(rule) or "running" in state
             or now >= float(started) + rule.interval)
 
 

@@ -380,3 +380,18 @@ def test_a_broken_file_mid_run_keeps_the_running_rule(
     assert _pinned(m, host) == dict.fromkeys(TAGS, "sync app")
     page = httpx.get(f"{m.url}/", timeout=10, trust_env=False).text
     assert re.findall(r'<tr class="sync-rule" data-name="([^"]+)"', page) == ["app"]
+
+
+def test_a_run_cut_short_by_a_kill_is_run_again_at_start(
+        tmp_path: Path, site: Site, blackhole: ClosedPort) -> None:
+    """Not an interval later (an hour by default): the rule holds less than it selects."""
+    host = blackhole.host
+    m = _mirror(tmp_path, site, blackhole, 1, [_rule(host, "app", REPO, r"^1\.0\.\d$")])
+    assert site.gate.reached.wait(30), "the run never reached the held layer"
+    m.kill9()
+    site.gate.open()
+    assert _runs(m, "app") == []
+    m.start()
+    run = _wait_runs(m, "app", 1, timeout=30)[-1]
+    assert run["ok"] is True and run["selected"] == len(TAGS), run
+    assert _pinned(m, host) == dict.fromkeys(TAGS, "sync app")
