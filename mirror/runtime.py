@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
@@ -22,13 +23,20 @@ from mirror.cache.store import BlobStore, OnCommit
 from mirror.cluster.peers import Membership
 from mirror.cluster.shared import RedisTags, SharedState
 from mirror.cluster.source import ClusterSource, FillLocks
-from mirror.config import ClusterConfig, Config, ConfigError, UpstreamConfig, load_config
+from mirror.config import (
+    ClusterConfig,
+    Config,
+    ConfigError,
+    SyncConfig,
+    UpstreamConfig,
+    load_config,
+)
 from mirror.events.bus import Events
 from mirror.oci.reference import Digest
 from mirror.pull.downloads import Downloads
 from mirror.pull.proxy import Proxy
 from mirror.pull.source import Source
-from mirror.pull.sync import Scheduler, new_run
+from mirror.pull.sync import RuleRun, Scheduler, new_run
 from mirror.pull.trust import Trust
 from mirror.tiers.bounds import BucketKeeper
 from mirror.tiers.source import TieredSource, WriteBehind
@@ -218,8 +226,15 @@ async def open_mirror(config: Config) -> AsyncIterator[Mirror]:
                         bucket, events=events)
         await events.start(config.webhooks)
         stack.push_async_callback(events.close)
-        mirror.sync = Scheduler(lambda: mirror.config.syncs, lambda rule: new_run(
-            rule, proxy, sources, store, index), index, store.lock_path)
+        def make_run(rule: SyncConfig) -> RuleRun | None:
+            """A run for the scheduler or the cache browser's "sync now": stopped between
+            images when a reload removes or changes its rule."""
+            run = new_run(rule, proxy, sources, store, index)
+            if run is not None and mirror.sync is not None:
+                run.current = functools.partial(mirror.sync.current, rule.name)
+            return run
+
+        mirror.sync = Scheduler(lambda: mirror.config.syncs, make_run, index, store.lock_path)
 
         async def reload_upstreams(old: Config, new: Config) -> None:
             """New or changed [[upstream]] tables get a client of their own (the old one
