@@ -191,11 +191,15 @@ def mirror_config(port: int, upstream_url: str, name: str = "blackhole.invalid")
 
 
 def run_mirror(
-    podman: Podman, image: BuiltImage, config: Path, name: str, port: int
+    podman: Podman, image: BuiltImage, config: Path, name: str, port: int,
+    read_only: bool = False,
 ) -> MirrorContainer:
+    """read_only: the root filesystem read-only, /tmp and /run tmpfs (podman's --read-only),
+    as deploy/kubernetes runs it (readOnlyRootFilesystem, an emptyDir on /tmp)."""
     started = time.monotonic()
     podman(
         "run", "--detach", "--name", name, "--network", "host",
+        *(["--read-only"] if read_only else []),
         "--volume", f"{config}:/etc/mirror/mirror.toml:ro", image.ref,
     )
     return MirrorContainer(podman, name, port, started)

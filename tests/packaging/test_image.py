@@ -8,7 +8,8 @@ blob fetched from the upstream once; `podman healthcheck run`; SIGTERM (`podman 
 it with status 0 long before podman's kill; the image pushed to the upstream and pulled
 through the containerized mirror (it mirrors itself) then run; a broken config makes the
 container exit 2 with the one-line error in `podman logs`; the pruned botocore still makes an
-S3 client; compose.yaml's default `podman-compose up` serves a pull and starts only the
+S3 client; the pull test runs with a read-only root filesystem (as deploy/kubernetes
+does); compose.yaml's default `podman-compose up` serves a pull and starts only the
 mirror (redis and seaweedfs are behind profiles).
 
 Figures (printed with -s, recorded in packaging/README.md): image size, cold start to ready.
@@ -64,11 +65,11 @@ def blackhole() -> Iterator[ClosedPort]:
 
 def _start(
     podman: Podman, image: BuiltImage, tmp_path: Path, port: int, upstream: UpstreamRegistry,
-    name: str, registry: str = "blackhole.invalid",
+    name: str, registry: str = "blackhole.invalid", read_only: bool = False,
 ) -> MirrorContainer:
     config = tmp_path / "mirror.toml"
     config.write_text(mirror_config(port, upstream.url, name=registry))
-    return run_mirror(podman, image, config, name, port)
+    return run_mirror(podman, image, config, name, port, read_only=read_only)
 
 
 def test_image_metadata(podman: Podman, image: BuiltImage) -> None:
@@ -119,8 +120,9 @@ def test_pull_through_the_container(
     small_image: tuple[oci.OCILayout, oci.Image], containerd: Containerd,
     tmp_path: Path, free_tcp_port: int, blackhole: ClosedPort,
 ) -> None:
+    # Read-only root, as the Kubernetes manifests run it: only the volume is written.
     mirror = _start(podman, image, tmp_path, free_tcp_port, upstream, "mirror-pull",
-                    registry=blackhole.host)
+                    registry=blackhole.host, read_only=True)
     ready = mirror.wait_ready()
     print(f"\ncold start to ready (podman run -> /healthz 200): {ready:.2f} s")
     assert podman("healthcheck", "run", mirror.name, check=False).returncode == 0
