@@ -28,6 +28,7 @@ deletion is not seen: at worst the image it belongs to fetches a deleted blob ag
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -371,20 +372,24 @@ class Outcome:
     failed: int = 0  # bucket deletions failed (the first failure ends them)
 
 
-async def purge_target(store: BlobStore, index: Index, target: Target, pins: Sequence[str],
-                       upstreams: Sequence[str], wait: float, dry_run: bool = False,
+async def purge_target(store: BlobStore, index: Index, target: Target,
+                       pins: Callable[[], Sequence[str]], upstreams: Sequence[str],
+                       wait: float, dry_run: bool = False,
                        delete: Callable[[Digest], Awaitable[bool]] | None = None) -> Outcome:
-    """Plan and (unless `dry_run`) execute a purge, one at a time with eviction and other
-    purges; then `delete` each purged blob's bucket object (with [s3]). Used by `mirror
-    purge` and the status page's cache browser. Raises Busy, NotCached or Pinned."""
+    """Plan and (unless `dry_run`) execute a purge, one at a time with eviction, other
+    purges and the cache browser's pins (`pins` is read under the same lock, so a pin made
+    meanwhile is seen), in a thread (the plan reads the store); then `delete` each purged
+    blob's bucket object (with [s3]). Used by `mirror purge` and the cache browser. Raises
+    Busy, NotCached or Pinned."""
     async with exclusive(str(store.lock_path("evict")), wait) as locked:
         if not locked:
             raise Busy(f"{target}: the cache is being evicted or purged by another process; "
                        "try again shortly")
-        plan = plan_purge(store, index, target, pins, upstreams)
+        plan = await asyncio.to_thread(lambda: plan_purge(store, index, target, pins(),
+                                                          upstreams))
         if dry_run:
             return Outcome(plan, None)
-        result = execute(store, index, plan)
+        result = await asyncio.to_thread(execute, store, index, plan)
     deleted = failed = 0
     for digest in sorted(plan.bucket - result.in_flight, key=str) if delete else ():
         if delete is None or not await delete(digest):

@@ -50,7 +50,7 @@ async def _one(config: Config, store: BlobStore, index: Index, target: Target, d
                keeper: BucketKeeper | None) -> bool:
     try:
         outcome = await purge_target(
-            store, index, target, pins(config, index), [u.name for u in config.upstreams],
+            store, index, target, lambda: pins(config, index), [u.name for u in config.upstreams],
             LOCK_WAIT, dry_run, None if keeper is None else keeper.bucket.delete)
     except (Busy, NotCached, Pinned) as exc:
         print(f"mirror: purge: {exc}", file=sys.stderr)

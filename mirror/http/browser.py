@@ -26,7 +26,7 @@ from aiohttp import web
 
 from mirror.cache import browse
 from mirror.cache.eviction import pins
-from mirror.cache.locks import is_locked
+from mirror.cache.locks import exclusive, is_locked
 from mirror.cache.purge import Busy, NotCached, Outcome, Pinned, Target, purge_target
 from mirror.http import access, cachepage, csrf
 from mirror.http.cachepage import Admin
@@ -81,7 +81,7 @@ def _visible(request: web.Request, who: Identity | None, admin: Admin | None
 
 def _page_number(request: web.Request) -> int:
     text = request.query.get("page", "1")
-    return int(text) if text.isdigit() and len(text) < 7 else 1
+    return int(text) if text.isascii() and text.isdecimal() and len(text) < 7 else 1
 
 
 async def repositories_page(request: web.Request) -> web.Response:
@@ -149,15 +149,26 @@ async def _act(app: web.Application, mirror: Mirror, who: Identity, kind: str, t
         raise RegistryError(ErrorCode.UNSUPPORTED, f"unknown action {kind!r} for {target!r}: "
                             "pin and unpin name an image (a tag or a digest)")
     image = ImageRef(upstream, repository, reference)
-    said = (await asyncio.to_thread(_pin, mirror, who, image) if kind == "pin"
-            else _unpin(mirror, str(image)))
+    if kind == "unpin":
+        return (*_unpin(mirror, str(image)), back, None)
+    # under the lock purges plan under: a purge either sees the pin or ran before it
+    async with exclusive(str(mirror.store.lock_path("evict")), PURGE_WAIT) as locked:
+        said = (await asyncio.to_thread(_pin, mirror, who, image) if locked else (
+            "not pinned", ["the cache is being evicted or purged: try again shortly"], False))
     return (*said, back, None)
 
 
 def _pin(mirror: Mirror, who: Identity, image: ImageRef) -> _Said:
-    ref = image.reference
-    cached = (mirror.store.has(ref) if isinstance(ref, Digest)
-              else mirror.index.get_tag(image.upstream, image.repository, ref) is not None)
+    """Only an image the repository has: a tag it knows, or a manifest digest it tags or
+    holds (a pin no page shows could never be unpinned)."""
+    ref, index = image.reference, mirror.index
+    if isinstance(ref, Digest):
+        cached = mirror.store.has(ref) and index.is_manifest(ref) and (
+            ref in index.repository_held(image.upstream, image.repository)
+            or any(e.digest == str(ref) for e in index.repository_tags(
+                image.upstream, image.repository).values()))
+    else:
+        cached = index.get_tag(image.upstream, image.repository, ref) is not None
     if not cached:
         return "not pinned", [f"{image} is not in the cache: pull it first"], False
     mirror.index.add_pin(str(image), who.user)
@@ -178,7 +189,7 @@ async def _purge(mirror: Mirror, target: Target, confirmed: bool, back: str) -> 
     delete = mirror.bucket.delete if mirror.bucket is not None else None
     try:
         outcome = await purge_target(mirror.store, mirror.index, target,
-                                     pins(mirror.config, mirror.index),
+                                     lambda: pins(mirror.config, mirror.index),
                                      list(mirror.upstreams), PURGE_WAIT, not confirmed, delete)
     except (Busy, NotCached, Pinned) as exc:
         return "not purged", [str(exc)], False, back, None

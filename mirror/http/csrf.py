@@ -33,7 +33,7 @@ def issue(secret: bytes, user: str, now: float) -> str:
 
 def valid(secret: bytes, user: str, token: str, now: float) -> bool:
     window_text, _, mac = token.partition(".")
-    if not window_text.isdigit() or len(window_text) > 12:
+    if not (token.isascii() and window_text.isdecimal()) or len(window_text) > 12:
         return False
     window = int(window_text)
     if not 0 <= int(now // WINDOW_SECONDS) - window <= 1:
@@ -46,6 +46,10 @@ def same_origin(headers: Mapping[str, str], host: str) -> bool:
     Only the host is compared: behind a TLS-terminating proxy the scheme seen here differs.
     Neither header: refused (browsers send one with a form POST; only other programs don't)."""
     seen = headers.get("Origin") or headers.get("Referer")
-    if seen is None or seen == "null":
+    if seen is None or seen == "null" or not (seen.isascii() and host.isascii()):
         return False
-    return hmac.compare_digest(urlsplit(seen).netloc.lower().encode(), host.lower().encode())
+    try:
+        netloc = urlsplit(seen).netloc
+    except ValueError:  # e.g. an unclosed [IPv6 bracket
+        return False
+    return hmac.compare_digest(netloc.lower().encode(), host.lower().encode())

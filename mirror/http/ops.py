@@ -108,7 +108,7 @@ async def status_page(request: web.Request) -> web.Response:
         history=rows,
         downloads=in_flight(mirror),
         upstreams=upstreams,
-        top=merged_top(activity.top, TOP_SHOWN),
+        top=await _visible_top(request, activity),
         workers=mirror.config.server.workers,
         started=activity.started,
         cluster=_cluster_view(mirror, snapshot),
@@ -128,6 +128,19 @@ async def status_page(request: web.Request) -> web.Response:
     )
     return web.Response(body=statuspage.render(view).encode(), headers={
         "Content-Type": "text/html; charset=utf-8", "Cache-Control": "no-store"})
+
+
+async def _visible_top(request: web.Request, activity: Activity) -> list[tuple[str, int]]:
+    """The most-pulled repositories, those the viewer may pull only (admins see all), as
+    the cache browser shows them."""
+    if request.app[access.AUTHENTICATOR] is None:
+        return merged_top(activity.top, TOP_SHOWN)
+    who, grants = await access.identity(request), request.app[access.GRANTS]
+    top = await asyncio.to_thread(merged_top, activity.top, 1 << 16)
+    if not grants.is_admin(who):
+        top = [(name, n) for name, n in top
+               if "/" in name and grants.decide(who, *name.split("/", 1))]
+    return top[:TOP_SHOWN]
 
 
 def sync_view(rule: SyncConfig, mirror: Mirror) -> statuspage.SyncView:

@@ -379,19 +379,7 @@ MALFORMED: dict[str, tuple[dict[str, str], dict[str, Any]]] = {
 }
 
 
-@pytest.mark.parametrize("case", [
-    pytest.param(name, marks=pytest.mark.xfail(strict=True, reason=reason))
-    for name, reason in (
-        ("a non-ASCII mac", "csrf.valid: hmac.compare_digest on a str with non-ASCII "
-         "characters raises TypeError -> 500 (csrf.py: compare_digest(mac, ...))"),
-        ("a superscript window", "csrf.valid: '²'.isdigit() is True but int('²') raises "
-         "ValueError -> 500"),
-        ("an Origin that is no URL", "csrf.same_origin: urlsplit raises ValueError "
-         "('Invalid IPv6 URL') -> 500"),
-        ("a Referer that is no URL", "csrf.same_origin: urlsplit raises ValueError -> 500"),
-        ("an Origin of non-UTF-8 bytes", "csrf.same_origin: the surrogate-escaped header "
-         "does not .encode() -> UnicodeEncodeError -> 500"),
-    )])
+@pytest.mark.parametrize("case", list(MALFORMED))
 def test_malformed_tokens_and_origins_are_refused_not_500(mirror: AdvMirror, case: str) -> None:
     fields, headers = MALFORMED[case]
     window = _token(mirror).partition(".")[0]
@@ -512,17 +500,12 @@ def test_path_tricks_show_nothing_the_user_may_not_pull(mirror: AdvMirror) -> No
     assert set(_rows(mirror, "test/small", "other")) == {"v1"}
 
 
-@pytest.mark.xfail(strict=True, reason="the status page (/) lists every cached repository "
-                   "with its pulls to any user, so the cache browser's per-user filter hides "
-                   "nothing: 'other' learns secret/app and test/docker are cached")
 def test_the_status_page_does_not_name_what_the_browser_hides(mirror: AdvMirror) -> None:
     page = _get(mirror, "/", "other")
     assert page.status_code == 200
     assert "secret/app" not in page.text and "test/docker" not in page.text
 
 
-@pytest.mark.xfail(strict=True, reason="_page_number: '²'.isdigit() is True, int('²') "
-                   "raises ValueError -> 500; with status = public anyone can")
 @pytest.mark.parametrize("path", ["/cache?page=%C2%B2", "/cache/localhost/test/small?page=%C2%B2"])
 def test_a_unicode_digit_page_number_is_not_a_500(public: AdvMirror, path: str) -> None:
     assert _get(public, path, None).status_code == 200
@@ -584,9 +567,6 @@ def test_a_pull_after_purging_a_shared_tag_shows_again(mirror: AdvMirror, world:
     assert set(_rows(mirror, repo)) == {"v1"}
 
 
-@pytest.mark.xfail(strict=True, reason="_pin accepts any stored digest under any repository "
-                   "name (store.has only): a layer 'pinned' as ghost/none@<digest> is shown "
-                   "on no page (no unpin button) and keeps its content from eviction")
 def test_a_pin_names_an_image_the_repository_holds(mirror: AdvMirror, world: World) -> None:
     token = _token(mirror)
     target = f"{UP}/ghost{mirror.workers}/none@{world.secret.layers[0].digest}"
@@ -642,10 +622,6 @@ def _race_pin_and_purge(mirror: AdvMirror, world: World, rounds: int) -> list[st
     return both
 
 
-@pytest.mark.xfail(strict=True, reason="pin and purge are not serialised: browser._purge "
-                   "computes pins() before purge_target takes the evict lock, and _pin checks "
-                   "then adds outside it, so both answer success and the 'pinned' image is "
-                   "gone")
 def test_pin_and_purge_at_once_never_both_succeed(mirror: AdvMirror, world: World) -> None:
     if mirror.workers == 1:  # the purge holds the event loop from pins() to the deletion:
         # only the pin's thread (get_tag, then add_pin) can interleave, too rarely to show
@@ -741,10 +717,6 @@ def _fill_store(m: MirrorProcess, count: int) -> list[Path]:
     return made
 
 
-@pytest.mark.xfail(strict=True, reason="browser._purge awaits purge_target, whose plan "
-                   "(reading every stored file: _Graph.stored_manifests) and execution run on "
-                   "the event loop: a purge button (even the asking one) stalls every request "
-                   "of that worker for as long as the plan takes")
 def test_a_purge_does_not_stall_the_worker(public: AdvMirror) -> None:
     made = _fill_store(public, 20000)
     token = _token(public)
