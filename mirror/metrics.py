@@ -178,7 +178,8 @@ WEBHOOK_DELAY = Histogram(
 
 # --- sync rules (pull/sync.py) ---------------------------------------------------------------
 SYNC_RUNS = Counter(
-    "mirror_sync_runs_total", "Runs of a [[sync]] rule, by result (ok, failed)",
+    "mirror_sync_runs_total",
+    "Runs of a [[sync]] rule, by result (ok, failed, stopped: a reload removed or changed it)",
     ["rule", "result"])
 SYNC_LAST_OK = Gauge(
     "mirror_sync_last_success_timestamp_seconds",
