@@ -103,6 +103,13 @@ async def errors_and_access_log(request: web.Request, handler: Handler) -> web.S
         status = 499
         request[ERROR] = f"client went away: {exc}"
         raise
+    except asyncio.CancelledError:  # its connection was lost, or the server is stopping
+        status = 499
+        transport = request.transport
+        request[ERROR] = ("client went away (its request was cancelled)"
+                          if transport is None or transport.is_closing()
+                          else "cancelled: the server is stopping")
+        raise
     except Exception as exc:
         error = wire_error(exc)
         if error is None:
