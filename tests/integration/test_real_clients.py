@@ -48,6 +48,7 @@ import pytest
 from tests.integration._netns import NetNS
 from tests.support import oci
 from tests.support.clients import Result, UpstreamRegistry, write_registries_conf
+from tests.support.clients import run as clients_run
 from tests.support.mirror import MirrorProcess, Upstream
 from tests.support.registry import ClosedPort, Registry, env_without_proxies, wait_until
 
@@ -101,29 +102,7 @@ def _client_env(home: Path, **extra: str) -> dict[str, str]:
 
 
 def run_cmd(argv: Sequence[str], env: dict[str, str], timeout: float, check: bool = True) -> Result:
-    """Run a command with a hard timeout (its whole process group killed on expiry)."""
-    args = [str(a) for a in argv]
-    proc = subprocess.Popen(
-        args,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        stdin=subprocess.DEVNULL,
-        env=env,
-        start_new_session=True,
-    )
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        raise AssertionError(
-            f"command timed out after {timeout}s: {' '.join(args)}\n"
-            f"stdout:\n{out.decode(errors='replace')[-3000:]}\n"
-            f"stderr:\n{err.decode(errors='replace')[-3000:]}"
-        ) from None
-    res = Result(args, proc.returncode, out.decode(errors="replace"), err.decode(errors="replace"))
-    return res.check() if check else res
+    return clients_run(argv, timeout, check, env=env)
 
 
 # --- what was pushed --------------------------------------------------------------------

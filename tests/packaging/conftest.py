@@ -21,7 +21,6 @@ import os
 import re
 import resource
 import shutil
-import subprocess
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -31,7 +30,7 @@ import httpx
 import pytest
 
 from tests.support import oci
-from tests.support.clients import Containerd, Result, UpstreamRegistry
+from tests.support.clients import Containerd, Result, UpstreamRegistry, run
 from tests.support.registry import HOST, Registry, env_without_proxies, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -49,25 +48,7 @@ def run_env(
     argv: Sequence[str | Path], env: dict[str, str], timeout: float, check: bool = True,
     cwd: Path | None = None,
 ) -> Result:
-    """Run a command with a hard timeout (its process group killed on expiry)."""
-    args = [str(a) for a in argv]
-    proc = subprocess.Popen(
-        args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
-        env=env, cwd=cwd, start_new_session=True,
-    )
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, 9)
-        out, err = proc.communicate()
-        raise AssertionError(
-            f"command timed out after {timeout}s: {' '.join(args)}\n"
-            f"stdout:\n{out.decode(errors='replace')[-3000:]}\n"
-            f"stderr:\n{err.decode(errors='replace')[-3000:]}"
-        ) from None
-    res = Result(args, proc.returncode, out.decode(errors="replace"), err.decode(errors="replace"))
-    return res.check() if check else res
+    return run(argv, timeout, check, env=env, cwd=cwd)
 
 
 class Podman:

@@ -16,6 +16,7 @@ containerd (root):
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.client
 import json
@@ -64,24 +65,29 @@ class Result:
         return self
 
 
-def run(args: Sequence[str], timeout: float, check: bool = True) -> Result:
-    """Run a command with a hard timeout (the whole process group is killed on expiry)."""
+def run(args: Sequence[str | Path], timeout: float, check: bool = True,
+        env: dict[str, str] | None = None, cwd: Path | None = None) -> Result:
+    """Run a command with a hard timeout (the whole process group is killed on expiry), in
+    `env` (default: this one without proxies)."""
     argv = [str(a) for a in args]
     proc = subprocess.Popen(
         argv,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         stdin=subprocess.DEVNULL,
-        env=env_without_proxies(),
+        env=env_without_proxies() if env is None else env,
+        cwd=cwd,
         start_new_session=True,
     )
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
         out, err = proc.communicate()
         raise AssertionError(
             f"command timed out after {timeout}s: {' '.join(argv)}\n"
+            f"stdout:\n{out.decode(errors='replace')[-3000:]}\n"
             f"stderr:\n{err.decode(errors='replace')[-4000:]}"
         ) from None
     res = Result(argv, proc.returncode, out.decode(errors="replace"), err.decode(errors="replace"))
