@@ -18,7 +18,7 @@ from mirror import metrics
 from mirror.cache.index import ACCESS_FLUSH_SECONDS, Entry, Index
 from mirror.cache.locks import try_exclusive
 from mirror.cache.store import BlobStore
-from mirror.config import Config
+from mirror.config import Config, SyncConfig
 from mirror.oci.errors import RegistryError
 from mirror.oci.mediatypes import referenced_blobs
 from mirror.oci.reference import Digest, parse_digest
@@ -27,6 +27,7 @@ from mirror.oci.routing import parse_image
 log = logging.getLogger("mirror.eviction")
 
 LOW_SHARE = 0.9  # an upstream over its max_size share is evicted down to this part of it
+SELECT_SECONDS = 0.05  # a sync rule's tags regex over one held tag at most
 
 
 @dataclass(frozen=True)
@@ -233,10 +234,36 @@ def pins(config: Config, index: Index) -> list[str]:
     """`[cache] pin`, the pins admins made in the cache browser, and the tags the `pin = true`
     sync rules select, each also by the digest the rule last cached whole for it (kept while
     the tag moves on and the new image downloads)."""
-    synced = [pin for rule in config.syncs if rule.pin
-              for image, digest in index.synced(rule.name).items()
+    synced = [pin for rule in config.syncs
+              for image, digest in rule_pins(rule, index).items()
               for pin in (image, f"{image.rpartition(':')[0]}@{digest}")]
     return [*config.cache.pin, *index.runtime_pins(), *synced]
+
+
+def rule_pins(rule: SyncConfig, index: Index) -> dict[str, str]:
+    """What a sync rule pins: of the images its runs recorded (`upstream/repository:tag` →
+    digest), those the rule as configured now still selects. A reload narrowing it unpins
+    at once, not at its next run (which may be an interval away, or fail); pin = false pins
+    nothing."""
+    if not rule.pin:
+        return {}
+    return {image: digest for image, digest in index.synced(rule.name).items()
+            if selects(rule, image)}
+
+
+def selects(rule: SyncConfig, image: str) -> bool:
+    """Whether `rule` selects `upstream/repository:tag` (its upstream, a repository pattern
+    and the tags regex). A regex too slow to say (pull/sync.py fails such a run) keeps it:
+    eviction is not undone."""
+    if not image.startswith(f"{rule.upstream}/"):
+        return False
+    repository, _, tag = image[len(rule.upstream) + 1:].rpartition(":")
+    if not any(p.matches(repository) for p in rule.repositories):
+        return False
+    try:
+        return rule.tags.search(tag, timeout=SELECT_SECONDS) is not None
+    except TimeoutError:
+        return True
 
 
 def _in_use_since() -> float:

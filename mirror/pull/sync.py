@@ -5,23 +5,26 @@ every selected tag names now with one HEAD, and caches through the proxy (so thr
 same single-flight downloads a client's pull uses) only the images it does not already hold
 whole. What it cached is recorded per rule (`upstream/repository:tag` → digest): the next
 run skips those, a `pin = true` rule keeps them from eviction (cache/eviction.py `pins`),
-and a tag the rule no longer selects drops out, and with it its pin.
+and a tag the rule no longer selects drops out. Pins follow the rule as configured now
+(eviction.py `rule_pins`): a reload narrowing its repositories or tags, setting pin = false
+or removing it unpins what it no longer selects at once, whatever its next run does.
 
 The server runs every rule every `interval` in one worker at a time (a flock per rule, which
 `mirror sync` takes too, so a rule never runs twice at once); a failed run is tried again
 the next interval, and a rule a reload changed is run at the next check. A run the server
 started stops before its next image when a reload removed or changed its rule (the image it
-is caching, and every client download it shares, goes on to the end; what the rule held stays
-held until a run of the new rule decides), and the scheduler takes each rule from the running
-configuration just before it runs it, so a rule removed during another's run never starts.
+is caching, and every client download it shares, goes on to the end; what the rule held and
+still selects stays held until a run of the new rule decides), and the scheduler takes each
+rule from the running configuration just before it runs it, so a rule removed during
+another's run never starts.
 An upstream's 429 is waited out (its Retry-After) and the step retried.
 
 What the upstream lists is not trusted: names and tags outside the OCI grammar are skipped
 (a catalog's `team/../secret` must not pass a pattern the deny rules would refuse), a `Link`
 that comes back to a page already read ends the list, and the tags regex runs with a time
 limit per tag (the `regex` engine's), so a catastrophic pattern fails the rule, not the
-worker. A repository whose list could not be read keeps what the rule held for it, pinned:
-a failed run never unpins.
+worker. A repository whose list could not be read keeps what the rule held for it, pinned
+while the rule selects it: a failed run never unpins.
 """
 
 from __future__ import annotations

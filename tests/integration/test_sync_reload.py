@@ -395,3 +395,33 @@ def test_a_run_cut_short_by_a_kill_is_run_again_at_start(
     run = _wait_runs(m, "app", 1, timeout=30)[-1]
     assert run["ok"] is True and run["selected"] == len(TAGS), run
     assert _pinned(m, host) == dict.fromkeys(TAGS, "sync app")
+
+
+@pytest.mark.parametrize("workers", [1, 2], ids=lambda w: f"w{w}")
+def test_a_narrowed_rule_unpins_at_once_even_when_its_next_run_fails(
+        tmp_path: Path, site: Site, blackhole: ClosedPort, workers: int) -> None:
+    """Pins follow the rule as configured now, not its last run: the upstream gone, the
+    narrowed rule's run fails (and so keeps what it held), yet the tag it no longer selects
+    is unpinned and its share's eviction takes it; the tag still selected stays."""
+    host = blackhole.host
+    site.gate.held.clear()
+    app = _rule(host, "app", REPO, r"^1\.0\.[01]$")
+    m = _mirror(tmp_path, site, blackhole, workers, [app])
+    assert _wait_runs(m, "app", 1)[0]["ok"] is True
+    assert _pinned(m, host) == {"1.0.0": "sync app", "1.0.1": "sync app"}
+    kept, unpinned = site.images["1.0.0"], site.images["1.0.1"]
+    assert {kept.manifest.digest, unpinned.manifest.digest} <= m.cached_digests()
+
+    site.up.registry.stop()  # the next run cannot list the tags: it fails
+    app["tags"] = r"^1\.0\.0$"
+    m.upstreams[0].extra["max_size"] = "1KiB"  # everything unpinned of the upstream goes
+    m.write_config()
+    _hup(m, workers)
+    failed = _wait_runs(m, "app", 2)[1]
+    assert failed["ok"] is False, failed
+    wait_until(lambda: unpinned.manifest.digest not in m.cached_digests(), 30, interval=0.1,
+               what="the unpinned image evicted")
+    pins = _pinned(m, host)
+    assert pins["1.0.0"] == "sync app" and not pins.get("1.0.1"), pins
+    assert not {b.digest for b in unpinned.blobs} & m.cached_digests()
+    assert {kept.manifest.digest, *(b.digest for b in kept.blobs)} <= m.cached_digests()
