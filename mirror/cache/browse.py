@@ -15,7 +15,7 @@ import contextlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from mirror.cache.eviction import image_digests
+from mirror.cache.eviction import image_digests, rule_pins
 from mirror.cache.index import Index
 from mirror.cache.store import BlobStore
 from mirror.config import Config
@@ -66,7 +66,7 @@ def pin_sources(config: Config, index: Index) -> dict[str, list[str]]:
     for image, (user, _) in index.runtime_pins().items():
         add(image, f"by {user}")
     for rule in config.syncs:
-        for image in index.synced(rule.name) if rule.pin else ():
+        for image in rule_pins(rule, index):
             add(image, f"sync {rule.name}")
     return found
 
