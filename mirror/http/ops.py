@@ -17,6 +17,7 @@ import contextlib
 import json
 import logging
 import os
+import time
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
@@ -28,7 +29,7 @@ from mirror.config import Config, SyncConfig
 from mirror.http import access, health, history, statuspage
 from mirror.http.activity import Activity, in_flight, merged_top
 from mirror.http.keys import ACTIVITY, MIRROR
-from mirror.pull.sync import lock_name
+from mirror.pull.sync import lock_name, next_run
 from mirror.runtime import Mirror
 from mirror.tiers.bounds import identity
 from mirror.upstream.client import ratelimit_number
@@ -152,7 +153,7 @@ def sync_view(rule: SyncConfig, mirror: Mirror) -> statuspage.SyncView:
         rule.name, f"{rule.upstream}: {', '.join(p.text for p in rule.repositories)} "
         f"tags {rule.tags_text}", started, state.get("finished"), state.get("ok"),
         str(state.get("summary", "")),
-        None if started is None else started + rule.interval, running,
+        next_run(state, rule, time.time(), running), running,
         len(index.synced(rule.name)), rule.pin)
 
 
