@@ -328,6 +328,14 @@ def when_utc(at: float | None) -> str:
     return "—" if at is None else time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(at))
 
 
+def _next(rule: SyncView, now: float) -> str:
+    """A rule the scheduler runs at its next check (never run, changed by a reload, cut
+    short, or overdue behind another rule's run) says so, not a time already past."""
+    if rule.next_run is not None and rule.next_run <= now:
+        return "due now"
+    return when_utc(rule.next_run)
+
+
 def _syncs(view: StatusView) -> str:
     rows = []
     for r in view.syncs:
@@ -342,7 +350,7 @@ def _syncs(view: StatusView) -> str:
             f"<td>{html.escape(r.name)}</td><td>{html.escape(r.what)}</td>"
             f'<td data-value="{r.finished or ""}">{when_utc(r.finished)}</td>'
             f'<td class="{cls}">{state}</td><td>{html.escape(r.summary)}</td>'
-            f'<td data-value="{r.next_run or ""}">{when_utc(r.next_run)}</td>'
+            f'<td data-value="{r.next_run or ""}">{_next(r, view.generated)}</td>'
             f'<td data-value="{r.images}">{r.images}{" pinned" if r.pin else ""}</td></tr>')
     return ("<table><tr><th>rule</th><th>what</th><th>last run (UTC)</th><th>result</th>"
             "<th></th><th>next run</th><th>images</th></tr>" + "".join(rows) + "</table>")

@@ -350,6 +350,17 @@ def is_due(state: Mapping[str, Any], rule: SyncConfig, now: float) -> bool:
             or now >= float(started) + rule.interval)
 
 
+def next_run(state: Mapping[str, Any], rule: SyncConfig, now: float, running: bool) -> float:
+    """When the scheduler starts the rule next, as is_due decides (for the status page): `now`
+    (its next check) for a rule never run, changed since its last run or cut short; else
+    `interval` after its last run started, with the interval configured now."""
+    started = state.get("started")
+    if (started is None or state.get("rule") != fingerprint(rule)
+            or ("running" in state and not running)):
+        return now
+    return float(started) + rule.interval
+
+
 async def run_locked(rule: SyncConfig, run: RuleRun, index: Index, lock: Path,
                      due: Callable[[Mapping[str, Any]], bool] = lambda state: True
                      ) -> RunResult | None:

@@ -22,6 +22,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -425,3 +426,43 @@ def test_a_narrowed_rule_unpins_at_once_even_when_its_next_run_fails(
     assert pins["1.0.0"] == "sync app" and not pins.get("1.0.1"), pins
     assert not {b.digest for b in unpinned.blobs} & m.cached_digests()
     assert {kept.manifest.digest, *(b.digest for b in kept.blobs)} <= m.cached_digests()
+
+
+def _next_run(m: MirrorProcess, rule: str) -> tuple[float, str]:
+    """The status page's next run of `rule`: (its data-value, its text)."""
+    page = httpx.get(f"{m.url}/", timeout=10, trust_env=False).text
+    row = re.search(rf'<tr class="sync-rule" data-name="{rule}">(.*?)</tr>', page)
+    assert row is not None, page
+    cells = re.findall(r'<td data-value="([^"]*)">([^<]*)</td>', row.group(1))
+    return float(cells[1][0]), cells[1][1]
+
+
+def test_the_status_page_next_run_follows_a_reloaded_rule(
+        tmp_path: Path, site: Site, blackhole: ClosedPort) -> None:
+    """A changed interval moves the next run; a changed rule is due at once (is_due), and
+    the page says so while another rule's run holds the scheduler (one worker)."""
+    host = blackhole.host
+    app = _rule(host, "app", OTHER, r"^1\.0\.0$", interval="1h")
+    m = _mirror(tmp_path, site, blackhole, 1, [app])
+    _wait_runs(m, "app", 1)
+    at, _ = _next_run(m, "app")
+    started = at - 3600
+    app["interval"] = "2h"
+    m.write_config()
+    _hup(m, 1)
+    assert _next_run(m, "app")[0] == pytest.approx(started + 7200)
+
+    # a rule before it waits at the gate: the scheduler cannot reach app meanwhile
+    m.arrays["sync"] = [_rule(host, "block", REPO, rf"^{re.escape(HELD_TAG)}$"), app]
+    m.write_config()
+    _hup(m, 1)
+    assert site.gate.reached.wait(30), "the blocking run never reached the held layer"
+    app["tags"] = r"^1\.0\.\d$"
+    m.write_config()
+    _hup(m, 1)
+    at, text = _next_run(m, "app")
+    assert text == "due now" and at <= time.time(), (at, text)
+    site.gate.open()
+    _wait_runs(m, "app", 2)
+    at, text = _next_run(m, "app")
+    assert at > time.time() + 7000 and text != "due now", (at, text)
