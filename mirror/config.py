@@ -19,7 +19,6 @@ from urllib.parse import urlsplit
 
 import regex
 
-from mirror.oci.cosign import load_public_key
 from mirror.oci.errors import RegistryError
 from mirror.oci.reference import Digest, parse_digest
 from mirror.oci.rules import (
@@ -797,6 +796,8 @@ def _public_key(path: str, key: str, file: str) -> bytes:
         pem = Path(file).read_bytes()
     except OSError as exc:
         raise ConfigError(path, key, f"{file}: {exc.strerror or exc}") from None
+    from mirror.oci.cosign import load_public_key  # cryptography: only a [[policy]] pays for it
+
     try:
         load_public_key(pem)
     except ValueError as exc:

@@ -21,7 +21,6 @@ from mirror.cache.index import Index
 from mirror.cache.maintenance import Maintenance, RateLimit
 from mirror.cache.store import BlobStore, OnCommit
 from mirror.cluster.peers import Membership
-from mirror.cluster.shared import RedisTags, SharedState
 from mirror.cluster.source import ClusterSource, FillLocks
 from mirror.config import (
     ClusterConfig,
@@ -37,12 +36,14 @@ from mirror.pull.downloads import Downloads
 from mirror.pull.proxy import Proxy
 from mirror.pull.source import Source
 from mirror.pull.sync import RuleRun, Scheduler, new_run
-from mirror.pull.trust import Trust
 from mirror.tiers.bounds import BucketKeeper
 from mirror.tiers.source import TieredSource, WriteBehind
 from mirror.upstream.client import Upstream
 
-if TYPE_CHECKING:  # aiobotocore (~13 MiB resident a worker) is imported only with [s3]
+if TYPE_CHECKING:  # each imported only where its table is set: aiobotocore (~13 MiB resident a
+    # worker) with [s3], cryptography with [[policy]], redis-py with [redis]
+    from mirror.cluster.shared import SharedState
+    from mirror.pull.trust import Trust
     from mirror.tiers.bucket import Bucket, BucketBlob
 
 log = logging.getLogger("mirror")
@@ -202,8 +203,10 @@ async def open_mirror(config: Config) -> AsyncIterator[Mirror]:
         downloads.on_disk_full = maintenance.request_eviction
         proxy.on_disk_full = maintenance.request_eviction
         maintenance.start()
-        shared = None
+        shared: SharedState | None = None
         if config.redis is not None:
+            from mirror.cluster.shared import RedisTags, SharedState  # redis-py: only with [redis]
+
             shared = SharedState(config.redis.url, username=config.redis.username,
                                  password=config.redis.password, timeout=config.redis.timeout,
                                  key_prefix=config.redis.key_prefix)
@@ -284,6 +287,8 @@ async def open_mirror(config: Config) -> AsyncIterator[Mirror]:
 def _trust(config: Config, proxy: Proxy, index: Index) -> Trust | None:
     if not config.policies:
         return None
+    from mirror.pull.trust import Trust  # cryptography: only a [[policy]] pays for it
+
     return Trust(config.policies, [u.name for u in config.upstreams], proxy, index,
                  config.cache.tag_ttl)
 

@@ -5,6 +5,7 @@ sendfile (http/zerocopy.py), single ranges and multipart/byteranges (http/ranges
 from __future__ import annotations
 
 import secrets
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
@@ -26,7 +27,9 @@ from mirror.pull.body import BlobBody, Piece
 from mirror.pull.downloads import ClientAbort
 from mirror.pull.proxy import Proxy
 from mirror.pull.source import Source
-from mirror.pull.trust import Trust
+
+if TYPE_CHECKING:  # cryptography is imported only with a [[policy]]
+    from mirror.pull.trust import Trust
 
 
 async def manifest(request: web.Request, proxy: Proxy, source: Source, repository: str,
