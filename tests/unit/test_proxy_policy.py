@@ -142,6 +142,8 @@ class FakeSource:
 
     async def head_blob(self, repository: str, digest: Digest) -> int | None:
         await self._enter("head_blob")
+        if digest not in self.blobs:
+            raise RegistryError(ErrorCode.BLOB_UNKNOWN, "not found")
         return len(self.blobs[digest])
 
     async def confirm(self, repository: str, digest: Digest, kind: Kind) -> None:
