@@ -3,9 +3,9 @@
 A signature of the image `sha256:<hex>` is a manifest (tag `sha256-<hex>.sig`, or a referrer
 of artifact type SIGNATURE_ARTIFACT) whose layers are simple-signing payloads
 (PAYLOAD_TYPE), each with its base64 signature in the SIGNATURE_ANNOTATION. A payload is JSON
-naming the signed digest at critical.image.docker-manifest-digest. The signature is over the
-payload's bytes: ECDSA (P-256 with SHA-256, P-384 with SHA-256 or SHA-384) in DER, RSA
-PKCS#1 v1.5 with SHA-256, or Ed25519.
+naming the signed digest at critical.image.docker-manifest-digest, of critical.type
+IMAGE_SIGNATURE_TYPE. The signature is over the payload's bytes: ECDSA (P-256 with SHA-256,
+P-384 with SHA-256 or SHA-384) in DER, RSA PKCS#1 v1.5 with SHA-256, or Ed25519.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 PAYLOAD_TYPE = "application/vnd.dev.cosign.simplesigning.v1+json"
 SIGNATURE_ANNOTATION = "dev.cosignproject.cosign/signature"
 SIGNATURE_ARTIFACT = "application/vnd.dev.cosign.artifact.sig.v1+json"
+IMAGE_SIGNATURE_TYPE = "cosign container image signature"  # critical.type, as cosign writes
 MAX_PAYLOAD = 64 * 1024  # a simple-signing payload is a few hundred bytes
 
 PublicKey = ec.EllipticCurvePublicKey | rsa.RSAPublicKey | ed25519.Ed25519PublicKey
@@ -82,15 +83,25 @@ def signed_layers(manifest: bytes) -> list[SignedLayer]:
 
 
 def payload_digest(payload: bytes) -> str:
-    """The digest a simple-signing payload says was signed (BadSignature if none)."""
+    """The digest a simple-signing payload says was signed (BadSignature if none, or if it
+    is not of cosign's image-signature type: a key may sign other JSON naming a digest)."""
     try:
         doc = json.loads(payload)
-        named = doc["critical"]["image"]["docker-manifest-digest"]
-    except (ValueError, RecursionError, KeyError, TypeError):
+        critical = doc["critical"]
+        named, kind = critical["image"]["docker-manifest-digest"], critical.get("type")
+    except (ValueError, RecursionError, KeyError, TypeError, AttributeError):
         raise BadSignature("the signed payload is not a simple-signing document") from None
+    if kind != IMAGE_SIGNATURE_TYPE:
+        raise BadSignature(f"the signed payload is not a cosign container image signature "
+                           f"(its critical.type is {_shown(kind)})")
     if not isinstance(named, str):
         raise BadSignature("the signed payload names no digest")
     return named
+
+
+def _shown(value: object) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def verifies(key: PublicKey, signature: bytes, payload: bytes) -> bool:

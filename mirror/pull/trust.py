@@ -49,8 +49,14 @@ log = logging.getLogger("mirror.policy")
 
 SIGNATURE_ACCEPT = (mt.OCI_MANIFEST, mt.DOCKER_MANIFEST)
 ABSENT = frozenset({ErrorCode.MANIFEST_UNKNOWN, ErrorCode.NAME_UNKNOWN})
+ABSENT_BLOB = frozenset({ErrorCode.BLOB_UNKNOWN, ErrorCode.NAME_UNKNOWN})
 MAX_SIGNATURES = 16  # signature manifests (and payloads in each) looked at per digest
-FILESYSTEM_LAYERS = ("application/vnd.oci.image.layer.", "application/vnd.docker.image.rootfs.")
+UNPACKED_PREFIXES = ("application/vnd.oci.image", "application/vnd.docker")
+UNPACKED_TYPES = frozenset({"", "application/octet-stream", "application/json", "text/html"})
+
+
+class _TooBig(ValueError):
+    """A payload blob bigger than MAX_PAYLOAD (its size), whatever its descriptor says."""
 
 
 @dataclass(frozen=True)
@@ -189,6 +195,7 @@ class Trust:
             return failure or "no cosign signature (no sha256-<hex>.sig tag nor signature " \
                               "referrer)", failure is None
         reasons: list[str] = []
+        final = failure is None
         for data in manifests:
             try:
                 layers = signed_layers(data)
@@ -196,31 +203,38 @@ class Trust:
                 reasons.append(str(exc))
                 continue
             for layer in layers[:MAX_SIGNATURES]:
-                reason = await self._check_layer(policy, source, repository, digest, layer)
+                reason, lasting = await self._check_layer(policy, source, repository, digest,
+                                                          layer)
                 if reason is None:
                     self._cover(policy, data)  # the signature itself, for clients checking it
                     return None, True
                 reasons.append(reason)
-        return "; ".join(dict.fromkeys(reasons)), failure is None
+                final = final and lasting
+        return "; ".join(dict.fromkeys(reasons)), final
 
     async def _check_layer(self, policy: Policy, source: Source, repository: str,
-                           digest: Digest, layer: SignedLayer) -> str | None:
+                           digest: Digest, layer: SignedLayer) -> tuple[str | None, bool]:
+        """(why this signed layer does not allow `digest` or None, whether that lasts: a
+        payload that could not be read for another reason than absence is asked again)."""
         if layer.size > MAX_PAYLOAD:
-            return f"a signed payload of {layer.size} bytes (at most {MAX_PAYLOAD})"
+            return f"a signed payload of {layer.size} bytes (at most {MAX_PAYLOAD})", True
         try:
             payload = await self._payload(source, repository, parse_digest(layer.payload))
+        except _TooBig as exc:
+            return f"a signed payload of {exc} bytes (at most {MAX_PAYLOAD})", True
         except RegistryError as exc:
-            return f"the signed payload {layer.payload} cannot be read: {exc.message}"
+            return (f"the signed payload {layer.payload} cannot be read: {exc.message}",
+                    exc.code in ABSENT_BLOB)
         if not any(verifies(key, layer.signature, payload) for key in policy.keys):
             return "a signature no key of the policy verifies (made with another key, or " \
-                   "altered)"
+                   "altered)", True
         try:
             named = payload_digest(payload)
         except BadSignature as exc:
-            return str(exc)
+            return str(exc), True
         if named != str(digest):
-            return f"a signed payload for another digest ({named})"
-        return None
+            return f"a signed payload for another digest ({named})", True
+        return None, True
 
     async def _signatures(self, source: Source, repository: str, digest: Digest
                           ) -> tuple[list[bytes], str | None]:
@@ -250,6 +264,12 @@ class Trust:
         return found, failure
 
     async def _payload(self, source: Source, repository: str, digest: Digest) -> bytes:
+        """The payload's bytes, its size asked first: a manifest may declare a small size for
+        a huge blob, which is never downloaded."""
+        head, _ = await self.proxy.blob(source, repository, digest, head=True)
+        head.close()
+        if head.size is not None and head.size > MAX_PAYLOAD:
+            raise _TooBig(head.size)
         body, _ = await self.proxy.blob(source, repository, digest, head=False)
         try:
             await body.stored()
@@ -285,9 +305,16 @@ class Trust:
 
 
 def _is_attached_artifact(media_type: str, data: bytes) -> bool:
-    """A signature, attestation or SBOM: an image manifest with no filesystem layer (nothing
-    a container runtime could run)."""
+    """A signature, attestation or SBOM: an image manifest with no layer any container
+    runtime would unpack as a filesystem (nothing it could run)."""
     if media_type in mt.INDEX_TYPES:
         return False
-    layers = mt.layer_media_types(data)
-    return not any(t.startswith(FILESYSTEM_LAYERS) for t in layers)
+    return not any(_unpackable(t) for t in mt.layer_media_types(data))
+
+
+def _unpackable(layer_type: str) -> bool:
+    """Whether some runtime unpacks a layer of this media type: containerd's layer types,
+    and moby's looser check (lowercased, any application/vnd.oci.image* or vnd.docker* type,
+    octet-stream, json, text/html, or none at all)."""
+    base = layer_type.split(";", 1)[0].strip().lower()
+    return base in UNPACKED_TYPES or base.startswith(UNPACKED_PREFIXES)
