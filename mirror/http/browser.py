@@ -26,7 +26,7 @@ from aiohttp import web
 
 from mirror.cache import browse
 from mirror.cache.eviction import pins
-from mirror.cache.locks import exclusive, is_locked
+from mirror.cache.locks import exclusive, is_locked, lock_problem, try_exclusive
 from mirror.cache.purge import Busy, NotCached, Outcome, Pinned, Target, purge_target
 from mirror.http import access, cachepage, csrf
 from mirror.http.cachepage import Admin
@@ -36,7 +36,7 @@ from mirror.http.ops import sync_view
 from mirror.oci.errors import ErrorCode, RegistryError
 from mirror.oci.reference import Digest
 from mirror.oci.routing import ImageRef, parse_target
-from mirror.pull.sync import lock_name, run_locked
+from mirror.pull.sync import lock_name, run_held
 from mirror.runtime import Mirror
 
 log = logging.getLogger("mirror.browser")
@@ -224,15 +224,22 @@ def _sync_now(app: web.Application, mirror: Mirror, name: str) -> _Said:
     rule = next((r for r in mirror.config.syncs if r.name == name), None)
     if rule is None:
         return "not started", [f"no [[sync]] rule is named {name!r}"], False
+    held = contextlib.ExitStack()  # the rule's lock, taken before answering: of two requests
+    # at once (in one worker or two), one only starts a run; the other is told it runs
     lock = mirror.store.lock_path(lock_name(rule))
-    run = None if mirror.sync is None or is_locked(lock) else mirror.sync.make_run(rule)
+    mine = held.enter_context(try_exclusive(str(lock)))
+    run = mirror.sync.make_run(rule) if mine and mirror.sync is not None else None
     if run is None:
-        why = ("it is running now" if is_locked(lock)
-               else "its upstream is not reachable in offline mode, or not configured")
+        held.close()
+        why = ("it is running now" if is_locked(lock) else
+               f"its lock file cannot be made ({problem}): the cache dir is read-only or full"
+               if (problem := lock_problem(lock)) is not None else
+               "its upstream is not reachable in offline mode, or not configured")
         return "not started", [f"sync rule {name}: {why}"], False
-    task: asyncio.Task[object] = asyncio.ensure_future(run_locked(rule, run, mirror.index, lock))
+    task: asyncio.Task[object] = asyncio.ensure_future(run_held(rule, run, mirror.index))
     app[RUNS].add(task)
     task.add_done_callback(app[RUNS].discard)
+    task.add_done_callback(lambda _task: held.close())
     return "sync started", [f"sync rule {name} is running: its state is on the status page"], \
         True
 

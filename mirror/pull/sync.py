@@ -367,22 +367,27 @@ async def run_locked(rule: SyncConfig, run: RuleRun, index: Index, lock: Path,
     """Run under the rule's lock, recording the run (not a dry one) in the index; None when
     another process holds the lock, or `due` says the state it finds is not due."""
     with try_exclusive(str(lock)) as mine:
-        state = index.sync_state(rule.name)
-        if not mine or not due(state):
+        if not mine or not due(index.sync_state(rule.name)):
             return None
-        started = time.time()
-        if not run.dry_run:
-            index.set_sync_state(rule.name, {**state, "started": started,
-                                             "running": os.getpid(),
-                                             "rule": fingerprint(rule)})
-        try:
-            result = await run.run()
-        except Exception as exc:  # a bug or the disk: recorded, tried again next interval
-            log.exception("sync: a run failed", extra={"rule": rule.name})
-            result = RunResult(rule.name, failed=[(rule.name, f"{type(exc).__name__}: {exc}")])
-        if not run.dry_run:
-            _record(rule, index, state, started, result)
-        return result
+        return await run_held(rule, run, index)
+
+
+async def run_held(rule: SyncConfig, run: RuleRun, index: Index) -> RunResult:
+    """The run, its lock already taken by the caller (the cache browser takes it before it
+    answers "started", so that of two requests at once one only is told so)."""
+    state = index.sync_state(rule.name)
+    started = time.time()
+    if not run.dry_run:
+        index.set_sync_state(rule.name, {**state, "started": started, "running": os.getpid(),
+                                         "rule": fingerprint(rule)})
+    try:
+        result = await run.run()
+    except Exception as exc:  # a bug or the disk: recorded, tried again next interval
+        log.exception("sync: a run failed", extra={"rule": rule.name})
+        result = RunResult(rule.name, failed=[(rule.name, f"{type(exc).__name__}: {exc}")])
+    if not run.dry_run:
+        _record(rule, index, state, started, result)
+    return result
 
 
 def _record(rule: SyncConfig, index: Index, state: Mapping[str, Any], started: float,

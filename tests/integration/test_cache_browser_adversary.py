@@ -629,15 +629,26 @@ def test_pin_and_purge_at_once_never_both_succeed(mirror: AdvMirror, world: Worl
     assert _race_pin_and_purge(mirror, world, 40) == []
 
 
+def _finished_runs(m: MirrorProcess) -> list[dict[str, Any]]:
+    return [e for e in m.log_entries()
+            if e.get("msg") == "sync: run finished" and e.get("rule") == "small"]
+
+
 def test_sync_now_spam_never_runs_a_rule_twice_at_once(mirror: AdvMirror) -> None:
+    """And every "sync started" is a run (the lock is taken before the answer): the others
+    are told it is running."""
     token = _token(mirror)
     clients = [httpx.Client(trust_env=False, timeout=60) for _ in range(12)]
     statuses: list[int] = []
+    titles: list[str] = []
+    before = len(_finished_runs(mirror))
 
     def spam(c: httpx.Client) -> None:
         for _ in range(3):
-            statuses.append(_post(mirror, {"action": "sync", "rule": "small", "csrf": token},
-                                  client=c).status_code)
+            r = _post(mirror, {"action": "sync", "rule": "small", "csrf": token}, client=c)
+            statuses.append(r.status_code)
+            titles.append(_title(r) if r.status_code == 200 or "it is running now" in r.text
+                          else r.text)
 
     try:
         threads = [threading.Thread(target=spam, args=(c,)) for c in clients]
@@ -651,9 +662,14 @@ def test_sync_now_spam_never_runs_a_rule_twice_at_once(mirror: AdvMirror) -> Non
     assert len(statuses) == 36 and set(statuses) <= {200, 409}, statuses
     assert 200 in statuses
     wait_until(lambda: not _running(mirror), 30, interval=0.05, what="the sync runs to end")
+    started = titles.count("sync started")
+    assert started == statuses.count(200), titles
+    assert titles.count("not started") == statuses.count(409), titles  # told it runs
+    wait_until(lambda: len(_finished_runs(mirror)) >= before + started, 30, interval=0.05,
+               what=f"{started} runs finished")
+    assert len(_finished_runs(mirror)) == before + started, "a run told started never ran"
     runs = sorted((_when(e["time"]) - float(e["seconds"]), _when(e["time"]))
-                  for e in mirror.log_entries()
-                  if e.get("msg") == "sync: run finished" and e.get("rule") == "small")
+                  for e in _finished_runs(mirror))
     overlaps = [(a, b) for a, b in itertools.pairwise(runs) if b[0] < a[1] - 0.005]
     assert not overlaps, overlaps
 
