@@ -14,6 +14,7 @@ from pathlib import Path
 
 from .cluster import bench_cluster
 from .cluster_ring import bench_ring
+from .container import bench_container
 from .harness import log, sigterm_as_exit, stop_all
 from .object_store import bench_object_store
 from .policy import bench_policy
@@ -25,7 +26,8 @@ from .webhooks import bench_webhooks
 
 # the soak last: it runs longest
 GROUPS = {**BENCH_GROUPS, "policy": bench_policy, "webhooks": bench_webhooks, "ring": bench_ring,
-          "cluster": bench_cluster, "object_store": bench_object_store, "soak": bench_soak}
+          "cluster": bench_cluster, "object_store": bench_object_store,
+          "container": bench_container, "soak": bench_soak}
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results.json"
 
