@@ -218,6 +218,7 @@ async def v2(request: web.Request) -> web.StreamResponse:
     if route.kind is Kind.BLOB:
         digest = parse_digest(route.reference)
         if mirror.trust is not None:
+            proxy.admit(source, repository, digest)  # a rule's denial names the rule
             mirror.trust.check_blob(source, repository, digest)
         if (location := await _bucket_redirect(request, mirror, source, repository, digest)
                 ) is not None:
