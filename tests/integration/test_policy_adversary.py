@@ -19,6 +19,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -163,8 +164,10 @@ def _attack_signatures(c: httpx.Client, url: str, host: str,
 
 
 def mirror_for(world: World, workdir: Path, workers: int = 1, url: str | None = None,
-               keys: tuple[Key, ...] = (), **kwargs: Any) -> MirrorProcess:
-    m = MirrorProcess(workdir, [Upstream(name=world.host, url=url or world.url)],
+               keys: tuple[Key, ...] = (), rules: dict[str, Any] | None = None,
+               **kwargs: Any) -> MirrorProcess:
+    m = MirrorProcess(workdir, [Upstream(name=world.host, url=url or world.url,
+                                         extra=rules or {})],
                       server_extra={"workers": workers}, **kwargs)
     m.arrays["policy"] = [
         {"name": "acme", "match": [f"{world.host}/acme/**"],
@@ -244,6 +247,71 @@ def allowed_everywhere(m: MirrorProcess, path: str, deadline: float) -> bool:
         if run == 0:
             time.sleep(0.2)
     return run >= 10
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("workers", [1, 2], ids=lambda w: f"w{w}")
+def test_other_spellings_reach_the_same_rule_and_policy(
+        tmp_path: Path, world: World, started: list[MirrorProcess], workers: int) -> None:
+    """Percent-escapes, `..`, `?ns=` and the registry in the path name one repository to the
+    rules and the policies; a deny_digests manifest is refused by tag and by digest, but
+    its layers (which other images may share) are not content the rule names."""
+    signed = world.images["signed"]
+    m = mirror_for(world, tmp_path / "m", workers, rules={"deny": ["acme/big*"]})
+    m.sections["rules"] = {"deny_digests": [signed.manifest.digest]}
+    started.append(m.start())
+    host, quoted = world.host, world.host.replace(":", "%3A")
+    denied_rule = ["/v2/acme/big/manifests/v1", "/v2/acme/%62ig/manifests/v1",
+                   f"/v2/{host}/acme/big/manifests/v1", f"/v2/acme/big/manifests/v1?ns={quoted}",
+                   f"/v2/acme/big/blobs/{world.images['big'].blobs[-1].digest}"]
+    refused_policy = ["/v2/acme/odd/manifests/v1", "/v2/acme/%6Fdd/manifests/v1",
+                      f"/v2/{host}/acme/odd/manifests/v1", f"/v2/acme/odd/manifests/v1?ns={host}",
+                      f"/v2/acme/odd/blobs/{world.images['odd'].blobs[-1].digest}"]
+    denied_digest = ["/v2/acme/signed/manifests/v1",
+                     f"/v2/acme/signed/manifests/{signed.manifest.digest}",
+                     f"/v2/other/signed/manifests/{signed.manifest.digest}"]
+    for method in ("GET", "HEAD"):
+        for target in denied_rule + refused_policy + denied_digest:
+            resp = http_request(m.host, method, target, ACCEPT)
+            assert resp.status == 403, (method, target, resp.status, resp.body[:200])
+            if method == "GET":
+                message = refusal(resp)
+                why = ('deny "acme/big*"' if target in denied_rule else "[[policy]] 'acme'"
+                       if target in refused_policy else "deny_digests")
+                assert why in message, (target, message)
+    for target in ("/v2/acme/x/../odd/manifests/v1", "/v2/acme//odd/manifests/v1",
+                   "/v2/Acme/Odd/manifests/v1", "/v2/acme/odd%2F/manifests/v1"):
+        assert http_request(m.host, "GET", target, ACCEPT).status in (400, 404), target
+    # the layers of a denied manifest: served where a policy allows them (the same content
+    # as another, signed image), as the operator denied that manifest, not these bytes
+    several = world.images["several"]
+    assert get(m, "acme/several/manifests/v1").status == 200
+    assert get(m, f"acme/several/blobs/{several.blobs[-1].digest}").status == 200
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("workers", [1, 2], ids=lambda w: f"w{w}")
+def test_what_warn_served_is_refused_once_the_policy_is_enforced(
+        tmp_path: Path, world: World, started: list[MirrorProcess], workers: int) -> None:
+    m = mirror_for(world, tmp_path / "m", workers)
+    m.arrays["policy"][0]["mode"] = "warn"
+    started.append(m.start())
+    layer = world.images["odd"].blobs[-1].digest
+    for _ in range(4):
+        assert get(m, "acme/odd/manifests/v1").status == 200
+        assert get(m, f"acme/odd/blobs/{layer}").status == 200
+    m.arrays["policy"][0]["mode"] = "enforce"
+    m.write_config()
+    assert m.proc is not None
+    m.proc.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 20
+    for path in ("acme/odd/manifests/v1", f"acme/odd/blobs/{layer}"):
+        run = 0
+        while run < 10:
+            assert time.monotonic() < deadline, f"{path} still served after the reload"
+            run = run + 1 if get(m, path).status == 403 else 0
+            if run == 0:
+                time.sleep(0.2)
 
 
 @pytest.mark.timeout(180)
