@@ -39,6 +39,7 @@ from mirror.upstream.client import (
 log = logging.getLogger("mirror.cluster")
 
 QUARANTINE = 60.0  # seconds a peer that sent wrong bytes stays down
+MAX_CHECKS_IN_FLIGHT = 8  # per peer: checks into a partition pile up to peer_timeout / interval
 
 
 class PeerUnavailable(ConnectionError):
@@ -64,6 +65,9 @@ class Peer:
     fails: int = 0
     passes: int = 0
     held_until: float = 0.0  # quarantined (wrong bytes) until then
+    launched: int = 0  # health checks started; each one's answer counts only if no later one's
+    applied: int = 0   # answer was counted first (a check into a partition answers late)
+    in_flight: int = 0
 
 
 class Membership:
@@ -111,10 +115,22 @@ class Membership:
 
     # health checks ----------------------------------------------------------------------
     async def run(self) -> None:
-        """Check every health_interval; the caller made the first round before serving."""
-        while True:
-            await asyncio.sleep(self.config.health_interval)
-            await self.check_once()
+        """Start a round of checks every health_interval, on a fixed cadence; the caller made
+        the first round before serving. A round does not wait for the checks of the one
+        before: a check sent into a partition waits out peer_timeout, and a healed peer must
+        not wait for it (it is up health_passes intervals after healing)."""
+        loop = asyncio.get_running_loop()
+        async with asyncio.TaskGroup() as checks:
+            tick = loop.time()
+            while True:
+                tick += self.config.health_interval
+                await asyncio.sleep(max(0.0, tick - loop.time()))
+                tick = max(tick, loop.time() - self.config.health_interval)  # a stall: no burst
+                if self.config.peers_dns:
+                    await self._resolve()
+                for peer in list(self.peers.values()):
+                    if peer.in_flight < MAX_CHECKS_IN_FLIGHT:
+                        checks.create_task(self._check(peer))
 
     async def check_once(self) -> None:
         if self.config.peers_dns:
@@ -122,10 +138,17 @@ class Membership:
         await asyncio.gather(*(self._check(p) for p in list(self.peers.values())))
 
     async def _check(self, peer: Peer) -> None:
+        peer.launched += 1
+        sequence, peer.in_flight = peer.launched, peer.in_flight + 1
         try:
             node_id = await self._health(peer.url)
         except (aiohttp.ClientError, TimeoutError, ValueError, KeyError) as exc:
-            self._failed(peer, f"health check: {exc!r}")
+            if self._latest(peer, sequence):
+                self._failed(peer, f"health check: {exc!r}")
+            return
+        finally:
+            peer.in_flight -= 1
+        if not self._latest(peer, sequence):
             return
         if node_id == self.config.node_id:  # ourselves, under another address (DNS)
             self.peers.pop(peer.url, None)
@@ -138,6 +161,14 @@ class Membership:
             peer.up = True
             self._changed(peer, "health checks pass")
         peer.seen = True
+
+    @staticmethod
+    def _latest(peer: Peer, sequence: int) -> bool:
+        """Whether a check's answer is newer than every answer counted so far (and count it)."""
+        if sequence < peer.applied:
+            return False
+        peer.applied = sequence
+        return True
 
     def _failed(self, peer: Peer, why: str) -> None:
         peer.passes = 0
