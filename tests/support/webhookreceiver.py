@@ -2,8 +2,8 @@
 the webhooks benchmark: it checks each POST's signature, and in mode "ok" answers 200 and
 appends every event to a JSON lines file (with the time it arrived, `received_at`); in mode
 "fail" it answers 500, in mode "hang" it never answers. Every POST is counted in a second
-file, whatever the mode. Stopped and started again on the same port, it plays a receiver that
-goes away and comes back.
+file, whatever the mode, with its number of events and its `X-Custom-*` headers. Stopped and
+started again on the same port, it plays a receiver that goes away and comes back.
 
     python -m tests.support.webhookreceiver PORT EVENTS_FILE ATTEMPTS_FILE SECRET MODE
 """
@@ -40,8 +40,11 @@ def main(port: int, events_file: str, attempts_file: str, secret: str, mode: str
         good = secret == UNSIGNED or verify(secret.encode(), body,
                                             request.headers.get(SIGNATURE_HEADER, ""))
         typed = request.content_type == EVENTS_MEDIA_TYPE
+        count = len(json.loads(body)["events"]) if good else None
+        custom = {k: v for k, v in request.headers.items() if k.lower().startswith("x-custom-")}
         with open(attempts_file, "a") as f:
-            f.write(json.dumps({"good": good, "typed": typed, "mode": mode}) + "\n")
+            f.write(json.dumps({"good": good, "typed": typed, "mode": mode, "events": count,
+                                "headers": custom}) + "\n")
         if not good:
             return web.Response(status=401)
         if mode == "fail":
