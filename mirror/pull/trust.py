@@ -50,6 +50,7 @@ log = logging.getLogger("mirror.policy")
 SIGNATURE_ACCEPT = (mt.OCI_MANIFEST, mt.DOCKER_MANIFEST)
 ABSENT = frozenset({ErrorCode.MANIFEST_UNKNOWN, ErrorCode.NAME_UNKNOWN})
 ABSENT_BLOB = frozenset({ErrorCode.BLOB_UNKNOWN, ErrorCode.NAME_UNKNOWN})
+MAX_SIGNATURE_MANIFEST = 4 << 20  # distribution refuses a bigger manifest; never parsed
 MAX_SIGNATURES = 16  # signature manifests (and payloads in each) looked at per digest
 UNPACKED_PREFIXES = ("application/vnd.oci.image", "application/vnd.docker")
 UNPACKED_TYPES = frozenset({"", "application/octet-stream", "application/json", "text/html"})
@@ -197,6 +198,10 @@ class Trust:
         reasons: list[str] = []
         final = failure is None
         for data in manifests:
+            if len(data) > MAX_SIGNATURE_MANIFEST:
+                reasons.append(f"a signature manifest of {len(data)} bytes (at most "
+                               f"{MAX_SIGNATURE_MANIFEST}, as registries take)")
+                continue
             try:
                 layers = signed_layers(data)
             except BadSignature as exc:

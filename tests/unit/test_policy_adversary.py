@@ -163,3 +163,17 @@ async def test_a_payload_that_could_not_be_read_is_not_a_remembered_denial(
     assert "cannot be read" in await reason(trust, w, m)
     monkeypatch.setattr(w.source, "open_blob", real)
     await trust.check_manifest(w.source, "app", m)  # allowed now
+
+
+async def test_a_signature_manifest_bigger_than_registries_take_is_not_parsed(
+        world: Any) -> None:
+    """distribution refuses a manifest over 4 MiB; one from another upstream is a denial
+    with its size, not parsed."""
+    w = world()
+    key = p256()
+    m = signed_image(w, key)
+    tag = ("app", f"sha256-{m.digest.hex}.sig")
+    doc = json.loads(w.source.manifests[tag][0])
+    doc["annotations"] = {"padding": "p" * (5 << 20)}
+    w.source.add_manifest(*tag, json.dumps(doc).encode())
+    assert "bytes (at most 4194304" in await reason(trust_with(w, key), w, m)
