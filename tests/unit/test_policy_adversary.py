@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from mirror.config import PolicyConfig
 from mirror.oci import cosign
 from mirror.oci.errors import ErrorCode, RegistryError, UpstreamError
-from mirror.oci.reference import Digest, digest_of
+from mirror.oci.reference import Digest, digest_of, parse_digest
 from mirror.pull.proxy import Manifest
 from mirror.pull.trust import Trust
 from tests.unit.test_proxy_policy import OCI_MANIFEST, World, image_manifest, world
@@ -177,3 +177,16 @@ async def test_a_signature_manifest_bigger_than_registries_take_is_not_parsed(
     doc["annotations"] = {"padding": "p" * (5 << 20)}
     w.source.add_manifest(*tag, json.dumps(doc).encode())
     assert "bytes (at most 4194304" in await reason(trust_with(w, key), w, m)
+
+
+async def test_a_payload_whose_bytes_are_not_its_digest_is_a_denial(world: Any) -> None:
+    """The upstream serves other bytes under the payload's digest (a tampered store): the
+    download's digest check refuses them, the image is denied and nothing is kept."""
+    w = world()
+    key = p256()
+    m = signed_image(w, key)
+    doc = json.loads(w.source.manifests[("app", f"sha256-{m.digest.hex}.sig")][0])
+    payload = parse_digest(doc["layers"][0]["digest"])
+    w.source.blobs[payload] = w.source.blobs[payload].replace(b"cosign", b"COSIGN")
+    assert "cannot be read" in await reason(trust_with(w, key), w, m)
+    assert not w.store.has(payload)
