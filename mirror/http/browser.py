@@ -108,6 +108,9 @@ async def repository_page(request: web.Request) -> web.Response:
 async def action(request: web.Request) -> web.Response:
     mirror = request.app[MIRROR]
     request[ROUTE] = "cache-action"
+    if request.app[access.AUTHENTICATOR] is None:  # no user could ever be let in: not a 401
+        raise RegistryError(ErrorCode.DENIED, "the cache browser is read-only without [auth]: "
+                            "set [auth] htpasswd and an [[auth.rule]] with admin = true")
     who = await access.check_admin(request)
     if not csrf.same_origin(request.headers, request.host):
         raise RegistryError(ErrorCode.DENIED, "cross-site request refused: admin actions are "
