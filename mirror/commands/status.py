@@ -8,6 +8,7 @@ from mirror.cache.index import Index
 from mirror.config import Config
 from mirror.http import history
 from mirror.oci.routing import parse_image
+from mirror.pull.sync import next_run
 from mirror.tiers.bounds import identity
 
 
@@ -70,9 +71,11 @@ def sync_lines(config: Config, index: Index) -> list[str]:
             lines.append(f"sync rule:    {rule.name}: not run yet; {held}")
             continue
         result = "ok" if state.get("ok") else "failed" if "ok" in state else "running"
-        lines.append(f"sync rule:    {rule.name}: {result} {human_age(time.time() - started)} "
-                     f"ago ({state.get('summary', '')}); next in "
-                     f"{human_age(max(0.0, started + rule.interval - time.time()))}; {held}")
+        now = time.time()
+        due = next_run(state, rule, now, running="running" in state) - now  # as the page says
+        nxt = "due now" if due <= 0 else f"next in {human_age(due)}"
+        lines.append(f"sync rule:    {rule.name}: {result} {human_age(now - started)} "
+                     f"ago ({state.get('summary', '')}); {nxt}; {held}")
     return lines
 
 

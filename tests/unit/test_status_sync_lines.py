@@ -1,0 +1,29 @@
+"""`mirror status` says when a [[sync]] rule runs next as the scheduler decides (pull/sync
+next_run): a rule a reload changed is due now, not its old start plus interval."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from mirror.cache.index import Index
+from mirror.commands.status import sync_lines
+from mirror.config import load_config
+from mirror.pull.sync import fingerprint
+
+
+def test_a_changed_rule_is_due_now_and_an_unchanged_one_at_its_interval(tmp_path: Path) -> None:
+    path = tmp_path / "mirror.toml"
+    path.write_text(f'[cache]\ndir = "{tmp_path / "cache"}"\n'
+                    '[[upstream]]\nname = "r"\nurl = "http://127.0.0.1:1"\n'
+                    '[[sync]]\nname = "web"\nupstream = "r"\nrepositories = ["library/nginx"]\n'
+                    "tags = '^1\\.'\ninterval = \"1h\"\n")
+    config = load_config(path)
+    rule = config.syncs[0]
+    index = Index(tmp_path / "index")
+    state = {"started": time.time() - 60, "ok": True, "summary": "3 images"}
+    index.set_sync_state("web", {**state, "rule": fingerprint(rule)})
+    line = sync_lines(config, index)[0]
+    assert "next in" in line and "due now" not in line
+    index.set_sync_state("web", {**state, "rule": "a rule before a reload changed it"})
+    assert "due now" in sync_lines(config, index)[0]
