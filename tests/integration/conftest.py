@@ -53,6 +53,15 @@ SMALL_LAYER_SIZES = (64 * 1024, 300 * 1024)
 # --- session fixtures -------------------------------------------------------------------
 
 
+@pytest.fixture
+def started() -> Iterator[list[MirrorProcess]]:
+    """Mirrors a test starts, each stopped when the test ends."""
+    procs: list[MirrorProcess] = []
+    yield procs
+    for p in procs:
+        p.stop()
+
+
 @pytest.fixture(scope="session")
 def test_images(tmp_path_factory: pytest.TempPathFactory) -> oci.ImageSet:
     layout = oci.OCILayout(tmp_path_factory.mktemp("layout"))

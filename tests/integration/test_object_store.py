@@ -63,14 +63,6 @@ def space(seaweed: SeaweedS3) -> Space:
     return Space(seaweed, f"t-{uuid.uuid4().hex[:10]}/")
 
 
-@pytest.fixture
-def started() -> Iterator[list[MirrorProcess]]:
-    procs: list[MirrorProcess] = []
-    yield procs
-    for p in procs:
-        p.stop()
-
-
 def mirror_with(started: list[MirrorProcess], workdir: Path, up: clients.UpstreamRegistry,
                 s3: dict[str, Any], workers: int = 1, name: str | None = None) -> MirrorProcess:
     proc = MirrorProcess(workdir, [Upstream(name=name or up.host, url=up.url)],

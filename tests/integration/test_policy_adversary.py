@@ -177,14 +177,6 @@ def mirror_for(world: World, workdir: Path, workers: int = 1, url: str | None = 
     return m
 
 
-@pytest.fixture
-def started() -> Iterator[list[MirrorProcess]]:
-    procs: list[MirrorProcess] = []
-    yield procs
-    for p in procs:
-        p.stop()
-
-
 def get(m: MirrorProcess, path: str, method: str = "GET") -> RawResponse:
     return http_request(m.host, method, f"/v2/{path}", ACCEPT)
 

@@ -81,14 +81,6 @@ def repo(name: str) -> str:
     return "public/free" if name == "free" else f"acme/{name}"
 
 
-@pytest.fixture
-def started() -> Iterator[list[MirrorProcess]]:
-    procs: list[MirrorProcess] = []
-    yield procs
-    for p in procs:
-        p.stop()
-
-
 def policy_mirror(started: list[MirrorProcess], workdir: Path, blackhole: ClosedPort,
                   signed: Signed, mode: str = "enforce", workers: int = 1,
                   url: str | None = None, **kwargs: Any) -> MirrorProcess:

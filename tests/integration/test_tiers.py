@@ -7,7 +7,6 @@ cached answers its size."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -20,14 +19,6 @@ from tests.support.registry import ClosedPort
 pytestmark = pytest.mark.integration
 
 REGISTRY = "second.test"  # what the edge and the regional tier call the test registry
-
-
-@pytest.fixture
-def started() -> Iterator[list[MirrorProcess]]:
-    procs: list[MirrorProcess] = []
-    yield procs
-    for p in procs:
-        p.stop()
 
 
 WORKERS = 2
