@@ -345,9 +345,7 @@ def is_due(state: Mapping[str, Any], rule: SyncConfig, now: float) -> bool:
     started (so a failed run is tried again the next interval, and a changed interval
     applies at once). While another process runs the rule it looks due too: its lock says
     no."""
-    started = state.get("started")
-    return (started is None or state.get("rule") != fingerprint(rule) or "running" in state
-            or now >= float(started) + rule.interval)
+    return now >= next_run(state, rule, now, running=False)
 
 
 def next_run(state: Mapping[str, Any], rule: SyncConfig, now: float, running: bool) -> float:
