@@ -127,6 +127,7 @@ class AuthConfig:
     robots_file: Path | None = None  # robot tokens (mirror token); default <cache dir>
 
 
+TAG_MATCH_SECONDS = 0.05  # a [[sync]] tags regex over one tag at most (regex timeout)
 CLUSTER_SECRET_MIN = 32  # bytes in the cluster's secret file
 
 

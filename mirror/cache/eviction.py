@@ -18,7 +18,7 @@ from mirror import metrics
 from mirror.cache.index import ACCESS_FLUSH_SECONDS, Entry, Index
 from mirror.cache.locks import try_exclusive
 from mirror.cache.store import BlobStore
-from mirror.config import Config, SyncConfig
+from mirror.config import TAG_MATCH_SECONDS, Config, SyncConfig
 from mirror.oci.errors import RegistryError
 from mirror.oci.mediatypes import referenced_blobs
 from mirror.oci.reference import Digest, parse_digest
@@ -27,7 +27,6 @@ from mirror.oci.routing import parse_image
 log = logging.getLogger("mirror.eviction")
 
 LOW_SHARE = 0.9  # an upstream over its max_size share is evicted down to this part of it
-SELECT_SECONDS = 0.05  # a sync rule's tags regex over one held tag at most
 
 
 @dataclass(frozen=True)
@@ -261,7 +260,7 @@ def selects(rule: SyncConfig, image: str) -> bool:
     if not any(p.matches(repository) for p in rule.repositories):
         return False
     try:
-        return rule.tags.search(tag, timeout=SELECT_SECONDS) is not None
+        return rule.tags.search(tag, timeout=TAG_MATCH_SECONDS) is not None
     except TimeoutError:
         return True
 

@@ -47,7 +47,7 @@ from mirror import metrics
 from mirror.cache.index import Index
 from mirror.cache.locks import try_exclusive
 from mirror.cache.store import StorageFailed
-from mirror.config import SyncConfig
+from mirror.config import TAG_MATCH_SECONDS, SyncConfig
 from mirror.oci.errors import ErrorCode, RegistryError
 from mirror.oci.reference import validate_name, validate_tag
 from mirror.oci.rules import Pattern
@@ -71,7 +71,6 @@ RATE_LIMIT_TRIES = 5  # a step refused with 429 this many times fails the image
 MAX_RATE_WAIT = 300.0  # seconds waited at most for one 429's Retry-After
 # how often the server looks for a rule that is due (the tests: less)
 CHECK_SECONDS = float(os.environ.get("MIRROR_SYNC_CHECK_SECONDS", "5"))
-MATCH_SECONDS = 0.05  # the tags regex over one tag at most (a catastrophic pattern fails)
 T = TypeVar("T")
 
 
@@ -209,14 +208,14 @@ class RuleRun:
         for tag in tags:
             try:
                 validate_tag(tag)
-                if self.rule.tags.search(tag, timeout=MATCH_SECONDS):
+                if self.rule.tags.search(tag, timeout=TAG_MATCH_SECONDS):
                     matching.append(tag)
             except RegistryError:
                 continue  # not an OCI tag: nothing a client could pull by it
             except TimeoutError:
                 self._unlisted.add(repository)
                 self.result.failed.append((f"{self.source.name}/{repository}", (
-                    f"the tags regex {self.rule.tags_text!r} took over {MATCH_SECONDS}s on "
+                    f"the tags regex {self.rule.tags_text!r} took over {TAG_MATCH_SECONDS}s on "
                     f"tag {tag!r}: simplify it (no nested repetition like (a+)+)")))
                 return []
         return matching
