@@ -21,14 +21,13 @@ from tests.integration.test_object_store import (
     pull,
     seaweed,
     space,
-    started,
 )
 from tests.support import clients
 from tests.support.mirror import REPO_ROOT, MirrorProcess, Upstream, env_without_proxies
 from tests.support.registry import wait_until
 
 pytestmark = pytest.mark.integration
-__all__ = ["seaweed", "space", "started"]  # the fixtures, shared with test_object_store.py
+__all__ = ["seaweed", "space"]  # the fixtures, shared with test_object_store.py
 
 
 def written_behind(space: Space, digests: list[str], timeout: float = 30) -> None:
