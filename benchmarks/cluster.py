@@ -84,7 +84,8 @@ class Node(Server):
 
     def __init__(self, workdir: Path, upstream: str, *, node_id: str, address: str,
                  port: int, peers: list[str], secret_file: Path,
-                 redis_url: str | None = None, launcher: tuple[str, ...] = ()) -> None:
+                 redis_url: str | None = None, launcher: tuple[str, ...] = (),
+                 cluster_extra: str = "") -> None:
         workdir.mkdir(parents=True, exist_ok=True)
         cache = workdir / "cache"
         shutil.rmtree(cache, ignore_errors=True)
@@ -113,7 +114,7 @@ advertise_url = "{self.base}"
 peers = [{peer_list}]
 secret_file = "{secret_file}"
 health_interval = "200ms"
-"""
+{cluster_extra}"""
         if redis_url:
             text += f'\n[redis]\nurl = "{redis_url}"\ntimeout = "50ms"\n'
         cfg = workdir / "mirror.toml"
@@ -171,9 +172,11 @@ def _cluster_dir(ctx: Ctx, name: str) -> Path:
 
 @contextlib.contextmanager
 def cluster(ctx: Ctx, name: str, redis_url: str | None = None,
-            launchers: tuple[tuple[str, ...], ...] = ((), (), ())) -> Iterator[list[Node]]:
+            launchers: tuple[tuple[str, ...], ...] = ((), (), ()),
+            cluster_extra: str = "") -> Iterator[list[Node]]:
     """Three fresh nodes (empty caches) that see each other up; stopped on leaving. Node i
-    is started through `launchers[i]` (a command prefix: a partition's cgroup)."""
+    is started through `launchers[i]` (a command prefix: a partition's cgroup);
+    `cluster_extra`: lines added to each node's [cluster] table."""
     d = _cluster_dir(ctx, name)
     d.mkdir(parents=True)
     secret_file = d / "cluster.key"
@@ -187,7 +190,8 @@ def cluster(ctx: Ctx, name: str, redis_url: str | None = None,
         for i, (a, p) in enumerate(zip(NODE_ADDRESSES, ports, strict=True)):
             nodes.append(Node(d / f"m{i + 1}", upstream, node_id=f"m{i + 1}", address=a,
                               port=p, peers=urls, secret_file=secret_file,
-                              redis_url=redis_url, launcher=launchers[i]))
+                              redis_url=redis_url, launcher=launchers[i],
+                              cluster_extra=cluster_extra))
         for n in nodes:
             _wait(_answers(n), READY_TIMEOUT, f"{n.proc.name} to answer /v2/")
         want = [n.node_id for n in nodes]

@@ -86,14 +86,14 @@ url = "{regional}"
 
 def f5(ctx: Ctx, res: dict[str, Any]) -> None:
     image = cluster_image(ctx)
-    for with_redis in (False, True):
-        key = "partition-redis" if with_redis else "partition"
-        redis = Redis(_cluster_dir(ctx, "redis-f5")) if with_redis else None
+    for key in ("partition", "partition-redis", "partition-redirect"):
+        with_redis, redirect = key != "partition", key == "partition-redirect"
+        redis = Redis(_cluster_dir(ctx, f"redis-{key}")) if with_redis else None
         split = Partition([NODE_ADDRESSES[2]], list(NODE_ADDRESSES[:2]))
         try:
             launchers = (split.launcher(1), split.launcher(1), split.launcher(0))
-            with cluster(ctx, f"cl-{key}", None if redis is None else redis.url,
-                         launchers) as nodes:
+            with cluster(ctx, f"cl-{key}", None if redis is None else redis.url, launchers,
+                         "holder_redirect = true\n" if redirect else "") as nodes:
                 split.cut()
                 _wait(lambda: [n.live() for n in nodes] == [["m1", "m2"], ["m1", "m2"],
                                                               ["m3"]], 20,
@@ -151,16 +151,18 @@ def rows(res: dict[str, Any]) -> list[Row]:
     out: list[Row] = []
     rr = res.get("rr")
     anchor = rr["upstream_x"] if rr else None
-    for key, label in (("partition", "F5 partition"), ("partition-redis",
-                                                       "F5 partition, redis up")):
+    for key, label, most, note in (
+            ("partition", "F5 partition", 2.0, "once per side"),
+            ("partition-redis", "F5 partition, redis up", 2.0,
+             "the cut-off node cannot reach the lock's holder and fetches the blob itself"),
+            ("partition-redirect", "F5 partition, redis up, holder_redirect", 1.0,
+             "issue 12's 1.00x with Redis: the cut-off node sends its clients to the holder")):
         r = res.get(key)
         if r is None:
             continue
         out += [
             Row(GROUP, f"{label}: upstream blob bytes", "x image", r["upstream_x"],
-                "F1 round robin", anchor, 1, ("mirror<=", 1.0 if key == "partition-redis" else 2.0),
-                "issue 12: 1.00x with Redis; a cut-off node cannot fetch from the lock holder",
-                {"mirror": r}),
+                "F1 round robin", anchor, 1, ("mirror<=", most), note, {"mirror": r}),
             Row(GROUP, f"{label}: clients failed", "clients", r["failed"], "F1 round robin",
                 rr["failed"] if rr else None, 1, ("mirror<=", 0)),
             Row(GROUP, f"{label}: converged after healing", "health intervals",

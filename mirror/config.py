@@ -146,6 +146,9 @@ class ClusterConfig:
     peer_timeout: float = 5.0  # a silent peer: the next rank is asked after this
     peer_fill_ranks: int = 2  # the owner asks this many next-ranked peers before the upstream
     relay_cache: int = 0  # bytes of relayed blobs (owned elsewhere) kept once not in use
+    # a node cut off from a blob's fill-lock holder sends its client there (307 with a
+    # grant) instead of fetching the blob again; every client must reach advertise_urls
+    holder_redirect: bool = False
 
 
 @dataclass(frozen=True)
@@ -621,6 +624,7 @@ def _cluster(path: str, table: object) -> ClusterConfig:
         peer_timeout=s.get("peer_timeout", d.peer_timeout, _positive_duration),
         peer_fill_ranks=s.get("peer_fill_ranks", d.peer_fill_ranks, _positive_int),
         relay_cache=s.get("relay_cache", d.relay_cache, parse_size),
+        holder_redirect=s.get("holder_redirect", d.holder_redirect, kind=bool),
     )
     s.finish()
     return config

@@ -213,8 +213,9 @@ PEER_RELAYS = Counter(
     "mirror_peer_relays_total",
     "Fetches answered by a peer, by why it was asked: owner (it owns the blob's digest), "
     "fill (the owner found the blob stored on a next-ranked peer), holder (it holds the blob's "
-    "fill lock in Redis), manifest (it owns the manifest's digest) or tag (it owns the tag and "
-    "looks it up for the cluster)", ["reason"])
+    "fill lock in Redis), redirect (it holds the fill lock but this node cannot reach it: the "
+    "client was sent there), manifest (it owns the manifest's digest) or tag (it owns the tag "
+    "and looks it up for the cluster)", ["reason"])
 PEER_FAILURES = Counter(
     "mirror_peer_failures_total",
     "Peers marked down outside their health checks (a refused, broken or silent relay)",

@@ -50,6 +50,16 @@ class PeerMiss(Exception):
     """A stored-only probe: the peer does not hold the blob."""
 
 
+class HolderRedirect(RegistryError):
+    """The client is to fetch the blob from the node holding its fill lock, which this node
+    (or the peer it relayed from) cannot reach: 307 to a URL with a grant (auth.py)."""
+
+    def __init__(self, location: str, digest: Digest) -> None:
+        super().__init__(ErrorCode.BLOB_UNKNOWN, f"{digest} is being fetched by another node "
+                         "of the cluster: follow Location", status=307,
+                         headers={"Location": location})
+
+
 # What a node asks a peer for a blob: "fill" (serve it, filling it as the peer's own client
 # would be served, but never relayed further), "stored" (only what it holds, asking nobody),
 # "holder" (it holds the blob's fill lock: join its download or fill from its upstream).
@@ -237,11 +247,16 @@ class Membership:
                                 resp.headers.get("Content-Type", "").split(";")[0].strip(),
                                 size, data, max_age(resp.headers.get("Cache-Control", "")))
 
+    @staticmethod
+    def blob_path(upstream: str, repository: str, digest: Digest) -> str:
+        """A blob's path under /_cluster/ on any node (no query)."""
+        return f"/_cluster/blobs/{quote(upstream, safe=':')}/{quote(repository)}/{digest}"
+
     async def open_blob(self, url: str, upstream: str, repository: str, digest: Digest,
                         offset: int, ask: Ask) -> PeerBlob:
         """The blob from the peer at `url`, as `ask` says; PeerUnavailable, PeerMiss (a
         "stored" probe that missed), or the peer's refusal as RegistryError."""
-        path = f"/_cluster/blobs/{quote(upstream, safe=':')}/{quote(repository)}/{digest}"
+        path = self.blob_path(upstream, repository, digest)
         if ask != "fill":
             path += f"?{ask}=1"
         headers = {**self.sign("GET", path), "Accept-Encoding": "identity"}
@@ -256,6 +271,9 @@ class Membership:
         if resp.status in (200, 206) and (resp.status == 200) == (offset == 0) and (
                 offset == 0 or range_starts_at(resp, offset)):
             return PeerBlob(self, url, resp, total_size(resp))
+        if resp.status == 307 and offset == 0 and (location := resp.headers.get("Location")):
+            resp.release()  # the peer sends our client to the fill lock's holder
+            raise HolderRedirect(location, digest)
         raise await _refusal(resp, url, digest, repository, True, ask == "stored")
 
 

@@ -11,6 +11,9 @@ another node looked up is shared: pull/proxy.py).
         this node owns  ──▶ the next peer_fill_ranks peers, stored only; then the upstream,
                             once this node holds the digest's fill lock (with [redis])
         another holds it ─▶ GET holder/_cluster/blobs/...?holder=1 (joins the holder's fill)
+        ... cut off from it ─▶ with holder_redirect, 307 to that URL with a grant (auth.py),
+                            passed on by a relaying node: the client joins the holder's
+                            fill; without it, this node fetches the blob too
     /_cluster/blobs/... from a peer      ClusterSource(relays=False): never to the owner
     /_cluster/blobs/...?stored=1         the plain upstream Source, and only what is stored
     /_cluster/blobs/...?holder=1         the plain upstream Source: no lock, no peer
@@ -31,14 +34,22 @@ from collections.abc import Callable
 from typing import Protocol
 
 from mirror import metrics
-from mirror.cluster import ring
-from mirror.cluster.peers import Ask, Membership, PeerBlob, PeerMiss, PeerUnavailable
+from mirror.cluster import auth, ring
+from mirror.cluster.peers import (
+    Ask,
+    HolderRedirect,
+    Membership,
+    PeerBlob,
+    PeerMiss,
+    PeerUnavailable,
+)
 from mirror.oci.mediatypes import upstream_accept
 from mirror.oci.reference import Digest, is_digest_reference, parse_digest
 from mirror.pull.source import BlobStream, ManifestReply, Source, SourceWrapper
 
 log = logging.getLogger("mirror.cluster")
 
+GRANT_TTL = 60.0  # a redirect to the fill lock's holder is good this long
 FILL_TTL = 30.0  # a fill lock lives this long unless renewed (every third of it, as bytes pass)
 DONE_TTL = 60.0  # after a fill that completed, the holder answers for the digest this long
 _ENDING: set[asyncio.Task[object]] = set()  # lock renewals and releases under way at close
@@ -114,10 +125,28 @@ class ClusterSource(SourceWrapper):
                 metrics.PEER_RELAYS.labels("holder").inc()
                 return relayed
             holder = await self.fill_locks.acquire_fill(str(digest), me, FILL_TTL)
+        if holder is not None and holder != me:
+            self._redirect(holder, repository, digest, offset)
         body = await self.local.open_blob(repository, digest, offset)
         if holder is None or holder == me:
             return FillHeld(body, self.fill_locks, str(digest), me)
         return body  # the holder did not answer and still holds it: a duplicate fetch
+
+    def _redirect(self, holder: str, repository: str, digest: Digest, offset: int) -> None:
+        """With holder_redirect, a client's request for public content that the lock's holder
+        (a peer this node cannot reach) is fetching is sent there rather than fetched again:
+        HolderRedirect, answered 307 by the handler (a node relaying from this one passes it
+        on to its client). Only from the start of a blob (a resume is this node's own
+        download, under way to its clients) and never private content, which the grant
+        would serve to anyone holding the URL."""
+        config = self.membership.config
+        if not (config.holder_redirect and offset == 0 and not self.private
+                and holder in self.membership.peers):
+            return
+        path = self.membership.blob_path(self.name, repository, digest)
+        token = auth.grant(config.secret, config.node_id, path, time.time() + GRANT_TTL)
+        metrics.PEER_RELAYS.labels("redirect").inc()
+        raise HolderRedirect(f"{holder}{path}?holder=1&grant={token}", digest)
 
     def _up(self, url: str) -> bool:
         """A holder is followed only while this node sees it up: asking one it cannot reach

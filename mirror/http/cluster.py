@@ -5,7 +5,9 @@
     GET /_cluster/blobs/<upstream>/<repository>/<digest>[?stored=1|?holder=1]
     GET /_cluster/manifests/<upstream>/<repository>/<digest or tag>   (HEAD too)
 
-Every request carries the HMAC of auth.py over its method and raw path (401 without it). A
+Every request carries the HMAC of auth.py over its method and raw path (401 without it), or,
+for a blob, a grant in the query (`&grant=`: a client sent here by a node that cannot reach
+this one while this one holds the blob's fill lock; that node checked the client's access). A
 blob or manifest request is answered as a client's `/v2/<repository>/blobs/<digest>` (or
 `manifests/<digest>`) would be, private content confirmed for `repository` included, but with
 a source that never relays further;
@@ -35,12 +37,16 @@ async def cluster(request: web.Request) -> web.StreamResponse:
     mirror = request.app[MIRROR]
     node = _node(mirror)
     config = node.membership.config
+    tail = request.match_info["tail"]
     try:
-        auth.verify(config.secret, request.headers.get(auth.HEADER), request.method,
-                    request.raw_path, time.time())
+        if "grant" in request.query and tail.startswith("blobs/"):
+            auth.verify_grant(config.secret, request.query["grant"], request.method,
+                              request.raw_path.split("?", 1)[0], time.time())
+        else:
+            auth.verify(config.secret, request.headers.get(auth.HEADER), request.method,
+                        request.raw_path, time.time())
     except auth.ClusterAuthError as exc:
         raise RegistryError(ErrorCode.UNAUTHORIZED, str(exc)) from None
-    tail = request.match_info["tail"]
     if tail == "health":
         return _json({"node_id": config.node_id, "status": "up"})
     if tail == "ring":
@@ -78,7 +84,7 @@ async def _content(request: web.Request, mirror: Mirror, node: ClusterNode, kind
         if not mirror.store.has(digest):
             raise RegistryError(ErrorCode.BLOB_UNKNOWN, f"{digest} is not stored here")
         source = node.local_sources[upstream]
-    elif request.query.get("holder") == "1":
+    elif request.query.get("holder") == "1" or "grant" in request.query:
         source = node.local_sources[upstream]
     else:
         source = node.fill_sources[upstream]

@@ -1,7 +1,9 @@
 """A partition between cluster nodes (issue 12): m3 cut off from m1 and m2 by dropped packets
 (tests/support/partition.py), each side still reaching the upstream and Redis. Both sides
 serve verified bytes at no more than one upstream fetch per blob each, and after the
-partition heals the ring converges within a few health intervals."""
+partition heals the ring converges within a few health intervals. With Redis and
+holder_redirect, a node that cannot reach a blob's fill-lock holder sends its client there
+(307): one upstream fetch per blob for the whole cluster."""
 
 from __future__ import annotations
 
@@ -32,7 +34,8 @@ def address(node: Node) -> str:
 
 
 def fetch(node: Node, repo: str, digest: str) -> str:
-    r = httpx.get(f"{node.url}/v2/{repo}/blobs/{digest}", trust_env=False, timeout=120)
+    r = httpx.get(f"{node.url}/v2/{repo}/blobs/{digest}", trust_env=False, timeout=120,
+                  follow_redirects=True)  # as registry clients do
     r.raise_for_status()
     return f"sha256:{hashlib.sha256(r.content).hexdigest()}"
 
@@ -45,12 +48,15 @@ def redis(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[RedisServe
         server.stop()
 
 
-@pytest.mark.parametrize("redis", [False, True], indirect=True, ids=["ring-only", "redis"])
+@pytest.mark.parametrize(("redis", "redirect"), [(False, False), (True, False), (True, True)],
+                         indirect=["redis"], ids=["ring-only", "redis", "redis-redirect"])
 def test_a_node_cut_off_from_its_peers_serves_verified_bytes_and_rejoins(
-        tmp_path: Path, upstream: clients.UpstreamRegistry, redis: RedisServer | None) -> None:
+        tmp_path: Path, upstream: clients.UpstreamRegistry, redis: RedisServer | None,
+        redirect: bool) -> None:
     nodes = plan(tmp_path, [Upstream(name=upstream.host, url=upstream.url)], 3,
                  redis=None if redis is None else redis.url, cache_extra={"prefetch": False},
-                 cluster_extra={"peer_timeout": f"{PEER_TIMEOUT}s", "health_fails": 2})
+                 cluster_extra={"peer_timeout": f"{PEER_TIMEOUT}s", "health_fails": 2,
+                                "holder_redirect": redirect})
     m1, m2, m3 = nodes
     split = Partition([address(m3)], [address(m1), address(m2)])
     try:
@@ -59,15 +65,38 @@ def test_a_node_cut_off_from_its_peers_serves_verified_bytes_and_rejoins(
         for n in nodes:
             n.start()
         wait_converged(nodes)
-        cut_off_and_healed(upstream, nodes, split)
+        cut_off_and_healed(upstream, nodes, split, most=1 if redirect else 2)
     finally:
         for n in nodes:
             n.stop()
         split.close()
 
 
+def grant_is_for_one_blob(nodes: list[Node], jobs: list[tuple[str, str]]) -> None:
+    """A redirect's URL serves its blob and nothing else: not another digest, not a forged
+    grant, not a method other than GET and HEAD, not another /_cluster/ endpoint."""
+    (repo, digest), (_, other) = jobs[0], jobs[1]
+    sent = [r for r in (httpx.get(f"{n.url}/v2/{repo}/blobs/{digest}", trust_env=False,
+                                  timeout=60) for n in nodes) if r.status_code == 307]
+    assert sent, "no node redirected while the holder is cut off from it"
+    location = sent[0].headers["Location"]
+    good = httpx.get(location, trust_env=False, timeout=60)
+    assert good.status_code == 200
+    assert f"sha256:{hashlib.sha256(good.content).hexdigest()}" == digest
+    base, _, query = location.partition("?")
+    grant = query.split("grant=", 1)[1]
+    forged = grant[:-1] + ("0" if grant[-1] != "0" else "1")
+    for url in (f"{base.replace(digest, other)}?{query}",
+                f"{base}?holder=1&grant={grant.rsplit('.', 1)[0][:-2]}ff.m1",
+                f"{base}?holder=1&grant={forged}",
+                f"{base.rsplit('/_cluster/', 1)[0]}/_cluster/ring?grant={grant}"):
+        assert httpx.get(url, trust_env=False, timeout=30).status_code == 401, url
+    assert httpx.delete(location, trust_env=False, timeout=30).status_code in (401, 405)
+
+
 def cut_off_and_healed(upstream: clients.UpstreamRegistry, nodes: list[Node],
-                       split: Partition) -> None:
+                       split: Partition, most: int) -> None:
+    """`most`: upstream GETs per blob while cut (2: once per side; 1: once for the cluster)."""
     m1, m2, m3 = nodes
     jobs = [(repo, b.digest) for repo in ("test/big", "test/small")
             for b in upstream.pushed[repo]["v1"].blobs]  # type: ignore[union-attr]
@@ -81,7 +110,11 @@ def cut_off_and_healed(upstream: clients.UpstreamRegistry, nodes: list[Node],
     assert got == [d for (_, d) in jobs for _ in nodes]  # every byte verified
     upstream.registry.barrier()
     gets = upstream.registry.blob_gets(mark)
-    assert all(1 <= gets[d] <= 2 for _, d in jobs), gets  # once per side at most
+    assert all(1 <= gets[d] <= most for _, d in jobs), gets
+    redirected = sum(n.metric("mirror_peer_relays_total", reason="redirect") for n in nodes)
+    assert (redirected > 0) == (most == 1), redirected  # the cut-off side's clients, sent over
+    if most == 1:
+        grant_is_for_one_blob(nodes, jobs)
     split.heal()
     healed = time.monotonic()
     wait_converged(nodes, timeout=20)

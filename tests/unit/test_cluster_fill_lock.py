@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
+import time
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
-from mirror.cluster import ring
+from mirror.cluster import auth, ring
 from mirror.cluster import source as cluster_source
-from mirror.cluster.peers import Ask, Membership, PeerBlob, PeerUnavailable
+from mirror.cluster.peers import Ask, HolderRedirect, Membership, PeerBlob, PeerUnavailable
 from mirror.cluster.source import DONE_TTL, FILL_TTL, ClusterSource
 from mirror.config import ClusterConfig
 from mirror.oci.reference import Digest, digest_of
@@ -159,3 +162,52 @@ async def test_without_usable_redis_the_node_fills_alone(locks: FakeLocks | None
     cluster, membership, upstream = source(locks)
     assert await drain(await cluster.open_blob(REPO, DIGEST, 0)) == DATA
     assert not membership.asked and upstream.calls["open_blob"] == 1
+
+
+def redirecting(locks: FakeLocks) -> tuple[ClusterSource, FakeMembership, FakeSource]:
+    """A node with holder_redirect that sees the lock's holder, PEER, down (a partition)."""
+    cluster, membership, upstream = source(locks)
+    membership.config = dataclasses.replace(membership.config, holder_redirect=True)
+    membership.peers[PEER].up = False
+    return cluster, membership, upstream
+
+
+@pytest.mark.parametrize("relays", [True, False], ids=["client", "peer-relaying"])
+async def test_a_node_cut_off_from_the_holder_sends_its_client_there_with_a_grant(
+        relays: bool) -> None:
+    cluster, membership, upstream = redirecting(FakeLocks(held_by=PEER))
+    cluster.relays = relays  # a peer relaying for its client passes the 307 on
+    with pytest.raises(HolderRedirect) as raised:
+        await cluster.open_blob(REPO, DIGEST, 0)
+    assert raised.value.status == 307 and upstream.calls["open_blob"] == 0
+    location = urlsplit(raised.value.headers["Location"])
+    assert f"{location.scheme}://{location.netloc}" == PEER
+    assert location.path == Membership.blob_path(cluster.name, REPO, DIGEST)
+    query = parse_qs(location.query)
+    assert query["holder"] == ["1"]
+    secret = membership.config.secret
+    assert auth.verify_grant(secret, query["grant"][0], "GET", location.path,
+                             time.time()) == "m1"
+    with pytest.raises(auth.ClusterAuthError, match="does not match"):  # one path only
+        auth.verify_grant(secret, query["grant"][0], "GET",
+                          Membership.blob_path(cluster.name, "other/repo", DIGEST), time.time())
+    with pytest.raises(auth.ClusterAuthError, match="expired"):
+        auth.verify_grant(secret, query["grant"][0], "GET", location.path,
+                          time.time() + cluster_source.GRANT_TTL + 2)
+
+
+@pytest.mark.parametrize("why", ["off", "private", "resume", "not-a-peer"])
+async def test_the_holder_redirect_only_for_a_clients_public_blob_from_its_start(
+        why: str) -> None:
+    cluster, membership, upstream = redirecting(FakeLocks(held_by=STRANGER if why ==
+                                                          "not-a-peer" else PEER))
+    offset = 0
+    if why == "off":
+        membership.config = dataclasses.replace(membership.config, holder_redirect=False)
+    elif why == "private":
+        upstream.private = True
+        upstream.holds.add((REPO, DIGEST))
+    elif why == "resume":
+        offset = 100
+    assert await drain(await cluster.open_blob(REPO, DIGEST, offset)) == DATA[offset:]
+    assert upstream.calls["open_blob"] == 1
