@@ -91,8 +91,8 @@ def cmd_status(config: Config, args: argparse.Namespace) -> int:
     from mirror.commands.status import status_lines
     from mirror.runtime import open_cache
 
-    with open_cache(config) as (_, index):
-        print("\n".join(status_lines(config, index)))
+    with open_cache(config) as (store, index):
+        print("\n".join(status_lines(config, store, index)))
     return 0
 
 

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from pathlib import Path
 
 from mirror.cache.index import Index
+from mirror.cache.store import BlobStore
 from mirror.config import Config
 from mirror.http import history
 from mirror.oci.routing import parse_image
-from mirror.pull.sync import next_run
+from mirror.pull.sync import is_running, next_run
 from mirror.tiers.bounds import identity
 
 
@@ -20,7 +23,7 @@ def human(n: float) -> str:
     return f"{n:.1f} TiB"
 
 
-def status_lines(config: Config, index: Index) -> list[str]:
+def status_lines(config: Config, store: BlobStore, index: Index) -> list[str]:
     index.flush()
     entries = list(index.entries())
     total = index.total_bytes()
@@ -57,10 +60,10 @@ def status_lines(config: Config, index: Index) -> list[str]:
         rl = index.ratelimit(name)
         if rl is not None:
             lines.append(f"rate limit:   {name}: {rl[1]} remaining (limit {rl[0]})")
-    return lines + sync_lines(config, index) + bucket_lines(config, index)
+    return lines + sync_lines(config, index, store.lock_path) + bucket_lines(config, index)
 
 
-def sync_lines(config: Config, index: Index) -> list[str]:
+def sync_lines(config: Config, index: Index, lock_path: Callable[[str], Path]) -> list[str]:
     """Each [[sync]] rule's last run and next one."""
     lines = []
     for rule in config.syncs:
@@ -70,9 +73,11 @@ def sync_lines(config: Config, index: Index) -> list[str]:
         if started is None:
             lines.append(f"sync rule:    {rule.name}: not run yet; {held}")
             continue
-        result = "ok" if state.get("ok") else "failed" if "ok" in state else "running"
+        running = is_running(rule, lock_path)
+        result = ("running" if running else "cut short" if "running" in state
+                  else "ok" if state.get("ok") else "failed")
         now = time.time()
-        due = next_run(state, rule, now, running="running" in state) - now  # as the page says
+        due = next_run(state, rule, now, running) - now  # as the page says
         nxt = "due now" if due <= 0 else f"next in {human_age(due)}"
         lines.append(f"sync rule:    {rule.name}: {result} {human_age(now - started)} "
                      f"ago ({state.get('summary', '')}); {nxt}; {held}")

@@ -24,12 +24,11 @@ from aiohttp import web
 
 from mirror import metrics
 from mirror.cache.eviction import pins, pins_over_bounds
-from mirror.cache.locks import is_locked
 from mirror.config import Config, SyncConfig
 from mirror.http import access, health, history, statuspage
 from mirror.http.activity import Activity, in_flight, merged_top
 from mirror.http.keys import ACTIVITY, MIRROR
-from mirror.pull.sync import lock_name, next_run
+from mirror.pull.sync import is_running, next_run
 from mirror.runtime import Mirror
 from mirror.tiers.bounds import identity
 from mirror.upstream.client import ratelimit_number
@@ -148,7 +147,7 @@ def sync_view(rule: SyncConfig, mirror: Mirror) -> statuspage.SyncView:
     index = mirror.index
     state = index.sync_state(rule.name)
     started = state.get("started")
-    running = is_locked(mirror.store.lock_path(lock_name(rule)))
+    running = is_running(rule, mirror.store.lock_path)
     return statuspage.SyncView(
         rule.name, f"{rule.upstream}: {', '.join(p.text for p in rule.repositories)} "
         f"tags {rule.tags_text}", started, state.get("finished"), state.get("ok"),

@@ -45,7 +45,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from mirror import metrics
 from mirror.cache.index import Index
-from mirror.cache.locks import try_exclusive
+from mirror.cache.locks import is_locked, try_exclusive
 from mirror.cache.store import StorageFailed
 from mirror.config import TAG_MATCH_SECONDS, SyncConfig
 from mirror.oci.errors import ErrorCode, RegistryError
@@ -328,6 +328,12 @@ def _page(body: bytes, key: str) -> list[str]:
 # running rules: by the server on their interval, by `mirror sync` at once ------------------
 def lock_name(rule: SyncConfig) -> str:
     return f"sync-{rule.name}"
+
+
+def is_running(rule: SyncConfig, lock_path: Callable[[str], Path]) -> bool:
+    """Whether a run of the rule is alive in any process (its lock is held): a state that
+    says "running" without one is a run cut short."""
+    return is_locked(lock_path(lock_name(rule)))
 
 
 def fingerprint(rule: SyncConfig) -> str:

@@ -7,9 +7,11 @@ import time
 from pathlib import Path
 
 from mirror.cache.index import Index
+from mirror.cache.locks import try_exclusive
+from mirror.cache.store import BlobStore
 from mirror.commands.status import sync_lines
 from mirror.config import load_config
-from mirror.pull.sync import fingerprint
+from mirror.pull.sync import fingerprint, lock_name
 
 
 def test_a_changed_rule_is_due_now_and_an_unchanged_one_at_its_interval(tmp_path: Path) -> None:
@@ -23,7 +25,30 @@ def test_a_changed_rule_is_due_now_and_an_unchanged_one_at_its_interval(tmp_path
     index = Index(tmp_path / "index")
     state = {"started": time.time() - 60, "ok": True, "summary": "3 images"}
     index.set_sync_state("web", {**state, "rule": fingerprint(rule)})
-    line = sync_lines(config, index)[0]
+    locks = BlobStore(tmp_path / "cache").lock_path
+    line = sync_lines(config, index, locks)[0]
     assert "next in" in line and "due now" not in line
     index.set_sync_state("web", {**state, "rule": "a rule before a reload changed it"})
-    assert "due now" in sync_lines(config, index)[0]
+    assert "due now" in sync_lines(config, index, locks)[0]
+
+
+def test_a_run_cut_short_is_due_now_and_a_live_one_is_running(tmp_path: Path) -> None:
+    """A state left "running" by a process that died (its lock gone with it) is a run cut
+    short, due now as the scheduler retries it; while a process holds the lock it runs."""
+    path = tmp_path / "mirror.toml"
+    path.write_text(f'[cache]\ndir = "{tmp_path / "cache"}"\n'
+                    '[[upstream]]\nname = "r"\nurl = "http://127.0.0.1:1"\n'
+                    '[[sync]]\nname = "web"\nupstream = "r"\nrepositories = ["a/b"]\ntags = "."\n'
+                    "interval = \"1h\"\n")
+    config = load_config(path)
+    rule = config.syncs[0]
+    index = Index(tmp_path / "index")
+    index.set_sync_state("web", {"started": time.time() - 60, "running": 12345,
+                                 "rule": fingerprint(rule)})
+    store = BlobStore(tmp_path / "cache")
+    line = sync_lines(config, index, store.lock_path)[0]
+    assert "cut short" in line and "due now" in line, line
+    with try_exclusive(str(store.lock_path(lock_name(rule)))) as mine:
+        assert mine
+        line = sync_lines(config, index, store.lock_path)[0]
+    assert ": running" in line and "next in" in line, line
