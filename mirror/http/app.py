@@ -310,8 +310,15 @@ async def _reload_edge(app: web.Application, old: Config, new: Config) -> None:
         authenticator.replace(users, new.auth.token_lifetime)
 
 
+async def _nosniff(request: web.Request, response: web.StreamResponse) -> None:
+    """Every answer is the type it says (a blob is octet-stream, a page HTML): a browser
+    that sniffs would run a layer that looks like HTML as a page of this origin."""
+    response.headers["X-Content-Type-Options"] = "nosniff"
+
+
 def build_app(config: Config) -> web.Application:
     app = web.Application(middlewares=[errors_and_access_log], client_max_size=1024**2)
+    app.on_response_prepare.append(_nosniff)
     app.router.add_route("*", "/v2", base)
     app.router.add_route("*", "/v2/{tail:.*}", v2)
     app[access.AUTHENTICATOR] = access.build_authenticator(config)

@@ -451,3 +451,24 @@ async def test_non_ascii_bytes_in_any_header_or_path_are_never_a_500(
             status = response[9:12]
             assert status and status != b"500" and not status.startswith(b"5"), (
                 path, header, response[:300])
+
+
+async def test_every_kind_of_answer_says_nosniff(
+        upstream: FaultUpstream, start_mirror: MirrorFactory,
+        client: aiohttp.ClientSession) -> None:
+    """A layer is whatever bytes its pusher chose, HTML included: a browser must not sniff
+    it into a page of the mirror's origin (nor a JSON error, nor the pages themselves)."""
+    data = b"<html><script>alert(1)</script></html>" * 100
+    digest = upstream.add_blob(data)
+    base = await start_mirror()
+    url = f"{base}/v2/r/blobs/{digest}"
+    answers = {}
+    for name, target in (("miss", url), ("hit", url), ("range", url), ("base", f"{base}/v2/"),
+                         ("error", f"{base}/v2/r/blobs/{D}"), ("status", f"{base}/"),
+                         ("metrics", f"{base}/metrics"), ("nothing", f"{base}/nothing")):
+        headers = {"Range": "bytes=0-9"} if name == "range" else {}
+        async with client.get(target, headers=headers) as resp:
+            await resp.read()
+            answers[name] = (resp.status, resp.headers.get("X-Content-Type-Options"))
+    assert {n: h for n, (_, h) in answers.items()} == dict.fromkeys(answers, "nosniff"), answers
+    assert answers["hit"][0] == 200 and answers["range"][0] == 206, answers
