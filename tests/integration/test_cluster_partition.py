@@ -16,12 +16,12 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.support import clients
+from tests.support import clients, oci
 from tests.support.cluster import Node, plan, wait_converged
 from tests.support.mirror import Upstream
 from tests.support.partition import Partition
 from tests.support.redisserver import RedisServer
-from tests.support.registry import wait_until
+from tests.support.registry import ClosedPort, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -52,7 +52,7 @@ def redis(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[RedisServe
                          indirect=["redis"], ids=["ring-only", "redis", "redis-redirect"])
 def test_a_node_cut_off_from_its_peers_serves_verified_bytes_and_rejoins(
         tmp_path: Path, upstream: clients.UpstreamRegistry, redis: RedisServer | None,
-        redirect: bool) -> None:
+        redirect: bool, blackhole: ClosedPort) -> None:
     nodes = plan(tmp_path, [Upstream(name=upstream.host, url=upstream.url)], 3,
                  redis=None if redis is None else redis.url, cache_extra={"prefetch": False},
                  cluster_extra={"peer_timeout": f"{PEER_TIMEOUT}s", "health_fails": 2,
@@ -65,11 +65,28 @@ def test_a_node_cut_off_from_its_peers_serves_verified_bytes_and_rejoins(
         for n in nodes:
             n.start()
         wait_converged(nodes)
-        cut_off_and_healed(upstream, nodes, split, most=1 if redirect else 2)
+        cut_off_and_healed(upstream, nodes, split, most=1 if redirect else 2,
+                           skopeo=(tmp_path, blackhole))
     finally:
         for n in nodes:
             n.stop()
         split.close()
+
+
+def skopeo_follows_to_the_holder(upstream: clients.UpstreamRegistry, m3: Node, tmp_path: Path,
+                                 blackhole: ClosedPort) -> None:
+    """A real client pulling through the cut-off node: each blob the other side fetched (and
+    keeps the fill lock of) reaches skopeo by the redirect, the others from m3's cache; none
+    from the upstream."""
+    mark = upstream.registry.mark()
+    conf = clients.write_registries_conf(tmp_path / "m3.conf", registry=blackhole.host,
+                                         mirrors=[m3.host])
+    image = upstream.pushed["test/big"]["v1"]
+    assert isinstance(image, oci.Image)
+    pulled = clients.skopeo_pull(conf, blackhole.host, "test/big", "v1", tmp_path / "via-m3")
+    clients.assert_pulled(pulled, image)
+    upstream.registry.barrier()
+    assert not upstream.registry.blob_gets(mark)
 
 
 def grant_is_for_one_blob(nodes: list[Node], jobs: list[tuple[str, str]]) -> None:
@@ -95,7 +112,7 @@ def grant_is_for_one_blob(nodes: list[Node], jobs: list[tuple[str, str]]) -> Non
 
 
 def cut_off_and_healed(upstream: clients.UpstreamRegistry, nodes: list[Node],
-                       split: Partition, most: int) -> None:
+                       split: Partition, most: int, skopeo: tuple[Path, ClosedPort]) -> None:
     """`most`: upstream GETs per blob while cut (2: once per side; 1: once for the cluster)."""
     m1, m2, m3 = nodes
     jobs = [(repo, b.digest) for repo in ("test/big", "test/small")
@@ -115,6 +132,7 @@ def cut_off_and_healed(upstream: clients.UpstreamRegistry, nodes: list[Node],
     assert (redirected > 0) == (most == 1), redirected  # the cut-off side's clients, sent over
     if most == 1:
         grant_is_for_one_blob(nodes, jobs)
+        skopeo_follows_to_the_holder(upstream, m3, *skopeo)
     split.heal()
     healed = time.monotonic()
     wait_converged(nodes, timeout=20)
