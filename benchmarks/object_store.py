@@ -36,7 +36,7 @@ import statistics
 import time
 from typing import Any
 
-from tests.support.seaweed import SeaweedS3
+from tests.support.seaweed import SeaweedS3, running
 
 from .fetch import http_get
 from .harness import RssSampler, log, process_tree, rss_bytes, run_clients
@@ -59,17 +59,13 @@ def bench_object_store(ctx: Ctx) -> None:
     label, size = ("1 GB", 1_000_000_000) if not ctx.opts.quick else ("128 MB", 128_000_000)
     # The `warm` and `rss` groups' 1 GB blob when they run too (same key and repository).
     blob = ctx.blob(f"warm-{label.replace(' ', '')}", size, "bench/warm")
-    store = SeaweedS3(ctx.root / "seaweed").start()
-    log(f"object store: SeaweedFS S3 on {store.endpoint}")
-    try:
-        store.create_bucket(BUCKET)
+    with running(ctx.root / "seaweed", BUCKET) as store:
+        log(f"object store: SeaweedFS S3 on {store.endpoint}")
         if not _seed(ctx, store, blob):
             return
         _bucket_reads(ctx, store, blob, label)
         _memory(ctx, store, blob, label)
         _write_behind(ctx, store)
-    finally:
-        store.stop()
 
 
 # --- helpers ---------------------------------------------------------------------------

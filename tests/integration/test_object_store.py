@@ -18,7 +18,7 @@ import pytest
 from tests.support import clients
 from tests.support.mirror import MirrorProcess, Upstream
 from tests.support.registry import ClosedPort, wait_until
-from tests.support.seaweed import SeaweedS3
+from tests.support.seaweed import SeaweedS3, running
 
 pytestmark = pytest.mark.integration
 BUCKET = "mirror"  # one for all: SeaweedFS grows volumes per bucket; each test has a prefix
@@ -26,10 +26,8 @@ BUCKET = "mirror"  # one for all: SeaweedFS grows volumes per bucket; each test 
 
 @pytest.fixture(scope="module")
 def seaweed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedS3]:
-    store = SeaweedS3(tmp_path_factory.mktemp("seaweed")).start()
-    store.create_bucket(BUCKET)
-    yield store
-    store.stop()
+    with running(tmp_path_factory.mktemp("seaweed"), BUCKET) as store:
+        yield store
 
 
 @dataclass

@@ -24,7 +24,7 @@ from mirror.cache.store import BlobStore
 from mirror.config import S3Config
 from mirror.oci.reference import Digest, parse_digest
 from mirror.tiers.bucket import open_bucket
-from tests.support.seaweed import SeaweedS3
+from tests.support.seaweed import SeaweedS3, running
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 BUCKET = "offloop"
@@ -36,10 +36,8 @@ ATTEMPTS = 3
 
 @pytest.fixture(scope="module")
 def seaweed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedS3]:
-    store = SeaweedS3(tmp_path_factory.mktemp("seaweed")).start()
-    store.create_bucket(BUCKET)
-    yield store
-    store.stop()
+    with running(tmp_path_factory.mktemp("seaweed"), BUCKET) as store:
+        yield store
 
 
 @pytest.mark.parametrize("part_size", [SIZE, 16 * MiB], ids=["put", "multipart"])

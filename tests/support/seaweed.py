@@ -12,12 +12,14 @@ process with SIGSTOP/SIGCONT (connections are accepted by the kernel, nothing an
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -151,3 +153,14 @@ class SeaweedS3:
                 self.proc.wait(5)  # it may hang on SIGTERM when out of volume slots
             except subprocess.TimeoutExpired:
                 self.kill9()
+
+
+@contextlib.contextmanager
+def running(workdir: Path, bucket: str) -> Iterator[SeaweedS3]:
+    """A started store holding an empty `bucket`, stopped on leaving (a module's fixture)."""
+    store = SeaweedS3(workdir).start()
+    try:
+        store.create_bucket(bucket)
+        yield store
+    finally:
+        store.stop()
