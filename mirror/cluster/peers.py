@@ -4,8 +4,9 @@ blob from one of them (`/_cluster/blobs/...`), every request signed (auth.py).
 Membership is each node's own view, with no agreement protocol: a peer is up after
 `health_passes` checks in a row answered with its node id (the first answer is enough for a
 peer never seen), down after `health_fails` failures in a row, or at once when a relay from it
-breaks. A peer whose bytes did not match their digest is held down for QUARANTINE seconds
-whatever its health checks say: it answers them, it just cannot be trusted to serve. With
+breaks; while its checks move it towards the other state, they come four times as often. A
+peer whose bytes did not match their digest is held down for QUARANTINE seconds whatever its
+health checks say: it answers them, it just cannot be trusted to serve. With
 `peers_dns`, the name is resolved again before every round of checks, so nodes a
 headless Service adds or removes come and go with it.
 """
@@ -39,6 +40,7 @@ from mirror.upstream.client import (
 log = logging.getLogger("mirror.cluster")
 
 QUARANTINE = 60.0  # seconds a peer that sent wrong bytes stays down
+FAST = 0.25  # of health_interval: the next check of a peer between states comes this soon
 MAX_CHECKS_IN_FLIGHT = 8  # per peer: checks into a partition pile up to peer_timeout / interval
 
 
@@ -148,29 +150,41 @@ class Membership:
         await asyncio.gather(*(self._check(p) for p in list(self.peers.values())))
 
     async def _check(self, peer: Peer) -> None:
+        """One check, then more at health_interval * FAST while its answers move the peer
+        towards the other state (HAProxy's fastinter): a healed peer is up about one
+        interval after healing, not health_passes of them."""
+        for _ in range(max(self.config.health_passes, self.config.health_fails)):
+            if not await self._check_one(peer):
+                return
+            await asyncio.sleep(self.config.health_interval * FAST)
+
+    async def _check_one(self, peer: Peer) -> bool:
+        """Whether the peer is now between states (passing while down, failing while up)."""
         peer.launched += 1
         sequence, peer.in_flight = peer.launched, peer.in_flight + 1
         try:
             node_id = await self._health(peer.url)
         except (aiohttp.ClientError, TimeoutError, ValueError, KeyError) as exc:
-            if self._latest(peer, sequence):
-                self._failed(peer, f"health check: {exc!r}")
-            return
+            if not self._latest(peer, sequence):
+                return False
+            self._failed(peer, f"health check: {exc!r}")
+            return peer.up
         finally:
             peer.in_flight -= 1
         if not self._latest(peer, sequence):
-            return
+            return False
         if node_id == self.config.node_id:  # ourselves, under another address (DNS)
             self.peers.pop(peer.url, None)
-            return
+            return False
         peer.node_id, peer.fails = node_id, 0
         peer.passes += 1
         if peer.held_until > self.clock():
-            return
+            return False
         if not peer.up and (not peer.seen or peer.passes >= self.config.health_passes):
             peer.up = True
             self._changed(peer, "health checks pass")
         peer.seen = True
+        return not peer.up
 
     @staticmethod
     def _latest(peer: Peer, sequence: int) -> bool:

@@ -79,3 +79,31 @@ async def test_a_healed_peer_is_up_without_waiting_for_checks_sent_into_the_part
             checks.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await checks
+
+
+@pytest.mark.parametrize("heading", ["up", "down"])
+async def test_a_peer_between_states_is_checked_again_soon_not_at_the_next_round(
+        peer2: tuple[Peer2, str], heading: str) -> None:
+    """One round's check of a peer whose answers changed is followed by more at a quarter of
+    health_interval until it has changed state (HAProxy's fastinter), so a healed peer is up
+    after about one interval, not health_passes of them; a failing one is down as soon."""
+    fake, url = peer2
+    interval = 2.0  # a round's wait; far longer than the follow-up checks' together
+    config = ClusterConfig(node_id="m1", advertise_url="http://127.0.0.1:1", secret=b"k" * 32,
+                           peers=(url,), health_interval=interval, health_fails=3,
+                           health_passes=3, peer_timeout=5.0)
+    async with aiohttp.ClientSession() as session:
+        membership = Membership(config, session)
+        await membership.check_once()
+        peer = membership.peers[url]
+        assert peer.up
+        if heading == "up":
+            membership.mark_down(url, "a relay from it broke")
+        else:
+            fake.mode = "refuse"
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await membership._check(peer)  # one round's check of this peer, and what follows it
+        assert peer.up == (heading == "up"), vars(peer)
+        took = loop.time() - started
+        assert interval * 0.25 * 2 <= took < interval, took  # two follow-ups, at a quarter each
