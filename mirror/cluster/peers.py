@@ -207,7 +207,7 @@ class Membership:
         path = "/_cluster/health"
         timeout = aiohttp.ClientTimeout(total=self.config.peer_timeout)
         async with self.session.get(url + path, headers=self.sign("GET", path),
-                                    timeout=timeout) as resp:
+                                    timeout=timeout, allow_redirects=False) as resp:
             if resp.status != 200:
                 raise ValueError(f"HTTP {resp.status}")
             return str((await resp.json())["node_id"])
@@ -246,7 +246,8 @@ class Membership:
                                         sock_connect=self.config.peer_timeout,
                                         sock_read=self.config.peer_timeout)
         try:
-            async with self.session.request(method, url + path, timeout=timeout, headers={
+            async with self.session.request(method, url + path, timeout=timeout,
+                                            allow_redirects=False, headers={
                     **self.sign(method, path), "Accept": accept}) as resp:
                 if resp.status != 200:
                     raise await _refusal(resp, url, reference, repository, False)
@@ -279,7 +280,10 @@ class Membership:
         timeout = aiohttp.ClientTimeout(sock_connect=self.config.peer_timeout,
                                         sock_read=self.config.peer_timeout)
         try:
-            resp = await self.session.get(url + path, headers=headers, timeout=timeout)
+            # a 307 (holder_redirect) is for our client to follow: this node may not reach
+            # the holder any better than the peer that sent it
+            resp = await self.session.get(url + path, headers=headers, timeout=timeout,
+                                          allow_redirects=False)
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise PeerUnavailable(f"{url}: {exc!r}") from exc
         if resp.status in (200, 206) and (resp.status == 200) == (offset == 0) and (

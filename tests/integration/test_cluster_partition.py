@@ -128,6 +128,9 @@ def cut_off_and_healed(upstream: clients.UpstreamRegistry, nodes: list[Node],
     upstream.registry.barrier()
     gets = upstream.registry.blob_gets(mark)
     assert all(1 <= gets[d] <= most for _, d in jobs), gets
+    # nobody gave up on a peer it reaches (a relay's 307 followed by the relaying node
+    # itself, into the partition, cost peer_timeout and marked the owner down)
+    assert [n.metric("mirror_peer_failures_total") for n in nodes] == [0, 0, 0]
     redirected = sum(n.metric("mirror_peer_relays_total", reason="redirect") for n in nodes)
     assert (redirected > 0) == (most == 1), redirected  # the cut-off side's clients, sent over
     if most == 1:
