@@ -125,7 +125,7 @@ class ClusterSource(SourceWrapper):
                 metrics.PEER_RELAYS.labels("holder").inc()
                 return relayed
             holder = await self.fill_locks.acquire_fill(str(digest), me, FILL_TTL)
-        if holder is not None and holder != me:
+        elif holder is not None and holder != me:  # seen down: cut off from us, not failing
             self._redirect(holder, repository, digest, offset)
         body = await self.local.open_blob(repository, digest, offset)
         if holder is None or holder == me:

@@ -211,3 +211,12 @@ async def test_the_holder_redirect_only_for_a_clients_public_blob_from_its_start
         offset = 100
     assert await drain(await cluster.open_blob(REPO, DIGEST, offset)) == DATA[offset:]
     assert upstream.calls["open_blob"] == 1
+
+
+async def test_a_holder_that_failed_this_node_is_not_where_its_client_is_sent() -> None:
+    """A holder seen up that then did not answer is failing, not cut off: this node fetches
+    the blob itself rather than send its client to it."""
+    cluster, membership, upstream = redirecting(FakeLocks(held_by=PEER))
+    membership.peers[PEER].up, membership.peer_down = True, True
+    assert await drain(await cluster.open_blob(REPO, DIGEST, 0)) == DATA
+    assert membership.asked == [(PEER, "holder")] and upstream.calls["open_blob"] == 1
