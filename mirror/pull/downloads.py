@@ -102,6 +102,9 @@ class _RelayEnded(Exception):
     bytes from the upstream)."""
 
 
+MAX_VOUCHED = 8  # readers' fetches kept per download to resume it with
+
+
 class Download:
     def __init__(self, digest: Digest, store: ContentStore, fd: int | None, leader: bool,
                  upstream: str = "", fetch: Fetch | None = None, attempts: int = 1) -> None:
@@ -111,7 +114,8 @@ class Download:
         self.fd = fd  # None: no partial file could be created (a full or read-only disk)
         self.leader = leader
         self.owns_partial = leader and fd is not None  # ours to unlink or commit
-        self.fetch = fetch
+        self.fetch = fetch  # the starting request's; it may be one the proxy then refused
+        self.vouched: list[Fetch] = []  # those of readers confirmed for their name (vouch)
         self.attempts = attempts
         self.size: int | None = None
         self.written = 0
@@ -170,6 +174,29 @@ class Download:
     async def wait_done(self) -> None:
         """Until the download verified; raises its error when it failed."""
         await self._wait_past(State.STARTING, State.STREAMING)
+
+    def vouch(self, fetch: Fetch) -> None:
+        """A reader the proxy confirmed for its (upstream, repository): its fetch may resume
+        this download (the request that started it may have been refused after starting it,
+        an intruder's under another name, and its fetch would fail everyone's resume)."""
+        if len(self.vouched) < MAX_VOUCHED:
+            self.vouched.append(fetch)
+
+    async def fetch_any(self, offset: int) -> BlobStream:
+        """The rest from `offset`, by the newest confirmed reader's fetch first, the starting
+        request's last; one refused (404, 401, 403) hands over to the next."""
+        candidates = [*reversed(self.vouched), *([self.fetch] if self.fetch else [])]
+        refused: RegistryError | None = None
+        for fetch in candidates:
+            try:
+                return await fetch(offset)
+            except RegistryError as exc:
+                if exc.status not in (401, 403, 404):
+                    raise
+                refused = refused or exc
+        if refused is None:
+            raise RegistryError(ErrorCode.UNKNOWN, f"nothing to fetch {self.digest} with")
+        raise refused
 
     # serving ------------------------------------------------------------------------------
     async def stream(self, sender: BodySender, start: int, length: int) -> None:
@@ -280,7 +307,7 @@ class Download:
                                   hasher: hashlib._Hash | None) -> int:
         assert self.fetch is not None
         try:
-            body = await self.fetch(pos)
+            body = await self.fetch_any(pos)
         except RegistryError as exc:
             raise ClientAbort(exc.message) from None
         except (TimeoutError, ConnectionError) as exc:
@@ -589,7 +616,7 @@ class Download:
         metrics.UNCACHED_RELAYS.labels("leader_dropped").inc()
         self.leader, self.owns_partial, self.disk_end = True, False, on_disk
         self.takes_joiners = False
-        await self.lead(self.fetch, self.attempts)
+        await self.lead(self.fetch_any, self.attempts)
 
 @dataclass(frozen=True)
 class InFlight:
@@ -662,7 +689,7 @@ class Downloads:
         async def take_over(d: Download) -> None:
             d.leader = d.owns_partial = True
             log.warning("taking over an orphaned download", extra={"digest": str(digest)})
-            await d.lead(fetch, attempts)
+            await d.lead(d.fetch_any, attempts)
 
         coro = download.lead(fetch, attempts) if leader else download.follow(take_over)
         download.task = asyncio.ensure_future(coro)

@@ -573,6 +573,7 @@ class Proxy:
             ours = download.origin == (source.name, repository)
             if not ours:  # led for another name, or by another worker: not proof for this one
                 await self._confirm_access(source, repository, digest, "blobs")
+                download.vouch(self.blob_fetch(source, repository, digest))
             try:
                 size = await download.wait_headers()
             except RegistryError:
