@@ -66,6 +66,18 @@ def _free_disk_after_passing_test(request: pytest.FixtureRequest) -> Iterator[No
 
 
 @pytest.fixture(autouse=True)
+def _stop_leaked_mirrors() -> Iterator[None]:
+    """A mirror server a test started and left running is stopped when the test ends (one
+    that a module or session fixture runs for several tests was running before it began)."""
+    from tests.support.mirror import RUNNING
+
+    before = set(RUNNING)
+    yield
+    for leaked in RUNNING - before:
+        leaked.stop()
+
+
+@pytest.fixture(autouse=True)
 def _flush_access_log() -> Iterator[None]:
     """In-process mirrors batch their access-log lines: write them into the test's own
     captured output, not after the session's summary line."""

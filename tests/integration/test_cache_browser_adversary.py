@@ -760,7 +760,9 @@ def test_a_purge_does_not_stall_the_worker(public: AdvMirror) -> None:
     assert took, "the purge did not answer"
     if took[0] < 0.5:
         pytest.skip(f"the plan took {took[0]:.2f}s: too quick to tell")
-    assert slowest < 0.25, f"/healthz took {slowest:.2f}s during a {took[0]:.2f}s purge"
+    # a plan on the loop holds /healthz for the whole purge; a busy machine, for a slice
+    assert slowest < max(0.25, took[0] / 4), \
+        f"/healthz took {slowest:.2f}s during a {took[0]:.2f}s purge"
 
 
 # --- status = "public", and no [auth] at all --------------------------------------------------

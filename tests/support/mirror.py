@@ -81,6 +81,9 @@ def to_toml(sections: Mapping[str, Mapping[str, Any]], arrays: Mapping[str, list
     return "\n".join(lines)
 
 
+# Every MirrorProcess started and not yet stopped: tests/conftest.py stops those a test
+# left running (a leaked server holds memory and a core for the rest of the session).
+RUNNING: set[MirrorProcess] = set()
 
 
 class MirrorProcess:
@@ -163,6 +166,7 @@ class MirrorProcess:
                 start_new_session=True,
             )
         self.starts += 1
+        RUNNING.add(self)
         self.wait_ready(timeout)
         return self
 
@@ -201,6 +205,7 @@ class MirrorProcess:
             os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait(timeout=10)
         self.proc = None
+        RUNNING.discard(self)
 
     def stop(self, timeout: float = 10.0) -> int | None:
         """SIGTERM, then SIGKILL after `timeout`. Returns the exit status."""
@@ -220,6 +225,7 @@ class MirrorProcess:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
         self.proc = None
+        RUNNING.discard(self)
         return proc.returncode
 
     def restart(self, timeout: float = 20.0) -> MirrorProcess:
