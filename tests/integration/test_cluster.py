@@ -5,7 +5,6 @@ the owner's death, the cluster API's HMAC."""
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -19,14 +18,6 @@ from tests.support.mirror import Upstream
 from tests.support.registry import ClosedPort, ThrottledProxy, wait_until
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def started() -> Iterator[list[Node]]:
-    nodes: list[Node] = []
-    yield nodes
-    for n in nodes:
-        n.stop()
 
 
 def upstreams_for(up: clients.UpstreamRegistry, url: str | None = None) -> list[Upstream]:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -24,14 +23,6 @@ from tests.support.mirror import Upstream
 pytestmark = pytest.mark.integration
 
 FAKE_ADDRESS = "127.0.0.14"
-
-
-@pytest.fixture
-def started() -> Iterator[list[Node]]:
-    nodes: list[Node] = []
-    yield nodes
-    for n in nodes:
-        n.stop()
 
 
 def owning_id(digest: str, others: list[str]) -> str:
