@@ -147,13 +147,16 @@ class SharedState:
         if not self._admit():
             return unusable
         try:
-            async with asyncio.timeout(self._timeout):
+            async with asyncio.timeout(self._timeout) as deadline:
                 result = await fn()
         except (RedisError, OSError) as exc:  # asyncio.timeout's TimeoutError is an OSError
             self._failed(op, exc)
             return unusable
         finally:
             self._probing = False  # also when the caller is cancelled mid-probe
+        if deadline.expired():  # the client swallowed the timeout's cancellation
+            self._failed(op, TimeoutError(f"no answer in {self._timeout} s"))
+            return unusable
         self._succeeded()
         return result
 
