@@ -31,6 +31,7 @@ import asyncio
 import contextlib
 import ctypes
 import errno
+import gc
 import logging
 import os
 import selectors
@@ -240,6 +241,21 @@ async def _reload(app: Any, ssl_context: ssl.SSLContext | None) -> None:
 # --- the supervisor of several ----------------------------------------------------------------
 
 
+def _preload(config: Config) -> None:
+    """What every worker would load for itself, loaded once before the forks so that the
+    workers share its pages: the HTTP stack and, with [s3], botocore's parsed S3 data. The
+    mirror's own modules are left to the workers: importing them creates prometheus values,
+    which would give the supervisor files of its own in the multiprocess directory.
+    gc.freeze(): a collection in a worker would otherwise write to every object's header
+    and so copy the pages."""
+    import aiohttp.web  # noqa: F401
+
+    if config.s3 is not None:
+        from mirror.tiers.s3client import preload
+        preload(config.s3)
+    gc.freeze()
+
+
 class Supervisor:
     def __init__(self, config: Config, count: int) -> None:
         self.config = config
@@ -257,6 +273,7 @@ class Supervisor:
     def run(self) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, self._on_signal)
+        _preload(self.config)
         for slot in range(self.count):
             self._spawn(slot)
         status = self._supervise()

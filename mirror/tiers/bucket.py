@@ -31,12 +31,10 @@ import logging
 import os
 import time
 from collections.abc import AsyncIterator, Callable
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import IO, Any
 
-from aiobotocore.config import AioConfig
-from aiobotocore.session import get_session
 from botocore.exceptions import BotoCoreError, ClientError
 
 from mirror import metrics
@@ -45,6 +43,7 @@ from mirror.config import S3Config
 from mirror.oci.errors import RegistryError
 from mirror.oci.reference import Digest, parse_digest
 from mirror.pull.downloads import OFF_LOOP_BYTES, hash_update, off_loop
+from mirror.tiers.s3client import open_client
 
 log = logging.getLogger("mirror.bucket")
 
@@ -408,20 +407,5 @@ def _code(exc: ClientError) -> str:
 @asynccontextmanager
 async def open_bucket(config: S3Config) -> AsyncIterator[Bucket]:
     """A Bucket with its client, closed on exit."""
-    session = get_session()
-    aio_config = AioConfig(
-        connect_timeout=config.timeout, read_timeout=config.timeout,
-        retries={"max_attempts": 1, "mode": "standard"},
-        # Request bodies are not hashed by botocore in the event loop (see the docstring):
-        # the mirror sends the Content-MD5 it computed in a thread.
-        request_checksum_calculation="when_required",
-        response_checksum_validation="when_required",
-        s3={"addressing_style": "path" if config.path_style else "auto",
-            "payload_signing_enabled": False},
-        max_pool_connections=32)
-    async with AsyncExitStack() as stack:
-        client = await stack.enter_async_context(session.create_client(
-            "s3", endpoint_url=config.endpoint, region_name=config.region,
-            aws_access_key_id=config.access_key, aws_secret_access_key=config.secret_key,
-            verify=config.ca_file if config.ca_file else None, config=aio_config))
+    async with open_client(config) as client:
         yield Bucket(config, client)
