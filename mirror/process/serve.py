@@ -252,7 +252,11 @@ def _preload(config: Config) -> None:
 
     if config.s3 is not None:
         from mirror.tiers.s3client import preload
-        preload(config.s3)
+        try:
+            preload(config.s3)
+        except Exception as exc:  # each worker opens its own and reports what is wrong
+            log.info("S3 client not preloaded: each worker loads its own", extra={
+                "error": str(exc) or type(exc).__name__})
     gc.freeze()
 
 
