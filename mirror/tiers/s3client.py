@@ -31,17 +31,21 @@ def preload(config: S3Config) -> None:
     # what it found, with a refresh lock of this process's event loop).
     static = dataclasses.replace(config, access_key="preload", secret_key="preload")
 
+    session = get_session()
+
     async def create_and_close() -> None:
-        async with open_client(static):
+        async with open_client(static, session):
             pass
 
-    _session = get_session()
     asyncio.run(create_and_close())
+    _session = session  # only once it parsed everything: else each worker loads its own
 
 
 @asynccontextmanager
-async def open_client(config: S3Config) -> AsyncIterator[Any]:
-    """An aiobotocore S3 client for `config`, closed on exit."""
+async def open_client(config: S3Config, session: AioSession | None = None
+                      ) -> AsyncIterator[Any]:
+    """An aiobotocore S3 client for `config` (from `session`, else the preloaded one, else a
+    new one), closed on exit."""
     aio_config = AioConfig(
         connect_timeout=config.timeout, read_timeout=config.timeout,
         retries={"max_attempts": 1, "mode": "standard"},
@@ -52,7 +56,7 @@ async def open_client(config: S3Config) -> AsyncIterator[Any]:
         s3={"addressing_style": "path" if config.path_style else "auto",
             "payload_signing_enabled": False},
         max_pool_connections=32)
-    session = _session or get_session()
+    session = session or _session or get_session()
     async with session.create_client(
             "s3", endpoint_url=config.endpoint, region_name=config.region,
             aws_access_key_id=config.access_key, aws_secret_access_key=config.secret_key,
