@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 # Make `tests.support` importable however pytest is started (rootdir not on sys.path).
@@ -28,6 +29,26 @@ if _REPO_ROOT not in sys.path:
 from mirror.logs import ACCESS_LOG  # noqa: E402
 
 pytest_plugins = ["tests.support.disk"]  # tiny_disk, for the full-disk tests of every suite
+
+# --- one TLS context for the suite's httpx clients ----------------------------------------
+# Every httpx.get() and httpx.Client() builds an SSL context and parses certifi's bundle into
+# it: 15-60 ms a call on this machine, minutes over the suite's thousands of plain-HTTP
+# requests. The default contexts (verify=True or False, no client cert) are made once; any
+# other argument builds its own as before. A TLS test that needs its own CA passes
+# verify=<its context> and is not affected.
+_make_context = httpx._transports.default.create_ssl_context
+_contexts: dict[bool, Any] = {}
+
+
+def _shared_context(verify: Any = True, cert: Any = None, trust_env: bool = True) -> Any:
+    if cert is not None or not isinstance(verify, bool):
+        return _make_context(verify=verify, cert=cert, trust_env=trust_env)
+    if verify not in _contexts:
+        _contexts[verify] = _make_context(verify=verify, trust_env=False)
+    return _contexts[verify]
+
+
+httpx._transports.default.create_ssl_context = _shared_context
 
 # --- markers ----------------------------------------------------------------------------
 

@@ -25,16 +25,27 @@ ACCEPT = ("application/vnd.oci.image.index.v1+json, application/vnd.oci.image.ma
           " application/vnd.docker.distribution.manifest.list.v2+json")
 
 
-@pytest.fixture
-def nodes(tmp_path: Path, upstream: clients.UpstreamRegistry, redis: RedisServer,
-          request: pytest.FixtureRequest) -> Iterator[list[Node]]:
-    workers = getattr(request, "param", 1)
+def cluster(tmp_path: Path, upstream: clients.UpstreamRegistry, redis: RedisServer,
+            workers: int, redis_timeout: str) -> Iterator[list[Node]]:
     started = start_cluster(tmp_path, [Upstream(name=upstream.host, url=upstream.url)], 3,
-                            redis=redis.url, server_extra={"workers": workers},
-                            cache_extra={"prefetch": False})
+                            redis=redis.url, redis_timeout=redis_timeout,
+                            server_extra={"workers": workers}, cache_extra={"prefetch": False})
     yield started
     for n in started:
         n.stop()
+
+
+@pytest.fixture
+def nodes(tmp_path: Path, upstream: clients.UpstreamRegistry, redis: RedisServer,
+          request: pytest.FixtureRequest) -> Iterator[list[Node]]:
+    yield from cluster(tmp_path, upstream, redis, getattr(request, "param", 1), "1s")
+
+
+@pytest.fixture
+def impatient(tmp_path: Path, upstream: clients.UpstreamRegistry,
+              redis: RedisServer) -> Iterator[list[Node]]:
+    """Nodes that give Redis the default 50 ms."""
+    yield from cluster(tmp_path, upstream, redis, 1, "50ms")
 
 
 def manifest(node: Node, repo: str, ref: str, method: str = "GET") -> httpx.Response:
@@ -63,7 +74,8 @@ def test_a_tag_asked_of_every_node_is_looked_up_upstream_once(
 
 
 def test_redis_frozen_or_stopped_costs_a_request_at_most_its_timeout(
-        upstream: clients.UpstreamRegistry, nodes: list[Node], redis: RedisServer) -> None:
+        upstream: clients.UpstreamRegistry, impatient: list[Node], redis: RedisServer) -> None:
+    nodes = impatient
     manifest(nodes[0], "test/big", "v1")  # warm: the node's own index has the tag now
     redis.pause()
     try:

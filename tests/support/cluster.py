@@ -24,7 +24,7 @@ class Node(MirrorProcess):
     def __init__(self, workdir: Path, upstreams: list[Upstream], *, address: str,
                  node_id: str, peers: list[str], secret_file: Path,
                  cluster_extra: dict[str, Any] | None = None, redis: str | None = None,
-                 **kwargs: Any) -> None:
+                 redis_timeout: str = "1s", **kwargs: Any) -> None:
         super().__init__(workdir, upstreams, port=kwargs.pop("port", None) or free_port(),
                          **kwargs)
         self.host = f"{address}:{self.port}"
@@ -33,7 +33,9 @@ class Node(MirrorProcess):
         self.cluster = {"node_id": node_id, "advertise_url": self.url, "peers": peers,
                         "secret_file": str(secret_file), "health_interval": "200ms",
                         **(cluster_extra or {})}
-        self.redis = {} if redis is None else {"url": redis, "timeout": "50ms"}
+        # generous by default: on a busy 2-core machine a call can outlast 50 ms, and a Redis
+        # call that times out makes the node fetch alone (a second upstream GET, by design)
+        self.redis = {} if redis is None else {"url": redis, "timeout": redis_timeout}
 
     def config_text(self) -> str:
         sections = {"cluster": self.cluster, **({"redis": self.redis} if self.redis else {})}
