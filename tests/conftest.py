@@ -37,15 +37,16 @@ pytest_plugins = ["tests.support.disk"]  # tiny_disk, for the full-disk tests of
 # other argument builds its own as before. A TLS test that needs its own CA passes
 # verify=<its context> and is not affected.
 _make_context = httpx._transports.default.create_ssl_context
-_contexts: dict[bool, Any] = {}
+_contexts: dict[tuple[bool, bool], Any] = {}
 
 
 def _shared_context(verify: Any = True, cert: Any = None, trust_env: bool = True) -> Any:
     if cert is not None or not isinstance(verify, bool):
         return _make_context(verify=verify, cert=cert, trust_env=trust_env)
-    if verify not in _contexts:
-        _contexts[verify] = _make_context(verify=verify, trust_env=False)
-    return _contexts[verify]
+    key = (verify, trust_env)  # trust_env: SSL_CERT_FILE/SSL_CERT_DIR, read once
+    if key not in _contexts:
+        _contexts[key] = _make_context(verify=verify, trust_env=trust_env)
+    return _contexts[key]
 
 
 httpx._transports.default.create_ssl_context = _shared_context
