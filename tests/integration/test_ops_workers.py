@@ -200,8 +200,17 @@ def test_a_crashed_worker_is_replaced(tmp_path: Path, gated: GatedUpstream,
     before = worker_pids(m)
     victim = min(before)
     os.kill(victim, signal.SIGKILL)
-    wait_until(lambda: len(worker_pids(m, 20) - {victim}) == 2, 20,
-               what="a new worker replacing the killed one")
+    # Connections the kernel queued on the victim's socket die with it (reset, or hang
+    # while it is still exiting): a probe may fail until the replacement is alone there.
+    wait_until(lambda: not Path(f"/proc/{victim}").exists(), 20, what="the victim reaped")
+
+    def replaced() -> bool:
+        try:
+            return len(worker_pids(m, 20) - {victim}) == 2
+        except httpx.TransportError:
+            return False
+
+    wait_until(replaced, 20, what="a new worker replacing the killed one")
     assert m.running
     digest = gated.add(os.urandom(MB))
     assert fetch(f"{m.url}/v2/app/blobs/{digest}") == gated.blobs[digest]
