@@ -88,6 +88,12 @@ class ServerConfig:
     trusted_proxies: tuple[Network, ...] = ()
 
 
+def shutdown_timeout(config: Config) -> float:
+    """`[server] shutdown_timeout`; $MIRROR_SHUTDOWN_TIMEOUT overrides it (used by tests)."""
+    value = os.environ.get("MIRROR_SHUTDOWN_TIMEOUT")
+    return float(value) if value is not None else config.server.shutdown_timeout
+
+
 MAX_SIZE = 20 * 1024**3
 LOW_WATERMARK = "90%"  # of max_size, whatever max_size is set to
 

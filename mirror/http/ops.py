@@ -24,7 +24,7 @@ from aiohttp import web
 
 from mirror import metrics
 from mirror.cache.eviction import pins, pins_over_bounds
-from mirror.config import Config, SyncConfig
+from mirror.config import Config, SyncConfig, shutdown_timeout
 from mirror.http import access, health, history, statuspage
 from mirror.http.activity import Activity, in_flight, merged_top
 from mirror.http.keys import ACTIVITY, MIRROR
@@ -36,12 +36,6 @@ from mirror.upstream.client import ratelimit_number
 log = logging.getLogger("mirror.ops")
 
 TOP_SHOWN = 15
-
-
-def shutdown_timeout(config: Config) -> float:
-    """`[server] shutdown_timeout`; $MIRROR_SHUTDOWN_TIMEOUT overrides it (used by tests)."""
-    value = os.environ.get("MIRROR_SHUTDOWN_TIMEOUT")
-    return float(value) if value is not None else config.server.shutdown_timeout
 
 
 def _mirror(request: web.Request) -> Mirror:
