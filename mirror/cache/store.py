@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import secrets
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -261,12 +262,22 @@ class BlobStore:
         """The token-signing key, shared by every worker through the cache dir (created
         once)."""
         path = self.secret_path()
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
+        if path.exists():
             return path.read_bytes()
-        with os.fdopen(fd, "wb") as f:
-            f.write(secrets.token_bytes(32))
+        # Written whole under another name, then linked into place: a worker that created
+        # the final name and then wrote it let a second worker read it empty in between
+        # (its tokens were then refused by the first, and the first's by it).
+        fd, name = tempfile.mkstemp(prefix=f"{path.name}.", suffix=".tmp", dir=path.parent)
+        draft = Path(name)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(secrets.token_bytes(32))
+                f.flush()
+                os.fsync(f.fileno())
+            with contextlib.suppress(FileExistsError):  # another worker's came first
+                os.link(draft, path)
+        finally:
+            draft.unlink(missing_ok=True)
         return path.read_bytes()
 
     # maintenance -------------------------------------------------------------------------
